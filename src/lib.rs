@@ -1,0 +1,15 @@
+//! Ward's wire API: the generated gRPC types and services, the file descriptor set served by
+//! reflection, and the API-key format shared by the server, the SDK and the leak scanner.
+#![deny(missing_docs)]
+
+pub mod keyformat;
+
+/// Generated types and services of package `ward.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("ward.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Ward proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ward_descriptor.bin"));
