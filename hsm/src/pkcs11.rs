@@ -1,0 +1,1387 @@
+//! The PKCS#11 master-key wrapper: the process-wide library context, per-token pools of
+//! logged-in sessions, master-key lookup and the self-describing wrapped-key formats.
+//!
+//! Wrapped blob formats (byte 0 says which; unwrap dispatches on it, whatever the configured
+//! mechanism):
+//!
+//! * `0x01 || iv (12) || ciphertext || tag (16)` — CKM_AES_GCM through C_Encrypt/C_Decrypt,
+//!   random IV from the OS, the AAD passed to the HSM, 128-bit tag.
+//! * `0x02 || RFC 5649 output` — CKM_AES_KEY_WRAP_PAD through C_WrapKey/C_UnwrapKey of a
+//!   temporary session object whose value is `key || SHA-256(aad)`; the digest is checked in
+//!   constant time after unwrapping.
+//!
+//! Plaintext key material is held in `Zeroizing` buffers here. Two copies are outside this
+//! crate's reach: the temporary KWP object inside the HSM (destroyed right after use), and the
+//! scratch buffer cryptoki's `get_attributes` reads CKA_VALUE into before copying it out.
+//!
+//! Process-wide state: PKCS#11 may be initialised once per process, and the login state of a
+//! token is shared by every session the process has on it (closing the last one logs out). So
+//! the library context lives in a `static`, and each token opened is kept, with its session
+//! pool, in a process-wide registry for the life of the process (or until [`finalize`]). A
+//! second [`Pkcs11Wrapper::open`] of the same token shares that pool; its PIN is checked
+//! against the one that opened the token without calling C_Login again.
+//!
+//! Concurrency: wraps and unwraps run in parallel, one pooled session each. Creating a master
+//! key, opening a token and initialising one exclude every other call of the process for their
+//! (short) duration, because SoftHSM 2.6 mishandles token-object creation under concurrency.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{
+    Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard,
+    RwLockWriteGuard,
+};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::{Mechanism as CkMechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use rand::rngs::OsRng;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::error::{map_err, module_load, rv_of, Op};
+use crate::{HsmError, KeyWrapper, Mechanism};
+
+/// Blob tag of the AES-GCM format.
+const TAG_GCM: u8 = 0x01;
+/// Blob tag of the AES key-wrap-with-padding format.
+const TAG_KWP: u8 = 0x02;
+/// GCM IV length in bytes.
+const GCM_IV_LEN: usize = 12;
+/// GCM tag length in bytes.
+const GCM_TAG_LEN: usize = 16;
+/// Length of the AAD digest appended to the key in the KWP format.
+const AAD_DIGEST_LEN: usize = 32;
+/// Longest token label PKCS#11 can store (CK_TOKEN_INFO.label is 32 bytes, blank padded).
+const MAX_TOKEN_LABEL: usize = 32;
+
+/// How many sessions [`Pkcs11Config::new`] asks for.
+pub const DEFAULT_SESSIONS: usize = 4;
+
+/// How to reach the HSM: module, token, PIN, wrapping mechanism and session-pool size.
+#[derive(Clone)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 shared library.
+    pub module: PathBuf,
+    /// Label of the token that holds the master keys (never a slot number).
+    pub token_label: String,
+    /// User PIN of the token.
+    pub pin: Zeroizing<String>,
+    /// Mechanism new wraps use.
+    pub mechanism: Mechanism,
+    /// Size of the session pool (at least 1; values below are raised to 1).
+    pub sessions: usize,
+}
+
+impl Pkcs11Config {
+    /// A configuration with AES-GCM and [`DEFAULT_SESSIONS`] sessions.
+    pub fn new(
+        module: impl Into<PathBuf>,
+        token_label: impl Into<String>,
+        pin: Zeroizing<String>,
+    ) -> Self {
+        Self {
+            module: module.into(),
+            token_label: token_label.into(),
+            pin,
+            mechanism: Mechanism::AesGcm,
+            sessions: DEFAULT_SESSIONS,
+        }
+    }
+}
+
+impl fmt::Debug for Pkcs11Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Config")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("pin", &"<redacted>")
+            .field("mechanism", &self.mechanism)
+            .field("sessions", &self.sessions)
+            .finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process-wide library context
+// ---------------------------------------------------------------------------------------------
+
+/// The one initialised PKCS#11 library of this process.
+struct Context {
+    pkcs11: Pkcs11,
+    module: PathBuf,
+}
+
+/// The library context, set once.
+static CONTEXT: OnceLock<Context> = OnceLock::new();
+/// Serialises the load-and-initialise of [`CONTEXT`] (OnceLock has no stable fallible init).
+static CONTEXT_INIT: Mutex<()> = Mutex::new(());
+/// Set by [`finalize`]; the context is dead afterwards.
+static FINALIZED: AtomicBool = AtomicBool::new(false);
+/// Tokens opened by this process, each with its session pool. Kept until [`finalize`].
+static TOKENS: Mutex<Vec<Arc<Token>>> = Mutex::new(Vec::new());
+/// Shared by every PKCS#11 operation of this process; taken exclusively to create a token
+/// object (master key), open a token or initialise one. SoftHSM 2.6 is not safe against
+/// creating a token object while other calls run: now and then C_GenerateKey fails with
+/// CKR_GENERAL_ERROR ("Could not initialize the attribute"), or yields a key whose attributes
+/// were not all stored (SoftHSMv2 issue #573). These are rare events, so excluding everything
+/// else for their duration costs nothing measurable.
+static OPS: RwLock<()> = RwLock::new(());
+
+/// A hold on [`OPS`], shared or exclusive.
+enum OpsGuard {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
+/// Takes [`OPS`] shared (any ordinary call).
+fn ops_shared() -> OpsGuard {
+    OpsGuard::Shared(OPS.read().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// Takes [`OPS`] exclusively (object creation, token open or initialisation, finalisation).
+fn ops_exclusive() -> OpsGuard {
+    OpsGuard::Exclusive(OPS.write().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// Locks a mutex whose data stays consistent across a panic (every critical section here is a
+/// single push/pop/insert), so a poisoned lock is safe to reuse.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Loads and initialises the module at `module` once per process; later calls must name the
+/// same module.
+fn context(module: &Path) -> Result<&'static Context, HsmError> {
+    if FINALIZED.load(Ordering::Acquire) {
+        return Err(HsmError::Unavailable(
+            "the PKCS#11 library has been finalised".into(),
+        ));
+    }
+    let module = module.canonicalize().map_err(|e| HsmError::ModuleLoad {
+        path: module.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let check = |ctx: &'static Context| {
+        if ctx.module == module {
+            Ok(ctx)
+        } else {
+            Err(HsmError::Config(format!(
+                "PKCS#11 module {} requested, but this process already loaded {}",
+                module.display(),
+                ctx.module.display()
+            )))
+        }
+    };
+    if let Some(ctx) = CONTEXT.get() {
+        return check(ctx);
+    }
+    let _init = lock(&CONTEXT_INIT);
+    if let Some(ctx) = CONTEXT.get() {
+        return check(ctx);
+    }
+    let pkcs11 = Pkcs11::new(&module).map_err(|e| module_load(&module, e))?;
+    // Without OS_LOCKING_OK SoftHSM turns its internal locks off.
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => {}
+        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+            tracing::debug!(module = %module.display(), "PKCS#11 library was already initialised");
+        }
+        Err(e) => return Err(module_load(&module, e)),
+    }
+    tracing::debug!(module = %module.display(), "PKCS#11 library initialised");
+    let ctx = Context {
+        pkcs11,
+        module: module.clone(),
+    };
+    if CONTEXT.set(ctx).is_err() {
+        // Unreachable: CONTEXT is only set here, under CONTEXT_INIT, after checking it is empty.
+        return Err(HsmError::Unavailable(
+            "PKCS#11 context initialised twice".into(),
+        ));
+    }
+    CONTEXT.get().map(check).unwrap_or_else(|| {
+        Err(HsmError::Unavailable(
+            "PKCS#11 context vanished after initialisation".into(),
+        ))
+    })
+}
+
+/// Closes every pooled session and finalises the PKCS#11 library (C_Finalize).
+///
+/// Call it once at shutdown; it waits for calls in flight to finish. Afterwards every
+/// wrapper call, `open` and `init_token` fails with [`HsmError::Unavailable`]: the library
+/// cannot be initialised again in this process. Does nothing if the library was never loaded.
+pub fn finalize() -> Result<(), HsmError> {
+    let _init = lock(&CONTEXT_INIT);
+    let _ops = ops_exclusive();
+    let Some(ctx) = CONTEXT.get() else {
+        return Ok(());
+    };
+    if FINALIZED.swap(true, Ordering::AcqRel) {
+        return Ok(());
+    }
+    let tokens = std::mem::take(&mut *lock(&TOKENS));
+    for token in &tokens {
+        token.pool.close();
+    }
+    drop(tokens);
+    ctx.pkcs11
+        .clone()
+        .finalize()
+        .map_err(|e| map_err(e, "", Op::General))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens, sessions
+// ---------------------------------------------------------------------------------------------
+
+/// Checks a token label: PKCS#11 stores at most 32 bytes, blank padded.
+fn check_token_label(label: &str) -> Result<(), HsmError> {
+    if label.is_empty() || label.len() > MAX_TOKEN_LABEL || label.ends_with(' ') {
+        return Err(HsmError::Config(format!(
+            "token label {label:?} must be 1 to {MAX_TOKEN_LABEL} bytes and not end in a space"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a master-key label.
+fn check_key_label(label: &str) -> Result<(), HsmError> {
+    if label.is_empty() {
+        return Err(HsmError::Config("master-key label is empty".into()));
+    }
+    Ok(())
+}
+
+/// The slot whose initialised token carries `label`, from a fresh slot list.
+fn find_slot(pkcs11: &Pkcs11, label: &str) -> Result<Option<Slot>, HsmError> {
+    let mut found = None;
+    let slots = pkcs11
+        .get_slots_with_token()
+        .map_err(|e| map_err(e, label, Op::General))?;
+    for slot in slots {
+        let info = pkcs11
+            .get_token_info(slot)
+            .map_err(|e| map_err(e, label, Op::General))?;
+        if info.token_initialized() && info.label() == label {
+            if found.is_some() {
+                return Err(HsmError::Config(format!(
+                    "more than one token is labelled {label:?}"
+                )));
+            }
+            found = Some(slot);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether an error means the session itself is unusable and should be replaced.
+fn session_is_dead(err: &CkError) -> bool {
+    matches!(
+        rv_of(err),
+        Some(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::DeviceRemoved
+                | RvError::DeviceError
+                | RvError::TokenNotPresent
+                | RvError::UserNotLoggedIn
+        )
+    )
+}
+
+/// Digest used to compare PINs in constant time.
+fn pin_digest(pin: &str) -> Zeroizing<[u8; 32]> {
+    Zeroizing::new(Sha256::digest(pin.as_bytes()).into())
+}
+
+/// Constant-time equality of two byte strings (the lengths are not secret).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// A fixed set of sessions handed out one caller at a time (Session is Send, not Sync).
+struct Pool {
+    state: Mutex<PoolState>,
+    available: Condvar,
+}
+
+struct PoolState {
+    idle: Vec<Session>,
+    closed: bool,
+}
+
+impl Pool {
+    fn new(sessions: Vec<Session>) -> Self {
+        Self {
+            state: Mutex::new(PoolState {
+                idle: sessions,
+                closed: false,
+            }),
+            available: Condvar::new(),
+        }
+    }
+
+    /// Takes a session, waiting for one to come back if all are in use.
+    fn take(&self) -> Result<Session, HsmError> {
+        let mut st = lock(&self.state);
+        loop {
+            if st.closed {
+                return Err(HsmError::Unavailable(
+                    "the PKCS#11 library has been finalised".into(),
+                ));
+            }
+            if let Some(s) = st.idle.pop() {
+                return Ok(s);
+            }
+            st = self
+                .available
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Returns a session to the pool (or closes it if the pool has been closed).
+    fn put(&self, session: Session) {
+        let mut st = lock(&self.state);
+        if st.closed {
+            drop(st);
+            drop(session);
+            return;
+        }
+        st.idle.push(session);
+        drop(st);
+        self.available.notify_one();
+    }
+
+    /// Closes the idle sessions and refuses further use.
+    fn close(&self) {
+        let idle = {
+            let mut st = lock(&self.state);
+            st.closed = true;
+            std::mem::take(&mut st.idle)
+        };
+        drop(idle);
+        self.available.notify_all();
+    }
+}
+
+/// An opened, logged-in token of this process.
+struct Token {
+    label: String,
+    pkcs11: Pkcs11,
+    /// The PIN that logged this process in; used to log a replacement session back in and to
+    /// check the PIN of later `open`s of the same token.
+    pin: Zeroizing<String>,
+    pool: Pool,
+    /// Master-key handles by label (valid in every session of this process).
+    handles: Mutex<Vec<(String, ObjectHandle)>>,
+}
+
+impl Token {
+    /// Opens a token by label: `sessions` RW sessions, logged in as User once.
+    fn open(
+        pkcs11: &Pkcs11,
+        label: &str,
+        pin: &Zeroizing<String>,
+        sessions: usize,
+    ) -> Result<Self, HsmError> {
+        let slot = find_slot(pkcs11, label)?.ok_or_else(|| HsmError::TokenNotFound {
+            label: label.to_owned(),
+        })?;
+        let mut opened = Vec::with_capacity(sessions);
+        for _ in 0..sessions {
+            opened.push(
+                pkcs11
+                    .open_rw_session(slot)
+                    .map_err(|e| map_err(e, label, Op::General))?,
+            );
+        }
+        // Login state belongs to the application, not the session: once is enough.
+        login_user(&opened[0], label, pin)?;
+        tracing::info!(token = label, sessions, "PKCS#11 token opened");
+        Ok(Self {
+            label: label.to_owned(),
+            pkcs11: pkcs11.clone(),
+            pin: pin.clone(),
+            pool: Pool::new(opened),
+            handles: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Borrows a session for an ordinary call (shared hold on [`OPS`]).
+    fn acquire(&self) -> Result<Pooled<'_>, HsmError> {
+        self.acquire_with(ops_shared())
+    }
+
+    /// Borrows a session with every other PKCS#11 call of the process excluded.
+    fn acquire_exclusive(&self) -> Result<Pooled<'_>, HsmError> {
+        self.acquire_with(ops_exclusive())
+    }
+
+    fn acquire_with(&self, ops: OpsGuard) -> Result<Pooled<'_>, HsmError> {
+        // OPS is always taken before a pooled session, so an exclusive holder only waits for
+        // shared holders to return their sessions, never the other way round.
+        Ok(Pooled {
+            token: self,
+            session: Some(self.pool.take()?),
+            dead: false,
+            _ops: ops,
+        })
+    }
+
+    /// A fresh logged-in session, to replace one that died.
+    fn reopen(&self) -> Result<Session, HsmError> {
+        let slot =
+            find_slot(&self.pkcs11, &self.label)?.ok_or_else(|| HsmError::TokenNotFound {
+                label: self.label.clone(),
+            })?;
+        let s = self
+            .pkcs11
+            .open_rw_session(slot)
+            .map_err(|e| map_err(e, &self.label, Op::General))?;
+        ensure_logged_in(&s, &self.label, &self.pin)?;
+        Ok(s)
+    }
+
+    fn cached(&self, key: &str) -> Option<ObjectHandle> {
+        lock(&self.handles)
+            .iter()
+            .find(|(l, _)| l == key)
+            .map(|(_, h)| *h)
+    }
+
+    fn remember(&self, key: &str, handle: ObjectHandle) {
+        let mut handles = lock(&self.handles);
+        handles.retain(|(l, _)| l != key);
+        handles.push((key.to_owned(), handle));
+    }
+
+    fn forget(&self, key: &str) {
+        lock(&self.handles).retain(|(l, _)| l != key);
+    }
+}
+
+/// Logs the application in as User on `s`'s token; already logged in is fine.
+fn login_user(s: &Session, token: &str, pin: &Zeroizing<String>) -> Result<(), HsmError> {
+    let auth = AuthPin::from(pin.as_str());
+    match s.login(UserType::User, Some(&auth)) {
+        Ok(()) => Ok(()),
+        Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e) => Err(map_err(e, token, Op::General)),
+    }
+}
+
+/// Logs in unless the session already sees the token as User.
+fn ensure_logged_in(s: &Session, token: &str, pin: &Zeroizing<String>) -> Result<(), HsmError> {
+    let state = s
+        .get_session_info()
+        .map_err(|e| map_err(e, token, Op::General))?
+        .session_state();
+    if matches!(state, SessionState::RwUser | SessionState::RoUser) {
+        return Ok(());
+    }
+    tracing::warn!(token, "PKCS#11 session was not logged in; logging in again");
+    login_user(s, token, pin)
+}
+
+/// A session borrowed from a token's pool; returned (or replaced, if it died) on drop.
+struct Pooled<'t> {
+    token: &'t Token,
+    session: Option<Session>,
+    dead: bool,
+    /// Released after `drop` has returned the session to the pool.
+    _ops: OpsGuard,
+}
+
+impl Pooled<'_> {
+    fn session(&self) -> Result<&Session, HsmError> {
+        self.session
+            .as_ref()
+            .ok_or_else(|| HsmError::Unavailable("pooled session already returned".into()))
+    }
+
+    /// Maps an error from this session, marking the session for replacement if it died.
+    fn fail(&mut self, err: CkError, op: Op) -> HsmError {
+        if session_is_dead(&err) {
+            self.dead = true;
+        }
+        map_err(err, &self.token.label, op)
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let session = if self.dead {
+            // Open the replacement before closing the dead one, so the process never drops
+            // to zero sessions (that would log it out).
+            match self.token.reopen() {
+                Ok(fresh) => {
+                    tracing::warn!(token = %self.token.label, "replaced a dead PKCS#11 session");
+                    drop(session);
+                    fresh
+                }
+                Err(e) => {
+                    tracing::warn!(token = %self.token.label, error = %e, "cannot replace a dead PKCS#11 session");
+                    session
+                }
+            }
+        } else {
+            session
+        };
+        self.token.pool.put(session);
+    }
+}
+
+/// Overwrites the values of a template's CKA_VALUE attributes.
+fn scrub(template: &mut [Attribute]) {
+    for attr in template {
+        if let Attribute::Value(v) = attr {
+            v.zeroize();
+        }
+    }
+}
+
+/// A temporary session object, destroyed on drop.
+struct TempObject<'s> {
+    session: &'s Session,
+    handle: ObjectHandle,
+}
+
+impl Drop for TempObject<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.session.destroy_object(self.handle) {
+            // A session object also dies with its session; nothing else to do.
+            tracing::warn!(error = %e, "cannot destroy a temporary PKCS#11 object");
+        }
+    }
+}
+
+/// Template of the temporary generic-secret object used by the KWP format.
+fn temp_key_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(false),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ]
+}
+
+/// Template of a new master key (AES-256, token object, private, sensitive, not extractable).
+fn master_key_template(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
+/// Search template for the master key `label`.
+fn master_key_query(label: &str) -> [Attribute; 3] {
+    [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The wrapper
+// ---------------------------------------------------------------------------------------------
+
+/// A [`KeyWrapper`] whose master keys live on a PKCS#11 token (SoftHSM or a real HSM).
+///
+/// Cheap to share: every call borrows a session from the token's pool and blocks until one is
+/// free. Async callers run the calls in `spawn_blocking`.
+pub struct Pkcs11Wrapper {
+    token: Arc<Token>,
+    mechanism: Mechanism,
+}
+
+impl fmt::Debug for Pkcs11Wrapper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Wrapper")
+            .field("token", &self.token.label)
+            .field("mechanism", &self.mechanism)
+            .finish()
+    }
+}
+
+impl Pkcs11Wrapper {
+    /// Opens the token `cfg.token_label` (loading and initialising the module on first use) and
+    /// logs in; a second open of the same token in this process shares its session pool (its
+    /// `sessions` setting is then ignored) after checking its PIN against the first one.
+    pub fn open(cfg: Pkcs11Config) -> Result<Self, HsmError> {
+        check_token_label(&cfg.token_label)?;
+        let ctx = context(&cfg.module)?;
+        let _ops = ops_exclusive();
+        let mut tokens = lock(&TOKENS);
+        let token = match tokens.iter().find(|t| t.label == cfg.token_label) {
+            Some(t) => {
+                // Never call C_Login again here: the process is already logged in, and
+                // SoftHSM 2.6 then answers CKR_USER_ALREADY_LOGGED_IN without looking at the
+                // PIN (so any PIN would pass), while another HSM might count a failure against
+                // the token's shared login. Compare with the PIN that did log in instead.
+                if !ct_eq(pin_digest(&cfg.pin).as_ref(), pin_digest(&t.pin).as_ref()) {
+                    tracing::debug!(token = %cfg.token_label, "PIN differs from the one that opened the token");
+                    return Err(HsmError::BadPin {
+                        label: cfg.token_label.clone(),
+                    });
+                }
+                tracing::debug!(token = %cfg.token_label, "sharing the session pool of an open token");
+                Arc::clone(t)
+            }
+            None => {
+                let t = Arc::new(Token::open(
+                    &ctx.pkcs11,
+                    &cfg.token_label,
+                    &cfg.pin,
+                    cfg.sessions.max(1),
+                )?);
+                tokens.push(Arc::clone(&t));
+                t
+            }
+        };
+        drop(tokens);
+        let wrapper = Self {
+            token,
+            mechanism: cfg.mechanism,
+        };
+        wrapper.check_mechanism()?;
+        Ok(wrapper)
+    }
+
+    /// Creates and initialises a new token labelled `label` on a free slot, with an SO PIN and
+    /// a User PIN, entirely through PKCS#11 (no PIN on a command line).
+    ///
+    /// Fails with [`HsmError::Config`] if a token with that label already exists or no slot is
+    /// free. Loads and initialises the module like [`Pkcs11Wrapper::open`].
+    pub fn init_token(
+        module: &Path,
+        label: &str,
+        so_pin: &str,
+        user_pin: &str,
+    ) -> Result<(), HsmError> {
+        check_token_label(label)?;
+        let ctx = context(module)?;
+        let pkcs11 = &ctx.pkcs11;
+        // Exclude every other call (and open()) while slots are renumbered.
+        let _ops = ops_exclusive();
+        let _tokens = lock(&TOKENS);
+        if find_slot(pkcs11, label)?.is_some() {
+            return Err(HsmError::Config(format!(
+                "a token labelled {label:?} already exists"
+            )));
+        }
+        let mut free = None;
+        for slot in pkcs11
+            .get_slots_with_token()
+            .map_err(|e| map_err(e, label, Op::General))?
+        {
+            let info = pkcs11
+                .get_token_info(slot)
+                .map_err(|e| map_err(e, label, Op::General))?;
+            if !info.token_initialized() {
+                free = Some(slot);
+                break;
+            }
+        }
+        let free = free.ok_or_else(|| {
+            HsmError::Config("no slot with an uninitialised token is available".into())
+        })?;
+        let so = AuthPin::from(so_pin);
+        pkcs11
+            .init_token(free, &so, label)
+            .map_err(|e| map_err(e, label, Op::General))?;
+        // SoftHSM moves an initialised token to a new slot id: find it again by label.
+        let slot = find_slot(pkcs11, label)?.ok_or_else(|| HsmError::TokenNotFound {
+            label: label.to_owned(),
+        })?;
+        let session = pkcs11
+            .open_rw_session(slot)
+            .map_err(|e| map_err(e, label, Op::General))?;
+        session
+            .login(UserType::So, Some(&so))
+            .map_err(|e| map_err(e, label, Op::General))?;
+        let user = AuthPin::from(user_pin);
+        let init = session
+            .init_pin(&user)
+            .map_err(|e| map_err(e, label, Op::General));
+        if let Err(e) = session.logout() {
+            tracing::debug!(token = label, error = %e, "SO logout after C_InitPIN failed");
+        }
+        init?;
+        tracing::info!(token = label, "PKCS#11 token initialised");
+        Ok(())
+    }
+
+    /// Fails with [`HsmError::Unsupported`] if the token lacks the configured mechanism.
+    fn check_mechanism(&self) -> Result<(), HsmError> {
+        let wanted = match self.mechanism {
+            Mechanism::AesGcm => MechanismType::AES_GCM,
+            Mechanism::AesKeyWrapPad => MechanismType::AES_KEY_WRAP_PAD,
+        };
+        let token = &self.token;
+        let slot =
+            find_slot(&token.pkcs11, &token.label)?.ok_or_else(|| HsmError::TokenNotFound {
+                label: token.label.clone(),
+            })?;
+        let list = token
+            .pkcs11
+            .get_mechanism_list(slot)
+            .map_err(|e| map_err(e, &token.label, Op::General))?;
+        if list.contains(&wanted) {
+            Ok(())
+        } else {
+            Err(HsmError::Unsupported(format!(
+                "token {:?} does not offer {wanted}",
+                token.label
+            )))
+        }
+    }
+
+    /// Finds the master key `label`, from the cache or the token. `Ok(None)` if absent.
+    fn lookup(
+        &self,
+        s: &mut Pooled<'_>,
+        label: &str,
+        use_cache: bool,
+    ) -> Result<Option<ObjectHandle>, HsmError> {
+        if use_cache {
+            if let Some(h) = self.token.cached(label) {
+                return Ok(Some(h));
+            }
+        }
+        let query = master_key_query(label);
+        let mut found = match s.session()?.find_objects(&query) {
+            Ok(f) => f,
+            Err(e) => return Err(s.fail(e, Op::General)),
+        };
+        if found.is_empty() {
+            // Private objects are invisible when logged out: make sure "absent" means absent.
+            ensure_logged_in(s.session()?, &self.token.label, &self.token.pin)?;
+            found = match s.session()?.find_objects(&query) {
+                Ok(f) => f,
+                Err(e) => return Err(s.fail(e, Op::General)),
+            };
+        }
+        match found.as_slice() {
+            [] => {
+                self.token.forget(label);
+                Ok(None)
+            }
+            [h] => {
+                self.token.remember(label, *h);
+                Ok(Some(*h))
+            }
+            _ => Err(HsmError::Config(format!(
+                "more than one master key is labelled {label:?}"
+            ))),
+        }
+    }
+
+    /// Runs `f` with a pooled session and the handle of master key `label`, refreshing a
+    /// stale cached handle once.
+    fn with_key<T>(
+        &self,
+        label: &str,
+        op: Op,
+        mut f: impl FnMut(&Session, ObjectHandle) -> Result<T, CkError>,
+    ) -> Result<T, HsmError> {
+        check_key_label(label)?;
+        let mut s = self.token.acquire()?;
+        let missing = || HsmError::MasterKeyMissing {
+            label: label.to_owned(),
+        };
+        let from_cache = self.token.cached(label).is_some();
+        let handle = self.lookup(&mut s, label, true)?.ok_or_else(missing)?;
+        match f(s.session()?, handle) {
+            Ok(v) => Ok(v),
+            Err(e)
+                if from_cache
+                    && matches!(
+                        rv_of(&e),
+                        Some(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid)
+                    ) =>
+            {
+                tracing::debug!(token = %self.token.label, key = label, "stale master-key handle; looking it up again");
+                self.token.forget(label);
+                let handle = self.lookup(&mut s, label, false)?.ok_or_else(missing)?;
+                let r = f(s.session()?, handle);
+                r.map_err(|e| s.fail(e, op))
+            }
+            Err(e) => Err(s.fail(e, op)),
+        }
+    }
+
+    fn wrap_gcm(&self, label: &str, aad: &[u8], key: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let mut iv = [0u8; GCM_IV_LEN];
+        OsRng.fill_bytes(&mut iv);
+        let ct = self.with_key(label, Op::General, |s, h| {
+            let mut iv_param = iv;
+            let params = GcmParams::new(&mut iv_param, aad, (GCM_TAG_LEN as u64 * 8).into())?;
+            s.encrypt(&CkMechanism::AesGcm(params), h, key)
+        })?;
+        let mut out = Vec::with_capacity(1 + GCM_IV_LEN + ct.len());
+        out.push(TAG_GCM);
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    fn unwrap_gcm(
+        &self,
+        label: &str,
+        aad: &[u8],
+        body: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        if body.len() < GCM_IV_LEN + GCM_TAG_LEN {
+            return Err(HsmError::Integrity);
+        }
+        let (iv, ct) = body.split_at(GCM_IV_LEN);
+        self.with_key(label, Op::Unwrap, |s, h| {
+            let mut iv_param = [0u8; GCM_IV_LEN];
+            iv_param.copy_from_slice(iv);
+            let params = GcmParams::new(&mut iv_param, aad, (GCM_TAG_LEN as u64 * 8).into())?;
+            s.decrypt(&CkMechanism::AesGcm(params), h, ct)
+                .map(Zeroizing::new)
+        })
+    }
+
+    fn wrap_kwp(&self, label: &str, aad: &[u8], key: &[u8]) -> Result<Vec<u8>, HsmError> {
+        let digest = Sha256::digest(aad);
+        let wrapped = self.with_key(label, Op::General, |s, h| {
+            let mut value = Vec::with_capacity(key.len() + AAD_DIGEST_LEN);
+            value.extend_from_slice(key);
+            value.extend_from_slice(&digest);
+            let mut template = temp_key_template();
+            template.push(Attribute::Value(value));
+            let created = s.create_object(&template);
+            scrub(&mut template);
+            let temp = TempObject {
+                session: s,
+                handle: created?,
+            };
+            s.wrap_key(&CkMechanism::AesKeyWrapPad, h, temp.handle)
+        })?;
+        let mut out = Vec::with_capacity(1 + wrapped.len());
+        out.push(TAG_KWP);
+        out.extend_from_slice(&wrapped);
+        Ok(out)
+    }
+
+    fn unwrap_kwp(
+        &self,
+        label: &str,
+        aad: &[u8],
+        body: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        // RFC 5649 output is a whole number of 64-bit blocks, at least two.
+        if body.len() < 16 || !body.len().is_multiple_of(8) {
+            return Err(HsmError::Integrity);
+        }
+        let value = self.with_key(label, Op::Unwrap, |s, h| {
+            let handle =
+                s.unwrap_key(&CkMechanism::AesKeyWrapPad, h, body, &temp_key_template())?;
+            let temp = TempObject { session: s, handle };
+            let attrs = s.get_attributes(temp.handle, &[AttributeType::Value])?;
+            let mut value = None;
+            for attr in attrs {
+                if let Attribute::Value(v) = attr {
+                    value = Some(Zeroizing::new(v));
+                }
+            }
+            Ok(value)
+        })?;
+        let value = value.ok_or_else(|| {
+            HsmError::Unavailable("the HSM did not return the unwrapped value".into())
+        })?;
+        // SoftHSM 2.6's C_WrapKey zero-pads the value to a multiple of 8 bytes before RFC 5649
+        // wrapping (the blob's length indicator is the padded length), so its blobs unwrap to
+        // `key || digest || 0{0..7}`; a conformant HSM returns exactly `key || digest`. Accept
+        // both: try the exact length first, then with up to 7 trailing zero bytes removed.
+        let want = Sha256::digest(aad);
+        let len = value.len();
+        let shortest = AAD_DIGEST_LEN.max(len.saturating_sub(7));
+        let mut key_end = None;
+        for end in (shortest..=len).rev() {
+            if value[end..].iter().any(|&b| b != 0) {
+                break;
+            }
+            if ct_eq(&value[end - AAD_DIGEST_LEN..end], &want) {
+                key_end = Some(end - AAD_DIGEST_LEN);
+                break;
+            }
+        }
+        let Some(key_end) = key_end else {
+            tracing::debug!(token = %self.token.label, key = label, "AAD digest mismatch after unwrap");
+            return Err(HsmError::Integrity);
+        };
+        Ok(Zeroizing::new(value[..key_end].to_vec()))
+    }
+}
+
+impl KeyWrapper for Pkcs11Wrapper {
+    fn wrap(&self, label: &str, aad: &[u8], key: &[u8]) -> Result<Vec<u8>, HsmError> {
+        match self.mechanism {
+            Mechanism::AesGcm => self.wrap_gcm(label, aad, key),
+            Mechanism::AesKeyWrapPad => self.wrap_kwp(label, aad, key),
+        }
+    }
+
+    fn unwrap(
+        &self,
+        label: &str,
+        aad: &[u8],
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        match wrapped.split_first() {
+            Some((&TAG_GCM, body)) => self.unwrap_gcm(label, aad, body),
+            Some((&TAG_KWP, body)) => self.unwrap_kwp(label, aad, body),
+            _ => Err(HsmError::Integrity),
+        }
+    }
+
+    fn has_master_key(&self, label: &str) -> Result<bool, HsmError> {
+        check_key_label(label)?;
+        let mut s = self.token.acquire()?;
+        Ok(self.lookup(&mut s, label, false)?.is_some())
+    }
+
+    fn create_master_key(&self, label: &str) -> Result<(), HsmError> {
+        check_key_label(label)?;
+        let mut s = self.token.acquire_exclusive()?;
+        if self.lookup(&mut s, label, false)?.is_some() {
+            return Err(HsmError::MasterKeyExists {
+                label: label.to_owned(),
+            });
+        }
+        let generated = s
+            .session()?
+            .generate_key(&CkMechanism::AesKeyGen, &master_key_template(label));
+        let handle = generated.map_err(|e| s.fail(e, Op::General))?;
+        // Read the policy back: a key that is not sensitive and non-extractable (or cannot
+        // wrap) must not be used, whatever the token did with the template.
+        let wanted = master_key_template(label);
+        let types: Vec<AttributeType> = wanted.iter().map(Attribute::attribute_type).collect();
+        let stored = s.session()?.get_attributes(handle, &types);
+        let stored = match stored {
+            Ok(a) => a,
+            Err(e) => return Err(s.fail(e, Op::General)),
+        };
+        if let Some(bad) = wanted.iter().find(|w| !stored.contains(w)) {
+            tracing::warn!(token = %self.token.label, key = label, attribute = ?bad.attribute_type(), "new master key lacks a required attribute; destroying it");
+            if let Err(e) = s.session()?.destroy_object(handle) {
+                tracing::warn!(token = %self.token.label, key = label, error = %e, "cannot destroy the faulty master key");
+            }
+            return Err(HsmError::Unavailable(format!(
+                "the token stored master key {label:?} without {:?}; it was destroyed, try again",
+                bad.attribute_type()
+            )));
+        }
+        self.token.remember(label, handle);
+        tracing::info!(token = %self.token.label, key = label, "master key created");
+        Ok(())
+    }
+
+    fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    //! Real SoftHSM. The library may be initialised once per process and SOFTHSM2_CONF must be
+    //! set before that, so every test shares one fixture per test binary; under nextest each
+    //! test gets its own process and therefore its own fixture.
+
+    use super::*;
+    use cryptoki::object::AttributeInfo;
+    use std::sync::OnceLock;
+
+    const TOKEN: &str = "ward-test";
+    /// A second token, only touched by the bad-PIN test.
+    const PIN_TOKEN: &str = "ward-pin-test";
+    const SO_PIN: &str = "so-secret-1234";
+    const USER_PIN: &str = "user-secret-5678";
+
+    struct Fixture {
+        module: PathBuf,
+        gcm: Pkcs11Wrapper,
+        kwp: Pkcs11Wrapper,
+    }
+
+    /// Removes token directories left by earlier test processes that have exited (statics are
+    /// never dropped, so each process leaves its directory behind).
+    fn sweep_stale_dirs() {
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("ward-hsm-test-")) else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next() else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    fn cfg(module: &Path, token: &str, pin: &str, mechanism: Mechanism) -> Pkcs11Config {
+        Pkcs11Config {
+            mechanism,
+            ..Pkcs11Config::new(module, token, Zeroizing::new(pin.to_owned()))
+        }
+    }
+
+    fn fixture() -> &'static Fixture {
+        static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+        FIXTURE.get_or_init(|| {
+            sweep_stale_dirs();
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("ward-hsm-test-{}-", std::process::id()))
+                .tempdir()
+                .unwrap()
+                .keep();
+            let conf = crate::softhsm::write_config(&dir).unwrap();
+            crate::softhsm::export_conf(&conf);
+            let module = crate::softhsm::find_module().expect("SoftHSM module");
+            Pkcs11Wrapper::init_token(&module, TOKEN, SO_PIN, USER_PIN).unwrap();
+            Pkcs11Wrapper::init_token(&module, PIN_TOKEN, SO_PIN, USER_PIN).unwrap();
+            let gcm =
+                Pkcs11Wrapper::open(cfg(&module, TOKEN, USER_PIN, Mechanism::AesGcm)).unwrap();
+            let kwp = Pkcs11Wrapper::open(cfg(&module, TOKEN, USER_PIN, Mechanism::AesKeyWrapPad))
+                .unwrap();
+            Fixture { module, gcm, kwp }
+        })
+    }
+
+    /// A wrapper per mechanism, plus a fresh master key `label` on the shared token.
+    fn with_key(label: &str) -> &'static Fixture {
+        let f = fixture();
+        f.gcm.create_master_key(label).unwrap();
+        f
+    }
+
+    fn both(f: &Fixture) -> [&Pkcs11Wrapper; 2] {
+        [&f.gcm, &f.kwp]
+    }
+
+    #[test]
+    fn round_trips_and_formats() {
+        let f = with_key("t-round-trip");
+        for key in [&[0x42u8; 32][..], &[1, 2, 3][..], &[9u8; 64][..]] {
+            for w in both(f) {
+                let blob = w.wrap("t-round-trip", b"secret/a@v1", key).unwrap();
+                match w.mechanism() {
+                    Mechanism::AesGcm => {
+                        assert_eq!(blob[0], 0x01);
+                        assert_eq!(blob.len(), 1 + 12 + key.len() + 16);
+                    }
+                    _ => assert_eq!(blob[0], 0x02),
+                }
+                // Either wrapper unwraps either format: dispatch is on byte 0.
+                for u in both(f) {
+                    let out = u.unwrap("t-round-trip", b"secret/a@v1", &blob).unwrap();
+                    assert_eq!(out.as_slice(), key);
+                }
+            }
+        }
+        // Fresh IV every time.
+        let a = f.gcm.wrap("t-round-trip", b"x", &[0; 32]).unwrap();
+        let b = f.gcm.wrap("t-round-trip", b"x", &[0; 32]).unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn every_key_length_round_trips() {
+        // Exercises SoftHSM's zero padding of non-multiple-of-8 KWP inputs.
+        let f = with_key("t-lengths");
+        for len in 0..=41usize {
+            let key: Vec<u8> = (0..len)
+                .map(|i| if i + 1 == len { 0 } else { i as u8 + 1 })
+                .collect();
+            for w in both(f) {
+                let blob = w.wrap("t-lengths", b"aad", &key).unwrap();
+                let out = w.unwrap("t-lengths", b"aad", &blob).unwrap();
+                assert_eq!(out.as_slice(), &key[..], "{:?} len {len}", w.mechanism());
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_aad_is_integrity() {
+        let f = with_key("t-aad");
+        for w in both(f) {
+            let blob = w.wrap("t-aad", b"name=a version=1", &[7; 32]).unwrap();
+            let err = w.unwrap("t-aad", b"name=a version=2", &blob).unwrap_err();
+            assert!(
+                matches!(err, HsmError::Integrity),
+                "{:?}: {err:?}",
+                w.mechanism()
+            );
+            let err = w.unwrap("t-aad", b"", &blob).unwrap_err();
+            assert!(
+                matches!(err, HsmError::Integrity),
+                "{:?}: {err:?}",
+                w.mechanism()
+            );
+        }
+    }
+
+    #[test]
+    fn modified_blob_is_integrity() {
+        let f = with_key("t-flip");
+        for w in both(f) {
+            let blob = w.wrap("t-flip", b"aad", &[7; 32]).unwrap();
+            for i in 1..blob.len() {
+                let mut bad = blob.clone();
+                bad[i] ^= 0x01;
+                let err = w.unwrap("t-flip", b"aad", &bad).unwrap_err();
+                assert!(
+                    matches!(err, HsmError::Integrity),
+                    "{:?} byte {i}: {err:?}",
+                    w.mechanism()
+                );
+            }
+            // Unknown tag, truncation, extension, empty.
+            let mut bad = blob.clone();
+            bad[0] = 0x03;
+            let truncated = &blob[..blob.len() - 1];
+            let mut extended = blob.clone();
+            extended.extend_from_slice(&[0; 8]);
+            for bad in [&bad[..], truncated, &extended[..], &blob[..1], &[][..]] {
+                let err = w.unwrap("t-flip", b"aad", bad).unwrap_err();
+                assert!(
+                    matches!(err, HsmError::Integrity),
+                    "{:?}: {err:?}",
+                    w.mechanism()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn other_master_key_is_integrity() {
+        let f = with_key("t-key-a");
+        f.gcm.create_master_key("t-key-b").unwrap();
+        for w in both(f) {
+            let blob = w.wrap("t-key-a", b"aad", &[7; 32]).unwrap();
+            let err = w.unwrap("t-key-b", b"aad", &blob).unwrap_err();
+            assert!(
+                matches!(err, HsmError::Integrity),
+                "{:?}: {err:?}",
+                w.mechanism()
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_label_is_missing() {
+        let f = fixture();
+        for w in both(f) {
+            assert!(!w.has_master_key("t-nope").unwrap());
+            let err = w.wrap("t-nope", b"aad", &[1; 32]).unwrap_err();
+            assert!(matches!(err, HsmError::MasterKeyMissing { ref label } if label == "t-nope"));
+            let blob = [&[0x01][..], &[0u8; 60][..]].concat();
+            let err = w.unwrap("t-nope", b"aad", &blob).unwrap_err();
+            assert!(matches!(err, HsmError::MasterKeyMissing { .. }), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn creating_twice_is_exists() {
+        let f = with_key("t-twice");
+        assert!(f.kwp.has_master_key("t-twice").unwrap());
+        let err = f.kwp.create_master_key("t-twice").unwrap_err();
+        assert!(matches!(err, HsmError::MasterKeyExists { ref label } if label == "t-twice"));
+        assert_eq!(err.to_string(), "master key \"t-twice\" already exists");
+    }
+
+    #[test]
+    fn bad_pin() {
+        let f = fixture();
+        // First login on a token: the token itself rejects the PIN (CKR_PIN_INCORRECT).
+        let err = Pkcs11Wrapper::open(cfg(&f.module, PIN_TOKEN, "wrong-pin", Mechanism::AesGcm))
+            .unwrap_err();
+        assert!(
+            matches!(err, HsmError::BadPin { ref label } if label == PIN_TOKEN),
+            "{err:?}"
+        );
+        assert!(!err.to_string().contains("wrong-pin"));
+        let ok =
+            Pkcs11Wrapper::open(cfg(&f.module, PIN_TOKEN, USER_PIN, Mechanism::AesGcm)).unwrap();
+        ok.create_master_key("t-pin").unwrap();
+
+        // Token already open in this process: the PIN is checked against the one that
+        // logged in, and the shared sessions stay logged in.
+        for token in [TOKEN, PIN_TOKEN] {
+            let err = Pkcs11Wrapper::open(cfg(&f.module, token, "wrong-pin", Mechanism::AesGcm))
+                .unwrap_err();
+            assert!(
+                matches!(err, HsmError::BadPin { ref label } if label == token),
+                "{err:?}"
+            );
+        }
+        let blob = ok.wrap("t-pin", b"aad", &[3; 32]).unwrap();
+        assert_eq!(
+            ok.unwrap("t-pin", b"aad", &blob).unwrap().as_slice(),
+            &[3; 32]
+        );
+        f.gcm.create_master_key("t-pin-main").unwrap();
+        let blob = f.gcm.wrap("t-pin-main", b"aad", &[4; 32]).unwrap();
+        assert_eq!(
+            f.kwp
+                .unwrap("t-pin-main", b"aad", &blob)
+                .unwrap()
+                .as_slice(),
+            &[4; 32]
+        );
+    }
+
+    #[test]
+    fn unknown_token_and_module() {
+        let f = fixture();
+        let err = Pkcs11Wrapper::open(cfg(&f.module, "no-such-token", USER_PIN, Mechanism::AesGcm))
+            .unwrap_err();
+        assert!(matches!(err, HsmError::TokenNotFound { .. }), "{err:?}");
+        let err = Pkcs11Wrapper::init_token(&f.module, TOKEN, SO_PIN, USER_PIN).unwrap_err();
+        assert!(matches!(err, HsmError::Config(_)), "{err:?}");
+        // A different module than the one this process loaded.
+        let other = std::env::current_exe().unwrap();
+        let err = Pkcs11Wrapper::open(cfg(&other, TOKEN, USER_PIN, Mechanism::AesGcm)).unwrap_err();
+        assert!(matches!(err, HsmError::Config(_)), "{err:?}");
+        let err = Pkcs11Wrapper::open(cfg(&f.module, &"x".repeat(33), USER_PIN, Mechanism::AesGcm))
+            .unwrap_err();
+        assert!(matches!(err, HsmError::Config(_)), "{err:?}");
+    }
+
+    #[test]
+    fn master_key_is_sensitive_and_not_extractable() {
+        let f = with_key("t-attrs");
+        let mut s = f.gcm.token.acquire().unwrap();
+        let h = f.gcm.lookup(&mut s, "t-attrs", false).unwrap().unwrap();
+        let session = s.session().unwrap();
+        let attrs = session
+            .get_attributes(
+                h,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
+                    AttributeType::Token,
+                    AttributeType::Private,
+                    AttributeType::ValueLen,
+                    AttributeType::Value,
+                ],
+            )
+            .unwrap();
+        let has = |a: &Attribute| attrs.iter().any(|b| b == a);
+        assert!(has(&Attribute::Sensitive(true)), "{attrs:?}");
+        assert!(has(&Attribute::Extractable(false)), "{attrs:?}");
+        assert!(has(&Attribute::AlwaysSensitive(true)), "{attrs:?}");
+        assert!(has(&Attribute::NeverExtractable(true)), "{attrs:?}");
+        assert!(has(&Attribute::Token(true)), "{attrs:?}");
+        assert!(has(&Attribute::Private(true)), "{attrs:?}");
+        assert!(has(&Attribute::ValueLen(32.into())), "{attrs:?}");
+        assert!(
+            !attrs.iter().any(|a| matches!(a, Attribute::Value(_))),
+            "CKA_VALUE was returned"
+        );
+        let info = session
+            .get_attribute_info(h, &[AttributeType::Value])
+            .unwrap();
+        assert!(matches!(info[..], [AttributeInfo::Sensitive]), "{info:?}");
+        // The key cannot be made extractable or wrapped out either.
+        assert!(session
+            .update_attributes(h, &[Attribute::Extractable(true)])
+            .is_err());
+        assert!(session.wrap_key(&CkMechanism::AesKeyWrapPad, h, h).is_err());
+    }
+
+    #[test]
+    fn stale_handle_is_refreshed() {
+        let f = with_key("t-stale");
+        let old_blob = f.gcm.wrap("t-stale", b"aad", &[5; 32]).unwrap();
+        // Replace the key behind the wrapper's back: the cached handle goes stale. Keep every
+        // other call out meanwhile, as create_master_key does (see OPS).
+        {
+            let mut s = f.gcm.token.acquire_exclusive().unwrap();
+            let h = f.gcm.lookup(&mut s, "t-stale", false).unwrap().unwrap();
+            let session = s.session().unwrap();
+            session.destroy_object(h).unwrap();
+            session
+                .generate_key(&CkMechanism::AesKeyGen, &master_key_template("t-stale"))
+                .unwrap();
+        }
+        for w in both(f) {
+            let blob = w.wrap("t-stale", b"aad", &[6; 32]).unwrap();
+            assert_eq!(
+                w.unwrap("t-stale", b"aad", &blob).unwrap().as_slice(),
+                &[6; 32]
+            );
+            let err = w.unwrap("t-stale", b"aad", &old_blob).unwrap_err();
+            assert!(matches!(err, HsmError::Integrity), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn concurrent_wrap_unwrap() {
+        let f = with_key("t-threads");
+        std::thread::scope(|scope| {
+            for t in 0u8..8 {
+                scope.spawn(move || {
+                    let w = if t % 2 == 0 { &f.gcm } else { &f.kwp };
+                    for i in 0u8..40 {
+                        let key = [t ^ i; 32];
+                        let aad = format!("thread {t} item {i}");
+                        let blob = w.wrap("t-threads", aad.as_bytes(), &key).unwrap();
+                        let out = w.unwrap("t-threads", aad.as_bytes(), &blob).unwrap();
+                        assert_eq!(out.as_slice(), &key);
+                        let err = w.unwrap("t-threads", b"other", &blob).unwrap_err();
+                        assert!(matches!(err, HsmError::Integrity), "{err:?}");
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn config_debug_hides_pin() {
+        let c = cfg(Path::new("/m.so"), "tok", "hunter2-pin", Mechanism::AesGcm);
+        let s = format!("{c:?}");
+        assert!(!s.contains("hunter2"), "{s}");
+        assert!(s.contains("<redacted>"));
+    }
+}
