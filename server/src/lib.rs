@@ -1,0 +1,22 @@
+//! Ward server: a gRPC secrets vault over mutual TLS. Secrets are envelope-encrypted under a
+//! master key that never leaves a PKCS#11 HSM and kept in an embedded sled database.
+//!
+//! The data path reads top to bottom: transport (`service`, `tls`) → `policy` → domain
+//! (`vault`, `model`) → `envelope` → `store`, with `audit` alongside.
+#![deny(missing_docs)]
+
+pub mod audit;
+pub mod clock;
+pub mod config;
+pub mod dev;
+pub mod envelope;
+pub mod error;
+pub mod model;
+pub mod policy;
+pub mod server;
+pub mod service;
+pub mod status;
+pub mod store;
+pub mod tls;
+pub mod unseal;
+pub mod vault;

@@ -1,0 +1,104 @@
+//! The one conversion from the server's errors to gRPC status. The code is decided by
+//! [`Error::code`]; this file turns it into a `tonic::Status` and keeps internal details in the
+//! log, not on the wire.
+
+use crate::error::{Code, Error};
+
+/// The wire status for an error.
+pub fn to_status(e: Error) -> tonic::Status {
+    let message = match &e {
+        Error::Internal(detail) => {
+            tracing::error!(%detail, "internal error");
+            e.to_string()
+        }
+        _ => e.to_string(),
+    };
+    tonic::Status::new(to_code(e.code()), message)
+}
+
+/// The tonic code for a domain code.
+pub fn to_code(code: Code) -> tonic::Code {
+    match code {
+        Code::Ok => tonic::Code::Ok,
+        Code::InvalidArgument => tonic::Code::InvalidArgument,
+        Code::NotFound => tonic::Code::NotFound,
+        Code::AlreadyExists => tonic::Code::AlreadyExists,
+        Code::PermissionDenied => tonic::Code::PermissionDenied,
+        Code::ResourceExhausted => tonic::Code::ResourceExhausted,
+        Code::FailedPrecondition => tonic::Code::FailedPrecondition,
+        Code::Aborted => tonic::Code::Aborted,
+        Code::Internal => tonic::Code::Internal,
+        Code::Unavailable => tonic::Code::Unavailable,
+        Code::DataLoss => tonic::Code::DataLoss,
+        Code::Unauthenticated => tonic::Code::Unauthenticated,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ward_hsm::HsmError;
+
+    #[test]
+    fn every_error_maps_to_its_documented_code() {
+        let cases: Vec<(Error, tonic::Code)> = vec![
+            (Error::invalid("bad name"), tonic::Code::InvalidArgument),
+            (Error::NotFound("secret x".into()), tonic::Code::NotFound),
+            (Error::AlreadyExists("x".into()), tonic::Code::AlreadyExists),
+            (Error::Conflict("cas".into()), tonic::Code::Aborted),
+            (
+                Error::FailedPrecondition("revoked".into()),
+                tonic::Code::FailedPrecondition,
+            ),
+            (
+                Error::PermissionDenied {
+                    identity: "app".into(),
+                    verb: "write",
+                    target: "x".into(),
+                },
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                Error::Unauthenticated("no cert".into()),
+                tonic::Code::Unauthenticated,
+            ),
+            (
+                Error::ResourceExhausted("quota".into()),
+                tonic::Code::ResourceExhausted,
+            ),
+            (Error::Unavailable("audit".into()), tonic::Code::Unavailable),
+            (Error::DataLoss("tag".into()), tonic::Code::DataLoss),
+            (Error::Internal("detail".into()), tonic::Code::Internal),
+            (Error::from(HsmError::Integrity), tonic::Code::DataLoss),
+            (
+                Error::from(HsmError::Unavailable("gone".into())),
+                tonic::Code::Unavailable,
+            ),
+        ];
+        for (e, want) in cases {
+            let shown = e.to_string();
+            let status = to_status(e);
+            assert_eq!(status.code(), want, "{shown}");
+            assert_eq!(status.code() as i32, {
+                // The audit log stores Code numbers; they must equal gRPC's.
+                want as i32
+            });
+        }
+    }
+
+    #[test]
+    fn internal_details_stay_off_the_wire() {
+        let s = to_status(Error::Internal("stack detail".into()));
+        assert_eq!(s.message(), "internal error");
+    }
+
+    #[test]
+    fn denial_names_identity_verb_and_target() {
+        let s = to_status(Error::PermissionDenied {
+            identity: "app".into(),
+            verb: "write",
+            target: "db/pw".into(),
+        });
+        assert_eq!(s.message(), "app may not write db/pw");
+    }
+}

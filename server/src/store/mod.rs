@@ -1,0 +1,185 @@
+//! Storage: a small key-value interface with atomic, guarded batches and an explicit
+//! durability point. sled is the embedded default ([`sled_store::SledStore`]); another
+//! backend is an addition, not a rewrite.
+//!
+//! The rule every caller follows: commit the batch that holds the state change and its audit
+//! record, then await [`Store::sync`], then reply. Nothing is acknowledged before it is durable.
+
+pub mod sled_store;
+
+use futures::future::BoxFuture;
+
+/// The trees (key spaces) of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Tree {
+    /// Secret name → `SecretRecord`.
+    Secrets,
+    /// `name 0x00 version(u64 BE)` → `SealedValue`.
+    Versions,
+    /// `identity 0x00 request_id` → `RequestRecord`.
+    Requests,
+    /// HMAC(index key, API key) → `KeyIndexEntry`.
+    KeyIndex,
+    /// Sequence (u64 BE) → `AuditRecord`.
+    Audit,
+    /// Term (u32 BE) → `KeyringEntry`.
+    Keyring,
+    /// Named singletons (the wrapped index key).
+    Meta,
+}
+
+impl Tree {
+    /// Every tree, in a fixed order.
+    pub const ALL: [Tree; 7] = [
+        Tree::Secrets,
+        Tree::Versions,
+        Tree::Requests,
+        Tree::KeyIndex,
+        Tree::Audit,
+        Tree::Keyring,
+        Tree::Meta,
+    ];
+
+    /// The tree's name on disk.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Secrets => "secrets",
+            Tree::Versions => "versions",
+            Tree::Requests => "requests",
+            Tree::KeyIndex => "key_index",
+            Tree::Audit => "audit",
+            Tree::Keyring => "keyring",
+            Tree::Meta => "meta",
+        }
+    }
+
+    fn index(self) -> usize {
+        Tree::ALL.iter().position(|t| *t == self).unwrap_or(0)
+    }
+}
+
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// A set of writes applied atomically, only if every guard holds.
+#[derive(Debug, Default)]
+pub struct Batch {
+    guards: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)>,
+    writes: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requires `key` to hold exactly `expected` (None: absent) when the batch applies.
+    pub fn guard(&mut self, tree: Tree, key: impl Into<Vec<u8>>, expected: Option<Vec<u8>>) {
+        self.guards.push((tree, key.into(), expected));
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put(&mut self, tree: Tree, key: impl Into<Vec<u8>>, value: Vec<u8>) {
+        self.writes.push((tree, key.into(), Some(value)));
+    }
+
+    /// Removes `key`.
+    pub fn remove(&mut self, tree: Tree, key: impl Into<Vec<u8>>) {
+        self.writes.push((tree, key.into(), None));
+    }
+}
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A guard did not hold: someone else changed the key first.
+    #[error("concurrent change")]
+    Conflict,
+    /// The storage failed (I/O, full disk, corruption detected by the engine).
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for crate::error::Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => crate::error::Error::Conflict("concurrent change".into()),
+            StoreError::Unavailable(detail) => {
+                tracing::error!(%detail, "storage failure");
+                crate::error::Error::Unavailable("storage unavailable".into())
+            }
+        }
+    }
+}
+
+/// A key-value store with guarded atomic batches and group-committed durability.
+pub trait Store: Send + Sync + 'static {
+    /// The value at `key`, if any.
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Up to `limit` entries with keys starting with `prefix`, from `start` (inclusive;
+    /// empty: the first), in key order.
+    fn scan(
+        &self,
+        tree: Tree,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError>;
+
+    /// Applies the batch atomically if every guard holds; [`StoreError::Conflict`] otherwise.
+    /// Visible at once; durable only after [`Store::sync`].
+    fn commit(&self, batch: Batch) -> Result<(), StoreError>;
+
+    /// Resolves once everything committed before the call is on disk. Concurrent callers
+    /// share one fsync (group commit).
+    fn sync(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// A unique, increasing number (for audit sequence numbers).
+    fn next_id(&self) -> Result<u64, StoreError>;
+}
+
+/// Key of a version's sealed value: `name 0x00 version(u64 BE)`. Names never contain 0x00.
+pub fn version_key(name: &str, version: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 9);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+/// Key of an idempotency record: `identity 0x00 request_id`.
+pub fn request_key(identity: &str, request_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(identity.len() + request_id.len() + 1);
+    k.extend_from_slice(identity.as_bytes());
+    k.push(0);
+    k.extend_from_slice(request_id.as_bytes());
+    k
+}
+
+/// Encodes a stored record: format byte 1, then postcard.
+pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![1u8];
+    // postcard writing into a Vec cannot fail for these plain structs; an error would be a bug,
+    // surfaced on decode as DATA_LOSS rather than a panic here.
+    if let Ok(body) = postcard::to_allocvec(value) {
+        out.extend_from_slice(&body);
+    }
+    out
+}
+
+/// Decodes a stored record; anything unreadable is an integrity failure.
+pub fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> crate::error::Result<T> {
+    match bytes.split_first() {
+        Some((1, body)) => postcard::from_bytes(body).map_err(|e| {
+            tracing::error!(what, error = %e, "stored record does not decode");
+            crate::error::Error::DataLoss(format!("stored {what} is corrupt"))
+        }),
+        _ => Err(crate::error::Error::DataLoss(format!(
+            "stored {what} has an unknown format"
+        ))),
+    }
+}

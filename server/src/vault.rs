@@ -1,0 +1,1104 @@
+//! The vault's operations: authorization, validation, versioning, envelope encryption, store
+//! commits and audit, in that order. Below the service layer: no tonic types here.
+
+use crate::audit::{self, AuditRecord};
+use crate::clock::{Clock, Millis};
+use crate::envelope::{IndexKey, Keyring, SealedValue};
+use crate::error::{Code, Error, Result};
+use crate::model::{
+    check_labels, check_scopes, check_text, KeyIndexEntry, Kind, RequestId, RequestRecord,
+    SecretName, SecretRecord, VersionMeta, VersionState, MAX_DESCRIPTION, MAX_OWNER,
+};
+use crate::policy::{Policy, Verb};
+use crate::store::{decode, encode, request_key, version_key, Batch, Store, StoreError, Tree};
+use crate::tls::Peer;
+use base64::Engine;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use ward::keyformat::ApiKey;
+use zeroize::Zeroizing;
+
+/// Optimistic-concurrency attempts before a write gives up with ABORTED.
+const MAX_ATTEMPTS: usize = 8;
+/// Largest page of ListSecrets.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Page size when the request names none.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+
+/// Settings the vault needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Prefix of generated API keys.
+    pub issuer: String,
+    /// Allowed environments.
+    pub environments: Vec<String>,
+    /// Environment of new secrets when none is named.
+    pub default_environment: String,
+    /// Largest value, in bytes.
+    pub max_value_bytes: usize,
+    /// Most items in a batch fetch.
+    pub max_batch: usize,
+    /// Overlap for a replaced PRIMARY, in milliseconds (0: retire at once).
+    pub grace_ms: u64,
+}
+
+/// The vault: everything a call needs, shared by all calls.
+pub struct Vault {
+    store: Arc<dyn Store>,
+    keyring: Keyring,
+    index: IndexKey,
+    policy: Policy,
+    clock: Arc<dyn Clock>,
+    settings: Settings,
+}
+
+/// PutSecret's input, as received.
+pub struct PutInput {
+    /// Secret name (unparsed).
+    pub name: String,
+    /// The value; zeroized on drop.
+    pub value: Zeroizing<Vec<u8>>,
+    /// Environment, or empty.
+    pub environment: String,
+    /// Owner, or empty.
+    pub owner: String,
+    /// Labels (replace when non-empty).
+    pub labels: BTreeMap<String, String>,
+    /// Description (replaces when non-empty).
+    pub description: String,
+    /// Compare-and-set on the PRIMARY version (0: must not exist).
+    pub expected_version: Option<u64>,
+    /// Idempotency key, or empty.
+    pub request_id: String,
+}
+
+/// IssueKey's input, as received.
+pub struct IssueInput {
+    /// Secret name (unparsed).
+    pub name: String,
+    /// Environment, or empty.
+    pub environment: String,
+    /// Owner, or empty.
+    pub owner: String,
+    /// Scopes the key grants.
+    pub scopes: Vec<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Description.
+    pub description: String,
+    /// Idempotency key, or empty.
+    pub request_id: String,
+}
+
+/// What a write produced.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// Secret name.
+    pub name: String,
+    /// New version.
+    pub version: u64,
+    /// CRC32C of the value.
+    pub checksum: u32,
+    /// Creation time of the version.
+    pub create_ms: Millis,
+}
+
+/// What IssueKey produced.
+#[derive(Debug)]
+pub struct Issued {
+    /// The version written.
+    pub written: Written,
+    /// The plaintext key (zeroized on drop).
+    pub key: ApiKey,
+    /// Non-reversible key id.
+    pub key_id: String,
+}
+
+/// A fetched version.
+pub struct Fetched {
+    /// Secret name.
+    pub name: String,
+    /// Version number.
+    pub version: u64,
+    /// State in force now.
+    pub state: VersionState,
+    /// The value (zeroized on drop).
+    pub value: Zeroizing<Vec<u8>>,
+    /// CRC32C of the value, checked.
+    pub checksum: u32,
+    /// Kind of secret.
+    pub kind: Kind,
+    /// Environment.
+    pub environment: String,
+    /// Creation time of the version.
+    pub create_ms: Millis,
+}
+
+/// Filters and paging of ListSecrets.
+#[derive(Debug, Default)]
+pub struct ListInput {
+    /// 0: default.
+    pub page_size: u32,
+    /// From the previous page, or empty.
+    pub page_token: String,
+    /// Name prefix filter.
+    pub name_prefix: String,
+    /// Environment filter.
+    pub environment: String,
+    /// Owner filter.
+    pub owner: String,
+    /// Label filters (all must match).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One page of ListSecrets.
+pub struct Page {
+    /// Secrets on this page, in name order.
+    pub secrets: Vec<SecretRecord>,
+    /// Token of the next page; empty on the last.
+    pub next_page_token: String,
+}
+
+impl Vault {
+    /// Assembles a vault from its parts.
+    pub fn new(
+        store: Arc<dyn Store>,
+        keyring: Keyring,
+        index: IndexKey,
+        policy: Policy,
+        clock: Arc<dyn Clock>,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            store,
+            keyring,
+            index,
+            policy,
+            clock,
+            settings,
+        }
+    }
+
+    /// The vault's clock reading.
+    pub fn now(&self) -> Millis {
+        self.clock.now_ms()
+    }
+
+    // ---- PutSecret -------------------------------------------------------------------------
+
+    /// Stores a caller-supplied value as a new PRIMARY version.
+    pub async fn put(&self, peer: &Peer, input: PutInput) -> Result<Written> {
+        let mut rec = AuditRecord::new(peer, "PutSecret", self.now());
+        rec.targets.push((input.name.clone(), 0));
+        rec.request_id = input.request_id.clone();
+        let result = self.put_inner(peer, &input, &mut rec).await;
+        self.finish_write(rec, result).await
+    }
+
+    async fn put_inner(
+        &self,
+        peer: &Peer,
+        input: &PutInput,
+        rec: &mut AuditRecord,
+    ) -> Result<Written> {
+        let name = SecretName::parse(&input.name)?;
+        self.authorize(peer, Verb::Write, &name, None)?;
+        let request_id = RequestId::parse_optional(&input.request_id)?;
+        if input.value.is_empty() {
+            return Err(Error::invalid("value is empty"));
+        }
+        if input.value.len() > self.settings.max_value_bytes {
+            return Err(Error::invalid(format!(
+                "value is {} bytes; the limit is {}",
+                input.value.len(),
+                self.settings.max_value_bytes
+            )));
+        }
+        check_labels(&input.labels)?;
+        check_text("description", &input.description, MAX_DESCRIPTION)?;
+        check_text("owner", &input.owner, MAX_OWNER)?;
+        if !input.environment.is_empty() {
+            self.check_environment(&input.environment)?;
+        }
+        let fingerprint = self.fingerprint(
+            "PutSecret",
+            &[
+                name.as_str().as_bytes(),
+                &input.value,
+                input.environment.as_bytes(),
+                input.owner.as_bytes(),
+                &encode(&input.labels),
+                input.description.as_bytes(),
+                &encode(&input.expected_version),
+            ],
+        );
+
+        for _ in 0..MAX_ATTEMPTS {
+            if let Some(id) = &request_id {
+                if let Some(done) = self.replay(peer, id, "PutSecret", &fingerprint)? {
+                    rec.targets = vec![(done.name.clone(), done.version)];
+                    return Ok(done);
+                }
+            }
+            let raw = self.store.get(Tree::Secrets, name.as_str().as_bytes())?;
+            let existing: Option<SecretRecord> =
+                raw.as_deref().map(|b| decode("secret", b)).transpose()?;
+            check_cas(&name, existing.as_ref(), input.expected_version)?;
+            let now = self.now();
+            let mut secret = match existing {
+                Some(s) => {
+                    if s.kind == Kind::ApiKey {
+                        return Err(Error::FailedPrecondition(format!(
+                            "{name} is an API key; Ward generates its values (rotate it instead)"
+                        )));
+                    }
+                    if !input.environment.is_empty() && input.environment != s.environment {
+                        return Err(Error::invalid(format!(
+                            "{name} belongs to environment {:?}; a secret's environment never changes",
+                            s.environment
+                        )));
+                    }
+                    s
+                }
+                None => SecretRecord {
+                    name: name.to_string(),
+                    kind: Kind::Static,
+                    environment: if input.environment.is_empty() {
+                        self.settings.default_environment.clone()
+                    } else {
+                        input.environment.clone()
+                    },
+                    owner: peer.identity.to_string(),
+                    labels: BTreeMap::new(),
+                    description: String::new(),
+                    scopes: Vec::new(),
+                    created_by: peer.identity.to_string(),
+                    create_ms: now,
+                    update_ms: now,
+                    primary: 0,
+                    versions: Vec::new(),
+                },
+            };
+            self.authorize(peer, Verb::Write, &name, Some(&secret.environment))?;
+            if !input.owner.is_empty() {
+                secret.owner = input.owner.clone();
+            }
+            if !input.labels.is_empty() {
+                secret.labels = input.labels.clone();
+            }
+            if !input.description.is_empty() {
+                secret.description = input.description.clone();
+            }
+            let version = secret.next_version();
+            let sealed = self.keyring.seal(name.as_str(), version, &input.value)?;
+            let written = self.add_version(&mut secret, version, &input.value, &sealed, None, now);
+            rec.targets = vec![(name.to_string(), version)];
+
+            let mut batch = Batch::new();
+            batch.guard(Tree::Secrets, name.as_str().as_bytes(), raw);
+            batch.put(Tree::Secrets, name.as_str().as_bytes(), encode(&secret));
+            batch.put(
+                Tree::Versions,
+                version_key(name.as_str(), version),
+                encode(&sealed),
+            );
+            self.stage_request(
+                &mut batch,
+                peer,
+                request_id.as_ref(),
+                "PutSecret",
+                fingerprint,
+                &written,
+            );
+            match self.commit_with_audit(batch, rec) {
+                Err(Error::Conflict(_)) => continue,
+                other => other?,
+            }
+            return Ok(written);
+        }
+        Err(Error::Conflict(format!(
+            "{name} is being changed concurrently; retry"
+        )))
+    }
+
+    // ---- IssueKey --------------------------------------------------------------------------
+
+    /// Generates an API key and stores it as a new API_KEY secret.
+    pub async fn issue(&self, peer: &Peer, input: IssueInput) -> Result<Issued> {
+        let mut rec = AuditRecord::new(peer, "IssueKey", self.now());
+        rec.targets.push((input.name.clone(), 0));
+        rec.request_id = input.request_id.clone();
+        let result = self.issue_inner(peer, &input, &mut rec).await;
+        self.finish_write(rec, result).await
+    }
+
+    async fn issue_inner(
+        &self,
+        peer: &Peer,
+        input: &IssueInput,
+        rec: &mut AuditRecord,
+    ) -> Result<Issued> {
+        let name = SecretName::parse(&input.name)?;
+        self.authorize(peer, Verb::Issue, &name, None)?;
+        let request_id = RequestId::parse_optional(&input.request_id)?;
+        check_scopes(&input.scopes)?;
+        check_labels(&input.labels)?;
+        check_text("description", &input.description, MAX_DESCRIPTION)?;
+        check_text("owner", &input.owner, MAX_OWNER)?;
+        let environment = if input.environment.is_empty() {
+            self.settings.default_environment.clone()
+        } else {
+            self.check_environment(&input.environment)?;
+            input.environment.clone()
+        };
+        self.authorize(peer, Verb::Issue, &name, Some(&environment))?;
+        let fingerprint = self.fingerprint(
+            "IssueKey",
+            &[
+                name.as_str().as_bytes(),
+                environment.as_bytes(),
+                input.owner.as_bytes(),
+                &encode(&input.scopes),
+                &encode(&input.labels),
+                input.description.as_bytes(),
+            ],
+        );
+
+        for _ in 0..MAX_ATTEMPTS {
+            if let Some(id) = &request_id {
+                if let Some(done) = self.replay(peer, id, "IssueKey", &fingerprint)? {
+                    rec.targets = vec![(done.name.clone(), done.version)];
+                    let (_, fetched) = self.read_version(&name, done.version)?;
+                    let text = std::str::from_utf8(&fetched.value)
+                        .map_err(|_| Error::DataLoss(format!("{name}: stored key is not text")))?;
+                    let key = ApiKey::parse(text)
+                        .map_err(|_| Error::DataLoss(format!("{name}: stored key is malformed")))?;
+                    let key_id = self.key_id(&key);
+                    rec.key_id = key_id.clone();
+                    return Ok(Issued {
+                        written: done,
+                        key,
+                        key_id,
+                    });
+                }
+            }
+            if self
+                .store
+                .get(Tree::Secrets, name.as_str().as_bytes())?
+                .is_some()
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "{name} already exists (rotate it to get a new key)"
+                )));
+            }
+            let now = self.now();
+            let key = ApiKey::generate(&self.settings.issuer, &environment)
+                .map_err(|e| Error::Internal(format!("key generation: {e}")))?;
+            let hash = self.key_hash(&key);
+            let key_id = hex::encode(&hash[..8]);
+            let mut secret = SecretRecord {
+                name: name.to_string(),
+                kind: Kind::ApiKey,
+                environment: environment.clone(),
+                owner: if input.owner.is_empty() {
+                    peer.identity.to_string()
+                } else {
+                    input.owner.clone()
+                },
+                labels: input.labels.clone(),
+                description: input.description.clone(),
+                scopes: input.scopes.clone(),
+                created_by: peer.identity.to_string(),
+                create_ms: now,
+                update_ms: now,
+                primary: 0,
+                versions: Vec::new(),
+            };
+            let value = key.expose().as_bytes();
+            let sealed = self.keyring.seal(name.as_str(), 1, value)?;
+            let written =
+                self.add_version(&mut secret, 1, value, &sealed, Some(key_id.clone()), now);
+            rec.targets = vec![(name.to_string(), 1)];
+            rec.key_id = key_id.clone();
+
+            let mut batch = Batch::new();
+            batch.guard(Tree::Secrets, name.as_str().as_bytes(), None);
+            batch.guard(Tree::KeyIndex, hash.to_vec(), None);
+            batch.put(Tree::Secrets, name.as_str().as_bytes(), encode(&secret));
+            batch.put(
+                Tree::Versions,
+                version_key(name.as_str(), 1),
+                encode(&sealed),
+            );
+            batch.put(
+                Tree::KeyIndex,
+                hash.to_vec(),
+                encode(&KeyIndexEntry {
+                    name: name.to_string(),
+                    version: 1,
+                }),
+            );
+            self.stage_request(
+                &mut batch,
+                peer,
+                request_id.as_ref(),
+                "IssueKey",
+                fingerprint,
+                &written,
+            );
+            match self.commit_with_audit(batch, rec) {
+                Err(Error::Conflict(_)) => continue,
+                other => other?,
+            }
+            return Ok(Issued {
+                written,
+                key,
+                key_id,
+            });
+        }
+        Err(Error::Conflict(format!(
+            "{name} is being changed concurrently; retry"
+        )))
+    }
+
+    // ---- reads -----------------------------------------------------------------------------
+
+    /// Fetches one version's value. The value is returned only once the read's audit record
+    /// is durable.
+    pub async fn fetch(&self, peer: &Peer, name: &str, version: u64) -> Result<Fetched> {
+        let mut rec = AuditRecord::new(peer, "FetchSecret", self.now());
+        rec.targets.push((name.to_owned(), version));
+        let result = self.fetch_one(peer, name, version);
+        if let Ok(f) = &result {
+            rec.targets = vec![(f.name.clone(), f.version)];
+        }
+        self.finish_read(rec, result).await
+    }
+
+    /// Fetches many versions, each authorized and reported on its own. One audit record covers
+    /// the call; if it cannot be written, nothing is returned.
+    pub async fn batch_fetch(
+        &self,
+        peer: &Peer,
+        items: &[(String, u64)],
+    ) -> Result<Vec<Result<Fetched>>> {
+        let mut rec = AuditRecord::new(peer, "BatchFetchSecrets", self.now());
+        let result = if items.is_empty() {
+            Err(Error::invalid("no items"))
+        } else if items.len() > self.settings.max_batch {
+            Err(Error::invalid(format!(
+                "{} items; at most {} per batch",
+                items.len(),
+                self.settings.max_batch
+            )))
+        } else {
+            let results: Vec<Result<Fetched>> = items
+                .iter()
+                .map(|(n, v)| self.fetch_one(peer, n, *v))
+                .collect();
+            rec.targets = items
+                .iter()
+                .zip(&results)
+                .map(|((n, v), r)| (n.clone(), r.as_ref().map_or(*v, |f| f.version)))
+                .collect();
+            Ok(results)
+        };
+        self.finish_read(rec, result).await
+    }
+
+    fn fetch_one(&self, peer: &Peer, name: &str, version: u64) -> Result<Fetched> {
+        let name = SecretName::parse(name)?;
+        self.authorize(peer, Verb::Read, &name, None)?;
+        let secret = self.load(&name)?;
+        self.authorize(peer, Verb::Read, &name, Some(&secret.environment))?;
+        let (_, fetched) = self.read_version_of(&secret, &name, version)?;
+        Ok(fetched)
+    }
+
+    /// Reads and decrypts a version for internal use (no authorization, no audit).
+    fn read_version(&self, name: &SecretName, version: u64) -> Result<(SecretRecord, Fetched)> {
+        let secret = self.load(name)?;
+        let (_, fetched) = self.read_version_of(&secret, name, version)?;
+        Ok((secret, fetched))
+    }
+
+    fn read_version_of(
+        &self,
+        secret: &SecretRecord,
+        name: &SecretName,
+        version: u64,
+    ) -> Result<(VersionMeta, Fetched)> {
+        let meta = secret
+            .version(version)
+            .ok_or_else(|| Error::NotFound(format!("version {version} of {name}")))?;
+        let state = meta.state_at(self.now());
+        match state {
+            VersionState::Primary | VersionState::Active => {}
+            other => {
+                return Err(Error::FailedPrecondition(format!(
+                    "version {} of {name} is {}",
+                    meta.version,
+                    other.name()
+                )))
+            }
+        }
+        let blob = self
+            .store
+            .get(Tree::Versions, &version_key(name.as_str(), meta.version))?
+            .ok_or_else(|| {
+                Error::DataLoss(format!(
+                    "value of {name} version {} is missing",
+                    meta.version
+                ))
+            })?;
+        let sealed: SealedValue = decode("sealed value", &blob)?;
+        let value = self.keyring.open(name.as_str(), meta.version, &sealed)?;
+        if crc32c::crc32c(&value) != meta.checksum {
+            return Err(Error::DataLoss(format!(
+                "checksum mismatch for {name} version {}",
+                meta.version
+            )));
+        }
+        let fetched = Fetched {
+            name: name.to_string(),
+            version: meta.version,
+            state,
+            value,
+            checksum: meta.checksum,
+            kind: secret.kind,
+            environment: secret.environment.clone(),
+            create_ms: meta.create_ms,
+        };
+        Ok((meta.clone(), fetched))
+    }
+
+    /// A secret's metadata, with each version's state as in force now.
+    pub async fn describe(&self, peer: &Peer, name: &str) -> Result<SecretRecord> {
+        let mut rec = AuditRecord::new(peer, "DescribeSecret", self.now());
+        rec.targets.push((name.to_owned(), 0));
+        let result = (|| {
+            let name = SecretName::parse(name)?;
+            self.authorize(peer, Verb::List, &name, None)?;
+            let secret = self.load(&name)?;
+            self.authorize(peer, Verb::List, &name, Some(&secret.environment))?;
+            Ok(self.as_of_now(secret))
+        })();
+        self.finish_read(rec, result).await
+    }
+
+    /// One page of the secrets the caller may list, in name order.
+    pub async fn list(&self, peer: &Peer, input: ListInput) -> Result<Page> {
+        let rec = AuditRecord::new(peer, "ListSecrets", self.now());
+        let result = self.list_inner(peer, &input);
+        self.finish_read(rec, result).await
+    }
+
+    fn list_inner(&self, peer: &Peer, input: &ListInput) -> Result<Page> {
+        if !self.policy.grants_any(&peer.identity, Verb::List) {
+            return Err(Error::PermissionDenied {
+                identity: peer.identity.to_string(),
+                verb: Verb::List.name(),
+                target: "*".into(),
+            });
+        }
+        let page_size = match input.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(Error::invalid(format!(
+                    "page_size {n} exceeds {MAX_PAGE_SIZE}"
+                )))
+            }
+            n => n,
+        } as usize;
+        if input.name_prefix.len() > crate::model::MAX_NAME_LEN {
+            return Err(Error::invalid("name_prefix longer than 256 bytes"));
+        }
+        let mut start = match input.page_token.as_str() {
+            "" => Vec::new(),
+            token => {
+                let last = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(token)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(|s| SecretName::parse(&s).ok())
+                    .ok_or_else(|| Error::invalid("invalid page_token"))?;
+                let mut k = last.as_str().as_bytes().to_vec();
+                k.push(0); // strictly after the last name returned
+                k
+            }
+        };
+        let mut secrets = Vec::new();
+        let mut more = false;
+        'scan: loop {
+            let chunk =
+                self.store
+                    .scan(Tree::Secrets, input.name_prefix.as_bytes(), &start, 256)?;
+            let exhausted = chunk.len() < 256;
+            for (key, raw) in chunk {
+                start = key;
+                start.push(0);
+                let s: SecretRecord = decode("secret", &raw)?;
+                let visible =
+                    self.policy
+                        .allows(&peer.identity, Verb::List, &s.name, Some(&s.environment))
+                        && (input.environment.is_empty() || s.environment == input.environment)
+                        && (input.owner.is_empty() || s.owner == input.owner)
+                        && input.labels.iter().all(|(k, v)| s.labels.get(k) == Some(v));
+                if !visible {
+                    continue;
+                }
+                if secrets.len() == page_size {
+                    more = true;
+                    break 'scan;
+                }
+                secrets.push(self.as_of_now(s));
+            }
+            if exhausted {
+                break;
+            }
+        }
+        let next_page_token = match (more, secrets.last()) {
+            (true, Some(last)) => {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last.name.as_bytes())
+            }
+            _ => String::new(),
+        };
+        Ok(Page {
+            secrets,
+            next_page_token,
+        })
+    }
+
+    // ---- helpers ---------------------------------------------------------------------------
+
+    fn authorize(
+        &self,
+        peer: &Peer,
+        verb: Verb,
+        name: &SecretName,
+        env: Option<&str>,
+    ) -> Result<()> {
+        if self.policy.allows(&peer.identity, verb, name.as_str(), env) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied {
+                identity: peer.identity.to_string(),
+                verb: verb.name(),
+                target: name.to_string(),
+            })
+        }
+    }
+
+    fn check_environment(&self, env: &str) -> Result<()> {
+        if self.settings.environments.iter().any(|e| e == env) {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!(
+                "unknown environment {env:?} (configured: {})",
+                self.settings.environments.join(", ")
+            )))
+        }
+    }
+
+    fn load(&self, name: &SecretName) -> Result<SecretRecord> {
+        let raw = self
+            .store
+            .get(Tree::Secrets, name.as_str().as_bytes())?
+            .ok_or_else(|| Error::NotFound(format!("secret {name}")))?;
+        decode("secret", &raw)
+    }
+
+    /// Applies read-time deadlines to every version's state.
+    fn as_of_now(&self, mut secret: SecretRecord) -> SecretRecord {
+        let now = self.now();
+        for v in &mut secret.versions {
+            v.state = v.state_at(now);
+        }
+        secret
+    }
+
+    /// Appends a PRIMARY version, demoting the old PRIMARY to ACTIVE for the grace period.
+    fn add_version(
+        &self,
+        secret: &mut SecretRecord,
+        version: u64,
+        value: &[u8],
+        sealed: &SealedValue,
+        key_id: Option<String>,
+        now: Millis,
+    ) -> Written {
+        let grace = self.settings.grace_ms;
+        for v in &mut secret.versions {
+            if v.state == VersionState::Primary {
+                if grace == 0 {
+                    v.state = VersionState::Inactive;
+                } else {
+                    v.state = VersionState::Active;
+                    v.grace_until_ms = Some(now.saturating_add(grace));
+                }
+            }
+        }
+        let checksum = crc32c::crc32c(value);
+        secret.versions.push(VersionMeta {
+            version,
+            state: VersionState::Primary,
+            create_ms: now,
+            grace_until_ms: None,
+            checksum,
+            term: sealed.term,
+            key_id,
+        });
+        secret.primary = version;
+        secret.update_ms = now;
+        Written {
+            name: secret.name.clone(),
+            version,
+            checksum,
+            create_ms: now,
+        }
+    }
+
+    fn fingerprint(&self, method: &str, parts: &[&[u8]]) -> [u8; 32] {
+        self.index.hash(method, parts)
+    }
+
+    fn key_hash(&self, key: &ApiKey) -> [u8; 32] {
+        self.index
+            .hash("ward/apikey/v1", &[key.expose().as_bytes()])
+    }
+
+    fn key_id(&self, key: &ApiKey) -> String {
+        hex::encode(&self.key_hash(key)[..8])
+    }
+
+    /// The earlier result of this request id, if the same request already succeeded.
+    fn replay(
+        &self,
+        peer: &Peer,
+        id: &RequestId,
+        method: &str,
+        fingerprint: &[u8; 32],
+    ) -> Result<Option<Written>> {
+        let Some(raw) = self
+            .store
+            .get(Tree::Requests, &request_key(&peer.identity, id.as_str()))?
+        else {
+            return Ok(None);
+        };
+        let done: RequestRecord = decode("request record", &raw)?;
+        if done.method != method || &done.fingerprint != fingerprint {
+            return Err(Error::AlreadyExists(format!(
+                "request_id {:?} was already used for a different request",
+                id.as_str()
+            )));
+        }
+        let name = SecretName::parse(&done.name)?;
+        let secret = self.load(&name)?;
+        let meta = secret.version(done.version).ok_or_else(|| {
+            Error::DataLoss(format!(
+                "request {:?} refers to a missing version",
+                id.as_str()
+            ))
+        })?;
+        Ok(Some(Written {
+            name: done.name,
+            version: meta.version,
+            checksum: meta.checksum,
+            create_ms: meta.create_ms,
+        }))
+    }
+
+    fn stage_request(
+        &self,
+        batch: &mut Batch,
+        peer: &Peer,
+        id: Option<&RequestId>,
+        method: &str,
+        fingerprint: [u8; 32],
+        written: &Written,
+    ) {
+        if let Some(id) = id {
+            let key = request_key(&peer.identity, id.as_str());
+            batch.guard(Tree::Requests, key.clone(), None);
+            batch.put(
+                Tree::Requests,
+                key,
+                encode(&RequestRecord {
+                    method: method.to_owned(),
+                    fingerprint,
+                    name: written.name.clone(),
+                    version: written.version,
+                }),
+            );
+        }
+    }
+
+    /// Commits a batch together with the call's audit record (outcome OK).
+    fn commit_with_audit(&self, mut batch: Batch, rec: &mut AuditRecord) -> Result<()> {
+        rec.code = Code::Ok.as_i32();
+        rec.time_ms = self.now();
+        audit::stage(&*self.store, &mut batch, rec)?;
+        match self.store.commit(batch) {
+            Ok(()) => Ok(()),
+            Err(StoreError::Conflict) => Err(Error::Conflict("concurrent change".into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Completes a write: on success the change and its audit record are committed, so wait
+    /// for durability; on failure record the refusal.
+    async fn finish_write<T>(&self, mut rec: AuditRecord, result: Result<T>) -> Result<T> {
+        match result {
+            Ok(v) => {
+                self.store.sync().await.map_err(|e| {
+                    tracing::error!(error = %e, "write not durable");
+                    Error::Unavailable("storage unavailable: write not confirmed durable".into())
+                })?;
+                Ok(v)
+            }
+            Err(e) => {
+                rec.code = e.code().as_i32();
+                log_refusal(&rec, &e);
+                audit::append(&*self.store, rec).await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Completes a read: the audit record is durable before anything is returned.
+    async fn finish_read<T>(&self, mut rec: AuditRecord, result: Result<T>) -> Result<T> {
+        rec.code = match &result {
+            Ok(_) => Code::Ok.as_i32(),
+            Err(e) => {
+                log_refusal(&rec, e);
+                e.code().as_i32()
+            }
+        };
+        audit::append(&*self.store, rec).await?;
+        result
+    }
+}
+
+fn log_refusal(rec: &AuditRecord, e: &Error) {
+    tracing::info!(
+        method = %rec.method,
+        identity = %rec.identity,
+        code = %e.code(),
+        error = %e,
+        "call refused"
+    );
+}
+
+fn check_cas(
+    name: &SecretName,
+    existing: Option<&SecretRecord>,
+    expected: Option<u64>,
+) -> Result<()> {
+    match (expected, existing) {
+        (None, _) | (Some(0), None) => Ok(()),
+        (Some(0), Some(s)) => Err(Error::Conflict(format!(
+            "expected_version 0 (must not exist) but {name} is at version {}",
+            s.primary
+        ))),
+        (Some(n), None) => Err(Error::Conflict(format!(
+            "expected_version {n} but {name} does not exist"
+        ))),
+        (Some(n), Some(s)) if s.primary != n => Err(Error::Conflict(format!(
+            "expected_version {n} but {name} is at version {}",
+            s.primary
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::sled_store::SledStore;
+    use crate::unseal::unseal;
+    use ward_hsm::memory::InMemoryWrapper;
+    use ward_hsm::KeyWrapper;
+
+    const POLICY: &str = r#"
+        [[rule]]
+        identities = ["admin"]
+        verbs = ["*"]
+        secrets = ["*"]
+        [[rule]]
+        identities = ["app"]
+        verbs = ["read", "list"]
+        secrets = ["app/*"]
+        environments = ["prod"]
+    "#;
+
+    struct Fixture {
+        vault: Vault,
+        clock: Arc<ManualClock>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let hsm = InMemoryWrapper::new();
+        hsm.create_master_key("m").unwrap();
+        let hsm: Arc<dyn KeyWrapper> = Arc::new(hsm);
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let (keyring, index) = unseal(&store, &hsm, "m", clock.now_ms()).await.unwrap();
+        let settings = Settings {
+            issuer: "ward".into(),
+            environments: vec!["dev".into(), "prod".into()],
+            default_environment: "dev".into(),
+            max_value_bytes: 1024,
+            max_batch: 10,
+            grace_ms: 60_000,
+        };
+        let vault = Vault::new(
+            store,
+            keyring,
+            index,
+            Policy::parse(POLICY).unwrap(),
+            clock.clone(),
+            settings,
+        );
+        Fixture {
+            vault,
+            clock,
+            _dir: dir,
+        }
+    }
+
+    fn peer(identity: &str) -> Peer {
+        Peer {
+            identity: identity.into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    fn put(name: &str, value: &[u8]) -> PutInput {
+        PutInput {
+            name: name.into(),
+            value: Zeroizing::new(value.to_vec()),
+            environment: String::new(),
+            owner: String::new(),
+            labels: BTreeMap::new(),
+            description: String::new(),
+            expected_version: None,
+            request_id: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn replaced_primary_stays_active_until_grace_ends() {
+        let f = fixture().await;
+        let admin = peer("admin");
+        f.vault.put(&admin, put("db", b"one")).await.unwrap();
+        f.vault.put(&admin, put("db", b"two")).await.unwrap();
+        let old = f.vault.fetch(&admin, "db", 1).await.unwrap();
+        assert_eq!(
+            (old.state, &old.value[..]),
+            (VersionState::Active, &b"one"[..])
+        );
+        assert_eq!(
+            &f.vault.fetch(&admin, "db", 0).await.unwrap().value[..],
+            b"two"
+        );
+
+        f.clock.advance(60_000);
+        let err = f.vault.fetch(&admin, "db", 1).await.err().unwrap();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        let d = f.vault.describe(&admin, "db").await.unwrap();
+        assert_eq!(d.versions[0].state, VersionState::Inactive);
+    }
+
+    #[tokio::test]
+    async fn environment_scoped_grants() {
+        let f = fixture().await;
+        let (admin, app) = (peer("admin"), peer("app"));
+        let mut p = put("app/prod-db", b"x");
+        p.environment = "prod".into();
+        f.vault.put(&admin, p).await.unwrap();
+        f.vault.put(&admin, put("app/dev-db", b"y")).await.unwrap();
+        assert!(f.vault.fetch(&app, "app/prod-db", 0).await.is_ok());
+        let denied = f.vault.fetch(&app, "app/dev-db", 0).await.err().unwrap();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        // Outside its globs the caller cannot even learn whether a name exists.
+        let denied = f.vault.fetch(&app, "nope", 0).await.err().unwrap();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        let page = f.vault.list(&app, ListInput::default()).await.unwrap();
+        let names: Vec<_> = page.secrets.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["app/prod-db"]);
+    }
+
+    #[tokio::test]
+    async fn issued_key_is_stored_encrypted_and_indexed() {
+        let f = fixture().await;
+        let admin = peer("admin");
+        let issued = f
+            .vault
+            .issue(
+                &admin,
+                IssueInput {
+                    name: "svc/key".into(),
+                    environment: "prod".into(),
+                    owner: String::new(),
+                    scopes: vec!["read:users".into()],
+                    labels: BTreeMap::new(),
+                    description: String::new(),
+                    request_id: String::new(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(issued.key.environment(), "prod");
+        let hash = f.vault.key_hash(&issued.key);
+        let entry = f.vault.store.get(Tree::KeyIndex, &hash).unwrap().unwrap();
+        let entry: KeyIndexEntry = decode("index", &entry).unwrap();
+        assert_eq!((entry.name.as_str(), entry.version), ("svc/key", 1));
+        let fetched = f.vault.fetch(&admin, "svc/key", 0).await.unwrap();
+        assert_eq!(&fetched.value[..], issued.key.expose().as_bytes());
+        // Putting a value onto an API key is refused.
+        let err = f
+            .vault
+            .put(&admin, put("svc/key", b"x"))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+    }
+
+    #[tokio::test]
+    async fn every_call_leaves_one_audit_record_without_values() {
+        let f = fixture().await;
+        let (admin, app) = (peer("admin"), peer("app"));
+        f.vault
+            .put(&admin, put("db", b"super-secret-value"))
+            .await
+            .unwrap();
+        f.vault.fetch(&admin, "db", 0).await.unwrap();
+        let _ = f.vault.put(&app, put("db", b"x")).await;
+        let _ = f.vault.fetch(&admin, "missing", 0).await;
+        let records = f.vault.store.scan(Tree::Audit, b"", b"", 100).unwrap();
+        let records: Vec<AuditRecord> = records
+            .iter()
+            .map(|(_, v)| decode("audit", v).unwrap())
+            .collect();
+        let summary: Vec<_> = records
+            .iter()
+            .map(|r| (r.method.as_str(), r.code))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("PutSecret", 0),
+                ("FetchSecret", 0),
+                ("PutSecret", 7),
+                ("FetchSecret", 5)
+            ]
+        );
+        for (_, v) in f.vault.store.scan(Tree::Audit, b"", b"", 100).unwrap() {
+            assert!(!v.windows(18).any(|w| w == b"super-secret-value"));
+        }
+    }
+}
