@@ -1,0 +1,401 @@
+//! The connected SDK client: one mTLS channel, per-call timeouts, retries of calls that are safe
+//! to repeat, and client-side checking of value checksums.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::error::transport_causes;
+use crate::proto::secrets_client::SecretsClient;
+use crate::proto::{
+    batch_fetch_result, BatchFetchSecretsRequest, BatchFetchSecretsResponse, DescribeSecretRequest,
+    FetchSecretRequest, FetchSecretResponse, IssueKeyRequest, IssueKeyResponse, ItemError,
+    ListSecretsRequest, ListSecretsResponse, PutSecretRequest, PutSecretResponse, SecretMetadata,
+};
+use crate::retry::{is_retryable, CallKind};
+use crate::{ClientConfig, Error, RetryPolicy, DEFAULT_TIMEOUT};
+
+/// HTTP/2 keep-alive ping interval: finds a dead connection before a call has to time out on it.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a keep-alive ping may go unanswered before the connection is dropped.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response accepted. tonic's default (4 MiB) is below a full batch fetch: 100 items
+/// of the server's default 64 KiB maximum value are 6.4 MiB, and the server's limit can be
+/// raised.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A connected Ward client. Cheap to clone; clones share one HTTP/2 connection.
+///
+/// Reads (fetch, batch fetch, describe, list) are retried on `UNAVAILABLE`, transport failures
+/// and `DEADLINE_EXCEEDED`; `put_secret` and `issue_key` only when their `request_id` is set,
+/// because the server deduplicates by it, and never after `DEADLINE_EXCEEDED`. Every other
+/// status is returned at once.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: SecretsClient<Channel>,
+    timeout: Duration,
+    retry: RetryPolicy,
+}
+
+/// A fetched secret whose value lives in a zeroizing buffer; `Debug` shows no value.
+pub struct FetchedSecret {
+    /// Name, version, state, checksum and the rest, with `value` left empty.
+    pub metadata: FetchSecretResponse,
+    /// The secret value, wiped from memory when dropped.
+    pub value: Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for FetchedSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FetchedSecret")
+            .field("name", &self.metadata.name)
+            .field("version", &self.metadata.version)
+            .field("state", &self.metadata.state)
+            .field("checksum", &self.metadata.checksum)
+            .field(
+                "value",
+                &format_args!("<{} bytes redacted>", self.value.len()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to the server over mutual TLS, retrying transport failures per the config's
+    /// retry policy.
+    pub async fn connect(cfg: ClientConfig) -> Result<Self, Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(cfg.ca_pem()))
+            .identity(Identity::from_pem(cfg.cert_pem(), cfg.key_pem()))
+            .timeout(cfg.connect_timeout());
+        if let Some(name) = cfg.server_name() {
+            tls = tls.domain_name(name);
+        }
+        let endpoint = Endpoint::from_shared(cfg.endpoint().to_owned())
+            .map_err(|e| Error::config(format!("invalid endpoint {}: {e}", cfg.endpoint())))?
+            .connect_timeout(cfg.connect_timeout())
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .tls_config(tls)
+            // Building the TLS connector parses the PEMs: a failure here is bad input.
+            .map_err(|e| {
+                Error::config(format!("unusable TLS material: {}", transport_causes(&e)))
+            })?;
+
+        let retry = cfg.retry().clone();
+        let mut attempt = 1;
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(channel) => break channel,
+                Err(_) if attempt < retry.attempts() => {
+                    tokio::time::sleep(retry.backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(Error::Transport(format!(
+                        "cannot connect to {}: {}",
+                        cfg.endpoint(),
+                        transport_causes(&e)
+                    )));
+                }
+            }
+        };
+        Ok(Self::from_channel(channel)
+            .with_timeout(cfg.timeout())
+            .with_retry(retry))
+    }
+
+    /// Wraps an existing channel (e.g. to an in-process server) with default timeout and retries.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            inner: SecretsClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
+            timeout: DEFAULT_TIMEOUT,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Sets the per-attempt call timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets the retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// A clone of the generated client on the same channel, for calls the SDK does not wrap
+    /// (no timeout or retry is added).
+    pub fn raw(&self) -> SecretsClient<Channel> {
+        self.inner.clone()
+    }
+
+    /// Stores a new PRIMARY version of a STATIC secret. Retried only if `request_id` is set.
+    pub async fn put_secret(&self, req: PutSecretRequest) -> Result<PutSecretResponse, Error> {
+        let kind = CallKind::write(&req.request_id);
+        self.call(kind, req, |mut c, r| async move { c.put_secret(r).await })
+            .await
+    }
+
+    /// Generates and stores a new API key; the response holds the plaintext key, once.
+    /// Retried only if `request_id` is set (a retry then returns the same key).
+    pub async fn issue_key(&self, req: IssueKeyRequest) -> Result<IssueKeyResponse, Error> {
+        let kind = CallKind::write(&req.request_id);
+        self.call(kind, req, |mut c, r| async move { c.issue_key(r).await })
+            .await
+    }
+
+    /// Fetches one version of a secret (`version` 0 = PRIMARY) and checks its CRC32C.
+    ///
+    /// The response's `value` is the secret itself, in an ordinary `Vec`, and the derived
+    /// `Debug` prints it: never log the response. Prefer [`Client::fetch_secret_zeroizing`]
+    /// when the value is kept for a while. A checksum mismatch is `DATA_LOSS`.
+    pub async fn fetch_secret(
+        &self,
+        name: impl Into<String>,
+        version: u64,
+    ) -> Result<FetchSecretResponse, Error> {
+        let req = FetchSecretRequest {
+            name: name.into(),
+            version,
+        };
+        let mut resp = self
+            .call(CallKind::Read, req, |mut c, r| async move {
+                c.fetch_secret(r).await
+            })
+            .await?;
+        match verify_checksum(&mut resp) {
+            Ok(()) => Ok(resp),
+            Err(item) => Err(Error::Status {
+                code: Code::DataLoss,
+                message: item.message,
+            }),
+        }
+    }
+
+    /// [`Client::fetch_secret`] with the value moved (not copied) into a zeroizing buffer.
+    ///
+    /// Copies made before the SDK sees the value (TLS and HTTP/2 buffers inside tonic) are
+    /// outside its reach; this wipes the one the caller keeps.
+    pub async fn fetch_secret_zeroizing(
+        &self,
+        name: impl Into<String>,
+        version: u64,
+    ) -> Result<FetchedSecret, Error> {
+        let mut metadata = self.fetch_secret(name, version).await?;
+        let value = Zeroizing::new(std::mem::take(&mut metadata.value));
+        Ok(FetchedSecret { metadata, value })
+    }
+
+    /// Fetches many `(name, version)` pairs in one call (at most 100; version 0 = PRIMARY).
+    ///
+    /// Each item succeeds or fails on its own; an item whose checksum does not match its value
+    /// is turned into a `DATA_LOSS` item error and its value wiped.
+    pub async fn batch_fetch<I, S>(&self, items: I) -> Result<BatchFetchSecretsResponse, Error>
+    where
+        I: IntoIterator<Item = (S, u64)>,
+        S: Into<String>,
+    {
+        let req = BatchFetchSecretsRequest {
+            items: items
+                .into_iter()
+                .map(|(name, version)| FetchSecretRequest {
+                    name: name.into(),
+                    version,
+                })
+                .collect(),
+        };
+        let mut resp = self
+            .call(CallKind::Read, req, |mut c, r| async move {
+                c.batch_fetch_secrets(r).await
+            })
+            .await?;
+        for result in &mut resp.results {
+            if let Some(batch_fetch_result::Result::Secret(secret)) = &mut result.result {
+                if let Err(item) = verify_checksum(secret) {
+                    result.result = Some(batch_fetch_result::Result::Error(item));
+                }
+            }
+        }
+        Ok(resp)
+    }
+
+    /// Returns a secret's metadata and every version's state; never a value.
+    pub async fn describe_secret(&self, name: impl Into<String>) -> Result<SecretMetadata, Error> {
+        let req = DescribeSecretRequest { name: name.into() };
+        self.call(CallKind::Read, req, |mut c, r| async move {
+            c.describe_secret(r).await
+        })
+        .await
+    }
+
+    /// Lists one page of secrets; pass the response's `next_page_token` back for the next.
+    pub async fn list_secrets(
+        &self,
+        req: ListSecretsRequest,
+    ) -> Result<ListSecretsResponse, Error> {
+        self.call(CallKind::Read, req, |mut c, r| async move {
+            c.list_secrets(r).await
+        })
+        .await
+    }
+
+    /// Lists every matching secret, following `next_page_token` from `req.page_token` on.
+    pub async fn list_all(
+        &self,
+        mut req: ListSecretsRequest,
+    ) -> Result<Vec<SecretMetadata>, Error> {
+        let mut all = Vec::new();
+        loop {
+            let page = self.list_secrets(req.clone()).await?;
+            all.extend(page.secrets);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            // A server that hands back the token it was given would keep us here forever.
+            if page.next_page_token == req.page_token {
+                return Err(Error::Status {
+                    code: Code::Internal,
+                    message: "server returned the same page token twice".into(),
+                });
+            }
+            req.page_token = page.next_page_token;
+        }
+    }
+
+    /// Runs one RPC under the timeout and retry policy. The request is cloned only when another
+    /// attempt may follow, so a value in a non-retryable write exists in one copy.
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        kind: CallKind,
+        req: Req,
+        mut rpc: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: FnMut(SecretsClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let max = if kind.may_repeat() {
+            self.retry.attempts()
+        } else {
+            1
+        };
+        let mut attempt = 1;
+        loop {
+            if attempt >= max {
+                return self.attempt(&mut rpc, req).await;
+            }
+            match self.attempt(&mut rpc, req.clone()).await {
+                Err(e) if is_retryable(kind, &e) => {
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt, limited by the per-call timeout.
+    ///
+    /// The deadline is enforced here only, not sent as `grpc-timeout`: a tonic server answers
+    /// an expired `grpc-timeout` with CANCELLED, which would race with the local timer and make
+    /// the code (and so the retry decision) depend on timing. Dropping the call on timeout
+    /// resets its HTTP/2 stream, which stops the handler on the server all the same.
+    async fn attempt<Req, Resp, F, Fut>(&self, rpc: &mut F, msg: Req) -> Result<Resp, Error>
+    where
+        F: FnMut(SecretsClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let request = tonic::Request::new(msg);
+        match tokio::time::timeout(self.timeout, rpc(self.inner.clone(), request)).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(Error::from(status)),
+            Err(_) => Err(Error::Status {
+                code: Code::DeadlineExceeded,
+                message: format!("no answer within {:?}", self.timeout),
+            }),
+        }
+    }
+}
+
+/// Checks a fetched value against its CRC32C; on mismatch wipes the value and describes the
+/// failure as a `DATA_LOSS` item error.
+fn verify_checksum(secret: &mut FetchSecretResponse) -> Result<(), ItemError> {
+    if crc32c::crc32c(&secret.value) == secret.checksum {
+        return Ok(());
+    }
+    secret.value.zeroize();
+    Err(ItemError {
+        code: Code::DataLoss as i32,
+        message: format!(
+            "checksum mismatch for {} version {}: value corrupted in transit or at rest",
+            secret.name, secret.version
+        ),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn secret(value: &[u8], checksum: u32) -> FetchSecretResponse {
+        FetchSecretResponse {
+            name: "a/b".into(),
+            version: 2,
+            value: value.to_vec(),
+            checksum,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn checksum_ok_and_mismatch() {
+        let mut good = secret(b"hunter2", crc32c::crc32c(b"hunter2"));
+        assert!(verify_checksum(&mut good).is_ok());
+        assert_eq!(good.value, b"hunter2");
+
+        let mut bad = secret(b"hunter2", 1);
+        let item = verify_checksum(&mut bad).unwrap_err();
+        assert_eq!(item.code, Code::DataLoss as i32);
+        assert!(!item.message.contains("hunter2"));
+        assert!(bad.value.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn fetched_secret_debug_redacts() {
+        let s = FetchedSecret {
+            metadata: secret(b"", 0),
+            value: Zeroizing::new(b"hunter2".to_vec()),
+        };
+        let dbg = format!("{s:?}");
+        assert!(
+            !dbg.contains("hunter2") && !dbg.contains("104, 117"),
+            "{dbg}"
+        );
+        assert!(dbg.contains("7 bytes redacted"));
+    }
+
+    #[tokio::test]
+    async fn garbage_pem_is_a_config_error() {
+        let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let key = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+        let cfg = ClientConfig::new("127.0.0.1:1", ca, ca, key)
+            .unwrap()
+            .with_retry(RetryPolicy::none());
+        // Garbage PEM bodies are refused while building the TLS connector: a config error.
+        let err = Client::connect(cfg).await.unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        assert!(
+            err.message().starts_with("unusable TLS material: "),
+            "{err}"
+        );
+    }
+}

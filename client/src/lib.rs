@@ -1,0 +1,43 @@
+//! Ward SDK: a mutual-TLS gRPC client for the Ward secrets vault, with per-call timeouts,
+//! retries of calls that are safe to repeat, and one error type.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), ward_client::Error> {
+//! use ward_client::{Client, ClientConfig};
+//!
+//! let cfg = ClientConfig::from_files(
+//!     "127.0.0.1:8443",
+//!     ".ward-dev/tls/ca.pem",
+//!     ".ward-dev/tls/app.pem",
+//!     ".ward-dev/tls/app.key",
+//! )?;
+//! let client = Client::connect(cfg).await?;
+//! let secret = client.fetch_secret_zeroizing("payments/db-password", 0).await?;
+//! println!("version {} has {} bytes", secret.metadata.version, secret.value.len());
+//! # Ok(()) }
+//! ```
+//!
+//! Responses are the generated wire types, re-exported as [`proto`]. Secret values arrive in
+//! `FetchSecretResponse::value` and API keys in `IssueKeyResponse::api_key`: the derived
+//! `Debug` of those types prints them, so never log a whole response.
+#![deny(missing_docs)]
+
+pub mod cli;
+mod client;
+mod config;
+mod error;
+mod retry;
+
+/// The generated `ward.v1` wire types and client (e.g. `proto::PutSecretRequest`).
+pub use ward::v1 as proto;
+
+pub use client::{Client, FetchedSecret};
+pub use config::{
+    normalize_endpoint, parse_duration, ClientConfig, DEFAULT_ADDR, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_PORT, DEFAULT_TIMEOUT, ENV_ADDR, ENV_CA, ENV_CERT, ENV_KEY, ENV_SERVER_NAME,
+    ENV_TIMEOUT,
+};
+pub use error::{code_name, Error};
+pub use retry::RetryPolicy;
+/// The gRPC status code type used by [`Error::code`].
+pub use tonic::Code;
