@@ -1,0 +1,186 @@
+//! What reaches the disk: no plaintext value or API key anywhere under the data dir (nor in the
+//! server's output), and a ciphertext moved to another name or version fails with DATA_LOSS.
+
+use std::path::Path;
+
+use tonic::Code;
+use ward_tests::{files_containing, ok, pb, random_hex, TestServer};
+
+use crate::{assert_value, fetch, put};
+
+/// Asserts that no file under `dir` holds any of `needles` (labelled for the message).
+fn assert_not_on_disk(dir: &Path, needles: &[(&str, &[u8])], when: &str) {
+    // The scanner finds things that are there: the dev certificates are plain PEM.
+    assert!(
+        !files_containing(dir, b"-----BEGIN CERTIFICATE-----").is_empty(),
+        "scanner self-check failed"
+    );
+    for (what, needle) in needles {
+        let hits = files_containing(dir, needle);
+        assert!(hits.is_empty(), "{when}: {what} found in {hits:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
+    // Verbose logging makes a leak into a log line more likely to show.
+    let mut s = TestServer::start_with_env(&[(
+        "RUST_LOG",
+        "debug,h2=info,rustls=info,hyper=info,tower=info",
+    )]);
+    let mut c = s.raw_client("admin").await;
+
+    let value = format!("PLAINTEXT-CANARY-{}", random_hex(40));
+    let value2 = format!("SECOND-CANARY-{}", random_hex(40));
+    put(&mut c, "leak/a", value.as_bytes()).await;
+    put(&mut c, "leak/a", value2.as_bytes()).await;
+    // A large value made of the canary repeated: compression or paging would not hide it.
+    let big = value.repeat(2000);
+    put(&mut c, "leak/big", &big.as_bytes()[..60_000]).await;
+    let key_dev = ok(
+        c.issue_key(pb::IssueKeyRequest {
+            name: "leak/key".into(),
+            ..Default::default()
+        })
+        .await,
+        "issue",
+    )
+    .api_key;
+    let key_prod = ok(
+        c.issue_key(pb::IssueKeyRequest {
+            name: "leak/key-prod".into(),
+            environment: "prod".into(),
+            ..Default::default()
+        })
+        .await,
+        "issue prod",
+    )
+    .api_key;
+    // Exercise the read paths too (they must not log values).
+    assert_value(&mut c, "leak/a", 1, value.as_bytes()).await;
+    assert_eq!(
+        fetch(&mut c, "leak/key", 0).await.unwrap().value,
+        key_dev.as_bytes()
+    );
+    drop(c);
+
+    let body = |k: &str| k[k.len() - ward::keyformat::BODY_LEN..].to_owned();
+    let (body_dev, body_prod) = (body(&key_dev), body(&key_prod));
+    let needles: Vec<(&str, &[u8])> = vec![
+        ("plaintext value", value.as_bytes()),
+        ("second plaintext value", value2.as_bytes()),
+        ("dev API key", key_dev.as_bytes()),
+        ("prod API key", key_prod.as_bytes()),
+        ("dev API key body", body_dev.as_bytes()),
+        ("prod API key body", body_prod.as_bytes()),
+    ];
+
+    s.stop();
+    assert_not_on_disk(s.data_dir(), &needles, "after stop");
+
+    // sled may rewrite its files on start-up (recovery, compaction): scan again.
+    s.restart();
+    let mut c = s.raw_client("admin").await;
+    assert_value(&mut c, "leak/a", 0, value2.as_bytes()).await;
+    assert_eq!(
+        fetch(&mut c, "leak/key-prod", 0).await.unwrap().value,
+        key_prod.as_bytes()
+    );
+    drop(c);
+    s.stop();
+    assert_not_on_disk(s.data_dir(), &needles, "after restart");
+
+    let output = s.all_output();
+    for (what, needle) in &needles {
+        assert!(
+            !output.contains(std::str::from_utf8(needle).unwrap()),
+            "{what} appears in the server's output"
+        );
+    }
+}
+
+/// The `versions` tree key for `name` at `version`.
+fn version_key(name: &str, version: u64) -> Vec<u8> {
+    let mut k = name.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ciphertext_moved_to_another_name_or_version_is_data_loss() {
+    let mut s = TestServer::start();
+    let mut c = s.raw_client("admin").await;
+    put(&mut c, "tamper/x", b"x-one").await;
+    put(&mut c, "tamper/x", b"x-two").await;
+    put(&mut c, "tamper/y", b"y-one").await;
+    put(&mut c, "tamper/z", b"z-one").await;
+    put(&mut c, "tamper/z", b"z-two").await;
+    drop(c);
+    s.stop();
+
+    {
+        let db = sled::open(s.data_dir().join("data")).expect("open sled at DIR/data");
+        let versions = db.open_tree("versions").unwrap();
+        let get = |name: &str, v: u64| {
+            versions
+                .get(version_key(name, v))
+                .unwrap()
+                .unwrap_or_else(|| panic!("no record for {name}@{v} in tree `versions` (layout differs from the contract)"))
+        };
+        // Another name, same version: y@1's blob onto x@1.
+        versions
+            .insert(version_key("tamper/x", 1), get("tamper/y", 1))
+            .unwrap();
+        // Same name, another version: z@2's blob onto z@1.
+        versions
+            .insert(version_key("tamper/z", 1), get("tamper/z", 2))
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    s.restart();
+    let mut c = s.raw_client("admin").await;
+    for (name, v) in [("tamper/x", 1), ("tamper/z", 1)] {
+        let r = fetch(&mut c, name, v).await;
+        match r {
+            Ok(got) => panic!(
+                "{name}@{v}: moved ciphertext decrypted (got {} bytes, version {})",
+                got.value.len(),
+                got.version
+            ),
+            Err(st) => assert_eq!(st.code(), Code::DataLoss, "{name}@{v}: {}", st.message()),
+        }
+    }
+    // Per item in a batch too.
+    let b = ok(
+        c.batch_fetch_secrets(pb::BatchFetchSecretsRequest {
+            items: vec![
+                pb::FetchSecretRequest {
+                    name: "tamper/x".into(),
+                    version: 1,
+                },
+                pb::FetchSecretRequest {
+                    name: "tamper/y".into(),
+                    version: 1,
+                },
+            ],
+        })
+        .await,
+        "batch",
+    );
+    match &b.results[0].result {
+        Some(pb::batch_fetch_result::Result::Error(e)) => assert_eq!(e.code, Code::DataLoss as i32),
+        other => panic!("batch tamper/x@1: expected DATA_LOSS, got {other:?}"),
+    }
+    assert!(matches!(
+        b.results[1].result,
+        Some(pb::batch_fetch_result::Result::Secret(_))
+    ));
+
+    // Untouched records still decrypt.
+    assert_value(&mut c, "tamper/x", 2, b"x-two").await;
+    assert_value(&mut c, "tamper/x", 0, b"x-two").await;
+    assert_value(&mut c, "tamper/y", 1, b"y-one").await;
+    assert_value(&mut c, "tamper/z", 2, b"z-two").await;
+}
