@@ -10,11 +10,14 @@ use tonic::Code;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::transport_causes;
+use crate::proto::admin_client::AdminClient;
 use crate::proto::secrets_client::SecretsClient;
 use crate::proto::{
-    batch_fetch_result, BatchFetchSecretsRequest, BatchFetchSecretsResponse, DescribeSecretRequest,
-    FetchSecretRequest, FetchSecretResponse, IssueKeyRequest, IssueKeyResponse, ItemError,
-    ListSecretsRequest, ListSecretsResponse, PutSecretRequest, PutSecretResponse, SecretMetadata,
+    batch_fetch_result, BatchFetchSecretsRequest, BatchFetchSecretsResponse,
+    DescribeKeyringRequest, DescribeSecretRequest, FetchSecretRequest, FetchSecretResponse,
+    IssueKeyRequest, IssueKeyResponse, ItemError, KeyringStatus, ListSecretsRequest,
+    ListSecretsResponse, PutSecretRequest, PutSecretResponse, RotateKeyringRequest,
+    RotateKeyringResponse, RotateMasterKeyRequest, RotateMasterKeyResponse, SecretMetadata,
 };
 use crate::retry::{is_retryable, CallKind};
 use crate::{ClientConfig, Error, RetryPolicy, DEFAULT_TIMEOUT};
@@ -37,6 +40,7 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: SecretsClient<Channel>,
+    admin: AdminClient<Channel>,
     timeout: Duration,
     retry: RetryPolicy,
 }
@@ -112,7 +116,9 @@ impl Client {
     /// Wraps an existing channel (e.g. to an in-process server) with default timeout and retries.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            inner: SecretsClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
+            inner: SecretsClient::new(channel.clone())
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            admin: AdminClient::new(channel),
             timeout: DEFAULT_TIMEOUT,
             retry: RetryPolicy::default(),
         }
@@ -233,6 +239,48 @@ impl Client {
             c.describe_secret(r).await
         })
         .await
+    }
+
+    /// Adds a keyring term for new versions (`admin` verb). Never retried: each call adds a
+    /// term.
+    pub async fn rotate_keyring(&self) -> Result<RotateKeyringResponse, Error> {
+        self.admin_once(|mut c| async move { c.rotate_keyring(RotateKeyringRequest {}).await })
+            .await
+    }
+
+    /// Creates a new HSM master key and rewraps the keyring under it (`admin` verb); an empty
+    /// label lets the server derive the next one. Never retried.
+    pub async fn rotate_master_key(
+        &self,
+        new_label: impl Into<String>,
+    ) -> Result<RotateMasterKeyResponse, Error> {
+        let req = RotateMasterKeyRequest {
+            new_label: new_label.into(),
+        };
+        self.admin_once(|mut c| async move { c.rotate_master_key(req).await })
+            .await
+    }
+
+    /// The keyring's terms, master key and wrap count (`admin` verb).
+    pub async fn describe_keyring(&self) -> Result<KeyringStatus, Error> {
+        self.admin_once(|mut c| async move { c.describe_keyring(DescribeKeyringRequest {}).await })
+            .await
+    }
+
+    /// One admin call, limited by the per-call timeout, never repeated.
+    async fn admin_once<Resp, F, Fut>(&self, rpc: F) -> Result<Resp, Error>
+    where
+        F: FnOnce(AdminClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        match tokio::time::timeout(self.timeout, rpc(self.admin.clone())).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(Error::from(status)),
+            Err(_) => Err(Error::Status {
+                code: Code::DeadlineExceeded,
+                message: format!("no answer within {:?}", self.timeout),
+            }),
+        }
     }
 
     /// Lists one page of secrets; pass the response's `next_page_token` back for the next.

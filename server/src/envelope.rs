@@ -57,6 +57,22 @@ impl Keyring {
         Ok(Self { terms, current })
     }
 
+    /// This keyring plus a new current `term`. The old terms stay, so every existing version
+    /// still opens.
+    pub fn extended(&self, term: u32, key: &[u8]) -> Result<Self> {
+        if term <= self.current {
+            return Err(Error::Internal(format!("keyring term {term} is not new")));
+        }
+        let cipher = Aes256Gcm::new_from_slice(key)
+            .map_err(|_| Error::Internal("keyring key length".into()))?;
+        let mut terms = self.terms.clone();
+        terms.insert(term, cipher);
+        Ok(Self {
+            terms,
+            current: term,
+        })
+    }
+
     /// The term new versions are sealed under.
     pub fn current_term(&self) -> u32 {
         self.current

@@ -5,6 +5,7 @@
 //! (`vault`, `model`) → `envelope` → `store`, with `audit` alongside.
 #![deny(missing_docs)]
 
+pub mod admin_service;
 pub mod audit;
 pub mod clock;
 pub mod config;

@@ -2,6 +2,7 @@
 //! and server reflection (v1 and v1alpha; grpcurl 1.8.6 speaks only v1alpha) on one mutual-TLS
 //! listener, until SIGTERM or SIGINT.
 
+use crate::admin_service::AdminService;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::policy::Policy;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
+use ward::v1::admin_server::AdminServer;
 use ward::v1::secrets_server::SecretsServer;
 use ward_hsm::{HsmError, KeyWrapper, Mechanism, Pkcs11Config, Pkcs11Wrapper};
 
@@ -87,24 +89,44 @@ pub async fn serve(
     let tls = server_config(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)
         .map_err(StartError::Config)?;
 
+    // The keyring names the master keys it is wrapped under (they change with rotation); the
+    // config's label is used only to create the keyring of a new store. A new store is not
+    // even created until its master key is known to exist.
     let label = cfg.hsm.master_key_label.clone();
-    let has_master = {
-        let (hsm, label) = (hsm.clone(), label.clone());
-        tokio::task::spawn_blocking(move || hsm.has_master_key(&label))
-            .await
-            .map_err(|e| StartError::Other(e.to_string()))??
+    let open_store = || -> Result<Arc<dyn Store>, StartError> {
+        create_private_dir(&cfg.data_dir).map_err(StartError::Storage)?;
+        Ok(Arc::new(
+            SledStore::open(&cfg.data_dir).map_err(|e| StartError::Storage(e.to_string()))?,
+        ))
     };
-    if !has_master {
-        return Err(StartError::Hsm(format!(
-            "master key {label:?} not found on token {:?}; create it with `ward-server init --config FILE` \
-             (Ward never creates one silently outside dev mode)",
-            cfg.hsm.token_label
-        )));
+    let (store, needed) = if cfg.data_dir.exists() {
+        let store = open_store()?;
+        let mut needed = crate::unseal::referenced_labels(&*store)
+            .map_err(|e| StartError::Storage(e.to_string()))?;
+        if needed.is_empty() {
+            needed.push(label.clone());
+        }
+        (Some(store), needed)
+    } else {
+        (None, vec![label.clone()])
+    };
+    for wanted in needed {
+        let (h, l) = (hsm.clone(), wanted.clone());
+        let present = tokio::task::spawn_blocking(move || h.has_master_key(&l))
+            .await
+            .map_err(|e| StartError::Other(e.to_string()))??;
+        if !present {
+            return Err(StartError::Hsm(format!(
+                "master key {wanted:?} not found on token {:?}; create it with `ward-server init \
+                 --config FILE` (Ward never creates one silently outside dev mode)",
+                cfg.hsm.token_label
+            )));
+        }
     }
-
-    create_private_dir(&cfg.data_dir).map_err(StartError::Storage)?;
-    let store: Arc<dyn Store> =
-        Arc::new(SledStore::open(&cfg.data_dir).map_err(|e| StartError::Storage(e.to_string()))?);
+    let store = match store {
+        Some(s) => s,
+        None => open_store()?,
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (keyring, index) =
         unseal(&store, &hsm, &label, clock.now_ms())
@@ -124,6 +146,7 @@ pub async fn serve(
         grace_ms: cfg.limits.default_grace_seconds.saturating_mul(1000),
     };
     let vault = Arc::new(Vault::new(store, keyring, index, policy, clock, settings));
+    let admin = AdminServer::new(AdminService::new(vault.clone(), hsm.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SecretsServer<SecretsService>>().await;
@@ -155,6 +178,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(secrets)
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .map_err(|e| StartError::Other(format!("server: {e}")))?;

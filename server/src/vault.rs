@@ -1,6 +1,10 @@
 //! The vault's operations: authorization, validation, versioning, envelope encryption, store
 //! commits and audit, in that order. Below the service layer: no tonic types here.
 
+mod admin;
+
+pub use admin::{KeyringInfo, MasterKeyRotation, TermInfo};
+
 use crate::audit::{self, AuditRecord};
 use crate::clock::{Clock, Millis};
 use crate::envelope::{IndexKey, Keyring, SealedValue};
@@ -14,7 +18,7 @@ use crate::store::{decode, encode, request_key, version_key, Batch, Store, Store
 use crate::tls::Peer;
 use base64::Engine;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use ward::keyformat::ApiKey;
 use zeroize::Zeroizing;
 
@@ -45,7 +49,11 @@ pub struct Settings {
 /// The vault: everything a call needs, shared by all calls.
 pub struct Vault {
     store: Arc<dyn Store>,
-    keyring: Keyring,
+    /// Swapped whole when a keyring term is added; readers clone the Arc and never wait on a
+    /// rotation.
+    keyring: RwLock<Arc<Keyring>>,
+    /// Serialises keyring and master-key rotations.
+    admin_lock: tokio::sync::Mutex<()>,
     index: IndexKey,
     policy: Policy,
     clock: Arc<dyn Clock>,
@@ -171,12 +179,23 @@ impl Vault {
     ) -> Self {
         Self {
             store,
-            keyring,
+            keyring: RwLock::new(Arc::new(keyring)),
+            admin_lock: tokio::sync::Mutex::new(()),
             index,
             policy,
             clock,
             settings,
         }
+    }
+
+    /// The keyring in force now.
+    fn keyring(&self) -> Arc<Keyring> {
+        // A poisoned lock only means a writer panicked between two whole-Arc assignments; the
+        // Arc inside is still a complete keyring.
+        self.keyring
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The vault's clock reading.
@@ -290,7 +309,7 @@ impl Vault {
                 secret.description = input.description.clone();
             }
             let version = secret.next_version();
-            let sealed = self.keyring.seal(name.as_str(), version, &input.value)?;
+            let sealed = self.keyring().seal(name.as_str(), version, &input.value)?;
             let written = self.add_version(&mut secret, version, &input.value, &sealed, None, now);
             rec.targets = vec![(name.to_string(), version)];
 
@@ -415,7 +434,7 @@ impl Vault {
                 versions: Vec::new(),
             };
             let value = key.expose().as_bytes();
-            let sealed = self.keyring.seal(name.as_str(), 1, value)?;
+            let sealed = self.keyring().seal(name.as_str(), 1, value)?;
             let written =
                 self.add_version(&mut secret, 1, value, &sealed, Some(key_id.clone()), now);
             rec.targets = vec![(name.to_string(), 1)];
@@ -552,7 +571,7 @@ impl Vault {
                 ))
             })?;
         let sealed: SealedValue = decode("sealed value", &blob)?;
-        let value = self.keyring.open(name.as_str(), meta.version, &sealed)?;
+        let value = self.keyring().open(name.as_str(), meta.version, &sealed)?;
         if crc32c::crc32c(&value) != meta.checksum {
             return Err(Error::DataLoss(format!(
                 "checksum mismatch for {name} version {}",

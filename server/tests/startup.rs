@@ -55,12 +55,19 @@ fn startup_failures_are_clear_and_create_nothing() {
     assert_fails(&out, 3, "PIN");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("not-the-pin-0000"));
 
-    // A missing master key: exit 3, no silent re-creation.
+    // A new store whose configured master key is missing: exit 3, no silent creation, and the
+    // data dir is not created either. (An existing store names its own master keys; that case
+    // is covered end to end by swapping the token.)
     let other = dir.path().join("other.toml");
-    std::fs::write(&other, text.replace("ward-master-1", "ward-master-missing")).unwrap();
+    let fresh = text
+        .replace("ward-master-1", "ward-master-missing")
+        .replace("data_dir = \"data\"", "data_dir = \"data-fresh\"");
+    assert_ne!(fresh, text);
+    std::fs::write(&other, fresh).unwrap();
     assert_fails(&serve(&other, None), 3, "ward-master-missing");
     let again = serve(&other, None);
     assert_fails(&again, 3, "not found");
+    assert!(!dir.path().join("data-fresh").exists());
 
     // A token that does not exist: exit 3.
     std::fs::write(

@@ -9,6 +9,7 @@
 mod authz;
 mod disk;
 mod durability;
+mod keyring;
 mod keys;
 mod pagination;
 mod roundtrip;

@@ -83,6 +83,24 @@ enum Command {
     /// `next page token: T` (with --json the output is instead an object
     /// `{"secrets": [...], "next_page_token": "..."}`).
     Ls(LsArgs),
+    /// Key management (needs the `admin` verb): keyring and master-key rotation
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `wardctl admin …`
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Add a keyring term; new versions are sealed under it (older ones keep theirs)
+    RotateKeyring,
+    /// Create a new HSM master key and rewrap the keyring under it (O(terms), online)
+    RotateMasterKey {
+        /// Label of the new master key (default: derived, e.g. ward-master-1 → ward-master-2)
+        #[arg(long, default_value = "")]
+        new_label: String,
+    },
+    /// Show the keyring's terms, master key and its wrap count
+    Keyring,
 }
 
 /// Metadata flags shared by `put` and `issue`.
@@ -355,6 +373,68 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_describe(&meta)
             }
         }
+        Command::Admin(cmd) => {
+            let client = Client::connect(cfg).await?;
+            match cmd {
+                AdminCommand::RotateKeyring => {
+                    let r = client.rotate_keyring().await?;
+                    if json {
+                        print_json(&json!({"term": r.term, "master_key_label": r.master_key_label}))
+                    } else {
+                        print_line(&format!(
+                            "keyring term {} (wrapped by {})",
+                            r.term, r.master_key_label
+                        ))
+                    }
+                }
+                AdminCommand::RotateMasterKey { new_label } => {
+                    let r = client.rotate_master_key(new_label).await?;
+                    if json {
+                        print_json(&json!({
+                            "previous_label": r.previous_label,
+                            "master_key_label": r.master_key_label,
+                            "terms_rewrapped": r.terms_rewrapped,
+                        }))
+                    } else {
+                        print_line(&format!(
+                            "master key {} -> {} ({} keyring terms rewrapped)",
+                            r.previous_label, r.master_key_label, r.terms_rewrapped
+                        ))
+                    }
+                }
+                AdminCommand::Keyring => {
+                    let k = client.describe_keyring().await?;
+                    if json {
+                        let terms: Vec<Value> = k
+                            .terms
+                            .iter()
+                            .map(
+                                |t| json!({"term": t.term, "master_key_label": t.master_key_label}),
+                            )
+                            .collect();
+                        print_json(&json!({
+                            "current_term": k.current_term,
+                            "master_key_label": k.master_key_label,
+                            "master_key_wraps": k.master_key_wraps,
+                            "master_key_wrap_limit": k.master_key_wrap_limit,
+                            "terms": terms,
+                        }))
+                    } else {
+                        let mut out = format!(
+                            "master key {} ({} of {} wraps)\ncurrent term {}\n",
+                            k.master_key_label,
+                            k.master_key_wraps,
+                            k.master_key_wrap_limit,
+                            k.current_term
+                        );
+                        for t in &k.terms {
+                            out.push_str(&format!("term {}\t{}\n", t.term, t.master_key_label));
+                        }
+                        print_line(out.trim_end())
+                    }
+                }
+            }
+        }
         Command::Ls(args) => {
             let one_page = args.page_size.is_some() || args.page_token.is_some();
             let req = ListSecretsRequest {
@@ -568,6 +648,12 @@ fn metadata_json(m: &SecretMetadata) -> Value {
 }
 
 /// Prints a JSON value, pretty, with a final newline.
+/// Writes one line of human output.
+fn print_line(line: &str) -> Result<(), Failure> {
+    writeln!(io::stdout().lock(), "{line}")?;
+    Ok(())
+}
+
 fn print_json(value: &Value) -> Result<(), Failure> {
     let mut out = io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value).map_err(io::Error::from)?;
