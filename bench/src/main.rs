@@ -1,7 +1,9 @@
 //! `ward-bench`: throughput and latency of a running Ward server over mutual TLS, measured
 //! through the SDK with a fixed number of concurrent workers for a fixed time.
 
+mod echo;
 mod stats;
+mod suite;
 mod workload;
 
 use std::io::Write;
@@ -18,7 +20,7 @@ use ward_client::cli::ConnArgs;
 use ward_client::{parse_duration, Client, RetryPolicy};
 
 use stats::{Summary, WorkerStats};
-use workload::{Fetch, Put, Workload, WorkloadKind};
+use workload::{BatchFetch, Fetch, Issue, Put, Workload, WorkloadKind};
 
 /// Time allowed after the window closes, beyond one call timeout, before workers are aborted.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -34,6 +36,24 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
                   counted; the run stops by itself after warmup + duration (plus at most one \
                   call timeout for operations in flight)."
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// One workload at one concurrency against a running server
+    Run(Opts),
+    /// The whole suite in one run: starts a Ward dev server, the echo floor and etcd, drives
+    /// every workload at each concurrency, prints one table with the ratios to the targets
+    Suite(suite::SuiteArgs),
+    /// (internal) The transport floor: FetchSecret answered with a constant, over Ward's mTLS
+    EchoServer(echo::EchoArgs),
+}
+
+/// Options of `ward-bench run`.
+#[derive(Debug, clap::Args)]
 struct Opts {
     #[command(flatten)]
     conn: ConnArgs,
@@ -85,7 +105,27 @@ impl From<ward_client::Error> for Failure {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let opts = Opts::parse();
+    let opts = match Cli::parse().command {
+        Command::Run(opts) => opts,
+        Command::Suite(args) => {
+            return match suite::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("error: {msg}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::EchoServer(args) => {
+            return match echo::serve(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("error: {msg}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    };
     match run(&opts).await {
         Ok(summary) if summary.ops > 0 => ExitCode::SUCCESS,
         Ok(_) => {
@@ -112,48 +152,81 @@ async fn run(opts: &Opts) -> Result<Summary, Failure> {
         clients.push(Client::connect(cfg.clone()).await?);
     }
     let value_size = opts.value_size as usize;
-    let summary = match opts.workload {
-        WorkloadKind::Fetch => drive(Fetch::new(value_size), opts, &clients, call_timeout).await?,
-        WorkloadKind::Put => drive(Put::new(value_size), opts, &clients, call_timeout).await?,
+    let spec = Spec {
+        name: opts.workload.name(),
+        concurrency: opts.concurrency,
+        warmup: opts.warmup,
+        duration: opts.duration,
+        call_timeout,
     };
+    let summary = match opts.workload {
+        WorkloadKind::Fetch => run_on(Fetch::new(value_size), &spec, &clients).await,
+        WorkloadKind::Put => run_on(Put::new(value_size), &spec, &clients).await,
+        WorkloadKind::Batch => run_on(BatchFetch::new(value_size), &spec, &clients).await,
+        WorkloadKind::Issue => run_on(Issue, &spec, &clients).await,
+    }
+    .map_err(Failure::Run)?;
     report(opts, &summary)?;
     Ok(summary)
 }
 
-/// Sets the workload up, runs the workers through warmup and the timed window, and merges
-/// what they measured.
-async fn drive<W: Workload>(
+/// How long and how wide one measured run is.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Workload name, for messages.
+    pub name: &'static str,
+    /// Concurrent workers.
+    pub concurrency: u32,
+    /// Unmeasured time first.
+    pub warmup: Duration,
+    /// Measured time.
+    pub duration: Duration,
+    /// Bound on one call, for the hard stop.
+    pub call_timeout: Duration,
+}
+
+/// Runs a Ward-SDK workload with retries off (a failure is counted, never hidden).
+async fn run_on<W: Workload<Client = Client>>(
     workload: W,
-    opts: &Opts,
+    spec: &Spec,
     clients: &[Client],
-    call_timeout: Duration,
-) -> Result<Summary, Failure> {
-    eprintln!("ward-bench: setting up {}", opts.workload.name());
+) -> Result<Summary, String> {
+    let clients: Vec<Client> = clients
+        .iter()
+        .map(|c| c.clone().with_retry(RetryPolicy::none()))
+        .collect();
     // Setup runs with the SDK's default retries: it is not measured.
     workload
-        .setup(&clients[0])
+        .setup(&clients[0].clone().with_retry(RetryPolicy::default()))
         .await
-        .map_err(|e| Failure::Run(format!("setup: {e}")))?;
-    eprintln!(
-        "ward-bench: {} workers, warmup {:?}, measuring {:?}",
-        opts.concurrency, opts.warmup, opts.duration
-    );
+        .map_err(|e| format!("setup: {e}"))?;
+    drive(workload, spec, &clients).await
+}
 
+/// Runs the workers through warmup and the timed window (setup already done), and merges
+/// what they measured.
+pub async fn drive<W: Workload>(
+    workload: W,
+    spec: &Spec,
+    clients: &[W::Client],
+) -> Result<Summary, String> {
+    eprintln!(
+        "ward-bench: {} with {} workers, warmup {:?}, measuring {:?}",
+        spec.name, spec.concurrency, spec.warmup, spec.duration
+    );
     let workload = Arc::new(workload);
-    let warm_end = Instant::now() + opts.warmup;
-    let end = warm_end + opts.duration;
+    let warm_end = Instant::now() + spec.warmup;
+    let end = warm_end + spec.duration;
     let mut set = JoinSet::new();
-    for id in 0..opts.concurrency as usize {
-        let client = clients[id % clients.len()]
-            .clone()
-            .with_retry(RetryPolicy::none());
+    for id in 0..spec.concurrency as usize {
+        let client = clients[id % clients.len()].clone();
         set.spawn(worker(workload.clone(), client, id, warm_end, end));
     }
 
     // Every operation is bounded by the call timeout, so workers stop by themselves; the hard
     // stop only guards against a bug turning into a hung benchmark.
-    let hard_stop = tokio::time::Instant::from_std(end + call_timeout + STOP_GRACE);
-    let mut results = Vec::with_capacity(opts.concurrency as usize);
+    let hard_stop = tokio::time::Instant::from_std(end + spec.call_timeout + STOP_GRACE);
+    let mut results = Vec::with_capacity(spec.concurrency as usize);
     let mut last_end = warm_end;
     loop {
         match tokio::time::timeout_at(hard_stop, set.join_next()).await {
@@ -161,7 +234,7 @@ async fn drive<W: Workload>(
                 last_end = last_end.max(last.unwrap_or(warm_end));
                 results.push(stats);
             }
-            Ok(Some(Err(e))) => return Err(Failure::Run(format!("worker failed: {e}"))),
+            Ok(Some(Err(e))) => return Err(format!("worker failed: {e}")),
             Ok(None) => break,
             Err(_) => {
                 eprintln!(
@@ -182,7 +255,7 @@ async fn drive<W: Workload>(
 /// `warm_end`. Returns its stats and when its last recorded operation finished.
 async fn worker<W: Workload>(
     workload: Arc<W>,
-    client: Client,
+    client: W::Client,
     id: usize,
     warm_end: Instant,
     end: Instant,
@@ -267,14 +340,22 @@ mod tests {
 
     #[test]
     fn flags_and_defaults() {
-        Opts::command().debug_assert();
-        let o = Opts::try_parse_from(["ward-bench"]).unwrap();
+        Cli::command().debug_assert();
+        let parse = |args: &[&str]| {
+            let mut all = vec!["ward-bench", "run"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).map(|c| c.command) {
+                Ok(Command::Run(o)) => Ok(o),
+                Ok(_) => panic!("not run"),
+                Err(e) => Err(e),
+            }
+        };
+        let o = parse(&[]).unwrap();
         assert_eq!(o.workload, WorkloadKind::Fetch);
         assert_eq!((o.concurrency, o.connections, o.value_size), (16, 1, 64));
         assert_eq!(o.duration, Duration::from_secs(10));
         assert_eq!(o.warmup, Duration::from_secs(2));
-        let o = Opts::try_parse_from([
-            "ward-bench",
+        let o = parse(&[
             "--workload",
             "put",
             "--duration",
@@ -288,7 +369,7 @@ mod tests {
         assert_eq!(o.workload, WorkloadKind::Put);
         assert_eq!(o.duration, Duration::from_millis(500));
         assert_eq!(o.connections, 4);
-        assert!(Opts::try_parse_from(["ward-bench", "--concurrency", "0"]).is_err());
-        assert!(Opts::try_parse_from(["ward-bench", "--workload", "etcd"]).is_err());
+        assert!(parse(&["--concurrency", "0"]).is_err());
+        assert!(parse(&["--workload", "etcd"]).is_err());
     }
 }

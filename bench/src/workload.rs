@@ -8,18 +8,30 @@ use std::future::Future;
 use ward_client::proto::PutSecretRequest;
 use ward_client::{code_name, Client};
 
+/// Generated client of etcd's KV API subset (bench/proto/etcd_kv.proto).
+#[allow(missing_docs, clippy::all)]
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
+/// An etcd KV client over the same tonic + rustls stack as Ward's SDK.
+pub type EtcdKv = etcd::kv_client::KvClient<tonic::transport::Channel>;
+
 /// Label under which a failed operation is counted, e.g. `UNAVAILABLE`.
 pub type ErrorLabel = &'static str;
 
 /// One kind of operation the benchmark repeats.
 pub trait Workload: Send + Sync + 'static {
+    /// The client stack the workload drives (Ward's SDK, or etcd's client for the peer).
+    type Client: Clone + Send + Sync + 'static;
+
     /// Prepares server state (outside the timed window).
-    fn setup(&self, client: &Client) -> impl Future<Output = Result<(), String>> + Send;
+    fn setup(&self, client: &Self::Client) -> impl Future<Output = Result<(), String>> + Send;
 
     /// Performs operation number `seq` of worker `worker`.
     fn op(
         &self,
-        client: &Client,
+        client: &Self::Client,
         worker: usize,
         seq: u64,
     ) -> impl Future<Output = Result<(), ErrorLabel>> + Send;
@@ -32,6 +44,10 @@ pub enum WorkloadKind {
     Fetch,
     /// Write `bench/put-<worker>-<n>`, a new secret per operation.
     Put,
+    /// BatchFetchSecrets of 10 of the fetch secrets.
+    Batch,
+    /// IssueKey, a new API key per operation.
+    Issue,
 }
 
 impl WorkloadKind {
@@ -40,6 +56,8 @@ impl WorkloadKind {
         match self {
             Self::Fetch => "fetch",
             Self::Put => "put",
+            Self::Batch => "batch10",
+            Self::Issue => "issue",
         }
     }
 }
@@ -51,6 +69,7 @@ const FETCH_SET: usize = 100;
 pub struct Fetch {
     names: Vec<String>,
     value_size: usize,
+    prepare: bool,
 }
 
 impl Fetch {
@@ -59,12 +78,26 @@ impl Fetch {
         Self {
             names: (0..FETCH_SET).map(|i| format!("bench/fetch-{i}")).collect(),
             value_size,
+            prepare: true,
+        }
+    }
+
+    /// The same calls against the echo server, which has nothing to prepare.
+    pub fn echo(value_size: usize) -> Self {
+        Self {
+            prepare: false,
+            ..Self::new(value_size)
         }
     }
 }
 
 impl Workload for Fetch {
+    type Client = Client;
+
     async fn setup(&self, client: &Client) -> Result<(), String> {
+        if !self.prepare {
+            return Ok(());
+        }
         for name in &self.names {
             client
                 .put_secret(PutSecretRequest {
@@ -105,6 +138,8 @@ impl Put {
 }
 
 impl Workload for Put {
+    type Client = Client;
+
     async fn setup(&self, _client: &Client) -> Result<(), String> {
         Ok(())
     }
@@ -119,6 +154,149 @@ impl Workload for Put {
             .await
             .map(drop)
             .map_err(|e| code_name(e.code()))
+    }
+}
+
+/// Fetches 10 secrets per call through BatchFetchSecrets.
+pub struct BatchFetch {
+    fetch: Fetch,
+}
+
+impl BatchFetch {
+    /// Batches of 10 over the fetch workload's secrets.
+    pub fn new(value_size: usize) -> Self {
+        Self {
+            fetch: Fetch::new(value_size),
+        }
+    }
+}
+
+impl Workload for BatchFetch {
+    type Client = Client;
+
+    async fn setup(&self, client: &Client) -> Result<(), String> {
+        self.fetch.setup(client).await
+    }
+
+    async fn op(&self, client: &Client, worker: usize, seq: u64) -> Result<(), ErrorLabel> {
+        let n = self.fetch.names.len();
+        let start = (worker + seq as usize * 10) % n;
+        let items = (0..10).map(|i| (self.fetch.names[(start + i) % n].clone(), 0));
+        let resp = client
+            .batch_fetch(items)
+            .await
+            .map_err(|e| code_name(e.code()))?;
+        for r in resp.results {
+            if let Some(ward_client::proto::batch_fetch_result::Result::Error(e)) = r.result {
+                return Err(code_name(tonic::Code::from(e.code)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Issues a new API key per operation.
+pub struct Issue;
+
+impl Workload for Issue {
+    type Client = Client;
+
+    async fn setup(&self, _client: &Client) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn op(&self, client: &Client, worker: usize, seq: u64) -> Result<(), ErrorLabel> {
+        client
+            .issue_key(ward_client::proto::IssueKeyRequest {
+                name: format!("bench/key-{worker}-{seq}-{}", std::process::id()),
+                scopes: vec!["bench".into()],
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+            .map_err(|e| code_name(e.code()))
+    }
+}
+
+/// etcd serializable Range of a fixed key set (the peer for FetchSecret).
+pub struct EtcdRange {
+    value_size: usize,
+}
+
+impl EtcdRange {
+    /// Ranges over `bench/fetch-0..99` holding `value_size`-byte values.
+    pub fn new(value_size: usize) -> Self {
+        Self { value_size }
+    }
+}
+
+impl Workload for EtcdRange {
+    type Client = EtcdKv;
+
+    async fn setup(&self, client: &Self::Client) -> Result<(), String> {
+        let mut kv = client.clone();
+        for i in 0..FETCH_SET {
+            kv.put(etcd::PutRequest {
+                key: format!("bench/fetch-{i}").into_bytes(),
+                value: bench_value(self.value_size),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("etcd put: {e}"))?;
+        }
+        Ok(())
+    }
+
+    async fn op(&self, client: &Self::Client, worker: usize, seq: u64) -> Result<(), ErrorLabel> {
+        let i = (worker as u64).wrapping_add(seq) % FETCH_SET as u64;
+        let mut kv = client.clone();
+        let resp = kv
+            .range(etcd::RangeRequest {
+                key: format!("bench/fetch-{i}").into_bytes(),
+                serializable: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| code_name(s.code()))?;
+        if resp.get_ref().kvs.len() == 1 {
+            Ok(())
+        } else {
+            Err("ETCD_MISSING")
+        }
+    }
+}
+
+/// etcd Put of a new key per operation (the peer for PutSecret; etcd fsyncs its WAL too).
+pub struct EtcdPut {
+    value: Vec<u8>,
+}
+
+impl EtcdPut {
+    /// Writes `value_size`-byte values.
+    pub fn new(value_size: usize) -> Self {
+        Self {
+            value: bench_value(value_size),
+        }
+    }
+}
+
+impl Workload for EtcdPut {
+    type Client = EtcdKv;
+
+    async fn setup(&self, _client: &Self::Client) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn op(&self, client: &Self::Client, worker: usize, seq: u64) -> Result<(), ErrorLabel> {
+        let mut kv = client.clone();
+        kv.put(etcd::PutRequest {
+            key: format!("bench/put-{worker}-{seq}").into_bytes(),
+            value: self.value.clone(),
+            ..Default::default()
+        })
+        .await
+        .map(drop)
+        .map_err(|s| code_name(s.code()))
     }
 }
 

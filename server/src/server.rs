@@ -170,7 +170,7 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Other(e.to_string()))?;
-    let incoming = accept_loop(listener, tokio_rustls::TlsAcceptor::from(tls));
+    let incoming = tls_incoming(listener, tokio_rustls::TlsAcceptor::from(tls));
     ready(addr);
 
     tonic::transport::Server::builder()
@@ -187,8 +187,9 @@ pub async fn serve(
 }
 
 /// Accepts TCP connections and completes TLS handshakes off the accept path, so one slow or
-/// hostile client cannot hold up the others. Failed handshakes are logged and dropped.
-fn accept_loop(
+/// hostile client cannot hold up the others. Failed handshakes are logged and dropped. The
+/// benchmark's echo server uses this too, so its transport is exactly Ward's.
+pub fn tls_incoming(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {

@@ -1,0 +1,382 @@
+//! `ward-bench suite`: everything measured in one run on one machine, so ratios mean
+//! something. Starts a Ward dev server (real SoftHSM, durable store, audit on), the echo floor
+//! (same tonic + rustls mTLS stack, constant answer) and, when installed, a single-node etcd
+//! with client-certificate auth from Ward's dev CA; drives each workload at each concurrency
+//! through the same client stack; prints one table and the ratios against the targets.
+
+use crate::stats::Summary;
+use crate::workload::{BatchFetch, EtcdKv, EtcdPut, EtcdRange, Fetch, Issue, Put, Workload};
+use crate::{drive, Spec};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use ward_client::{Client, ClientConfig, RetryPolicy};
+
+/// Options of `ward-bench suite`.
+#[derive(Debug, clap::Args)]
+pub struct SuiteArgs {
+    /// Short run for a smoke check (under a minute): 0.5 s warm-up, 1.5 s per row
+    #[arg(long)]
+    quick: bool,
+    /// Measured seconds per row (default 5; --quick: 1.5)
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Warm-up seconds per row (default 1; --quick: 0.5)
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Concurrencies to measure
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<u32>,
+    /// HTTP/2 connections per target
+    #[arg(long, default_value_t = 1)]
+    connections: u32,
+    /// Value size in bytes (fetched secrets, echo answers, etcd values)
+    #[arg(long, default_value_t = 64)]
+    value_size: usize,
+    /// The ward-server binary (default: next to ward-bench)
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// The etcd binary (Debian's etcd-server); skipped with a note if missing
+    #[arg(long, default_value = "etcd")]
+    etcd_bin: PathBuf,
+    /// Also write the results as JSON to FILE
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// A started process, killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `cmd` and waits for a stdout line starting with `prefix`; returns what follows.
+fn spawn_ready(mut cmd: Command, prefix: &str, log: &Path) -> Result<(Proc, String), String> {
+    let log = std::fs::File::create(log).map_err(|e| e.to_string())?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let found = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix(prefix).map(str::to_owned));
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    match found {
+        Some(rest) => Ok((Proc(child), rest.trim().to_owned())),
+        None => Err(format!("{cmd:?} exited before it was ready")),
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
+}
+
+struct Row {
+    workload: &'static str,
+    concurrency: u32,
+    summary: Summary,
+}
+
+/// Runs the suite.
+pub async fn run(args: SuiteArgs) -> Result<(), String> {
+    let (warmup, duration) = match (args.quick, args.warmup, args.duration) {
+        (_, Some(w), Some(d)) => (w, d),
+        (true, w, d) => (w.unwrap_or(0.5), d.unwrap_or(1.5)),
+        (false, w, d) => (w.unwrap_or(1.0), d.unwrap_or(5.0)),
+    };
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let server_bin = args
+        .server_bin
+        .clone()
+        .unwrap_or_else(|| me.with_file_name("ward-server"));
+    let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let dir = tmp.path();
+
+    // Ward.
+    let mut cmd = Command::new(&server_bin);
+    cmd.args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("ward"));
+    let (_ward, ward_addr) = spawn_ready(cmd, "ward-server ready addr=", &dir.join("ward.log"))?;
+    let tls = dir.join("ward/tls");
+    let (ca, cert, key) = (
+        tls.join("ca.pem"),
+        tls.join("admin.pem"),
+        tls.join("admin.key"),
+    );
+
+    // The echo floor, in its own process like the server.
+    let mut cmd = Command::new(&me);
+    cmd.arg("echo-server")
+        .arg("--cert")
+        .arg(tls.join("server.pem"))
+        .arg("--key")
+        .arg(tls.join("server.key"))
+        .arg("--client-ca")
+        .arg(&ca)
+        .args(["--value-size", &args.value_size.to_string()]);
+    let (_echo, echo_addr) = spawn_ready(cmd, "echo ready addr=", &dir.join("echo.log"))?;
+
+    // etcd, if installed, with client-certificate auth from Ward's dev CA.
+    let etcd = start_etcd(&args.etcd_bin, dir, &ca, &tls).await;
+    let (_etcd_proc, etcd_clients) = match etcd {
+        Ok((p, c)) => (Some(p), Some(c)),
+        Err(e) => {
+            eprintln!("ward-bench: etcd not measured: {e}");
+            (None, None)
+        }
+    };
+
+    let connect = |addr: String| {
+        let (ca, cert, key) = (ca.clone(), cert.clone(), key.clone());
+        async move {
+            let cfg =
+                ClientConfig::from_files(&addr, &ca, &cert, &key).map_err(|e| e.to_string())?;
+            Client::connect(cfg).await.map_err(|e| e.to_string())
+        }
+    };
+    let mut ward = Vec::new();
+    let mut echo = Vec::new();
+    for _ in 0..args.connections {
+        ward.push(connect(ward_addr.clone()).await?);
+        echo.push(connect(echo_addr.clone()).await?);
+    }
+    let ward: Vec<Client> = ward
+        .into_iter()
+        .map(|c| c.with_retry(RetryPolicy::none()))
+        .collect();
+    let echo: Vec<Client> = echo
+        .into_iter()
+        .map(|c| c.with_retry(RetryPolicy::none()))
+        .collect();
+
+    let v = args.value_size;
+    let mut rows = Vec::new();
+    let spec = |name, c| Spec {
+        name,
+        concurrency: c,
+        warmup: Duration::from_secs_f64(warmup),
+        duration: Duration::from_secs_f64(duration),
+        call_timeout: Duration::from_secs(10),
+    };
+    for &c in &args.concurrency {
+        rows.push(measure("echo", c, Fetch::echo(v), &echo, &spec).await?);
+        rows.push(measure("fetch", c, Fetch::new(v), &ward, &spec).await?);
+        rows.push(measure("batch10", c, BatchFetch::new(v), &ward, &spec).await?);
+        rows.push(measure("put", c, Put::new(v), &ward, &spec).await?);
+        rows.push(measure("issue", c, Issue, &ward, &spec).await?);
+        if let Some(etcd) = &etcd_clients {
+            rows.push(measure("etcd-range", c, EtcdRange::new(v), etcd, &spec).await?);
+            rows.push(measure("etcd-put", c, EtcdPut::new(v), etcd, &spec).await?);
+        }
+    }
+    report(&rows, &args, warmup, duration)
+}
+
+async fn measure<W: Workload>(
+    name: &'static str,
+    concurrency: u32,
+    workload: W,
+    clients: &[W::Client],
+    spec: &impl Fn(&'static str, u32) -> Spec,
+) -> Result<Row, String> {
+    workload
+        .setup(&clients[0])
+        .await
+        .map_err(|e| format!("{name} setup: {e}"))?;
+    let summary = drive(workload, &spec(name, concurrency), clients).await?;
+    Ok(Row {
+        workload: name,
+        concurrency,
+        summary,
+    })
+}
+
+async fn start_etcd(
+    bin: &Path,
+    dir: &Path,
+    ca: &Path,
+    tls: &Path,
+) -> Result<(Proc, Vec<EtcdKv>), String> {
+    let (client_port, peer_port) = (free_port()?, free_port()?);
+    let client_url = format!("https://127.0.0.1:{client_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let log = std::fs::File::create(dir.join("etcd.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(bin)
+        .args(["--name", "bench", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("bench={peer_url}")])
+        .arg("--client-cert-auth")
+        .arg("--trusted-ca-file")
+        .arg(ca)
+        .arg("--cert-file")
+        .arg(tls.join("server.pem"))
+        .arg("--key-file")
+        .arg(tls.join("server.key"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let proc = Proc(child);
+    let read = |p: PathBuf| std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()));
+    // The same client TLS stack the SDK uses: tonic's rustls client config.
+    let tls_config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(
+            ca.to_path_buf(),
+        )?))
+        .identity(tonic::transport::Identity::from_pem(
+            read(tls.join("admin.pem"))?,
+            read(tls.join("admin.key"))?,
+        ))
+        .domain_name("localhost");
+    let endpoint = tonic::transport::Endpoint::from_shared(client_url.clone())
+        .and_then(|e| e.tls_config(tls_config))
+        .map_err(|e| format!("etcd endpoint: {e}"))?;
+    for _ in 0..100 {
+        if let Ok(channel) = endpoint.connect().await {
+            let mut kv = EtcdKv::new(channel);
+            let ready = kv
+                .put(crate::workload::etcd::PutRequest {
+                    key: b"bench/ready".to_vec(),
+                    value: b"1".to_vec(),
+                    ..Default::default()
+                })
+                .await;
+            if ready.is_ok() {
+                return Ok((proc, vec![kv]));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!(
+        "etcd did not become ready (see {})",
+        dir.join("etcd.log").display()
+    ))
+}
+
+fn find<'a>(rows: &'a [Row], workload: &str, c: u32) -> Option<&'a Summary> {
+    rows.iter()
+        .find(|r| r.workload == workload && r.concurrency == c)
+        .map(|r| &r.summary)
+}
+
+fn report(rows: &[Row], args: &SuiteArgs, warmup: f64, duration: f64) -> Result<(), String> {
+    println!(
+        "ward-bench suite: value {} B, {} connection(s), warm-up {warmup} s, {duration} s per row",
+        args.value_size, args.connections
+    );
+    println!(
+        "{:<11} {:>4} {:>11} {:>10} {:>10} {:>7}",
+        "workload", "c", "ops/s", "p50 µs", "p99 µs", "errors"
+    );
+    for r in rows {
+        println!(
+            "{:<11} {:>4} {:>11.0} {:>10} {:>10} {:>7}",
+            r.workload,
+            r.concurrency,
+            r.summary.ops_per_sec,
+            r.summary.p50_us,
+            r.summary.p99_us,
+            r.summary.error_count()
+        );
+    }
+    let c = args.concurrency.iter().copied().max().unwrap_or(64);
+    let ratio = |a: &str, b: &str, p99: bool| -> Option<f64> {
+        let (a, b) = (find(rows, a, c)?, find(rows, b, c)?);
+        if p99 {
+            Some(a.p99_us as f64 / b.p99_us.max(1) as f64)
+        } else {
+            Some(a.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE))
+        }
+    };
+    let targets: [(&str, Option<f64>, &str, bool); 4] = [
+        (
+            "fetch/echo ops/s",
+            ratio("fetch", "echo", false),
+            ">= 0.75",
+            true,
+        ),
+        (
+            "fetch/echo p99",
+            ratio("fetch", "echo", true),
+            "<= 2.0",
+            false,
+        ),
+        (
+            "fetch/etcd-range ops/s",
+            ratio("fetch", "etcd-range", false),
+            ">= 1.0",
+            true,
+        ),
+        (
+            "put/etcd-put ops/s",
+            ratio("put", "etcd-put", false),
+            ">= 1.0",
+            true,
+        ),
+    ];
+    println!("ratios at c={c}:");
+    let mut json_ratios = serde_json::Map::new();
+    for (name, value, target, at_least) in targets {
+        match value {
+            Some(v) => {
+                let bound: f64 = target[3..].parse().unwrap_or(0.0);
+                let met = if at_least { v >= bound } else { v <= bound };
+                println!(
+                    "  {name:<24} {v:>6.2}  target {target}  {}",
+                    if met { "met" } else { "NOT met" }
+                );
+                json_ratios.insert(
+                    name.into(),
+                    json!({"value": v, "target": target, "met": met}),
+                );
+            }
+            None => println!("  {name:<24}    n/a  (not measured in this run)"),
+        }
+    }
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "value_size": args.value_size,
+            "connections": args.connections,
+            "warmup_secs": warmup,
+            "duration_secs": duration,
+            "rows": rows.iter().map(|r| {
+                let mut v = r.summary.to_json();
+                if let Value::Object(m) = &mut v {
+                    m.insert("workload".into(), r.workload.into());
+                    m.insert("concurrency".into(), r.concurrency.into());
+                }
+                v
+            }).collect::<Vec<_>>(),
+            "ratios": Value::Object(json_ratios),
+        });
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
