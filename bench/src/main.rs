@@ -163,7 +163,7 @@ async fn run(opts: &Opts) -> Result<Summary, Failure> {
         WorkloadKind::Fetch => run_on(Fetch::new(value_size), &spec, &clients).await,
         WorkloadKind::Put => run_on(Put::new(value_size), &spec, &clients).await,
         WorkloadKind::Batch => run_on(BatchFetch::new(value_size), &spec, &clients).await,
-        WorkloadKind::Issue => run_on(Issue, &spec, &clients).await,
+        WorkloadKind::Issue => run_on(Issue::new(), &spec, &clients).await,
     }
     .map_err(Failure::Run)?;
     report(opts, &summary)?;

@@ -177,7 +177,7 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
         rows.push(measure("fetch", c, Fetch::new(v), &ward, &spec).await?);
         rows.push(measure("batch10", c, BatchFetch::new(v), &ward, &spec).await?);
         rows.push(measure("put", c, Put::new(v), &ward, &spec).await?);
-        rows.push(measure("issue", c, Issue, &ward, &spec).await?);
+        rows.push(measure("issue", c, Issue::new(), &ward, &spec).await?);
         if let Some(etcd) = &etcd_clients {
             rows.push(measure("etcd-range", c, EtcdRange::new(v), etcd, &spec).await?);
             rows.push(measure("etcd-put", c, EtcdPut::new(v), etcd, &spec).await?);

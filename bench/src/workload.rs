@@ -123,9 +123,21 @@ impl Workload for Fetch {
     }
 }
 
+/// A prefix unique to this workload instance, so runs at several concurrencies (and repeated
+/// runs against one server) never write the same name twice.
+fn run_prefix() -> String {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{}-{run}-{nanos:x}", std::process::id())
+}
+
 /// Writes a new secret per operation.
 pub struct Put {
     value: Vec<u8>,
+    prefix: String,
 }
 
 impl Put {
@@ -133,6 +145,7 @@ impl Put {
     pub fn new(value_size: usize) -> Self {
         Self {
             value: bench_value(value_size),
+            prefix: run_prefix(),
         }
     }
 }
@@ -147,7 +160,7 @@ impl Workload for Put {
     async fn op(&self, client: &Client, worker: usize, seq: u64) -> Result<(), ErrorLabel> {
         client
             .put_secret(PutSecretRequest {
-                name: format!("bench/put-{worker}-{seq}"),
+                name: format!("bench/put-{}-{worker}-{seq}", self.prefix),
                 value: self.value.clone(),
                 ..Default::default()
             })
@@ -196,7 +209,18 @@ impl Workload for BatchFetch {
 }
 
 /// Issues a new API key per operation.
-pub struct Issue;
+pub struct Issue {
+    prefix: String,
+}
+
+impl Issue {
+    /// An issue workload with names of its own.
+    pub fn new() -> Self {
+        Self {
+            prefix: run_prefix(),
+        }
+    }
+}
 
 impl Workload for Issue {
     type Client = Client;
@@ -208,7 +232,7 @@ impl Workload for Issue {
     async fn op(&self, client: &Client, worker: usize, seq: u64) -> Result<(), ErrorLabel> {
         client
             .issue_key(ward_client::proto::IssueKeyRequest {
-                name: format!("bench/key-{worker}-{seq}-{}", std::process::id()),
+                name: format!("bench/key-{}-{worker}-{seq}", self.prefix),
                 scopes: vec!["bench".into()],
                 ..Default::default()
             })
@@ -269,6 +293,7 @@ impl Workload for EtcdRange {
 /// etcd Put of a new key per operation (the peer for PutSecret; etcd fsyncs its WAL too).
 pub struct EtcdPut {
     value: Vec<u8>,
+    prefix: String,
 }
 
 impl EtcdPut {
@@ -276,6 +301,7 @@ impl EtcdPut {
     pub fn new(value_size: usize) -> Self {
         Self {
             value: bench_value(value_size),
+            prefix: run_prefix(),
         }
     }
 }
@@ -290,7 +316,7 @@ impl Workload for EtcdPut {
     async fn op(&self, client: &Self::Client, worker: usize, seq: u64) -> Result<(), ErrorLabel> {
         let mut kv = client.clone();
         kv.put(etcd::PutRequest {
-            key: format!("bench/put-{worker}-{seq}").into_bytes(),
+            key: format!("bench/put-{}-{worker}-{seq}", self.prefix).into_bytes(),
             value: self.value.clone(),
             ..Default::default()
         })

@@ -133,17 +133,29 @@ impl Store for SledStore {
                 .map_err(unavailable)?;
             return Ok(());
         }
-        let result = self.trees[..].transaction(|txs| {
+        // Transact over the trees this batch touches only: sled locks and overlays every tree
+        // in a transaction, so naming all of them would serialise unrelated writers.
+        let mut used: Vec<Tree> = batch
+            .guards
+            .iter()
+            .chain(&batch.writes)
+            .map(|(t, _, _)| *t)
+            .collect();
+        used.sort_by_key(|t| t.index());
+        used.dedup();
+        let trees: Vec<sled::Tree> = used.iter().map(|t| self.tree(*t).clone()).collect();
+        let slot = |t: &Tree| used.iter().position(|u| u == t).unwrap_or(0);
+        let result = trees[..].transaction(|txs| {
             for (tree, key, expected) in &batch.guards {
-                let current = txs[tree.index()].get(key)?;
+                let current = txs[slot(tree)].get(key)?;
                 if current.as_deref() != expected.as_deref() {
                     return abort(());
                 }
             }
             for (tree, key, value) in &batch.writes {
                 match value {
-                    Some(v) => txs[tree.index()].insert(key.as_slice(), v.as_slice())?,
-                    None => txs[tree.index()].remove(key.as_slice())?,
+                    Some(v) => txs[slot(tree)].insert(key.as_slice(), v.as_slice())?,
+                    None => txs[slot(tree)].remove(key.as_slice())?,
                 };
             }
             Ok(())
