@@ -18,7 +18,7 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 # pip's user scripts directory, for when grpcurl lands there.
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: deps test run bench fmt clippy build
+.PHONY: deps test run bench bench-scale fmt clippy build
 
 deps:
 	@sudo=""
@@ -86,3 +86,10 @@ bench: deps
 	fi
 	$(CARGO) build --release -p ward-server -p ward-bench
 	"$(TARGET_DIR)/release/ward-bench" suite --json "$(TARGET_DIR)/bench.json" $(BENCH_ARGS)
+
+# One million secrets through the public API: load rate, fetch at 1M vs 1k, RSS, disk per
+# secret, cold start-up. Takes minutes; SCALE_SECRETS overrides the count.
+SCALE_SECRETS ?= 1000000
+bench-scale: deps
+	$(CARGO) build --release -p ward-server -p ward-bench
+	"$(TARGET_DIR)/release/ward-bench" scale --secrets $(SCALE_SECRETS)

@@ -2,6 +2,7 @@
 //! through the SDK with a fixed number of concurrent workers for a fixed time.
 
 mod echo;
+mod scale;
 mod stats;
 mod suite;
 mod workload;
@@ -48,6 +49,9 @@ enum Command {
     /// The whole suite in one run: starts a Ward dev server, the echo floor and etcd, drives
     /// every workload at each concurrency, prints one table with the ratios to the targets
     Suite(suite::SuiteArgs),
+    /// Scale: load N secrets (default one million), then fetch at N vs 1k, RSS, disk per
+    /// secret and cold start-up time
+    Scale(scale::ScaleArgs),
     /// (internal) The transport floor: FetchSecret answered with a constant, over Ward's mTLS
     EchoServer(echo::EchoArgs),
 }
@@ -109,6 +113,15 @@ async fn main() -> ExitCode {
         Command::Run(opts) => opts,
         Command::Suite(args) => {
             return match suite::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("error: {msg}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Scale(args) => {
+            return match scale::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(msg) => {
                     eprintln!("error: {msg}");
