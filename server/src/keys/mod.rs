@@ -306,8 +306,7 @@ impl Keys {
                 .vault
                 .settings()
                 .environments
-                .iter()
-                .any(|e| *e == input.environment)
+                .contains(&input.environment)
         {
             return Err(Error::invalid(format!(
                 "unknown environment {:?}",
@@ -587,5 +586,527 @@ fn check_endpoint(tag: &str) -> Result<()> {
         Err(Error::invalid(format!(
             "invalid endpoint {tag:?}: use up to {MAX_ENDPOINT_LEN} characters of a-z 0-9 : . _ / -"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::keypolicy::KeyPolicyInput;
+    use crate::model::VersionMeta;
+    use crate::policy::Policy;
+    use crate::store::sled_store::SledStore;
+    use crate::store::{decode, encode, Batch, Store, Tree};
+    use crate::unseal::unseal;
+    use crate::vault::{IssueInput, Settings};
+    use ward_hsm::memory::InMemoryWrapper;
+    use ward_hsm::KeyWrapper;
+
+    const POLICY: &str = r#"
+        [[rule]]
+        identities = ["admin"]
+        verbs = ["*"]
+        secrets = ["*"]
+        [[rule]]
+        identities = ["edge"]
+        verbs = ["verify"]
+        secrets = ["app/*"]
+        [[rule]]
+        identities = ["reader"]
+        verbs = ["read"]
+        secrets = ["*"]
+    "#;
+
+    struct Fixture {
+        keys: Keys,
+        vault: Arc<Vault>,
+        clock: Arc<ManualClock>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let sled: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let directory = Arc::new(KeyDirectory::load(&*sled).unwrap());
+        let store: Arc<dyn Store> =
+            Arc::new(directory::DirectoryStore::new(sled, directory.clone()));
+        let hsm = InMemoryWrapper::new();
+        hsm.create_master_key("m").unwrap();
+        let hsm: Arc<dyn KeyWrapper> = Arc::new(hsm);
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let (keyring, index) = unseal(&store, &hsm, "m", clock.now_ms()).await.unwrap();
+        let settings = Settings {
+            issuer: "ward".into(),
+            environments: vec!["dev".into(), "prod".into()],
+            default_environment: "dev".into(),
+            max_value_bytes: 1024,
+            max_batch: 10,
+            grace_ms: 60_000,
+        };
+        let vault = Arc::new(Vault::new(
+            store,
+            keyring,
+            index,
+            Policy::parse(POLICY).unwrap(),
+            clock.clone(),
+            settings,
+        ));
+        let keys = Keys::new(
+            vault.clone(),
+            directory,
+            KeySettings {
+                unknown_key_limit: RateLimit::parse(60, 60_000, 5).unwrap(),
+            },
+        );
+        Fixture {
+            keys,
+            vault,
+            clock,
+            _dir: dir,
+        }
+    }
+
+    fn peer(identity: &str) -> Peer {
+        Peer {
+            identity: identity.into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    impl Fixture {
+        async fn issue(&self, name: &str, scopes: &[&str], policy: KeyPolicyInput) -> String {
+            let issued = self
+                .vault
+                .issue_with_policy(
+                    &peer("admin"),
+                    IssueInput {
+                        name: name.into(),
+                        environment: "prod".into(),
+                        owner: "team".into(),
+                        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                        labels: Default::default(),
+                        description: String::new(),
+                        request_id: String::new(),
+                    },
+                    policy,
+                )
+                .await
+                .unwrap();
+            issued.key.expose().to_owned()
+        }
+
+        async fn verify_as(&self, who: &str, input: VerifyInput) -> Result<Verdict> {
+            self.keys.verify(&peer(who), input, "VerifyKey").await
+        }
+
+        async fn verify(&self, key: &str) -> VerifyResult {
+            self.verify_as("edge", input(key)).await.unwrap().result
+        }
+
+        /// Rewrites a version's stored state the way RotateSecret / RevokeSecret will: a
+        /// guarded commit of the secret record, nothing else.
+        fn set_state(&self, name: &str, version: u64, f: impl Fn(&mut VersionMeta)) {
+            let store = self.vault.store();
+            let raw = store.get(Tree::Secrets, name.as_bytes()).unwrap().unwrap();
+            let mut rec: SecretRecord = decode("secret", &raw).unwrap();
+            f(rec
+                .versions
+                .iter_mut()
+                .find(|v| v.version == version)
+                .unwrap());
+            let mut b = Batch::new();
+            b.guard(Tree::Secrets, name.as_bytes(), Some(raw));
+            b.put(Tree::Secrets, name.as_bytes(), encode(&rec));
+            store.commit(b).unwrap();
+        }
+    }
+
+    fn input(key: &str) -> VerifyInput {
+        VerifyInput {
+            api_key: Zeroizing::new(key.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn each_result_in_the_documented_order() {
+        let f = fixture().await;
+        let policy = KeyPolicyInput {
+            allowed_cidrs: vec!["10.0.0.0/8".into()],
+            ..Default::default()
+        };
+        let key = f.issue("app/a", &["orders:read"], policy).await;
+        let ok = |k: &str| VerifyInput {
+            client_ip: "10.1.2.3".into(),
+            required_scopes: vec!["orders:read".into()],
+            environment: "prod".into(),
+            ..input(k)
+        };
+        let v = f.verify_as("edge", ok(&key)).await.unwrap();
+        assert_eq!(v.result, VerifyResult::Valid);
+        let facts = v.key.unwrap();
+        assert_eq!(
+            (facts.name.as_str(), facts.version, facts.owner.as_str()),
+            ("app/a", 1, "team")
+        );
+        assert_eq!(v.key_id.len(), 16);
+
+        assert_eq!(f.verify("").await, VerifyResult::Malformed);
+        assert_eq!(
+            f.verify(&key[..key.len() - 1]).await,
+            VerifyResult::Malformed
+        );
+        let other = ApiKey::generate("ward", "prod").unwrap();
+        assert_eq!(f.verify(other.expose()).await, VerifyResult::NotFound);
+
+        let r = |i: VerifyInput| async { f.verify_as("edge", i).await.unwrap().result };
+        assert_eq!(
+            r(VerifyInput {
+                environment: "dev".into(),
+                ..ok(&key)
+            })
+            .await,
+            VerifyResult::WrongEnvironment
+        );
+        assert_eq!(
+            r(VerifyInput {
+                client_ip: "11.0.0.1".into(),
+                ..ok(&key)
+            })
+            .await,
+            VerifyResult::ForbiddenIp
+        );
+        assert_eq!(
+            r(VerifyInput {
+                client_ip: String::new(),
+                ..ok(&key)
+            })
+            .await,
+            VerifyResult::ForbiddenIp
+        );
+        assert_eq!(
+            r(VerifyInput {
+                required_scopes: vec!["orders:write".into()],
+                ..ok(&key)
+            })
+            .await,
+            VerifyResult::InsufficientScope
+        );
+        // Environment is judged before IP, IP before scopes.
+        assert_eq!(
+            r(VerifyInput {
+                environment: "dev".into(),
+                client_ip: "11.0.0.1".into(),
+                required_scopes: vec!["x".into()],
+                ..ok(&key)
+            })
+            .await,
+            VerifyResult::WrongEnvironment
+        );
+
+        // Expiry comes before environment.
+        let exp = f
+            .issue(
+                "app/exp",
+                &[],
+                KeyPolicyInput {
+                    expire_ms: Some(f.clock.now_ms() + 10),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_eq!(f.verify(&exp).await, VerifyResult::Valid);
+        f.clock.advance(10);
+        assert_eq!(
+            r(VerifyInput {
+                environment: "dev".into(),
+                ..input(&exp)
+            })
+            .await,
+            VerifyResult::Expired
+        );
+    }
+
+    #[tokio::test]
+    async fn revoked_and_retired_versions_are_refused_on_the_next_call() {
+        let f = fixture().await;
+        let key = f.issue("app/k", &[], KeyPolicyInput::default()).await;
+        assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+
+        // A rotation: the old version is ACTIVE with a grace window (grace_until reported),
+        // then INACTIVE once the window closes — with no write at all.
+        let until = f.clock.now_ms() + 5_000;
+        f.set_state("app/k", 1, |v| {
+            v.state = VersionState::Active;
+            v.grace_until_ms = Some(until);
+        });
+        let v = f.verify_as("edge", input(&key)).await.unwrap();
+        assert_eq!(v.result, VerifyResult::Valid);
+        assert_eq!(v.key.unwrap().grace_until_ms, Some(until));
+        f.clock.advance(5_000);
+        assert_eq!(f.verify(&key).await, VerifyResult::Disabled);
+
+        // Revocation is seen by the very next call, and precedes every other check.
+        f.set_state("app/k", 1, |v| v.state = VersionState::Revoked);
+        let wrong_everything = VerifyInput {
+            environment: "dev".into(),
+            required_scopes: vec!["nope".into()],
+            ..input(&key)
+        };
+        assert_eq!(
+            f.verify_as("edge", wrong_everything).await.unwrap().result,
+            VerifyResult::Revoked
+        );
+        f.set_state("app/k", 1, |v| v.state = VersionState::Destroyed);
+        assert_eq!(f.verify(&key).await, VerifyResult::Revoked);
+    }
+
+    #[tokio::test]
+    async fn callers_without_a_grant_learn_nothing() {
+        let f = fixture().await;
+        let inside = f.issue("app/k", &[], KeyPolicyInput::default()).await;
+        let outside = f.issue("other/k", &[], KeyPolicyInput::default()).await;
+        assert_eq!(f.verify(&inside).await, VerifyResult::Valid);
+        let v = f.verify_as("edge", input(&outside)).await.unwrap();
+        assert_eq!(v.result, VerifyResult::NotFound);
+        assert!(v.key.is_none());
+        // No verify grant at all: the caller's own fault.
+        let err = f.verify_as("reader", input(&inside)).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        // Bad requests are errors, not verdicts.
+        for bad in [
+            VerifyInput {
+                client_ip: "10.0.0".into(),
+                ..input(&inside)
+            },
+            VerifyInput {
+                required_scopes: vec!["Bad Scope".into()],
+                ..input(&inside)
+            },
+            VerifyInput {
+                cost: Some(MAX_COST + 1),
+                ..input(&inside)
+            },
+            VerifyInput {
+                environment: "mars".into(),
+                ..input(&inside)
+            },
+            VerifyInput {
+                endpoint: "UPPER".into(),
+                ..input(&inside)
+            },
+        ] {
+            let err = f.verify_as("edge", bad).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        }
+        // Every call, refused or not, left one audit record; the not-verifiable key's says why.
+        let audit: Vec<AuditRecord> = f
+            .vault
+            .store()
+            .scan(Tree::Audit, b"", b"", 1000)
+            .unwrap()
+            .iter()
+            .map(|(_, v)| decode("audit", v).unwrap())
+            .filter(|r: &AuditRecord| r.method == "VerifyKey")
+            .collect();
+        assert_eq!(audit.len(), 8);
+        assert_eq!(audit[1].detail, "NOT_FOUND (no verify grant)");
+        assert_eq!(audit[1].targets, vec![("other/k".to_string(), 1)]);
+        assert_eq!(audit[2].code, Code::PermissionDenied.as_i32());
+    }
+
+    #[tokio::test]
+    async fn rate_limit_retry_after_is_exact_on_the_clock() {
+        let f = fixture().await;
+        let key = f
+            .issue(
+                "app/r",
+                &[],
+                KeyPolicyInput {
+                    rate_limit: Some((10, 1000, 2)),
+                    ..Default::default()
+                },
+            )
+            .await;
+        for _ in 0..2 {
+            assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+        }
+        let v = f.verify_as("edge", input(&key)).await.unwrap();
+        assert_eq!(v.result, VerifyResult::RateLimited);
+        let wait = v.retry_after_ms.unwrap();
+        assert_eq!(wait, 100);
+        assert_eq!(v.rate.unwrap().remaining, 0);
+        f.clock.advance(wait - 1);
+        assert_eq!(f.verify(&key).await, VerifyResult::RateLimited);
+        f.clock.advance(1);
+        assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+        // A zero-cost check never trips the limit.
+        let check = VerifyInput {
+            cost: Some(0),
+            ..input(&key)
+        };
+        assert_eq!(
+            f.verify_as("edge", check).await.unwrap().result,
+            VerifyResult::Valid
+        );
+    }
+
+    #[tokio::test]
+    async fn quota_is_charged_only_when_everything_else_passed() {
+        let f = fixture().await;
+        let key = f
+            .issue(
+                "app/q",
+                &["s"],
+                KeyPolicyInput {
+                    quota: Some((3, 0, None)),
+                    ..Default::default()
+                },
+            )
+            .await;
+        let scoped = |scope: &str, cost| VerifyInput {
+            required_scopes: vec![scope.into()],
+            cost,
+            ..input(&key)
+        };
+        let v = f.verify_as("edge", scoped("other", None)).await.unwrap();
+        assert_eq!(
+            (v.result, v.quota_remaining),
+            (VerifyResult::InsufficientScope, Some(3))
+        );
+        let v = f.verify_as("edge", scoped("s", Some(2))).await.unwrap();
+        assert_eq!(
+            (v.result, v.quota_remaining),
+            (VerifyResult::Valid, Some(1))
+        );
+        let v = f.verify_as("edge", scoped("s", Some(2))).await.unwrap();
+        assert_eq!(
+            (v.result, v.quota_remaining),
+            (VerifyResult::QuotaExceeded, Some(1))
+        );
+        assert_eq!(v.retry_after_ms, None);
+        let v = f.verify_as("edge", scoped("s", Some(1))).await.unwrap();
+        assert_eq!(
+            (v.result, v.quota_remaining),
+            (VerifyResult::Valid, Some(0))
+        );
+        let usage = f.vault.usage().get("app/q");
+        assert_eq!(usage[&1].results[VerifyResult::QuotaExceeded.number()], 1);
+        assert_eq!(usage[&1].total, 4);
+    }
+
+    #[tokio::test]
+    async fn unknown_keys_lock_the_caller_out_before_lookup() {
+        let f = fixture().await;
+        let key = f.issue("app/g", &[], KeyPolicyInput::default()).await;
+        let from = |k: &str, ip: &str| VerifyInput {
+            client_ip: ip.into(),
+            ..input(k)
+        };
+        for _ in 0..5 {
+            let guess = ApiKey::generate("ward", "prod").unwrap();
+            let v = f
+                .verify_as("edge", from(guess.expose(), "192.0.2.1"))
+                .await
+                .unwrap();
+            assert_eq!(v.result, VerifyResult::NotFound);
+        }
+        // Budget spent: even the real key is refused for this client IP, without a lookup …
+        let v = f.verify_as("edge", from(&key, "192.0.2.1")).await.unwrap();
+        assert_eq!(v.result, VerifyResult::RateLimited);
+        assert!(v.key.is_none());
+        assert_eq!(v.retry_after_ms, Some(1000));
+        // … while other clients behind the same caller are unaffected.
+        let v = f.verify_as("edge", from(&key, "192.0.2.2")).await.unwrap();
+        assert_eq!(v.result, VerifyResult::Valid);
+        f.clock.advance(1000);
+        let v = f.verify_as("edge", from(&key, "192.0.2.1")).await.unwrap();
+        assert_eq!(v.result, VerifyResult::Valid);
+    }
+
+    #[tokio::test]
+    async fn policy_updates_apply_at_once_and_restart_the_quota() {
+        let f = fixture().await;
+        let key = f
+            .issue(
+                "app/u",
+                &[],
+                KeyPolicyInput {
+                    quota: Some((1, 0, None)),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+        assert_eq!(f.verify(&key).await, VerifyResult::QuotaExceeded);
+        let update = |mask: &[&str], policy: KeyPolicyInput, id: &str| crate::vault::PolicyUpdate {
+            name: "app/u".into(),
+            scopes: vec![],
+            policy,
+            mask: mask.iter().map(|s| s.to_string()).collect(),
+            request_id: id.into(),
+        };
+        let two = KeyPolicyInput {
+            quota: Some((2, 0, None)),
+            ..Default::default()
+        };
+        let admin = peer("admin");
+        f.vault
+            .update_key_policy(&admin, update(&["quota"], two.clone(), "r1"))
+            .await
+            .unwrap();
+        assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+        // A retry of the same request does not reset the ledger again.
+        f.vault
+            .update_key_policy(&admin, update(&["quota"], two, "r1"))
+            .await
+            .unwrap();
+        assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+        assert_eq!(f.verify(&key).await, VerifyResult::QuotaExceeded);
+        // Expire now: the next call is EXPIRED.
+        let now = KeyPolicyInput {
+            expire_ms: Some(f.clock.now_ms()),
+            ..Default::default()
+        };
+        let rec = f
+            .vault
+            .update_key_policy(&admin, update(&["expire_time"], now, ""))
+            .await
+            .unwrap();
+        assert!(rec.key_policy.quota.is_some(), "unmasked fields are kept");
+        assert_eq!(f.verify(&key).await, VerifyResult::Expired);
+        // Bad input.
+        for (mask, p) in [
+            (
+                vec!["rate_limit"],
+                KeyPolicyInput {
+                    rate_limit: Some((0, 1000, 0)),
+                    ..Default::default()
+                },
+            ),
+            (
+                vec!["quota"],
+                KeyPolicyInput {
+                    quota: Some((5, 3, None)),
+                    ..Default::default()
+                },
+            ),
+            (
+                vec!["allowed_cidrs"],
+                KeyPolicyInput {
+                    allowed_cidrs: vec!["10.0.0.1/8".into()],
+                    ..Default::default()
+                },
+            ),
+            (vec!["owner"], KeyPolicyInput::default()),
+        ] {
+            let err = f
+                .vault
+                .update_key_policy(&admin, update(&mask, p, ""))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{mask:?}: {err}");
+        }
     }
 }
