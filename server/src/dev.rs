@@ -180,7 +180,6 @@ pub fn banner(dir: &Path, addr: SocketAddr, metrics: Option<SocketAddr>) -> Stri
     wardctl issue demo/api-key --scope read:users
     wardctl ls
     wardctl keys stale --days 90
-    wardctl scan .
 
   metrics (plain HTTP, no certificate): curl http://{metrics}/metrics
 
