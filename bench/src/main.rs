@@ -21,7 +21,7 @@ use ward_client::cli::ConnArgs;
 use ward_client::{parse_duration, Client, RetryPolicy};
 
 use stats::{Summary, WorkerStats};
-use workload::{BatchFetch, Fetch, Issue, Put, Workload, WorkloadKind};
+use workload::{BatchFetch, Fetch, Health, Issue, Put, Verify, Workload, WorkloadKind};
 
 /// Time allowed after the window closes, beyond one call timeout, before workers are aborted.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -177,6 +177,8 @@ async fn run(opts: &Opts) -> Result<Summary, Failure> {
         WorkloadKind::Put => run_on(Put::new(value_size), &spec, &clients).await,
         WorkloadKind::Batch => run_on(BatchFetch::new(value_size), &spec, &clients).await,
         WorkloadKind::Issue => run_on(Issue::new(), &spec, &clients).await,
+        WorkloadKind::Verify => run_on(Verify::default(), &spec, &clients).await,
+        WorkloadKind::Health => run_on(Health, &spec, &clients).await,
     }
     .map_err(Failure::Run)?;
     report(opts, &summary)?;
@@ -384,5 +386,9 @@ mod tests {
         assert_eq!(o.connections, 4);
         assert!(parse(&["--concurrency", "0"]).is_err());
         assert!(parse(&["--workload", "etcd"]).is_err());
+        let o = parse(&["--workload", "verify"]).unwrap();
+        assert_eq!(o.workload, WorkloadKind::Verify);
+        let o = parse(&["--workload", "health"]).unwrap();
+        assert_eq!(o.workload.name(), "health");
     }
 }

@@ -5,7 +5,9 @@
 //! through the same client stack; prints one table and the ratios against the targets.
 
 use crate::stats::Summary;
-use crate::workload::{BatchFetch, EtcdKv, EtcdPut, EtcdRange, Fetch, Issue, Put, Workload};
+use crate::workload::{
+    BatchFetch, EtcdKv, EtcdPut, EtcdRange, Fetch, Issue, Put, Verify, Workload,
+};
 use crate::{drive, Spec};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -176,6 +178,7 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
         rows.push(measure("echo", c, Fetch::echo(v), &echo, &spec).await?);
         rows.push(measure("fetch", c, Fetch::new(v), &ward, &spec).await?);
         rows.push(measure("batch10", c, BatchFetch::new(v), &ward, &spec).await?);
+        rows.push(measure("verify", c, Verify::default(), &ward, &spec).await?);
         rows.push(measure("put", c, Put::new(v), &ward, &spec).await?);
         rows.push(measure("issue", c, Issue::new(), &ward, &spec).await?);
         if let Some(etcd) = &etcd_clients {
@@ -314,7 +317,7 @@ fn report(rows: &[Row], args: &SuiteArgs, warmup: f64, duration: f64) -> Result<
             Some(a.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE))
         }
     };
-    let targets: [(&str, Option<f64>, &str, bool); 4] = [
+    let targets: [(&str, Option<f64>, &str, bool); 5] = [
         (
             "fetch/echo ops/s",
             ratio("fetch", "echo", false),
@@ -337,6 +340,12 @@ fn report(rows: &[Row], args: &SuiteArgs, warmup: f64, duration: f64) -> Result<
             "put/etcd-put ops/s",
             ratio("put", "etcd-put", false),
             ">= 1.0",
+            true,
+        ),
+        (
+            "verify/echo ops/s",
+            ratio("verify", "echo", false),
+            ">= 0.85",
             true,
         ),
     ];

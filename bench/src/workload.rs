@@ -4,8 +4,11 @@
 //! server baseline, an etcd peer) means a new type here and a new [`WorkloadKind`] arm.
 
 use std::future::Future;
+use std::sync::OnceLock;
 
-use ward_client::proto::PutSecretRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use ward_client::proto::{IssueKeyRequest, PutSecretRequest, VerifyKeyRequest, VerifyResult};
 use ward_client::{code_name, Client};
 
 /// Generated client of etcd's KV API subset (bench/proto/etcd_kv.proto).
@@ -48,6 +51,11 @@ pub enum WorkloadKind {
     Batch,
     /// IssueKey, a new API key per operation.
     Issue,
+    /// Verify `bench/verify-0..99` (API keys without limits) round-robin, after issuing them.
+    Verify,
+    /// `grpc.health.v1.Health/Check`: a bare tonic RPC over the same mTLS connection, the
+    /// baseline VerifyKey is measured against.
+    Health,
 }
 
 impl WorkloadKind {
@@ -58,6 +66,8 @@ impl WorkloadKind {
             Self::Put => "put",
             Self::Batch => "batch10",
             Self::Issue => "issue",
+            Self::Verify => "verify",
+            Self::Health => "health",
         }
     }
 }
@@ -329,4 +339,80 @@ impl Workload for EtcdPut {
 /// A benchmark value: printable, not all one byte, exactly `size` bytes.
 fn bench_value(size: usize) -> Vec<u8> {
     (0..size).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// Keys the verify workload presents.
+const VERIFY_SET: usize = 100;
+
+/// Verifies a fixed set of API keys round-robin (cost 1, no policy: the full check path with
+/// its audit record, nothing refused).
+#[derive(Default)]
+pub struct Verify {
+    keys: OnceLock<Vec<String>>,
+}
+
+impl Workload for Verify {
+    type Client = Client;
+
+    async fn setup(&self, client: &Client) -> Result<(), String> {
+        // A fresh suffix per run: IssueKey refuses existing names.
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let mut keys = Vec::with_capacity(VERIFY_SET);
+        for i in 0..VERIFY_SET {
+            let name = format!("bench/verify-{run}-{i}");
+            let k = client
+                .issue_key(IssueKeyRequest {
+                    name: name.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("issuing {name}: {e}"))?;
+            keys.push(k.api_key);
+        }
+        self.keys
+            .set(keys)
+            .map_err(|_| "verify workload set up twice".to_string())
+    }
+
+    async fn op(&self, client: &Client, worker: usize, seq: u64) -> Result<(), ErrorLabel> {
+        let keys = self.keys.get().ok_or("NOT_SET_UP")?;
+        let i = (worker as u64).wrapping_add(seq) % keys.len() as u64;
+        let v = client
+            .verify_key(VerifyKeyRequest {
+                api_key: keys[i as usize].clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| code_name(e.code()))?;
+        if v.result() == VerifyResult::Valid {
+            Ok(())
+        } else {
+            Err("NOT_VALID")
+        }
+    }
+}
+
+/// A bare tonic RPC: the health check of the whole server.
+pub struct Health;
+
+impl Workload for Health {
+    type Client = Client;
+
+    async fn setup(&self, _client: &Client) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn op(&self, client: &Client, _worker: usize, _seq: u64) -> Result<(), ErrorLabel> {
+        let mut h = HealthClient::new(client.channel());
+        let call = h.check(HealthCheckRequest {
+            service: String::new(),
+        });
+        match tokio::time::timeout(ward_client::DEFAULT_TIMEOUT, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) => Err(code_name(s.code())),
+            Err(_) => Err("DEADLINE_EXCEEDED"),
+        }
+    }
 }

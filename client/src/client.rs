@@ -11,13 +11,16 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::transport_causes;
 use crate::proto::admin_client::AdminClient;
+use crate::proto::keys_client::KeysClient;
 use crate::proto::secrets_client::SecretsClient;
 use crate::proto::{
     batch_fetch_result, BatchFetchSecretsRequest, BatchFetchSecretsResponse,
     DescribeKeyringRequest, DescribeSecretRequest, FetchSecretRequest, FetchSecretResponse,
-    IssueKeyRequest, IssueKeyResponse, ItemError, KeyringStatus, ListSecretsRequest,
-    ListSecretsResponse, PutSecretRequest, PutSecretResponse, RotateKeyringRequest,
-    RotateKeyringResponse, RotateMasterKeyRequest, RotateMasterKeyResponse, SecretMetadata,
+    GetKeyUsageRequest, GetKeyUsageResponse, IssueKeyRequest, IssueKeyResponse, ItemError,
+    KeyringStatus, ListSecretsRequest, ListSecretsResponse, PutSecretRequest, PutSecretResponse,
+    RotateKeyringRequest, RotateKeyringResponse, RotateMasterKeyRequest, RotateMasterKeyResponse,
+    SecretMetadata, UpdateKeyPolicyRequest, UpdateKeyPolicyResponse, VerifyKeyRequest,
+    VerifyKeyResponse,
 };
 use crate::retry::{is_retryable, CallKind};
 use crate::{ClientConfig, Error, RetryPolicy, DEFAULT_TIMEOUT};
@@ -39,8 +42,10 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// status is returned at once.
 #[derive(Clone, Debug)]
 pub struct Client {
+    channel: Channel,
     inner: SecretsClient<Channel>,
     admin: AdminClient<Channel>,
+    keys: KeysClient<Channel>,
     timeout: Duration,
     retry: RetryPolicy,
 }
@@ -116,9 +121,11 @@ impl Client {
     /// Wraps an existing channel (e.g. to an in-process server) with default timeout and retries.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
+            channel: channel.clone(),
             inner: SecretsClient::new(channel.clone())
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
-            admin: AdminClient::new(channel),
+            admin: AdminClient::new(channel.clone()),
+            keys: KeysClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
             timeout: DEFAULT_TIMEOUT,
             retry: RetryPolicy::default(),
         }
@@ -140,6 +147,62 @@ impl Client {
     /// (no timeout or retry is added).
     pub fn raw(&self) -> SecretsClient<Channel> {
         self.inner.clone()
+    }
+
+    /// The underlying channel, for other services on the same server (health, ext_authz).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// A clone of the generated `ward.v1.Keys` client on the same channel.
+    pub fn raw_keys(&self) -> KeysClient<Channel> {
+        self.keys.clone()
+    }
+
+    /// Asks whether a presented API key is good. A denial is an `Ok` response with
+    /// `valid == false` and the reason in `result`; errors are the caller's faults and outages.
+    ///
+    /// A charged verification (cost absent or non-zero) spends quota, so it is never retried;
+    /// a zero-cost check is a read and is retried like one.
+    pub async fn verify_key(&self, req: VerifyKeyRequest) -> Result<VerifyKeyResponse, Error> {
+        let kind = if req.cost == Some(0) {
+            CallKind::Read
+        } else {
+            CallKind::Write
+        };
+        self.call_on(&self.keys, kind, req, |mut c, r| async move {
+            c.verify_key(r).await
+        })
+        .await
+    }
+
+    /// Replaces fields of an API key's policy (those named by `update_mask`; all when empty).
+    /// Retried only if `request_id` is set.
+    pub async fn update_key_policy(
+        &self,
+        req: UpdateKeyPolicyRequest,
+    ) -> Result<UpdateKeyPolicyResponse, Error> {
+        let kind = CallKind::write(&req.request_id);
+        self.call_on(&self.keys, kind, req, |mut c, r| async move {
+            c.update_key_policy(r).await
+        })
+        .await
+    }
+
+    /// Usage counters of an API key (`version` 0: every version).
+    pub async fn get_key_usage(
+        &self,
+        name: impl Into<String>,
+        version: u64,
+    ) -> Result<GetKeyUsageResponse, Error> {
+        let req = GetKeyUsageRequest {
+            name: name.into(),
+            version,
+        };
+        self.call_on(&self.keys, CallKind::Read, req, |mut c, r| async move {
+            c.get_key_usage(r).await
+        })
+        .await
     }
 
     /// Stores a new PRIMARY version of a STATIC secret. Retried only if `request_id` is set.
@@ -319,15 +382,27 @@ impl Client {
 
     /// Runs one RPC under the timeout and retry policy. The request is cloned only when another
     /// attempt may follow, so a value in a non-retryable write exists in one copy.
-    async fn call<Req, Resp, F, Fut>(
+    async fn call<Req, Resp, F, Fut>(&self, kind: CallKind, req: Req, rpc: F) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: FnMut(SecretsClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        self.call_on(&self.inner, kind, req, rpc).await
+    }
+
+    /// [`Client::call`] on any generated client of the channel.
+    async fn call_on<C, Req, Resp, F, Fut>(
         &self,
+        client: &C,
         kind: CallKind,
         req: Req,
         mut rpc: F,
     ) -> Result<Resp, Error>
     where
+        C: Clone,
         Req: Clone,
-        F: FnMut(SecretsClient<Channel>, tonic::Request<Req>) -> Fut,
+        F: FnMut(C, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let max = if kind.may_repeat() {
@@ -338,9 +413,9 @@ impl Client {
         let mut attempt = 1;
         loop {
             if attempt >= max {
-                return self.attempt(&mut rpc, req).await;
+                return self.attempt(client, &mut rpc, req).await;
             }
-            match self.attempt(&mut rpc, req.clone()).await {
+            match self.attempt(client, &mut rpc, req.clone()).await {
                 Err(e) if is_retryable(kind, &e) => {
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                     attempt += 1;
@@ -356,13 +431,19 @@ impl Client {
     /// an expired `grpc-timeout` with CANCELLED, which would race with the local timer and make
     /// the code (and so the retry decision) depend on timing. Dropping the call on timeout
     /// resets its HTTP/2 stream, which stops the handler on the server all the same.
-    async fn attempt<Req, Resp, F, Fut>(&self, rpc: &mut F, msg: Req) -> Result<Resp, Error>
+    async fn attempt<C, Req, Resp, F, Fut>(
+        &self,
+        client: &C,
+        rpc: &mut F,
+        msg: Req,
+    ) -> Result<Resp, Error>
     where
-        F: FnMut(SecretsClient<Channel>, tonic::Request<Req>) -> Fut,
+        C: Clone,
+        F: FnMut(C, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let request = tonic::Request::new(msg);
-        match tokio::time::timeout(self.timeout, rpc(self.inner.clone(), request)).await {
+        match tokio::time::timeout(self.timeout, rpc(client.clone(), request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(Error::from(status)),
             Err(_) => Err(Error::Status {

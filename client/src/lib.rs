@@ -27,6 +27,7 @@ mod client;
 mod config;
 mod error;
 mod retry;
+pub mod scan;
 
 /// The generated `ward.v1` wire types and client (e.g. `proto::PutSecretRequest`).
 pub use ward::v1 as proto;

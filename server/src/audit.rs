@@ -32,6 +32,8 @@ pub struct AuditRecord {
     pub request_id: String,
     /// API keys: the non-reversible key id.
     pub key_id: String,
+    /// Outcome detail beyond the gRPC code, e.g. a verification's result (`REVOKED`).
+    pub detail: String,
 }
 
 impl AuditRecord {
@@ -47,6 +49,7 @@ impl AuditRecord {
             code: Code::Ok.as_i32(),
             request_id: String::new(),
             key_id: String::new(),
+            detail: String::new(),
         }
     }
 }
@@ -65,10 +68,13 @@ pub fn stage(store: &dyn Store, batch: &mut Batch, record: &mut AuditRecord) -> 
 /// Writes `record` and waits until it is durable. Any failure is UNAVAILABLE: the caller
 /// must then release nothing.
 pub async fn append(store: &dyn Store, mut record: AuditRecord) -> Result<()> {
+    let started = std::time::Instant::now();
     let mut batch = Batch::new();
     stage(store, &mut batch, &mut record).map_err(audit_down)?;
     store.commit(batch).map_err(|e| audit_down(e.into()))?;
-    store.sync().await.map_err(|e| audit_down(e.into()))
+    let synced = store.sync().await.map_err(|e| audit_down(e.into()));
+    crate::metrics::global().observe_audit_write(started.elapsed());
+    synced
 }
 
 fn audit_down(e: Error) -> Error {

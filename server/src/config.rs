@@ -36,6 +36,55 @@ pub struct Config {
     /// Limits.
     #[serde(default)]
     pub limits: Limits,
+    /// The plain-HTTP metrics and health listener.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// API-key verification.
+    #[serde(default)]
+    pub keys: KeysConfig,
+}
+
+/// The plain-HTTP listener serving `/metrics` (Prometheus text) and `/healthz`. It carries no
+/// secret and needs no client certificate, so it listens on loopback unless told otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve it at all.
+    pub enabled: bool,
+    /// Address (port 0 picks a free port; the server prints it).
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// API-key verification settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Unknown keys one caller (per client IP, when given) may present back to back before
+    /// its verifications are refused (RATE_LIMITED) ahead of any lookup.
+    pub unknown_key_burst: u32,
+    /// Unknown keys per minute allowed in the long run, per caller and client IP.
+    pub unknown_keys_per_minute: u32,
+    /// How often usage counters are written to the store, in seconds.
+    pub usage_flush_seconds: u64,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            unknown_key_burst: 100,
+            unknown_keys_per_minute: 600,
+            usage_flush_seconds: 5,
+        }
+    }
 }
 
 /// TLS files (PEM).
@@ -185,6 +234,16 @@ impl Config {
         if l.default_grace_seconds > 365 * 24 * 3600 {
             return Err("limits.default_grace_seconds must be at most a year".into());
         }
+        let k = &self.keys;
+        if k.unknown_key_burst == 0 || k.unknown_key_burst > 1_000_000 {
+            return Err("keys.unknown_key_burst must be between 1 and 1000000".into());
+        }
+        if k.unknown_keys_per_minute == 0 || k.unknown_keys_per_minute > 1_000_000 {
+            return Err("keys.unknown_keys_per_minute must be between 1 and 1000000".into());
+        }
+        if k.usage_flush_seconds == 0 || k.usage_flush_seconds > 3600 {
+            return Err("keys.usage_flush_seconds must be between 1 and 3600".into());
+        }
         if self.hsm.sessions == 0 || self.hsm.sessions > 64 {
             return Err("hsm.sessions must be between 1 and 64".into());
         }
@@ -247,6 +306,9 @@ mod tests {
         assert_eq!(cfg.data_dir, dir.path().join("data"));
         assert_eq!(cfg.limits.max_value_bytes, 65536);
         assert_eq!(cfg.default_environment(), "dev");
+        assert!(cfg.metrics.enabled);
+        assert!(cfg.metrics.listen.ip().is_loopback());
+        assert_eq!(cfg.keys.unknown_key_burst, 100);
     }
 
     #[test]
@@ -261,6 +323,8 @@ mod tests {
             MINIMAL.replacen("pin_file", "mechanism = \"des\"\npin_file", 1),
             MINIMAL.replacen("[tls]", "[tls]\nsurprise = 1", 1),
             format!("{MINIMAL}\n[limits]\nmax_value_bytes = 0\n"),
+            format!("{MINIMAL}\n[metrics]\nlisten = \"nowhere\"\n"),
+            format!("{MINIMAL}\n[keys]\nunknown_key_burst = 0\n"),
         ];
         for text in cases {
             std::fs::write(&path, &text).unwrap();

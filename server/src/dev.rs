@@ -101,6 +101,17 @@ softhsm_conf = "softhsm/softhsm2.conf"
 max_value_bytes = 65536
 max_batch = 100
 default_grace_seconds = 86400
+
+[metrics]
+# Plain HTTP: /metrics (Prometheus text) and /healthz. Port 0 picks a free port; the server
+# prints `ward-server metrics addr=…` before its ready line.
+enabled = true
+listen = "127.0.0.1:0"
+
+[keys]
+unknown_key_burst = 100          # unknown keys a caller may present back to back …
+unknown_keys_per_minute = 600    # … and per minute in the long run (per client IP)
+usage_flush_seconds = 5
 "#,
             config = config.display(),
             module = module.display(),
@@ -148,8 +159,9 @@ fn token_exists(cfg: &Config) -> Result<bool, StartError> {
 }
 
 /// The ready-to-paste commands printed when dev mode starts.
-pub fn banner(dir: &Path, addr: SocketAddr) -> String {
+pub fn banner(dir: &Path, addr: SocketAddr, metrics: Option<SocketAddr>) -> String {
     let d = dir.display();
+    let metrics = metrics.map_or_else(|| "(disabled)".to_owned(), |m| m.to_string());
     format!(
         r#"Ward dev server — data, token, certificates and policy in {d}
 
@@ -167,6 +179,9 @@ pub fn banner(dir: &Path, addr: SocketAddr) -> String {
     wardctl get demo/db-password
     wardctl issue demo/api-key --scope read:users
     wardctl ls
+    wardctl keys stale --days 90
+
+  metrics (plain HTTP, no certificate): curl http://{metrics}/metrics
 
   identities: admin (every verb), app (read, verify) — edit {d}/policy.toml to change.
 "#

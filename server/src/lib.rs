@@ -1,8 +1,9 @@
 //! Ward server: a gRPC secrets vault over mutual TLS. Secrets are envelope-encrypted under a
 //! master key that never leaves a PKCS#11 HSM and kept in an embedded sled database.
 //!
-//! The data path reads top to bottom: transport (`service`, `tls`) → `policy` → domain
-//! (`vault`, `model`) → `envelope` → `store`, with `audit` alongside.
+//! The data path reads top to bottom: transport (`service`, `keys_service`, `extauthz`, `tls`)
+//! → `policy` → domain (`keys` above `vault`, `model`, `keypolicy`) → `envelope` → `store`,
+//! with `audit` and `metrics` alongside.
 #![deny(missing_docs)]
 
 pub mod admin_service;
@@ -12,6 +13,11 @@ pub mod config;
 pub mod dev;
 pub mod envelope;
 pub mod error;
+pub mod extauthz;
+pub mod keypolicy;
+pub mod keys;
+pub mod keys_service;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod server;

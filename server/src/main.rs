@@ -109,9 +109,14 @@ fn run(cli: Cli) -> Result<(), StartError> {
                 Arc::new(blocking(move || server::open_hsm(&cfg)).await?)
             }
         };
-        server::serve(cfg, hsm, |addr| {
+        server::serve(cfg, hsm, |at| {
+            let addr = at.grpc;
             if let Some(dir) = &dev_dir {
-                println!("{}", ward_server::dev::banner(dir, addr));
+                println!("{}", ward_server::dev::banner(dir, addr, at.metrics));
+            }
+            if let Some(m) = at.metrics {
+                tracing::info!(addr = %m, "metrics listening");
+                println!("ward-server metrics addr={m}");
             }
             tracing::info!(%addr, "ready");
             println!("ward-server ready addr={addr}");

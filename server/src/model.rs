@@ -3,6 +3,7 @@
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
+use crate::keypolicy::KeyPolicy;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -157,7 +158,7 @@ pub fn check_text(field: &str, value: &str, max: usize) -> Result<()> {
 }
 
 /// What a secret holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Kind {
     /// A caller-supplied value.
     Static,
@@ -167,7 +168,7 @@ pub enum Kind {
 
 /// The lifecycle state of a version, as stored. See [`VersionMeta::state_at`] for the state
 /// in force at a given time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum VersionState {
     /// The current version; exactly one per secret.
     Primary,
@@ -221,6 +222,15 @@ impl VersionMeta {
             (state, _) => state,
         }
     }
+
+    /// Whether the version may be used (fetched, or verified as an API key) at `now`: PRIMARY,
+    /// or ACTIVE inside its grace window. The one rule every read path applies.
+    pub fn is_usable_at(&self, now: Millis) -> bool {
+        matches!(
+            self.state_at(now),
+            VersionState::Primary | VersionState::Active
+        )
+    }
 }
 
 /// A secret: metadata and every version's metadata.
@@ -250,6 +260,8 @@ pub struct SecretRecord {
     pub primary: u64,
     /// Every version, oldest first.
     pub versions: Vec<VersionMeta>,
+    /// API keys: allowed CIDRs, rate limit, quota, expiry (default for STATIC secrets).
+    pub key_policy: KeyPolicy,
 }
 
 impl SecretRecord {
@@ -335,6 +347,8 @@ mod tests {
         };
         assert_eq!(m.state_at(99), VersionState::Active);
         assert_eq!(m.state_at(100), VersionState::Inactive);
+        assert!(m.is_usable_at(99));
+        assert!(!m.is_usable_at(100));
     }
 
     #[test]

@@ -1,27 +1,48 @@
-//! Assembly and serving: opens the store, unseals, and serves `ward.v1.Secrets`, gRPC health
-//! and server reflection (v1 and v1alpha; grpcurl 1.8.6 speaks only v1alpha) on one mutual-TLS
-//! listener, until SIGTERM or SIGINT.
+//! Assembly and serving: opens the store (with the key directory in step), unseals, and serves
+//! `ward.v1.Secrets`, `ward.v1.Keys`, Envoy's ext_authz `Authorization`, gRPC health and server
+//! reflection (v1 and v1alpha; grpcurl 1.8.6 speaks only v1alpha) on one mutual-TLS listener,
+//! and `/metrics` and `/healthz` on a plain-HTTP one, until SIGTERM or SIGINT.
 
 use crate::admin_service::AdminService;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::extauthz::ExtAuthzService;
+use crate::keypolicy::RateLimit;
+use crate::keys::directory::{DirectoryStore, KeyDirectory};
+use crate::keys::{KeySettings, Keys};
+use crate::keys_service::KeysService;
+use crate::metrics::{MeteredWrapper, RpcMetricsLayer};
+use crate::model::{Kind, VersionState};
 use crate::policy::Policy;
 use crate::service::SecretsService;
 use crate::store::{sled_store::SledStore, Store};
 use crate::tls::{server_config, TlsConn};
 use crate::unseal::unseal;
 use crate::vault::{Settings, Vault};
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use ward::v1::admin_server::AdminServer;
+use ward::v1::keys_server::KeysServer;
 use ward::v1::secrets_server::SecretsServer;
 use ward_hsm::{HsmError, KeyWrapper, Mechanism, Pkcs11Config, Pkcs11Wrapper};
 
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the secret-version counts shown by /metrics may be reused (they need a scan).
+const VERSION_COUNT_TTL: Duration = Duration::from_secs(5);
+
+/// The addresses a started server listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    /// gRPC over mutual TLS.
+    pub grpc: SocketAddr,
+    /// Plain-HTTP metrics and health, if enabled.
+    pub metrics: Option<SocketAddr>,
+}
 
 /// Why the server could not start; each kind has its own exit code.
 #[derive(Debug, thiserror::Error)]
@@ -76,13 +97,14 @@ pub fn open_hsm(cfg: &Config) -> Result<Pkcs11Wrapper, StartError> {
     })?)
 }
 
-/// Serves until a shutdown signal. `ready` is called with the bound address once the
-/// listener accepts connections.
+/// Serves until a shutdown signal. `ready` is called with the bound addresses once the
+/// listeners accept connections.
 pub async fn serve(
     cfg: Config,
     hsm: Arc<dyn KeyWrapper>,
-    ready: impl FnOnce(SocketAddr),
+    ready: impl FnOnce(Listening),
 ) -> Result<(), StartError> {
+    let hsm: Arc<dyn KeyWrapper> = Arc::new(MeteredWrapper(hsm));
     // One crypto provider, chosen explicitly (rustls is built without defaults).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let policy = Policy::load(&cfg.policy).map_err(StartError::Config)?;
@@ -123,10 +145,16 @@ pub async fn serve(
             )));
         }
     }
-    let store = match store {
+    let sled = match store {
         Some(s) => s,
         None => open_store()?,
     };
+    // Every component writes through the directory store, so the in-memory key index and
+    // records can never lag a commit (see keys::directory).
+    let directory = Arc::new(
+        KeyDirectory::load(&*sled).map_err(|e| StartError::Storage(format!("key index: {e}")))?,
+    );
+    let store: Arc<dyn Store> = Arc::new(DirectoryStore::new(sled, directory.clone()));
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (keyring, index) =
         unseal(&store, &hsm, &label, clock.now_ms())
@@ -145,11 +173,33 @@ pub async fn serve(
         max_batch: cfg.limits.max_batch,
         grace_ms: cfg.limits.default_grace_seconds.saturating_mul(1000),
     };
-    let vault = Arc::new(Vault::new(store, keyring, index, policy, clock, settings));
+    let vault = Arc::new(Vault::new(
+        store.clone(),
+        keyring,
+        index,
+        policy,
+        clock,
+        settings,
+    ));
     let admin = AdminServer::new(AdminService::new(vault.clone(), hsm.clone()));
+    vault
+        .usage()
+        .load(&*store)
+        .map_err(|e| StartError::Storage(format!("key usage: {e}")))?;
+    let per_minute = cfg.keys.unknown_keys_per_minute;
+    let unknown_key_limit = RateLimit::parse(per_minute, 60_000, cfg.keys.unknown_key_burst)
+        .map_err(|e| StartError::Config(format!("keys: {e}")))?;
+    let keys = Arc::new(Keys::new(
+        vault.clone(),
+        directory.clone(),
+        KeySettings { unknown_key_limit },
+    ));
+    tracing::info!(keys = directory.index_len(), "key index loaded");
+    crate::metrics::global().set_methods(served_methods());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SecretsServer<SecretsService>>().await;
+    health.set_serving::<KeysServer<KeysService>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ward::FILE_DESCRIPTOR_SET)
@@ -161,8 +211,37 @@ pub async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| StartError::Other(format!("reflection: {e}")))?;
-    let secrets = SecretsServer::new(SecretsService::new(vault))
+    let secrets = SecretsServer::new(SecretsService::new(vault.clone()))
         .max_decoding_message_size(cfg.limits.max_request_bytes);
+    let keys_service = KeysServer::new(KeysService::new(keys.clone(), vault.clone()))
+        .max_decoding_message_size(cfg.limits.max_request_bytes);
+    let ext_authz = envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ExtAuthzService::new(
+        keys.clone(),
+    ))
+    .max_decoding_message_size(cfg.limits.max_request_bytes);
+
+    let metrics_listener = if cfg.metrics.enabled {
+        Some(TcpListener::bind(cfg.metrics.listen).await.map_err(|e| {
+            StartError::Config(format!(
+                "cannot listen on {} (metrics): {e}",
+                cfg.metrics.listen
+            ))
+        })?)
+    } else {
+        None
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()
+        .map_err(|e| StartError::Other(e.to_string()))?;
+    if let Some(l) = metrics_listener {
+        tokio::spawn(serve_metrics(l, vault.clone(), directory.clone()));
+    }
+    let flusher = tokio::spawn(flush_usage(
+        vault.clone(),
+        Duration::from_secs(cfg.keys.usage_flush_seconds),
+    ));
 
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -171,19 +250,183 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| StartError::Other(e.to_string()))?;
     let incoming = tls_incoming(listener, tokio_rustls::TlsAcceptor::from(tls));
-    ready(addr);
+    ready(Listening {
+        grpc: addr,
+        metrics: metrics_addr,
+    });
 
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
+        .layer(RpcMetricsLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(secrets)
         .add_service(admin)
+        .add_service(keys_service)
+        .add_service(ext_authz)
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
-        .map_err(|e| StartError::Other(format!("server: {e}")))?;
+        .map_err(|e| StartError::Other(format!("server: {e}")));
+    flusher.abort();
+    // Usage counters since the last periodic flush, made durable before exit.
+    let flushed = vault.usage().flush(&*store);
+    if let Err(e) = flushed
+        .map(drop)
+        .and(store.sync().await.map_err(Into::into))
+    {
+        tracing::warn!(error = %e, "final usage flush failed");
+    }
+    served?;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Every gRPC path served here, for the bounded `method` label of the RPC metrics.
+fn served_methods() -> HashSet<String> {
+    let mut out: HashSet<String> = [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/envoy.service.auth.v3.Authorization/Check",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    if let Ok(fds) =
+        <prost_types::FileDescriptorSet as prost::Message>::decode(ward::FILE_DESCRIPTOR_SET)
+    {
+        for f in fds.file {
+            let package = f.package.unwrap_or_default();
+            for svc in f.service {
+                for m in svc.method {
+                    out.insert(format!(
+                        "/{package}.{}/{}",
+                        svc.name.as_deref().unwrap_or_default(),
+                        m.name.as_deref().unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Writes usage counters to the store every `every`.
+async fn flush_usage(vault: Arc<Vault>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let v = vault.clone();
+        match tokio::task::spawn_blocking(move || v.usage().flush(&**v.store())).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "usage flush failed"),
+            Err(e) => tracing::warn!(error = %e, "usage flush task failed"),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+type VersionCounts = BTreeMap<(&'static str, &'static str), u64>;
+
+/// Serves `/metrics` and `/healthz` over plain HTTP/1.1.
+async fn serve_metrics(listener: TcpListener, vault: Arc<Vault>, dir: Arc<KeyDirectory>) {
+    let cache: Arc<Mutex<Option<(Instant, VersionCounts)>>> = Arc::default();
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (vault, dir, cache) = (vault.clone(), dir.clone(), cache.clone());
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (vault, dir, cache) = (vault.clone(), dir.clone(), cache.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            metrics_response(req.method(), req.uri().path(), vault, dir, cache)
+                                .await,
+                        )
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(io, svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
+
+async fn metrics_response(
+    method: &http::Method,
+    path: &str,
+    vault: Arc<Vault>,
+    dir: Arc<KeyDirectory>,
+    cache: Arc<Mutex<Option<(Instant, VersionCounts)>>>,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let reply = |status: u16, ctype: &str, body: String| {
+        http::Response::builder()
+            .status(status)
+            .header("content-type", ctype)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    if method != http::Method::GET && method != http::Method::HEAD {
+        return reply(405, "text/plain", "method not allowed\n".into());
+    }
+    match path {
+        "/healthz" => reply(200, "text/plain", "ok\n".into()),
+        "/metrics" => {
+            let cached = cache
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < VERSION_COUNT_TTL)
+                .map(|(_, c)| c.clone());
+            let counts = match cached {
+                Some(c) => c,
+                None => {
+                    let v = vault.clone();
+                    let counted = tokio::task::spawn_blocking(move || v.count_versions()).await;
+                    let counts: VersionCounts = match counted {
+                        Ok(Ok(c)) => c
+                            .into_iter()
+                            .map(|((k, st), n)| ((kind_name(k), state_name(st)), n))
+                            .collect(),
+                        _ => {
+                            tracing::warn!("counting secret versions for /metrics failed");
+                            BTreeMap::new()
+                        }
+                    };
+                    *cache.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some((Instant::now(), counts.clone()));
+                    counts
+                }
+            };
+            let text = crate::metrics::global().render(&counts, dir.index_len());
+            reply(200, "text/plain; version=0.0.4; charset=utf-8", text)
+        }
+        _ => reply(404, "text/plain", "not found\n".into()),
+    }
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Static => "STATIC",
+        Kind::ApiKey => "API_KEY",
+    }
+}
+
+fn state_name(s: VersionState) -> &'static str {
+    s.name()
 }
 
 /// Accepts TCP connections and completes TLS handshakes off the accept path, so one slow or

@@ -1,7 +1,8 @@
 //! The tonic service `ward.v1.Secrets`: converts between wire types and the vault's, takes the
 //! caller from the verified connection, and maps errors through `status.rs`. No decisions here.
 
-use crate::clock::to_timestamp;
+use crate::clock::{to_timestamp, Millis};
+use crate::keys_service::{policy_input, quota_out, rate_limit_out};
 use crate::model::{Kind, SecretRecord, VersionState};
 use crate::status::to_status;
 use crate::tls::Peer;
@@ -74,7 +75,13 @@ impl Secrets for SecretsService {
             description: r.description,
             request_id: r.request_id,
         };
-        let issued = self.vault.issue(&peer, input).await.map_err(to_status)?;
+        let policy = policy_input(r.allowed_cidrs, r.rate_limit, r.quota, r.expire_time)
+            .map_err(to_status)?;
+        let issued = self
+            .vault
+            .issue_with_policy(&peer, input, policy)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::IssueKeyResponse {
             name: issued.written.name,
             version: issued.written.version,
@@ -145,7 +152,8 @@ impl Secrets for SecretsService {
             .describe(&peer, &req.into_inner().name)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(metadata(s, true)))
+        let last_used = self.vault.usage().last_used(&s.name);
+        Ok(Response::new(metadata(s, true, last_used)))
     }
 
     async fn list_secrets(
@@ -161,13 +169,18 @@ impl Secrets for SecretsService {
             environment: r.environment,
             owner: r.owner,
             labels: r.labels.into_iter().collect(),
+            unused_days: r.unused_keys.then_some(r.unused_days),
         };
         let page = self.vault.list(&peer, input).await.map_err(to_status)?;
+        let usage = self.vault.usage();
         Ok(Response::new(pb::ListSecretsResponse {
             secrets: page
                 .secrets
                 .into_iter()
-                .map(|s| metadata(s, false))
+                .map(|s| {
+                    let last_used = usage.last_used(&s.name);
+                    metadata(s, false, last_used)
+                })
                 .collect(),
             next_page_token: page.next_page_token,
         }))
@@ -205,7 +218,7 @@ fn state(s: VersionState) -> pb::VersionState {
     }
 }
 
-fn metadata(s: SecretRecord, with_versions: bool) -> pb::SecretMetadata {
+fn metadata(s: SecretRecord, with_versions: bool, last_used: Option<Millis>) -> pb::SecretMetadata {
     let versions = if with_versions {
         s.versions
             .iter()
@@ -234,5 +247,15 @@ fn metadata(s: SecretRecord, with_versions: bool) -> pb::SecretMetadata {
         primary_version: s.primary,
         versions,
         created_by: s.created_by,
+        allowed_cidrs: s
+            .key_policy
+            .allowed_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        rate_limit: s.key_policy.rate_limit.map(rate_limit_out),
+        quota: s.key_policy.quota.map(quota_out),
+        expire_time: s.key_policy.expire_ms.map(to_timestamp),
+        last_used_time: last_used.map(to_timestamp),
     }
 }

@@ -9,6 +9,8 @@ use crate::audit::{self, AuditRecord};
 use crate::clock::{Clock, Millis};
 use crate::envelope::{IndexKey, Keyring, SealedValue};
 use crate::error::{Code, Error, Result};
+use crate::keypolicy::{parse_cidrs, KeyPolicy, KeyPolicyInput, PolicyMask, Quota, RateLimit};
+use crate::keys::usage::UsageBook;
 use crate::model::{
     check_labels, check_scopes, check_text, KeyIndexEntry, Kind, RequestId, RequestRecord,
     SecretName, SecretRecord, VersionMeta, VersionState, MAX_DESCRIPTION, MAX_OWNER,
@@ -28,6 +30,11 @@ const MAX_ATTEMPTS: usize = 8;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 /// Page size when the request names none.
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// Days of the stale-key report when the request names none.
+pub const DEFAULT_UNUSED_DAYS: u32 = 90;
+/// Longest stale-key window, in days.
+pub const MAX_UNUSED_DAYS: u32 = 3650;
+const DAY_MS: u64 = 24 * 3600 * 1000;
 
 /// Settings the vault needs from the configuration.
 #[derive(Debug, Clone)]
@@ -58,6 +65,7 @@ pub struct Vault {
     policy: Policy,
     clock: Arc<dyn Clock>,
     settings: Settings,
+    usage: Arc<UsageBook>,
 }
 
 /// PutSecret's input, as received.
@@ -157,6 +165,23 @@ pub struct ListInput {
     pub owner: String,
     /// Label filters (all must match).
     pub labels: BTreeMap<String, String>,
+    /// Stale-key report: only API keys never used or unused for this many days (0: 90).
+    pub unused_days: Option<u32>,
+}
+
+/// UpdateKeyPolicy's input, as received.
+#[derive(Debug, Default)]
+pub struct PolicyUpdate {
+    /// Secret name (unparsed).
+    pub name: String,
+    /// New scopes (when the mask names them).
+    pub scopes: Vec<String>,
+    /// New policy fields (those the mask names).
+    pub policy: KeyPolicyInput,
+    /// Field-mask paths; empty: every field.
+    pub mask: Vec<String>,
+    /// Idempotency key, or empty.
+    pub request_id: String,
 }
 
 /// One page of ListSecrets.
@@ -185,6 +210,7 @@ impl Vault {
             policy,
             clock,
             settings,
+            usage: Arc::new(UsageBook::default()),
         }
     }
 
@@ -196,6 +222,26 @@ impl Vault {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The store (with the key directory in step).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The authorization policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The vault's settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// API keys' usage counters.
+    pub fn usage(&self) -> &Arc<UsageBook> {
+        &self.usage
     }
 
     /// The vault's clock reading.
@@ -296,6 +342,7 @@ impl Vault {
                     update_ms: now,
                     primary: 0,
                     versions: Vec::new(),
+                    key_policy: KeyPolicy::default(),
                 },
             };
             self.authorize(peer, Verb::Write, &name, Some(&secret.environment))?;
@@ -344,10 +391,21 @@ impl Vault {
 
     /// Generates an API key and stores it as a new API_KEY secret.
     pub async fn issue(&self, peer: &Peer, input: IssueInput) -> Result<Issued> {
+        self.issue_with_policy(peer, input, KeyPolicyInput::default())
+            .await
+    }
+
+    /// [`Vault::issue`] with a key policy (CIDRs, rate limit, quota, expiry).
+    pub async fn issue_with_policy(
+        &self,
+        peer: &Peer,
+        input: IssueInput,
+        policy: KeyPolicyInput,
+    ) -> Result<Issued> {
         let mut rec = AuditRecord::new(peer, "IssueKey", self.now());
         rec.targets.push((input.name.clone(), 0));
         rec.request_id = input.request_id.clone();
-        let result = self.issue_inner(peer, &input, &mut rec).await;
+        let result = self.issue_inner(peer, &input, &policy, &mut rec).await;
         self.finish_write(rec, result).await
     }
 
@@ -355,12 +413,22 @@ impl Vault {
         &self,
         peer: &Peer,
         input: &IssueInput,
+        policy_input: &KeyPolicyInput,
         rec: &mut AuditRecord,
     ) -> Result<Issued> {
         let name = SecretName::parse(&input.name)?;
         self.authorize(peer, Verb::Issue, &name, None)?;
         let request_id = RequestId::parse_optional(&input.request_id)?;
         check_scopes(&input.scopes)?;
+        if policy_input.expire_ms.is_some_and(|t| t <= self.now()) {
+            return Err(Error::invalid("expire_time is not in the future"));
+        }
+        let key_policy = parse_policy(
+            policy_input,
+            &KeyPolicy::default(),
+            PolicyMask::ALL,
+            self.now(),
+        )?;
         check_labels(&input.labels)?;
         check_text("description", &input.description, MAX_DESCRIPTION)?;
         check_text("owner", &input.owner, MAX_OWNER)?;
@@ -380,6 +448,12 @@ impl Vault {
                 &encode(&input.scopes),
                 &encode(&input.labels),
                 input.description.as_bytes(),
+                &encode(&(
+                    &policy_input.allowed_cidrs,
+                    policy_input.rate_limit,
+                    policy_input.quota,
+                    policy_input.expire_ms,
+                )),
             ],
         );
 
@@ -432,6 +506,7 @@ impl Vault {
                 update_ms: now,
                 primary: 0,
                 versions: Vec::new(),
+                key_policy: key_policy.clone(),
             };
             let value = key.expose().as_bytes();
             let sealed = self.keyring().seal(name.as_str(), 1, value)?;
@@ -550,16 +625,14 @@ impl Vault {
         let meta = secret
             .version(version)
             .ok_or_else(|| Error::NotFound(format!("version {version} of {name}")))?;
-        let state = meta.state_at(self.now());
-        match state {
-            VersionState::Primary | VersionState::Active => {}
-            other => {
-                return Err(Error::FailedPrecondition(format!(
-                    "version {} of {name} is {}",
-                    meta.version,
-                    other.name()
-                )))
-            }
+        let now = self.now();
+        let state = meta.state_at(now);
+        if !meta.is_usable_at(now) {
+            return Err(Error::FailedPrecondition(format!(
+                "version {} of {name} is {}",
+                meta.version,
+                state.name()
+            )));
         }
         let blob = self
             .store
@@ -632,6 +705,18 @@ impl Vault {
         if input.name_prefix.len() > crate::model::MAX_NAME_LEN {
             return Err(Error::invalid("name_prefix longer than 256 bytes"));
         }
+        let unused_before = match input.unused_days {
+            None => None,
+            Some(d) if d > MAX_UNUSED_DAYS => {
+                return Err(Error::invalid(format!(
+                    "unused_days {d} exceeds {MAX_UNUSED_DAYS}"
+                )))
+            }
+            Some(d) => {
+                let days = if d == 0 { DEFAULT_UNUSED_DAYS } else { d };
+                Some(self.now().saturating_sub(u64::from(days) * DAY_MS))
+            }
+        };
         let mut start = match input.page_token.as_str() {
             "" => Vec::new(),
             token => {
@@ -662,7 +747,11 @@ impl Vault {
                         .allows(&peer.identity, Verb::List, &s.name, Some(&s.environment))
                         && (input.environment.is_empty() || s.environment == input.environment)
                         && (input.owner.is_empty() || s.owner == input.owner)
-                        && input.labels.iter().all(|(k, v)| s.labels.get(k) == Some(v));
+                        && input.labels.iter().all(|(k, v)| s.labels.get(k) == Some(v))
+                        && unused_before.is_none_or(|cutoff| {
+                            s.kind == Kind::ApiKey
+                                && self.usage.last_used(&s.name).is_none_or(|t| t < cutoff)
+                        });
                 if !visible {
                     continue;
                 }
@@ -686,6 +775,123 @@ impl Vault {
             secrets,
             next_page_token,
         })
+    }
+
+    // ---- UpdateKeyPolicy -------------------------------------------------------------------
+
+    /// Replaces the masked fields of an API key's policy. Setting the quota starts a fresh
+    /// ledger (a new quota epoch); a retry under the same request id does not.
+    pub async fn update_key_policy(
+        &self,
+        peer: &Peer,
+        input: PolicyUpdate,
+    ) -> Result<SecretRecord> {
+        let mut rec = AuditRecord::new(peer, "UpdateKeyPolicy", self.now());
+        rec.targets.push((input.name.clone(), 0));
+        rec.request_id = input.request_id.clone();
+        let result = self.update_policy_inner(peer, &input, &mut rec);
+        self.finish_write(rec, result).await
+    }
+
+    fn update_policy_inner(
+        &self,
+        peer: &Peer,
+        input: &PolicyUpdate,
+        rec: &mut AuditRecord,
+    ) -> Result<SecretRecord> {
+        let name = SecretName::parse(&input.name)?;
+        self.authorize(peer, Verb::Issue, &name, None)?;
+        let request_id = RequestId::parse_optional(&input.request_id)?;
+        let mask = PolicyMask::parse(&input.mask)?;
+        if mask.scopes {
+            check_scopes(&input.scopes)?;
+        }
+        let fingerprint = self.fingerprint(
+            "UpdateKeyPolicy",
+            &[
+                name.as_str().as_bytes(),
+                &encode(&input.scopes),
+                &encode(&(
+                    &input.policy.allowed_cidrs,
+                    input.policy.rate_limit,
+                    input.policy.quota,
+                    input.policy.expire_ms,
+                )),
+                &encode(&input.mask),
+            ],
+        );
+        for _ in 0..MAX_ATTEMPTS {
+            if let Some(id) = &request_id {
+                if self
+                    .replay(peer, id, "UpdateKeyPolicy", &fingerprint)?
+                    .is_some()
+                {
+                    return Ok(self.as_of_now(self.load(&name)?));
+                }
+            }
+            let raw = self
+                .store
+                .get(Tree::Secrets, name.as_str().as_bytes())?
+                .ok_or_else(|| Error::NotFound(format!("secret {name}")))?;
+            let mut secret: SecretRecord = decode("secret", &raw)?;
+            self.authorize(peer, Verb::Issue, &name, Some(&secret.environment))?;
+            if secret.kind != Kind::ApiKey {
+                return Err(Error::FailedPrecondition(format!(
+                    "{name} is not an API key; only API keys have a key policy"
+                )));
+            }
+            let now = self.now();
+            secret.key_policy = parse_policy(&input.policy, &secret.key_policy, mask, now)?;
+            if mask.scopes {
+                secret.scopes = input.scopes.clone();
+            }
+            secret.update_ms = now;
+            rec.targets = vec![(name.to_string(), secret.primary)];
+            let mut batch = Batch::new();
+            batch.guard(Tree::Secrets, name.as_str().as_bytes(), Some(raw));
+            batch.put(Tree::Secrets, name.as_str().as_bytes(), encode(&secret));
+            let written = Written {
+                name: name.to_string(),
+                version: secret.primary,
+                checksum: 0,
+                create_ms: now,
+            };
+            self.stage_request(
+                &mut batch,
+                peer,
+                request_id.as_ref(),
+                "UpdateKeyPolicy",
+                fingerprint,
+                &written,
+            );
+            match self.commit_with_audit(batch, rec) {
+                Err(Error::Conflict(_)) => continue,
+                other => other?,
+            }
+            return Ok(self.as_of_now(secret));
+        }
+        Err(Error::Conflict(format!(
+            "{name} is being changed concurrently; retry"
+        )))
+    }
+
+    /// Versions of every secret by kind and state in force now (for metrics). Scans the store.
+    pub fn count_versions(&self) -> Result<BTreeMap<(Kind, VersionState), u64>> {
+        let now = self.now();
+        let mut counts = BTreeMap::new();
+        for (_, raw) in crate::keys::directory::scan_all(&*self.store, Tree::Secrets)? {
+            let s: SecretRecord = decode("secret", &raw)?;
+            for v in &s.versions {
+                *counts.entry((s.kind, v.state_at(now))).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The keyed hash an API key is indexed by (HMAC-SHA256 under the index key).
+    pub fn key_hash(&self, key: &ApiKey) -> [u8; 32] {
+        self.index
+            .hash("ward/apikey/v1", &[key.expose().as_bytes()])
     }
 
     // ---- helpers ---------------------------------------------------------------------------
@@ -779,11 +985,6 @@ impl Vault {
 
     fn fingerprint(&self, method: &str, parts: &[&[u8]]) -> [u8; 32] {
         self.index.hash(method, parts)
-    }
-
-    fn key_hash(&self, key: &ApiKey) -> [u8; 32] {
-        self.index
-            .hash("ward/apikey/v1", &[key.expose().as_bytes()])
     }
 
     fn key_id(&self, key: &ApiKey) -> String {
@@ -896,6 +1097,37 @@ impl Vault {
         audit::append(&*self.store, rec).await?;
         result
     }
+}
+
+/// Builds a key policy: the fields `mask` names from `input`, the others from `current`.
+/// Setting a quota gives it the next epoch, so its ledger starts at the new limit.
+fn parse_policy(
+    input: &KeyPolicyInput,
+    current: &KeyPolicy,
+    mask: PolicyMask,
+    now: Millis,
+) -> Result<KeyPolicy> {
+    let mut p = current.clone();
+    if mask.allowed_cidrs {
+        p.allowed_cidrs = parse_cidrs(&input.allowed_cidrs)?;
+    }
+    if mask.rate_limit {
+        p.rate_limit = input
+            .rate_limit
+            .map(|(r, period, burst)| RateLimit::parse(r, period, burst))
+            .transpose()?;
+    }
+    if mask.quota {
+        let epoch = current.quota.map_or(0, |q| q.epoch) + 1;
+        p.quota = input
+            .quota
+            .map(|(limit, refill, period)| Quota::parse(limit, refill, period, now, epoch))
+            .transpose()?;
+    }
+    if mask.expire_time {
+        p.expire_ms = input.expire_ms;
+    }
+    Ok(p)
 }
 
 fn log_refusal(rec: &AuditRecord, e: &Error) {

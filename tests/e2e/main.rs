@@ -9,15 +9,19 @@
 mod authz;
 mod disk;
 mod durability;
+mod extauthz;
 mod keyring;
 mod keys;
+mod metrics;
 mod pagination;
 mod roundtrip;
+mod scan;
 mod sdk;
 mod semantics;
 mod startup;
 mod tools;
 mod validation;
+mod verify;
 
 use std::collections::HashMap;
 

@@ -25,6 +25,11 @@ pub use ward::v1 as pb;
 
 /// The generated gRPC client over an mTLS channel: no retries, no cache, exact status codes.
 pub type RawClient = pb::secrets_client::SecretsClient<Channel>;
+/// The generated `ward.v1.Keys` client over an mTLS channel.
+pub type KeysClient = pb::keys_client::KeysClient<Channel>;
+/// Envoy's ext_authz client over an mTLS channel.
+pub type AuthzClient =
+    envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient<Channel>;
 
 /// How long a server may take from spawn to its ready line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,6 +39,8 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The prefix of the one line the server prints on stdout once it is listening.
 pub const READY_PREFIX: &str = "ward-server ready addr=";
+/// The prefix of the line naming the plain-HTTP metrics listener (printed before ready).
+pub const METRICS_PREFIX: &str = "ward-server metrics addr=";
 /// Lines of server output kept per stream (older lines are dropped).
 const LOG_CAP: usize = 50_000;
 
@@ -330,6 +337,7 @@ fn pump(
 struct Proc {
     child: Child,
     ready: mpsc::Receiver<Result<SocketAddr, String>>,
+    metrics: Arc<Mutex<Option<SocketAddr>>>,
     readers: Vec<JoinHandle<()>>,
 }
 
@@ -357,7 +365,12 @@ impl Proc {
             .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", bin.display()));
         let (tx, rx) = mpsc::channel();
         let out_logs = logs.clone();
+        let metrics = Arc::new(Mutex::new(None));
+        let metrics_seen = metrics.clone();
         let stdout = pump(child.stdout.take().unwrap(), move |line| {
+            if let Some(rest) = line.trim().strip_prefix(METRICS_PREFIX) {
+                *metrics_seen.lock().unwrap() = rest.trim().parse::<SocketAddr>().ok();
+            }
             if let Some(rest) = line.trim().strip_prefix(READY_PREFIX) {
                 let addr = rest
                     .split_whitespace()
@@ -376,6 +389,7 @@ impl Proc {
         Proc {
             child,
             ready: rx,
+            metrics,
             readers: vec![stdout, stderr],
         }
     }
@@ -529,6 +543,57 @@ impl TestServer {
     /// The address the running server reported in its ready line.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The plain-HTTP metrics address the running server reported.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let p = self.proc.as_ref().expect("no server running");
+        p.metrics
+            .lock()
+            .unwrap()
+            .expect("the server printed no metrics address")
+    }
+
+    /// `GET path` on the metrics listener: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::net::TcpStream;
+        let mut tcp = TcpStream::connect(self.metrics_addr()).expect("connect to metrics");
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            tcp,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).expect("read metrics response");
+        let text = String::from_utf8(raw).expect("metrics response is UTF-8");
+        let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("HTTP status line");
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        (
+            status,
+            if chunked {
+                dechunk(body)
+            } else {
+                body.to_owned()
+            },
+        )
+    }
+
+    /// The generated `ward.v1.Keys` client connected as `identity`.
+    pub async fn keys_client(&self, identity: &str) -> KeysClient {
+        pb::keys_client::KeysClient::new(self.channel(identity).await)
+    }
+
+    /// Envoy's ext_authz client connected as `identity`.
+    pub async fn authz_client(&self, identity: &str) -> AuthzClient {
+        AuthzClient::new(self.channel(identity).await)
     }
 
     /// `DIR/tls/ca.pem`.
@@ -812,6 +877,20 @@ impl Drop for TestServer {
             }
         }
     }
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// Every regular file under `dir`, recursively.

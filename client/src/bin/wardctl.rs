@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use clap::builder::FalseyValueParser;
@@ -13,8 +14,10 @@ use zeroize::{Zeroize, Zeroizing};
 
 use ward_client::cli::ConnArgs;
 use ward_client::proto::{
-    batch_fetch_result, BatchFetchResult, FetchSecretResponse, IssueKeyRequest, ListSecretsRequest,
-    PutSecretRequest, SecretKind, SecretMetadata, VersionState,
+    batch_fetch_result, BatchFetchResult, FetchSecretResponse, GetKeyUsageResponse,
+    IssueKeyRequest, KeyPolicy, ListSecretsRequest, PutSecretRequest, Quota, RateLimit, SecretKind,
+    SecretMetadata, UpdateKeyPolicyRequest, VerifyKeyRequest, VerifyKeyResponse, VerifyResult,
+    VersionState,
 };
 use ward_client::{code_name, Client, Code, Error};
 
@@ -27,7 +30,8 @@ use ward_client::{code_name, Client, Code, Error};
     after_help = "Every call is made over mutual TLS: give --ca, --cert and --key (or WARD_CA, \
                   WARD_CERT, WARD_KEY).\n\nExit status: 0 success, 1 the server refused or \
                   could not be reached (stderr: `error: <CODE>: <message>`), 2 bad usage or \
-                  configuration."
+                  configuration, 3 `keys verify`: the key is not valid; `scan`: keys were \
+                  found (live ones, with --check)."
 )]
 struct Cli {
     #[command(flatten)]
@@ -86,6 +90,17 @@ enum Command {
     /// Key management (needs the `admin` verb): keyring and master-key rotation
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// API keys: verify one, change a key's policy, show usage, report stale keys
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Find Ward API keys in files (a leak scanner for pre-commit hooks and CI)
+    ///
+    /// Walks PATHs (default: .), honouring .gitignore and .ignore files, skipping binaries and
+    /// .git/, and reports every string in Ward's key format whose checksum is valid, as
+    /// `FILE:LINE:COLUMN: PREVIEW` with the key redacted. With --check, asks the server
+    /// (verify verb, zero cost: nothing is charged or counted as a use) whether each is live.
+    /// Exits 3 when keys were found (with --check: live keys), 0 otherwise.
+    Scan(ScanArgs),
 }
 
 /// `wardctl admin …`
@@ -101,6 +116,163 @@ enum AdminCommand {
     },
     /// Show the keyring's terms, master key and its wrap count
     Keyring,
+}
+
+/// The `keys` commands.
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Verify a key read from stdin (or --key-file): prints the result, exits 3 unless VALID
+    ///
+    /// The key is never taken from the command line (it would land in `ps` and shell history).
+    /// Charges --cost (default 1) to the key's rate limit and quota when valid.
+    Verify(VerifyArgs),
+    /// Change fields of an API key's policy; only the fields given are changed
+    ///
+    /// Setting --quota starts a fresh ledger at the new limit.
+    Policy(PolicyArgs),
+    /// Show an API key's usage: per version, verifications by result and endpoint, last use
+    Usage(UsageArgs),
+    /// List API keys not used (no charged VALID verification) for N days, or never used
+    Stale(StaleArgs),
+}
+
+/// Key policy flags shared by `issue` and `keys policy`.
+#[derive(Debug, Args, Default)]
+struct KeyPolicyArgs {
+    /// Allowed client IP range (CIDR or address), repeatable; default any
+    #[arg(long = "cidr", value_name = "CIDR")]
+    cidrs: Vec<String>,
+    /// Rate limit: REQUESTS/PERIOD, e.g. 100/s, 6000/1m, 10/500ms
+    #[arg(long, value_name = "N/PERIOD", value_parser = parse_rate)]
+    rate_limit: Option<(u32, Duration)>,
+    /// Requests admitted back to back (default: the rate's N)
+    #[arg(long, value_name = "N", requires = "rate_limit")]
+    burst: Option<u32>,
+    /// Usage quota (sum of verification costs)
+    #[arg(long, value_name = "N")]
+    quota: Option<u64>,
+    /// Refill the quota every PERIOD (e.g. 1d, 30d, 1h)
+    #[arg(long, value_name = "PERIOD", value_parser = parse_span, requires = "quota")]
+    quota_period: Option<Duration>,
+    /// Balance after each refill (default: the quota)
+    #[arg(long, value_name = "N", requires = "quota_period")]
+    quota_refill: Option<u64>,
+    /// Expiry: an RFC 3339 time (2027-01-31T00:00:00Z) or a span from now (90d, 12h)
+    #[arg(long, value_name = "TIME", value_parser = parse_expiry)]
+    expires: Option<prost_types::Timestamp>,
+}
+
+impl KeyPolicyArgs {
+    fn rate(&self) -> Option<RateLimit> {
+        self.rate_limit.map(|(requests, period)| RateLimit {
+            requests,
+            period: Some(proto_duration(period)),
+            burst: self.burst.unwrap_or(0),
+        })
+    }
+
+    fn quota(&self) -> Option<Quota> {
+        self.quota.map(|limit| Quota {
+            limit,
+            refill: self.quota_refill.unwrap_or(0),
+            refill_period: self.quota_period.map(proto_duration),
+        })
+    }
+}
+
+/// Arguments of `keys verify`.
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// Read the key from this file ("-" or absent: stdin; surrounding whitespace is dropped)
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Scope the key must grant, repeatable
+    #[arg(long = "scope", value_name = "SCOPE")]
+    scopes: Vec<String>,
+    /// The end client's IP address
+    #[arg(long, value_name = "IP")]
+    ip: Option<String>,
+    /// The environment the verifier serves
+    #[arg(long = "env", value_name = "ENV")]
+    environment: Option<String>,
+    /// Units to charge (0: check without charging)
+    #[arg(long, value_name = "N")]
+    cost: Option<u64>,
+    /// Endpoint tag for usage statistics
+    #[arg(long, value_name = "TAG")]
+    endpoint: Option<String>,
+}
+
+/// Arguments of `keys policy`.
+#[derive(Debug, Args)]
+struct PolicyArgs {
+    /// Name of the API_KEY secret
+    name: String,
+    /// Replace the scopes with these, repeatable
+    #[arg(long = "scope", value_name = "SCOPE")]
+    scopes: Vec<String>,
+    /// Remove every scope
+    #[arg(long, conflicts_with = "scopes")]
+    no_scopes: bool,
+    /// Remove every CIDR restriction
+    #[arg(long, conflicts_with = "cidrs")]
+    no_cidrs: bool,
+    /// Remove the rate limit
+    #[arg(long, conflicts_with = "rate_limit")]
+    no_rate_limit: bool,
+    /// Remove the quota
+    #[arg(long, conflicts_with = "quota")]
+    no_quota: bool,
+    /// Remove the expiry
+    #[arg(long, conflicts_with = "expires")]
+    no_expiry: bool,
+    #[command(flatten)]
+    policy: KeyPolicyArgs,
+    /// Idempotency key: a retry does not reset the quota twice
+    #[arg(long, value_name = "ID")]
+    request_id: Option<String>,
+}
+
+/// Arguments of `keys usage`.
+#[derive(Debug, Args)]
+struct UsageArgs {
+    /// Name of the API_KEY secret
+    name: String,
+    /// Only this version (default: every version)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    version: u64,
+}
+
+/// Arguments of `keys stale`.
+#[derive(Debug, Args)]
+struct StaleArgs {
+    /// Unused for at least this many days
+    #[arg(long, value_name = "N", default_value_t = 90,
+          value_parser = clap::value_parser!(u32).range(1..=3650))]
+    days: u32,
+    /// Only names starting with this prefix
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// Only this environment
+    #[arg(long = "env", value_name = "ENV")]
+    environment: Option<String>,
+}
+
+/// Arguments of `scan`.
+#[derive(Debug, Args)]
+struct ScanArgs {
+    /// Files or directories (default: .)
+    #[arg(value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// Ask the server whether each key found is live (needs the verify verb)
+    #[arg(long)]
+    check: bool,
+    /// Revoke the live keys found, after confirmation (implies --check)
+    #[arg(long)]
+    revoke: bool,
+    /// Do not ask for confirmation before revoking
+    #[arg(long, requires = "revoke")]
+    yes: bool,
 }
 
 /// Metadata flags shared by `put` and `issue`.
@@ -149,6 +321,8 @@ struct IssueArgs {
     scopes: Vec<String>,
     #[command(flatten)]
     meta: MetaArgs,
+    #[command(flatten)]
+    policy: KeyPolicyArgs,
 }
 
 /// Arguments of `get`.
@@ -210,6 +384,8 @@ enum Failure {
     Output(io::Error),
     /// The error was already reported (e.g. per-item in a batch): exit 1, print nothing more.
     Reported,
+    /// `keys verify` found the key not valid, or `scan` found keys: exit 3.
+    Found,
 }
 
 impl From<Error> for Failure {
@@ -247,6 +423,7 @@ impl Failure {
                 ExitCode::from(1)
             }
             Self::Reported => ExitCode::from(1),
+            Self::Found => ExitCode::from(3),
         }
     }
 }
@@ -315,6 +492,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 labels: label_map(meta.labels)?,
                 description: meta.description.unwrap_or_default(),
                 request_id: meta.request_id.unwrap_or_default(),
+                allowed_cidrs: args.policy.cidrs.clone(),
+                rate_limit: args.policy.rate(),
+                quota: args.policy.quota(),
+                expire_time: args.policy.expires,
             };
             let mut resp = client.issue_key(req).await?;
             let printed = if json {
@@ -444,6 +625,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 environment: args.environment.unwrap_or_default(),
                 owner: args.owner.unwrap_or_default(),
                 labels: label_map(args.labels)?,
+                ..Default::default()
             };
             let client = Client::connect(cfg).await?;
             let (secrets, next) = if one_page {
@@ -466,7 +648,564 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Ok(())
             }
         }
+        Command::Keys(cmd) => run_keys(cfg, cmd, json).await,
+        Command::Scan(args) => run_scan(cfg, args, json).await,
     }
+}
+
+/// Runs a `keys` command.
+async fn run_keys(
+    cfg: ward_client::ClientConfig,
+    cmd: KeysCommand,
+    json: bool,
+) -> Result<(), Failure> {
+    match cmd {
+        KeysCommand::Verify(args) => {
+            let key = read_key(args.key_file.as_deref())?;
+            let client = Client::connect(cfg).await?;
+            let resp = client
+                .verify_key(VerifyKeyRequest {
+                    api_key: key.to_string(),
+                    required_scopes: args.scopes,
+                    client_ip: args.ip.unwrap_or_default(),
+                    cost: args.cost,
+                    environment: args.environment.unwrap_or_default(),
+                    endpoint: args.endpoint.unwrap_or_default(),
+                })
+                .await?;
+            if json {
+                print_json(&verify_json(&resp))?;
+            } else {
+                print_verify(&resp)?;
+            }
+            if resp.valid {
+                Ok(())
+            } else {
+                Err(Failure::Found)
+            }
+        }
+        KeysCommand::Policy(args) => {
+            let p = &args.policy;
+            let mut mask = Vec::new();
+            if !args.scopes.is_empty() || args.no_scopes {
+                mask.push("scopes");
+            }
+            if !p.cidrs.is_empty() || args.no_cidrs {
+                mask.push("allowed_cidrs");
+            }
+            if p.rate_limit.is_some() || args.no_rate_limit {
+                mask.push("rate_limit");
+            }
+            if p.quota.is_some() || args.no_quota {
+                mask.push("quota");
+            }
+            if p.expires.is_some() || args.no_expiry {
+                mask.push("expire_time");
+            }
+            if mask.is_empty() {
+                return Err(Failure::Usage(
+                    "nothing to change: give --scope, --cidr, --rate-limit, --quota, --expires or a --no-… flag".into(),
+                ));
+            }
+            let req = UpdateKeyPolicyRequest {
+                name: args.name,
+                policy: Some(KeyPolicy {
+                    scopes: args.scopes.clone(),
+                    allowed_cidrs: p.cidrs.clone(),
+                    rate_limit: p.rate(),
+                    quota: p.quota(),
+                    expire_time: p.expires,
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: mask.iter().map(|s| s.to_string()).collect(),
+                }),
+                request_id: args.request_id.unwrap_or_default(),
+            };
+            let client = Client::connect(cfg).await?;
+            let resp = client.update_key_policy(req).await?;
+            let policy = resp.policy.unwrap_or_default();
+            if json {
+                print_json(&json!({
+                    "name": resp.name,
+                    "policy": policy_json(&policy),
+                    "update_time": timestamp_json(resp.update_time.as_ref()),
+                }))
+            } else {
+                let mut out = io::stdout().lock();
+                writeln!(out, "{}: policy updated ({})", resp.name, mask.join(", "))?;
+                for (k, v) in policy_lines(&policy) {
+                    writeln!(out, "  {k:<12} {v}")?;
+                }
+                Ok(())
+            }
+        }
+        KeysCommand::Usage(args) => {
+            let client = Client::connect(cfg).await?;
+            let resp = client.get_key_usage(args.name, args.version).await?;
+            if json {
+                print_json(&usage_json(&resp))
+            } else {
+                print_usage(&resp)
+            }
+        }
+        KeysCommand::Stale(args) => {
+            let client = Client::connect(cfg).await?;
+            let secrets = client
+                .list_all(ListSecretsRequest {
+                    name_prefix: args.prefix.unwrap_or_default(),
+                    environment: args.environment.unwrap_or_default(),
+                    unused_keys: true,
+                    unused_days: args.days,
+                    ..Default::default()
+                })
+                .await?;
+            if json {
+                return print_json(&Value::Array(secrets.iter().map(metadata_json).collect()));
+            }
+            let mut rows = vec![[
+                "NAME".to_owned(),
+                "ENV".to_owned(),
+                "OWNER".to_owned(),
+                "CREATED".to_owned(),
+                "LAST USED".to_owned(),
+            ]];
+            rows.extend(secrets.iter().map(|m| {
+                [
+                    m.name.clone(),
+                    m.environment.clone(),
+                    m.owner.clone(),
+                    timestamp_text(m.create_time.as_ref()),
+                    m.last_used_time
+                        .as_ref()
+                        .map_or_else(|| "never".to_owned(), ToString::to_string),
+                ]
+            }));
+            write_table(&mut io::stdout().lock(), &rows)?;
+            eprintln!(
+                "{} API keys unused for {} days or never used",
+                secrets.len(),
+                args.days
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Runs `scan`.
+async fn run_scan(
+    cfg: ward_client::ClientConfig,
+    args: ScanArgs,
+    json: bool,
+) -> Result<(), Failure> {
+    let paths = if args.paths.is_empty() {
+        vec![PathBuf::from(".")]
+    } else {
+        args.paths
+    };
+    for p in &paths {
+        if !p.exists() {
+            return Err(Failure::Usage(format!(
+                "{}: no such file or directory",
+                p.display()
+            )));
+        }
+    }
+    let mut findings = Vec::new();
+    let summary = ward_client::scan::scan_paths(&paths, |f| findings.push(f));
+    for (path, err) in &summary.errors {
+        eprintln!("warning: {}: {err}", path.display());
+    }
+    let check = args.check || args.revoke;
+    // One verification per distinct key (a key pasted in ten places is asked about once).
+    let mut verdicts: HashMap<String, Result<VerifyKeyResponse, String>> = HashMap::new();
+    if check && !findings.is_empty() {
+        let client = Client::connect(cfg).await?;
+        for f in &findings {
+            if verdicts.contains_key(f.key.expose()) {
+                continue;
+            }
+            let v = client
+                .verify_key(VerifyKeyRequest {
+                    api_key: f.key.expose().to_owned(),
+                    cost: Some(0),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("{}: {}", code_name(e.code()), e.message()));
+            verdicts.insert(f.key.expose().to_owned(), v);
+        }
+    }
+    let status = |key: &str| -> (String, bool) {
+        match verdicts.get(key) {
+            None => ("unchecked".into(), true),
+            Some(Ok(v)) => {
+                let live = is_live(v);
+                let what = if v.name.is_empty() {
+                    result_name(v.result)
+                } else {
+                    format!("{} ({}@{})", result_name(v.result), v.name, v.version)
+                };
+                (if live { format!("LIVE {what}") } else { what }, live)
+            }
+            // Could not tell: treat as live, so a broken check never passes a leak.
+            Some(Err(e)) => (format!("check failed: {e}"), true),
+        }
+    };
+    let mut live = 0;
+    let mut rows = Vec::new();
+    let mut out = io::stdout().lock();
+    for f in &findings {
+        let (what, is_live) = status(f.key.expose());
+        if is_live {
+            live += 1;
+        }
+        if json {
+            rows.push(json!({
+                "path": f.path.display().to_string(),
+                "line": f.line,
+                "column": f.column,
+                "preview": f.key.redacted(),
+                "status": what,
+                "live": is_live,
+            }));
+        } else {
+            writeln!(
+                out,
+                "{}:{}:{}: {}\t{what}",
+                f.path.display(),
+                f.line,
+                f.column,
+                f.key.redacted()
+            )?;
+        }
+    }
+    drop(out);
+    if json {
+        print_json(&Value::Array(rows))?;
+    }
+    eprintln!(
+        "scanned {} files ({} skipped): {} keys found{}",
+        summary.files,
+        summary.skipped,
+        findings.len(),
+        if check {
+            format!(", {live} live")
+        } else {
+            String::new()
+        }
+    );
+    if args.revoke && live > 0 {
+        // RevokeSecret arrives with the key-lifecycle work; until then nothing can be revoked
+        // from here, and saying so is better than pretending.
+        eprintln!(
+            "error: --revoke: this server API has no RevokeSecret yet (it comes with the key \
+             lifecycle feature); revoke the keys listed above once it is available"
+        );
+        return Err(Failure::Found);
+    }
+    if live > 0 {
+        Err(Failure::Found)
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether a verification says the key still works somewhere: any result but the dead ones.
+fn is_live(v: &VerifyKeyResponse) -> bool {
+    !matches!(
+        VerifyResult::try_from(v.result),
+        Ok(VerifyResult::Malformed
+            | VerifyResult::NotFound
+            | VerifyResult::Revoked
+            | VerifyResult::Expired
+            | VerifyResult::Disabled)
+    )
+}
+
+/// Reads a key from a file or stdin, trimmed.
+fn read_key(path: Option<&Path>) -> Result<Zeroizing<String>, Failure> {
+    let raw = read_value(path)?;
+    let text = std::str::from_utf8(&raw)
+        .map_err(|_| Failure::Usage("the key is not UTF-8 text".into()))?;
+    Ok(Zeroizing::new(text.trim().to_owned()))
+}
+
+/// A verify result without its `VERIFY_RESULT_` prefix, e.g. `VALID`.
+fn result_name(r: i32) -> String {
+    match VerifyResult::try_from(r) {
+        Ok(v) => v
+            .as_str_name()
+            .trim_start_matches("VERIFY_RESULT_")
+            .to_owned(),
+        Err(_) => format!("UNKNOWN({r})"),
+    }
+}
+
+/// A protobuf duration.
+fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Human text of a protobuf duration, e.g. `1.5s`.
+fn duration_text(d: Option<&prost_types::Duration>) -> String {
+    d.map_or_else(
+        || "-".to_owned(),
+        |d| {
+            let ms = d.seconds * 1000 + i64::from(d.nanos) / 1_000_000;
+            if ms % 1000 == 0 {
+                format!("{}s", ms / 1000)
+            } else {
+                format!("{ms}ms")
+            }
+        },
+    )
+}
+
+/// Parses a span: a number with a unit ms, s, m, h or d (a bare number is seconds).
+fn parse_span(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid span {s:?} (examples: 500ms, 30s, 5m, 12h, 90d)"))?;
+    let ms = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => return Err(format!("unknown unit {other:?} (use ms, s, m, h or d)")),
+    };
+    n.checked_mul(ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("span {s:?} is too long"))
+}
+
+/// Parses a rate: `N/PERIOD` (`100/s`, `6000/1m`, `10/500ms`).
+fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
+    let (n, period) = s
+        .split_once('/')
+        .ok_or_else(|| format!("invalid rate {s:?} (expected N/PERIOD, e.g. 100/s)"))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid rate {s:?}: {n:?} is not a number"))?;
+    let period = period.trim();
+    let period = if period.starts_with(|c: char| c.is_ascii_digit()) {
+        parse_span(period)?
+    } else {
+        parse_span(&format!("1{period}"))?
+    };
+    Ok((n, period))
+}
+
+/// Parses an expiry: RFC 3339, or a span from now.
+fn parse_expiry(s: &str) -> Result<prost_types::Timestamp, String> {
+    if let Ok(t) = s.parse::<prost_types::Timestamp>() {
+        return Ok(t);
+    }
+    let span = parse_span(s.trim_start_matches('+'))
+        .map_err(|_| format!("invalid expiry {s:?} (an RFC 3339 time or a span such as 90d)"))?;
+    let at = SystemTime::now()
+        .checked_add(span)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .ok_or_else(|| format!("expiry {s:?} is out of range"))?;
+    Ok(prost_types::Timestamp {
+        seconds: i64::try_from(at.as_secs()).unwrap_or(i64::MAX),
+        nanos: 0,
+    })
+}
+
+/// (field, text) lines of a key policy.
+fn policy_lines(p: &KeyPolicy) -> Vec<(&'static str, String)> {
+    let or_dash = |v: Vec<String>| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    vec![
+        ("scopes", or_dash(p.scopes.clone())),
+        ("cidrs", or_dash(p.allowed_cidrs.clone())),
+        (
+            "rate limit",
+            p.rate_limit.as_ref().map_or_else(
+                || "-".to_owned(),
+                |r| {
+                    format!(
+                        "{}/{} burst {}",
+                        r.requests,
+                        duration_text(r.period.as_ref()),
+                        r.burst
+                    )
+                },
+            ),
+        ),
+        (
+            "quota",
+            p.quota.as_ref().map_or_else(
+                || "-".to_owned(),
+                |q| match &q.refill_period {
+                    Some(period) => format!(
+                        "{} (refilled to {} every {})",
+                        q.limit,
+                        q.refill,
+                        duration_text(Some(period))
+                    ),
+                    None => q.limit.to_string(),
+                },
+            ),
+        ),
+        ("expires", timestamp_text(p.expire_time.as_ref())),
+    ]
+}
+
+/// JSON of a key policy.
+fn policy_json(p: &KeyPolicy) -> Value {
+    json!({
+        "scopes": p.scopes,
+        "allowed_cidrs": p.allowed_cidrs,
+        "rate_limit": p.rate_limit.as_ref().map(|r| json!({
+            "requests": r.requests,
+            "period": duration_text(r.period.as_ref()),
+            "burst": r.burst,
+        })),
+        "quota": p.quota.as_ref().map(|q| json!({
+            "limit": q.limit,
+            "refill": q.refill,
+            "refill_period": q.refill_period.as_ref().map(|d| duration_text(Some(d))),
+        })),
+        "expire_time": timestamp_json(p.expire_time.as_ref()),
+    })
+}
+
+/// JSON of a verification.
+fn verify_json(v: &VerifyKeyResponse) -> Value {
+    json!({
+        "valid": v.valid,
+        "result": result_name(v.result),
+        "key_id": v.key_id,
+        "name": v.name,
+        "version": v.version,
+        "owner": v.owner,
+        "environment": v.environment,
+        "scopes": v.scopes,
+        "expire_time": timestamp_json(v.expire_time.as_ref()),
+        "grace_until": timestamp_json(v.grace_until.as_ref()),
+        "rate_limit": v.rate_limit.as_ref().map(|r| json!({
+            "limit": r.limit,
+            "remaining": r.remaining,
+            "reset_time": timestamp_json(r.reset_time.as_ref()),
+        })),
+        "quota_remaining": v.quota_remaining,
+        "retry_after": v.retry_after.as_ref().map(|d| duration_text(Some(d))),
+    })
+}
+
+/// The human view of a verification.
+fn print_verify(v: &VerifyKeyResponse) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{}", result_name(v.result))?;
+    if !v.key_id.is_empty() {
+        writeln!(out, "  key id       {}", v.key_id)?;
+    }
+    if !v.name.is_empty() {
+        writeln!(out, "  key          {} version {}", v.name, v.version)?;
+        writeln!(out, "  owner        {}", v.owner)?;
+        writeln!(out, "  environment  {}", v.environment)?;
+        if !v.scopes.is_empty() {
+            writeln!(out, "  scopes       {}", v.scopes.join(", "))?;
+        }
+    }
+    if let Some(t) = &v.expire_time {
+        writeln!(out, "  expires      {t}")?;
+    }
+    if let Some(t) = &v.grace_until {
+        writeln!(out, "  grace until  {t}")?;
+    }
+    if let Some(r) = &v.rate_limit {
+        writeln!(
+            out,
+            "  rate limit   {}/{} left, full at {}",
+            r.remaining,
+            r.limit,
+            timestamp_text(r.reset_time.as_ref())
+        )?;
+    }
+    if let Some(q) = v.quota_remaining {
+        writeln!(out, "  quota left   {q}")?;
+    }
+    if let Some(d) = &v.retry_after {
+        writeln!(out, "  retry after  {}", duration_text(Some(d)))?;
+    }
+    Ok(())
+}
+
+/// JSON of a usage report.
+fn usage_json(u: &GetKeyUsageResponse) -> Value {
+    json!({
+        "name": u.name,
+        "last_used_time": timestamp_json(u.last_used_time.as_ref()),
+        "quota_remaining": u.quota_remaining,
+        "versions": u.versions.iter().map(|v| json!({
+            "version": v.version,
+            "total": v.total,
+            "last_used_time": timestamp_json(v.last_used_time.as_ref()),
+            "last_client_ip": v.last_client_ip,
+            "results": v.results.iter().map(|r| (result_name(r.result), Value::from(r.count))).collect::<serde_json::Map<_, _>>(),
+            "endpoints": v.endpoints.iter().map(|e| (e.endpoint.clone(), Value::from(e.count))).collect::<serde_json::Map<_, _>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The human view of a usage report.
+fn print_usage(u: &GetKeyUsageResponse) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "{}: last used {}",
+        u.name,
+        u.last_used_time
+            .as_ref()
+            .map_or_else(|| "never".to_owned(), ToString::to_string)
+    )?;
+    if let Some(q) = u.quota_remaining {
+        writeln!(out, "quota left {q}")?;
+    }
+    for v in &u.versions {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "version {}: {} verifications, last used {} from {}",
+            v.version,
+            v.total,
+            v.last_used_time
+                .as_ref()
+                .map_or_else(|| "never".to_owned(), ToString::to_string),
+            if v.last_client_ip.is_empty() {
+                "-"
+            } else {
+                &v.last_client_ip
+            }
+        )?;
+        for r in &v.results {
+            writeln!(out, "  {:<20} {}", result_name(r.result), r.count)?;
+        }
+        for e in &v.endpoints {
+            let tag = if e.endpoint.is_empty() {
+                "(none)"
+            } else {
+                &e.endpoint
+            };
+            writeln!(out, "  endpoint {tag:<11} {}", e.count)?;
+        }
+    }
+    Ok(())
 }
 
 /// Reads the value for `put` from a file, or from stdin when no file (or "-") is given.
@@ -644,6 +1383,19 @@ fn metadata_json(m: &SecretMetadata) -> Value {
         "primary_version": m.primary_version,
         "versions": versions,
         "created_by": m.created_by,
+        "allowed_cidrs": m.allowed_cidrs,
+        "rate_limit": m.rate_limit.as_ref().map(|r| json!({
+            "requests": r.requests,
+            "period": duration_text(r.period.as_ref()),
+            "burst": r.burst,
+        })),
+        "quota": m.quota.as_ref().map(|q| json!({
+            "limit": q.limit,
+            "refill": q.refill,
+            "refill_period": q.refill_period.as_ref().map(|d| duration_text(Some(d))),
+        })),
+        "expire_time": timestamp_json(m.expire_time.as_ref()),
+        "last_used_time": timestamp_json(m.last_used_time.as_ref()),
     })
 }
 
@@ -729,6 +1481,22 @@ fn print_describe(m: &SecretMetadata) -> Result<(), Failure> {
     ];
     if !m.scopes.is_empty() {
         fields.push(("scopes", m.scopes.join(", ")));
+    }
+    if m.kind == SecretKind::ApiKey as i32 {
+        let policy = KeyPolicy {
+            scopes: Vec::new(),
+            allowed_cidrs: m.allowed_cidrs.clone(),
+            rate_limit: m.rate_limit,
+            quota: m.quota,
+            expire_time: m.expire_time,
+        };
+        fields.extend(policy_lines(&policy).into_iter().skip(1));
+        fields.push((
+            "last used",
+            m.last_used_time
+                .as_ref()
+                .map_or_else(|| "never".to_owned(), ToString::to_string),
+        ));
     }
     fields.push(("created", timestamp_text(m.create_time.as_ref())));
     fields.push(("updated", timestamp_text(m.update_time.as_ref())));

@@ -27,11 +27,15 @@ pub enum Tree {
     Keyring,
     /// Named singletons (the wrapped index key).
     Meta,
+    /// API-key secret name → `QuotaLedger` (the balance of its quota).
+    Quota,
+    /// `name 0x00 version(u64 BE)` → `VersionUsage` (verification counters of an API key).
+    KeyUsage,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 7] = [
+    pub const ALL: [Tree; 9] = [
         Tree::Secrets,
         Tree::Versions,
         Tree::Requests,
@@ -39,6 +43,8 @@ impl Tree {
         Tree::Audit,
         Tree::Keyring,
         Tree::Meta,
+        Tree::Quota,
+        Tree::KeyUsage,
     ];
 
     /// The tree's name on disk.
@@ -51,6 +57,8 @@ impl Tree {
             Tree::Audit => "audit",
             Tree::Keyring => "keyring",
             Tree::Meta => "meta",
+            Tree::Quota => "quota",
+            Tree::KeyUsage => "key_usage",
         }
     }
 
@@ -88,6 +96,19 @@ impl Batch {
     /// Removes `key`.
     pub fn remove(&mut self, tree: Tree, key: impl Into<Vec<u8>>) {
         self.writes.push((tree, key.into(), None));
+    }
+
+    /// The keys this batch writes or removes in `tree`.
+    pub fn written_keys(&self, tree: Tree) -> impl Iterator<Item = &[u8]> + '_ {
+        self.writes
+            .iter()
+            .filter(move |(t, _, _)| *t == tree)
+            .map(|(_, k, _)| k.as_slice())
+    }
+
+    /// Whether the batch writes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
     }
 }
 

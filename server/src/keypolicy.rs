@@ -1,0 +1,409 @@
+//! An API key's usage policy — allowed CIDR ranges, rate limit, quota, expiry — made only by
+//! parsing, so a held [`KeyPolicy`] is always valid. Scopes stay in `SecretRecord::scopes`.
+
+use crate::clock::Millis;
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Most CIDR ranges on one key.
+pub const MAX_CIDRS: usize = 64;
+/// Largest `requests` and `burst` of a rate limit.
+pub const MAX_RATE: u32 = 1_000_000;
+/// Longest rate-limit period: one day.
+pub const MAX_RATE_PERIOD_MS: u64 = 24 * 3600 * 1000;
+/// Largest quota.
+pub const MAX_QUOTA: u64 = 1_000_000_000_000;
+/// Shortest quota refill period: one second.
+pub const MIN_REFILL_MS: u64 = 1000;
+/// Longest quota refill period: 366 days.
+pub const MAX_REFILL_MS: u64 = 366 * 24 * 3600 * 1000;
+
+/// An IP range: a network address and a prefix length. Host bits are zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `a.b.c.d/n`, `x::y/n` or a bare address (a single host). Host bits set below the
+    /// prefix are refused: `10.1.2.3/8` is almost always a typo for something else.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| Err(Error::invalid(format!("invalid CIDR {s:?}: {why}")));
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let Ok(addr) = addr.parse::<IpAddr>() else {
+            return bad("not an IPv4 or IPv6 address");
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) if !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()) => {
+                match p.parse::<u8>() {
+                    Ok(n) if n <= max => n,
+                    _ => return bad(&format!("prefix length must be 0 to {max}")),
+                }
+            }
+            Some(_) => return bad("prefix length is not a number"),
+        };
+        let cidr = Self { addr, prefix };
+        if cidr.network() != addr {
+            return bad(&format!(
+                "host bits are set (the network is {}/{prefix})",
+                cidr.network()
+            ));
+        }
+        Ok(cidr)
+    }
+
+    /// Whether `ip` lies in the range. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is
+    /// matched as the IPv4 address it carries, so a dual-stack listener cannot slip past an
+    /// IPv4 rule.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, canonical(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                mask_v4(u32::from(ip), self.prefix) == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                mask_v6(u128::from(ip), self.prefix) == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+
+    fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(mask_v4(u32::from(a), self.prefix))),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(mask_v6(u128::from(a), self.prefix))),
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+fn mask_v4(a: u32, prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        a & (u32::MAX << (32 - u32::from(prefix)))
+    }
+}
+
+fn mask_v6(a: u128, prefix: u8) -> u128 {
+    if prefix == 0 {
+        0
+    } else {
+        a & (u128::MAX << (128 - u32::from(prefix)))
+    }
+}
+
+/// `ip` with an IPv4-mapped IPv6 address turned into the IPv4 address.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Parses a client IP as a verifier sends it: an IPv4 or IPv6 address (brackets and a zone are
+/// not accepted). Empty means "not given".
+pub fn parse_client_ip(s: &str) -> Result<Option<IpAddr>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| Some(canonical(ip)))
+        .map_err(|_| Error::invalid(format!("invalid client_ip {s:?}: not an IP address")))
+}
+
+/// A GCRA rate limit: `requests` per `period_ms` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    /// Requests per period.
+    pub requests: u32,
+    /// The period, in milliseconds.
+    pub period_ms: u64,
+    /// Requests admitted back to back.
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// Checks the bounds; `burst` 0 means `requests`.
+    pub fn parse(requests: u32, period_ms: u64, burst: u32) -> Result<Self> {
+        if requests == 0 || requests > MAX_RATE {
+            return Err(Error::invalid(format!(
+                "rate_limit.requests must be 1 to {MAX_RATE}"
+            )));
+        }
+        if period_ms == 0 || period_ms > MAX_RATE_PERIOD_MS {
+            return Err(Error::invalid(
+                "rate_limit.period must be 1 ms to 1 day".to_string(),
+            ));
+        }
+        if burst > MAX_RATE {
+            return Err(Error::invalid(format!(
+                "rate_limit.burst must be at most {MAX_RATE}"
+            )));
+        }
+        let burst = if burst == 0 { requests } else { burst };
+        Ok(Self {
+            requests,
+            period_ms,
+            burst,
+        })
+    }
+}
+
+/// A quota: a starting balance, optionally refilled (replaced) every period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Starting balance.
+    pub limit: u64,
+    /// Balance after each refill.
+    pub refill: u64,
+    /// Refill period in milliseconds, if the quota refills.
+    pub refill_period_ms: Option<u64>,
+    /// When the quota was set; refill periods count from here.
+    pub set_ms: Millis,
+    /// Increases every time the quota is set, so the ledger knows to start afresh.
+    pub epoch: u64,
+}
+
+impl Quota {
+    /// Checks the bounds: a refill needs a period; `refill` 0 means `limit`.
+    pub fn parse(
+        limit: u64,
+        refill: u64,
+        refill_period_ms: Option<u64>,
+        set_ms: Millis,
+        epoch: u64,
+    ) -> Result<Self> {
+        if limit == 0 || limit > MAX_QUOTA {
+            return Err(Error::invalid(format!(
+                "quota.limit must be 1 to {MAX_QUOTA}"
+            )));
+        }
+        if refill > MAX_QUOTA {
+            return Err(Error::invalid(format!(
+                "quota.refill must be at most {MAX_QUOTA}"
+            )));
+        }
+        match refill_period_ms {
+            None if refill != 0 => {
+                return Err(Error::invalid(
+                    "quota.refill needs a quota.refill_period".to_string(),
+                ))
+            }
+            Some(p) if !(MIN_REFILL_MS..=MAX_REFILL_MS).contains(&p) => {
+                return Err(Error::invalid(
+                    "quota.refill_period must be 1 s to 366 days".to_string(),
+                ))
+            }
+            _ => {}
+        }
+        Ok(Self {
+            limit,
+            refill: if refill == 0 { limit } else { refill },
+            refill_period_ms,
+            set_ms,
+            epoch,
+        })
+    }
+}
+
+/// An API key's policy (scopes live in the record itself).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPolicy {
+    /// Client IPs must fall in one of these; empty: any.
+    pub allowed_cidrs: Vec<Cidr>,
+    /// Rate limit of verifications.
+    pub rate_limit: Option<RateLimit>,
+    /// Usage quota.
+    pub quota: Option<Quota>,
+    /// Expiry.
+    pub expire_ms: Option<Millis>,
+}
+
+/// A key policy as received, before parsing (times already converted to milliseconds).
+#[derive(Debug, Clone, Default)]
+pub struct KeyPolicyInput {
+    /// Allowed CIDRs, unparsed.
+    pub allowed_cidrs: Vec<String>,
+    /// (requests, period in ms, burst).
+    pub rate_limit: Option<(u32, u64, u32)>,
+    /// (limit, refill, refill period in ms).
+    pub quota: Option<(u64, u64, Option<u64>)>,
+    /// Expiry, in ms since the epoch.
+    pub expire_ms: Option<Millis>,
+}
+
+/// Which policy fields an update replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PolicyMask {
+    /// Replace the scopes.
+    pub scopes: bool,
+    /// Replace the allowed CIDRs.
+    pub allowed_cidrs: bool,
+    /// Replace the rate limit.
+    pub rate_limit: bool,
+    /// Replace (and restart) the quota.
+    pub quota: bool,
+    /// Replace the expiry.
+    pub expire_time: bool,
+}
+
+impl PolicyMask {
+    /// Every field.
+    pub const ALL: Self = Self {
+        scopes: true,
+        allowed_cidrs: true,
+        rate_limit: true,
+        quota: true,
+        expire_time: true,
+    };
+
+    /// Parses field-mask paths (snake_case or lowerCamelCase); empty means every field.
+    pub fn parse(paths: &[String]) -> Result<Self> {
+        if paths.is_empty() {
+            return Ok(Self::ALL);
+        }
+        let mut m = Self::default();
+        for p in paths {
+            match p.as_str() {
+                "scopes" => m.scopes = true,
+                "allowed_cidrs" | "allowedCidrs" => m.allowed_cidrs = true,
+                "rate_limit" | "rateLimit" => m.rate_limit = true,
+                "quota" => m.quota = true,
+                "expire_time" | "expireTime" => m.expire_time = true,
+                other => {
+                    return Err(Error::invalid(format!(
+                        "unknown update_mask path {other:?} (expected scopes, allowed_cidrs, \
+                         rate_limit, quota, expire_time)"
+                    )))
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Parses CIDR strings, refusing duplicates and more than [`MAX_CIDRS`].
+pub fn parse_cidrs(cidrs: &[String]) -> Result<Vec<Cidr>> {
+    if cidrs.len() > MAX_CIDRS {
+        return Err(Error::invalid(format!(
+            "more than {MAX_CIDRS} allowed_cidrs"
+        )));
+    }
+    let mut out: Vec<Cidr> = Vec::with_capacity(cidrs.len());
+    for c in cidrs {
+        let parsed = Cidr::parse(c)?;
+        if out.contains(&parsed) {
+            return Err(Error::invalid(format!("CIDR {c:?} given twice")));
+        }
+        out.push(parsed);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cidr_matching_v4_and_v6() {
+        let net = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(net.contains(ip("10.255.1.2")));
+        assert!(!net.contains(ip("11.0.0.1")));
+        assert!(net.contains(ip("::ffff:10.1.2.3")), "IPv4-mapped IPv6");
+        assert!(!net.contains(ip("2001:db8::1")));
+        let host = Cidr::parse("192.168.1.7").unwrap();
+        assert_eq!(host.to_string(), "192.168.1.7/32");
+        assert!(host.contains(ip("192.168.1.7")));
+        assert!(!host.contains(ip("192.168.1.8")));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains(ip("2001:db8:ffff::1")));
+        assert!(!v6.contains(ip("2001:db9::1")));
+        assert!(!v6.contains(ip("10.0.0.1")));
+        let all = Cidr::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains(ip("203.0.113.9")));
+        assert!(Cidr::parse("::/0").unwrap().contains(ip("::1")));
+        let odd = Cidr::parse("172.16.0.0/12").unwrap();
+        assert!(odd.contains(ip("172.31.255.255")));
+        assert!(!odd.contains(ip("172.32.0.0")));
+    }
+
+    #[test]
+    fn bad_cidrs_are_refused() {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.0.0.0/",
+            "10.0.0.0/-1",
+            "10.0.0.0/8/8",
+            "10.0.0/8",
+            "10.1.2.3/8",
+            "2001:db8::1/32",
+            "::/129",
+            "hostname/8",
+            "10.0.0.0/08a",
+            "[::1]/128",
+        ] {
+            assert!(Cidr::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_cidrs(&["10.0.0.0/8".into(), "10.0.0.0/8".into()]).is_err());
+    }
+
+    #[test]
+    fn client_ips() {
+        assert_eq!(parse_client_ip("").unwrap(), None);
+        assert_eq!(
+            parse_client_ip("::ffff:1.2.3.4").unwrap(),
+            Some(ip("1.2.3.4"))
+        );
+        for bad in ["1.2.3", "1.2.3.4:80", "[::1]", "fe80::1%eth0", "x"] {
+            assert!(parse_client_ip(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rate_limits_and_quotas_are_bounded() {
+        assert_eq!(RateLimit::parse(10, 1000, 0).unwrap().burst, 10);
+        assert!(RateLimit::parse(0, 1000, 0).is_err());
+        assert!(RateLimit::parse(10, 0, 0).is_err());
+        assert!(RateLimit::parse(MAX_RATE + 1, 1000, 0).is_err());
+        assert!(RateLimit::parse(10, MAX_RATE_PERIOD_MS + 1, 0).is_err());
+        assert!(RateLimit::parse(10, 1000, MAX_RATE + 1).is_err());
+        assert!(Quota::parse(0, 0, None, 0, 1).is_err());
+        assert!(Quota::parse(MAX_QUOTA + 1, 0, None, 0, 1).is_err());
+        assert!(
+            Quota::parse(10, 5, None, 0, 1).is_err(),
+            "refill without period"
+        );
+        assert!(Quota::parse(10, 0, Some(10), 0, 1).is_err());
+        let q = Quota::parse(10, 0, Some(60_000), 0, 1).unwrap();
+        assert_eq!(q.refill, 10);
+    }
+
+    #[test]
+    fn masks() {
+        assert_eq!(PolicyMask::parse(&[]).unwrap(), PolicyMask::ALL);
+        let m = PolicyMask::parse(&["quota".into(), "expireTime".into()]).unwrap();
+        assert!(m.quota && m.expire_time && !m.scopes);
+        assert!(PolicyMask::parse(&["owner".into()]).is_err());
+    }
+}

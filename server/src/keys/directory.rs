@@ -1,0 +1,255 @@
+//! The in-memory key directory: every API key's keyed hash → (secret, version), and every
+//! API_KEY secret's record, so a verification makes no store read and no decryption.
+//!
+//! Coherence is the point. A revoked or rotated-out key must be refused on the very next call,
+//! whoever wrote the change (IssueKey here, RotateSecret or RevokeSecret elsewhere). So the
+//! directory is not updated by the write paths one by one: it is kept by [`DirectoryStore`], a
+//! decorator around the store through which *every* commit passes. After a batch that touches
+//! the secrets or key-index trees commits, and before `commit` returns (so before the writer
+//! can reply), the decorator re-reads those keys from the store and replaces the directory's
+//! entries. Refreshes and cache fills run under one mutex and read the store inside it, so the
+//! last refresh always reads a value at least as new as every commit before it: two racing
+//! writers cannot leave an older record in the cache.
+//!
+//! The directory holds the records, not a verdict: the verifier judges each version's state
+//! from the record at call time ([`crate::model::VersionMeta::is_usable_at`]), so deadlines
+//! such as a grace window closing need no write at all.
+//!
+//! Because the index is complete (loaded in full at start-up, then kept by every commit), a
+//! miss is a definitive NOT_FOUND at the cost of one hash-map probe: the index is its own
+//! negative cache, and unknown keys never reach the store.
+//!
+//! Memory: one entry per issued key version (32-byte hash, name, version) plus one decoded
+//! record per API_KEY secret — about 200 bytes per key, 200 MB for a million keys.
+
+use crate::error::Result;
+use crate::model::{KeyIndexEntry, Kind, SecretRecord};
+use crate::store::{decode, Batch, Entry, Store, StoreError, Tree};
+use futures::future::BoxFuture;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+/// Where a key's hash points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRef {
+    /// Secret holding the key.
+    pub name: Arc<str>,
+    /// Version holding the key.
+    pub version: u64,
+}
+
+/// The in-memory index and record cache of API keys.
+#[derive(Default)]
+pub struct KeyDirectory {
+    index: RwLock<HashMap<[u8; 32], KeyRef>>,
+    records: RwLock<HashMap<Arc<str>, Arc<SecretRecord>>>,
+    /// Serializes every store read that fills the maps (see the module doc).
+    fill: Mutex<()>,
+}
+
+impl KeyDirectory {
+    /// Loads the whole key index and every API_KEY record from the store.
+    pub fn load(store: &dyn Store) -> Result<Self> {
+        let dir = Self::default();
+        {
+            let mut index = write(&dir.index);
+            for (hash, raw) in scan_all(store, Tree::KeyIndex)? {
+                let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                    tracing::warn!("key index entry with a malformed hash skipped");
+                    continue;
+                };
+                let e: KeyIndexEntry = decode("key index entry", &raw)?;
+                index.insert(
+                    hash,
+                    KeyRef {
+                        name: e.name.into(),
+                        version: e.version,
+                    },
+                );
+            }
+        }
+        {
+            let mut records = write(&dir.records);
+            for (_, raw) in scan_all(store, Tree::Secrets)? {
+                let r: SecretRecord = decode("secret", &raw)?;
+                if r.kind == Kind::ApiKey {
+                    records.insert(r.name.as_str().into(), Arc::new(r));
+                }
+            }
+        }
+        Ok(dir)
+    }
+
+    /// The key a hash points to, if any. No store access.
+    pub fn lookup(&self, hash: &[u8; 32]) -> Option<KeyRef> {
+        read(&self.index).get(hash).cloned()
+    }
+
+    /// The current record of an API_KEY secret. Served from memory; a secret missing from the
+    /// cache (only after a failed refresh) is read from the store under the fill lock.
+    pub fn record(&self, store: &dyn Store, name: &str) -> Result<Option<Arc<SecretRecord>>> {
+        if let Some(r) = read(&self.records).get(name) {
+            return Ok(Some(r.clone()));
+        }
+        let _fill = self.fill.lock().unwrap_or_else(PoisonError::into_inner);
+        self.refresh_record(store, name.as_bytes())?;
+        Ok(read(&self.records).get(name).cloned())
+    }
+
+    /// Every cached API_KEY record (for metrics).
+    pub fn records(&self) -> Vec<Arc<SecretRecord>> {
+        read(&self.records).values().cloned().collect()
+    }
+
+    /// Number of indexed key versions.
+    pub fn index_len(&self) -> usize {
+        read(&self.index).len()
+    }
+
+    /// Re-reads the given keys of the secrets and key-index trees after a commit.
+    fn refresh(&self, store: &dyn Store, secrets: &[Vec<u8>], index: &[Vec<u8>]) {
+        let _fill = self.fill.lock().unwrap_or_else(PoisonError::into_inner);
+        for name in secrets {
+            if let Err(e) = self.refresh_record(store, name) {
+                // Fail closed: a key whose record cannot be read verifies as an outage, never
+                // against a stale copy.
+                tracing::error!(error = %e, "key directory refresh failed; entry dropped");
+                if let Ok(name) = std::str::from_utf8(name) {
+                    write(&self.records).remove(name);
+                }
+            }
+        }
+        for hash in index {
+            let Ok(h) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                continue;
+            };
+            let entry = store
+                .get(Tree::KeyIndex, hash)
+                .map_err(crate::error::Error::from)
+                .and_then(|raw| {
+                    raw.map(|raw| decode::<KeyIndexEntry>("key index entry", &raw))
+                        .transpose()
+                });
+            match entry {
+                Ok(Some(e)) => {
+                    write(&self.index).insert(
+                        h,
+                        KeyRef {
+                            name: e.name.into(),
+                            version: e.version,
+                        },
+                    );
+                }
+                Ok(None) => {
+                    write(&self.index).remove(&h);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "key index refresh failed; entry dropped");
+                    write(&self.index).remove(&h);
+                }
+            }
+        }
+    }
+
+    /// Reads one secret record into the cache (API keys) or out of it (anything else).
+    /// Caller holds the fill lock.
+    fn refresh_record(&self, store: &dyn Store, name: &[u8]) -> Result<()> {
+        let Ok(text) = std::str::from_utf8(name) else {
+            return Ok(());
+        };
+        let record = store
+            .get(Tree::Secrets, name)?
+            .map(|raw| decode::<SecretRecord>("secret", &raw))
+            .transpose()?;
+        let mut records = write(&self.records);
+        match record {
+            Some(r) if r.kind == Kind::ApiKey => {
+                records.insert(text.into(), Arc::new(r));
+            }
+            _ => {
+                records.remove(text);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Every entry of a tree, in key order.
+pub fn scan_all(store: &dyn Store, tree: Tree) -> Result<Vec<Entry>> {
+    let mut out: Vec<Entry> = Vec::new();
+    let mut start = Vec::new();
+    loop {
+        let chunk = store.scan(tree, b"", &start, 1024)?;
+        let done = chunk.len() < 1024;
+        if let Some((last, _)) = chunk.last() {
+            start = last.clone();
+            start.push(0);
+        }
+        out.extend(chunk);
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+/// The store every component uses: it forwards to the real store and keeps the
+/// [`KeyDirectory`] in step with every commit (see the module doc).
+pub struct DirectoryStore {
+    inner: Arc<dyn Store>,
+    dir: Arc<KeyDirectory>,
+}
+
+impl DirectoryStore {
+    /// Wraps `inner`, keeping `dir` in step with it.
+    pub fn new(inner: Arc<dyn Store>, dir: Arc<KeyDirectory>) -> Self {
+        Self { inner, dir }
+    }
+}
+
+impl Store for DirectoryStore {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(tree, key)
+    }
+
+    fn scan(
+        &self,
+        tree: Tree,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.inner.scan(tree, prefix, start, limit)
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let secrets: Vec<Vec<u8>> = batch
+            .written_keys(Tree::Secrets)
+            .map(<[u8]>::to_vec)
+            .collect();
+        let index: Vec<Vec<u8>> = batch
+            .written_keys(Tree::KeyIndex)
+            .map(<[u8]>::to_vec)
+            .collect();
+        self.inner.commit(batch)?;
+        if !secrets.is_empty() || !index.is_empty() {
+            self.dir.refresh(&*self.inner, &secrets, &index);
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.inner.sync()
+    }
+
+    fn next_id(&self) -> Result<u64, StoreError> {
+        self.inner.next_id()
+    }
+}

@@ -1,0 +1,1112 @@
+//! API keys at the edge: verification of presented keys (VerifyKey and Envoy's ext_authz
+//! Check), their usage policy and their usage counters. Below the service layer: no tonic
+//! types here.
+//!
+//! A verification stays in memory and off the HSM: the key is parsed (format and checksum),
+//! hashed with HMAC-SHA256 under the index key, and looked up in the [`KeyDirectory`], which
+//! also holds the key's current record. Nothing is decrypted. The checks then run in the order
+//! the API promises — state, expiry, environment, client IP, scopes, rate limit, quota — and
+//! the first that fails is the result. A denial is data (a [`VerifyResult`]); an `Err` is the
+//! caller's fault or an outage.
+//!
+//! Every call leaves one audit record (method, identity, key id, target, result), made durable
+//! through the store's group commit before the answer leaves — the same price as a fetch, and
+//! the same flush that makes the quota charge durable.
+
+pub mod directory;
+pub mod gcra;
+pub mod quota;
+pub mod usage;
+
+use crate::audit::{self, AuditRecord};
+use crate::clock::Millis;
+use crate::error::{Code, Error, Result};
+use crate::keypolicy::{parse_client_ip, RateLimit};
+use crate::metrics;
+use crate::model::{check_scopes, SecretName, SecretRecord, VersionState};
+use crate::policy::Verb;
+use crate::tls::Peer;
+use crate::vault::Vault;
+use directory::KeyDirectory;
+use gcra::{Decision, Limiters, RateState};
+use quota::{Charge, QuotaLedger};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use usage::{Use, VersionUsage};
+use ward::keyformat::ApiKey;
+use zeroize::Zeroizing;
+
+/// Largest cost of one verification.
+pub const MAX_COST: u64 = 1_000_000;
+/// Longest endpoint tag.
+pub const MAX_ENDPOINT_LEN: usize = 64;
+/// Most `(caller, client IP)` pairs whose failed lookups are tracked one by one; beyond this
+/// new pairs share their caller's budget, so an attacker rotating IPs cannot grow memory.
+pub const MAX_GUARD_ENTRIES: usize = 100_000;
+
+/// The outcome of a verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum VerifyResult {
+    /// Every check passed.
+    Valid,
+    /// Not a well-formed key.
+    Malformed,
+    /// Unknown key, or one the caller may not verify.
+    NotFound,
+    /// Version REVOKED or DESTROYED.
+    Revoked,
+    /// Past the key's expiry.
+    Expired,
+    /// Version INACTIVE.
+    Disabled,
+    /// Another environment than the verifier's.
+    WrongEnvironment,
+    /// Client IP outside the allowed ranges.
+    ForbiddenIp,
+    /// A required scope is missing.
+    InsufficientScope,
+    /// Over the rate limit.
+    RateLimited,
+    /// Quota used up.
+    QuotaExceeded,
+}
+
+impl VerifyResult {
+    /// Every result, in wire order.
+    pub const ALL: [VerifyResult; 11] = [
+        Self::Valid,
+        Self::Malformed,
+        Self::NotFound,
+        Self::Revoked,
+        Self::Expired,
+        Self::Disabled,
+        Self::WrongEnvironment,
+        Self::ForbiddenIp,
+        Self::InsufficientScope,
+        Self::RateLimited,
+        Self::QuotaExceeded,
+    ];
+
+    /// The wire number (`ward.v1.VerifyResult`).
+    pub fn number(self) -> usize {
+        match self {
+            Self::Valid => 1,
+            Self::Malformed => 2,
+            Self::NotFound => 3,
+            Self::Revoked => 4,
+            Self::Expired => 5,
+            Self::Disabled => 6,
+            Self::WrongEnvironment => 7,
+            Self::ForbiddenIp => 8,
+            Self::InsufficientScope => 9,
+            Self::RateLimited => 10,
+            Self::QuotaExceeded => 11,
+        }
+    }
+
+    /// The result with this wire number.
+    pub fn from_number(n: usize) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.number() == n)
+    }
+
+    /// The name users see, e.g. `QUOTA_EXCEEDED`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Valid => "VALID",
+            Self::Malformed => "MALFORMED",
+            Self::NotFound => "NOT_FOUND",
+            Self::Revoked => "REVOKED",
+            Self::Expired => "EXPIRED",
+            Self::Disabled => "DISABLED",
+            Self::WrongEnvironment => "WRONG_ENVIRONMENT",
+            Self::ForbiddenIp => "FORBIDDEN_IP",
+            Self::InsufficientScope => "INSUFFICIENT_SCOPE",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::QuotaExceeded => "QUOTA_EXCEEDED",
+        }
+    }
+}
+
+/// A verification request, as received.
+#[derive(Default)]
+pub struct VerifyInput {
+    /// The presented key (zeroized on drop).
+    pub api_key: Zeroizing<String>,
+    /// Scopes the key must grant.
+    pub required_scopes: Vec<String>,
+    /// End client's IP, or empty.
+    pub client_ip: String,
+    /// Units to charge; None means 1.
+    pub cost: Option<u64>,
+    /// Environment the verifier serves, or empty.
+    pub environment: String,
+    /// Endpoint tag, or empty.
+    pub endpoint: String,
+}
+
+/// What is known about a found key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFacts {
+    /// Secret holding the key.
+    pub name: String,
+    /// Version holding the key.
+    pub version: u64,
+    /// Owner.
+    pub owner: String,
+    /// Environment.
+    pub environment: String,
+    /// Scopes granted.
+    pub scopes: Vec<String>,
+    /// Expiry, if any.
+    pub expire_ms: Option<Millis>,
+    /// End of the overlap window, while the version is ACTIVE.
+    pub grace_until_ms: Option<Millis>,
+}
+
+/// The answer to a verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The result.
+    pub result: VerifyResult,
+    /// Non-reversible key id (empty for a malformed key).
+    pub key_id: String,
+    /// Set when the key was found and may be verified by the caller.
+    pub key: Option<KeyFacts>,
+    /// Rate-limit state, when the key has a rate limit and the check was reached.
+    pub rate: Option<RateState>,
+    /// Quota balance, when the key has a quota.
+    pub quota_remaining: Option<u64>,
+    /// How long to wait before retrying.
+    pub retry_after_ms: Option<u64>,
+}
+
+impl Verdict {
+    fn bare(result: VerifyResult, key_id: String) -> Self {
+        Self {
+            result,
+            key_id,
+            key: None,
+            rate: None,
+            quota_remaining: None,
+            retry_after_ms: None,
+        }
+    }
+
+    /// Whether the key is good.
+    pub fn valid(&self) -> bool {
+        self.result == VerifyResult::Valid
+    }
+}
+
+/// Settings of the verifier.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySettings {
+    /// Budget of failed lookups (NOT_FOUND) per caller and client IP; past it the pair's
+    /// verifications are RATE_LIMITED before any lookup.
+    pub unknown_key_limit: RateLimit,
+}
+
+/// GetKeyUsage's answer.
+#[derive(Debug, Clone)]
+pub struct KeyUsageReport {
+    /// Secret name.
+    pub name: String,
+    /// Counters by version.
+    pub versions: BTreeMap<u64, VersionUsage>,
+    /// Quota balance now, if the key has a quota.
+    pub quota_remaining: Option<u64>,
+}
+
+/// The verifier and its in-memory state.
+pub struct Keys {
+    vault: Arc<Vault>,
+    dir: Arc<KeyDirectory>,
+    rates: Limiters<Arc<str>>,
+    guard: Limiters<(Arc<str>, Option<IpAddr>)>,
+    quotas: QuotaLedger,
+    settings: KeySettings,
+}
+
+impl Keys {
+    /// A verifier over `vault`, whose store keeps `dir` in step.
+    pub fn new(vault: Arc<Vault>, dir: Arc<KeyDirectory>, settings: KeySettings) -> Self {
+        Self {
+            vault,
+            dir,
+            rates: Limiters::default(),
+            guard: Limiters::default(),
+            quotas: QuotaLedger::default(),
+            settings,
+        }
+    }
+
+    /// The key directory.
+    pub fn directory(&self) -> &Arc<KeyDirectory> {
+        &self.dir
+    }
+
+    /// Verifies a presented key; `method` names the RPC in the audit record. The answer leaves
+    /// only once the call's audit record (and any quota charge) is durable.
+    pub async fn verify(
+        &self,
+        peer: &Peer,
+        input: VerifyInput,
+        method: &'static str,
+    ) -> Result<Verdict> {
+        let now = self.vault.now();
+        let mut rec = AuditRecord::new(peer, method, now);
+        let outcome = self.decide(peer, &input, now, &mut rec);
+        let m = metrics::global();
+        match &outcome {
+            Ok(v) => {
+                rec.key_id = v.key_id.clone();
+                if rec.detail.is_empty() {
+                    rec.detail = v.result.name().to_owned();
+                }
+                m.count_verification(v.result);
+                if v.result == VerifyResult::NotFound {
+                    m.count_unknown_key(&peer.identity);
+                }
+            }
+            Err(e) => {
+                rec.code = e.code().as_i32();
+                tracing::info!(method, identity = %peer.identity, code = %e.code(), error = %e, "call refused");
+            }
+        }
+        audit::append(&**self.vault.store(), rec).await?;
+        outcome
+    }
+
+    fn decide(
+        &self,
+        peer: &Peer,
+        input: &VerifyInput,
+        now: Millis,
+        rec: &mut AuditRecord,
+    ) -> Result<Verdict> {
+        // The caller's own faults come first: they are errors, not verdicts.
+        if !self.vault.policy().grants_any(&peer.identity, Verb::Verify) {
+            return Err(Error::PermissionDenied {
+                identity: peer.identity.to_string(),
+                verb: Verb::Verify.name(),
+                target: "*".into(),
+            });
+        }
+        check_scopes(&input.required_scopes)
+            .map_err(|e| Error::invalid(format!("required_scopes: {e}")))?;
+        let ip = parse_client_ip(&input.client_ip)?;
+        let cost = input.cost.unwrap_or(1);
+        if cost > MAX_COST {
+            return Err(Error::invalid(format!("cost must be at most {MAX_COST}")));
+        }
+        if !input.environment.is_empty()
+            && !self
+                .vault
+                .settings()
+                .environments
+                .contains(&input.environment)
+        {
+            return Err(Error::invalid(format!(
+                "unknown environment {:?}",
+                input.environment
+            )));
+        }
+        check_endpoint(&input.endpoint)?;
+
+        // 1. Format and checksum, before any lookup.
+        let Ok(key) = ApiKey::parse(&input.api_key) else {
+            return Ok(Verdict::bare(VerifyResult::Malformed, String::new()));
+        };
+        let hash = self.vault.key_hash(&key);
+        let key_id = hex::encode(&hash[..8]);
+        drop(key);
+
+        // Brute force: a caller (and client IP) past its budget of unknown keys learns nothing
+        // more until the budget refills.
+        let guard_key = self.guard_key(peer, ip);
+        if let Decision::Limited { retry_after_ms, .. } =
+            self.guard
+                .peek(&guard_key, self.settings.unknown_key_limit, 1, now)
+        {
+            rec.detail = "RATE_LIMITED (too many unknown keys)".into();
+            metrics::global().count_lockout();
+            let mut v = Verdict::bare(VerifyResult::RateLimited, key_id);
+            v.retry_after_ms = retry_after_ms;
+            return Ok(v);
+        }
+
+        // 2. Lookup: in memory, no decryption. A key the caller may not verify reads as
+        // unknown (the audit record says why).
+        let found = match self.dir.lookup(&hash) {
+            Some(r) => self
+                .dir
+                .record(&**self.vault.store(), &r.name)?
+                .map(|rec| (r, rec)),
+            None => None,
+        };
+        let not_found = |this: &Self, rec: &mut AuditRecord, why: &str| {
+            this.guard
+                .check(&guard_key, this.settings.unknown_key_limit, 1, now);
+            if !why.is_empty() {
+                rec.detail = format!("NOT_FOUND ({why})");
+            }
+            Ok(Verdict::bare(VerifyResult::NotFound, key_id.clone()))
+        };
+        let Some((kref, record)) = found else {
+            return not_found(self, rec, "");
+        };
+        rec.targets = vec![(kref.name.to_string(), kref.version)];
+        let allowed = SecretName::parse(&record.name).is_ok()
+            && self.vault.policy().allows(
+                &peer.identity,
+                Verb::Verify,
+                &record.name,
+                Some(&record.environment),
+            );
+        if !allowed {
+            return not_found(self, rec, "no verify grant");
+        }
+        let Some(meta) = record.versions.iter().find(|m| m.version == kref.version) else {
+            return not_found(self, rec, "version missing");
+        };
+        let state = meta.state_at(now);
+        let policy = &record.key_policy;
+        let mut v = Verdict::bare(VerifyResult::Valid, key_id.clone());
+        v.key = Some(KeyFacts {
+            name: record.name.clone(),
+            version: meta.version,
+            owner: record.owner.clone(),
+            environment: record.environment.clone(),
+            scopes: record.scopes.clone(),
+            expire_ms: policy.expire_ms,
+            grace_until_ms: (state == VersionState::Active)
+                .then_some(meta.grace_until_ms)
+                .flatten(),
+        });
+        v.result = self.check(
+            &record,
+            meta.is_usable_at(now),
+            state,
+            input,
+            ip,
+            cost,
+            now,
+            &mut v,
+        )?;
+        let charged = v.result == VerifyResult::Valid && cost > 0;
+        self.vault.usage().record(
+            &record.name,
+            meta.version,
+            Use {
+                result: v.result.number(),
+                endpoint: &input.endpoint,
+                used: charged.then_some((now, input.client_ip.as_str())),
+            },
+        );
+        Ok(v)
+    }
+
+    /// Steps 3 to 9 for a found key; fills in rate and quota state as they are reached.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        &self,
+        record: &SecretRecord,
+        usable: bool,
+        state: VersionState,
+        input: &VerifyInput,
+        ip: Option<IpAddr>,
+        cost: u64,
+        now: Millis,
+        v: &mut Verdict,
+    ) -> Result<VerifyResult> {
+        let policy = &record.key_policy;
+        let store = &**self.vault.store();
+        if let Some(q) = &policy.quota {
+            v.quota_remaining =
+                Some(
+                    self.quotas
+                        .balance(store, &record.name, record.create_ms, q, now)?,
+                );
+        }
+        if !usable {
+            return Ok(match state {
+                VersionState::Revoked | VersionState::Destroyed => VerifyResult::Revoked,
+                _ => VerifyResult::Disabled,
+            });
+        }
+        if policy.expire_ms.is_some_and(|t| t <= now) {
+            return Ok(VerifyResult::Expired);
+        }
+        if !input.environment.is_empty() && input.environment != record.environment {
+            return Ok(VerifyResult::WrongEnvironment);
+        }
+        if !policy.allowed_cidrs.is_empty()
+            && !ip.is_some_and(|ip| policy.allowed_cidrs.iter().any(|c| c.contains(ip)))
+        {
+            return Ok(VerifyResult::ForbiddenIp);
+        }
+        if !input
+            .required_scopes
+            .iter()
+            .all(|s| record.scopes.contains(s))
+        {
+            return Ok(VerifyResult::InsufficientScope);
+        }
+        if let Some(limit) = policy.rate_limit {
+            let name: Arc<str> = record.name.as_str().into();
+            match self.rates.check(&name, limit, cost, now) {
+                Decision::Allowed(s) => v.rate = Some(s),
+                Decision::Limited {
+                    state,
+                    retry_after_ms,
+                } => {
+                    v.rate = Some(state);
+                    v.retry_after_ms = retry_after_ms;
+                    metrics::global().count_rate_limited();
+                    return Ok(VerifyResult::RateLimited);
+                }
+            }
+        }
+        if let Some(q) = &policy.quota {
+            match self
+                .quotas
+                .charge(store, &record.name, record.create_ms, q, cost, now)?
+            {
+                Charge::Charged(left) => v.quota_remaining = Some(left),
+                Charge::Exceeded(left, retry) => {
+                    v.quota_remaining = Some(left);
+                    v.retry_after_ms = retry;
+                    metrics::global().count_quota_exceeded();
+                    return Ok(VerifyResult::QuotaExceeded);
+                }
+            }
+        }
+        Ok(VerifyResult::Valid)
+    }
+
+    fn guard_key(&self, peer: &Peer, ip: Option<IpAddr>) -> (Arc<str>, Option<IpAddr>) {
+        let key = (peer.identity.clone(), ip);
+        if ip.is_some() && self.guard.len() >= MAX_GUARD_ENTRIES && !self.guard.contains(&key) {
+            return (peer.identity.clone(), None);
+        }
+        key
+    }
+
+    /// An API key's usage counters and quota balance. Verb: list.
+    pub async fn usage(&self, peer: &Peer, name: &str, version: u64) -> Result<KeyUsageReport> {
+        let now = self.vault.now();
+        let mut rec = AuditRecord::new(peer, "GetKeyUsage", now);
+        rec.targets.push((name.to_owned(), version));
+        let result = self.usage_inner(peer, name, version, now);
+        rec.code = match &result {
+            Ok(_) => Code::Ok.as_i32(),
+            Err(e) => e.code().as_i32(),
+        };
+        audit::append(&**self.vault.store(), rec).await?;
+        result
+    }
+
+    fn usage_inner(
+        &self,
+        peer: &Peer,
+        name: &str,
+        version: u64,
+        now: Millis,
+    ) -> Result<KeyUsageReport> {
+        let name = SecretName::parse(name)?;
+        let deny = || Error::PermissionDenied {
+            identity: peer.identity.to_string(),
+            verb: Verb::List.name(),
+            target: name.to_string(),
+        };
+        let policy = self.vault.policy();
+        if !policy.allows(&peer.identity, Verb::List, name.as_str(), None) {
+            return Err(deny());
+        }
+        let store = &**self.vault.store();
+        let record = match self.dir.record(store, name.as_str())? {
+            Some(r) => r,
+            None => {
+                return Err(
+                    if store
+                        .get(crate::store::Tree::Secrets, name.as_str().as_bytes())?
+                        .is_some()
+                    {
+                        Error::FailedPrecondition(format!("{name} is not an API key"))
+                    } else {
+                        Error::NotFound(format!("secret {name}"))
+                    },
+                )
+            }
+        };
+        if !policy.allows(
+            &peer.identity,
+            Verb::List,
+            name.as_str(),
+            Some(&record.environment),
+        ) {
+            return Err(deny());
+        }
+        if version != 0 && record.version(version).is_none() {
+            return Err(Error::NotFound(format!("version {version} of {name}")));
+        }
+        let mut versions = self.vault.usage().get(name.as_str());
+        if version != 0 {
+            versions.retain(|v, _| *v == version);
+        }
+        let quota_remaining = record
+            .key_policy
+            .quota
+            .map(|q| {
+                self.quotas
+                    .balance(store, &record.name, record.create_ms, &q, now)
+            })
+            .transpose()?;
+        Ok(KeyUsageReport {
+            name: name.to_string(),
+            versions,
+            quota_remaining,
+        })
+    }
+}
+
+/// Checks an endpoint tag: empty, or `[a-z0-9:._/-]{1,64}`.
+fn check_endpoint(tag: &str) -> Result<()> {
+    let ok = tag.len() <= MAX_ENDPOINT_LEN
+        && tag.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || matches!(b, b':' | b'.' | b'_' | b'/' | b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid endpoint {tag:?}: use up to {MAX_ENDPOINT_LEN} characters of a-z 0-9 : . _ / -"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::keypolicy::KeyPolicyInput;
+    use crate::model::VersionMeta;
+    use crate::policy::Policy;
+    use crate::store::sled_store::SledStore;
+    use crate::store::{decode, encode, Batch, Store, Tree};
+    use crate::unseal::unseal;
+    use crate::vault::{IssueInput, Settings};
+    use ward_hsm::memory::InMemoryWrapper;
+    use ward_hsm::KeyWrapper;
+
+    const POLICY: &str = r#"
+        [[rule]]
+        identities = ["admin"]
+        verbs = ["*"]
+        secrets = ["*"]
+        [[rule]]
+        identities = ["edge"]
+        verbs = ["verify"]
+        secrets = ["app/*"]
+        [[rule]]
+        identities = ["reader"]
+        verbs = ["read"]
+        secrets = ["*"]
+    "#;
+
+    struct Fixture {
+        keys: Keys,
+        vault: Arc<Vault>,
+        clock: Arc<ManualClock>,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let sled: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let directory = Arc::new(KeyDirectory::load(&*sled).unwrap());
+        let store: Arc<dyn Store> =
+            Arc::new(directory::DirectoryStore::new(sled, directory.clone()));
+        let hsm = InMemoryWrapper::new();
+        hsm.create_master_key("m").unwrap();
+        let hsm: Arc<dyn KeyWrapper> = Arc::new(hsm);
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let (keyring, index) = unseal(&store, &hsm, "m", clock.now_ms()).await.unwrap();
+        let settings = Settings {
+            issuer: "ward".into(),
+            environments: vec!["dev".into(), "prod".into()],
+            default_environment: "dev".into(),
+            max_value_bytes: 1024,
+            max_batch: 10,
+            grace_ms: 60_000,
+        };
+        let vault = Arc::new(Vault::new(
+            store,
+            keyring,
+            index,
+            Policy::parse(POLICY).unwrap(),
+            clock.clone(),
+            settings,
+        ));
+        let keys = Keys::new(
+            vault.clone(),
+            directory,
+            KeySettings {
+                unknown_key_limit: RateLimit::parse(60, 60_000, 5).unwrap(),
+            },
+        );
+        Fixture {
+            keys,
+            vault,
+            clock,
+            _dir: dir,
+        }
+    }
+
+    fn peer(identity: &str) -> Peer {
+        Peer {
+            identity: identity.into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    impl Fixture {
+        async fn issue(&self, name: &str, scopes: &[&str], policy: KeyPolicyInput) -> String {
+            let issued = self
+                .vault
+                .issue_with_policy(
+                    &peer("admin"),
+                    IssueInput {
+                        name: name.into(),
+                        environment: "prod".into(),
+                        owner: "team".into(),
+                        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                        labels: Default::default(),
+                        description: String::new(),
+                        request_id: String::new(),
+                    },
+                    policy,
+                )
+                .await
+                .unwrap();
+            issued.key.expose().to_owned()
+        }
+
+        async fn verify_as(&self, who: &str, input: VerifyInput) -> Result<Verdict> {
+            self.keys.verify(&peer(who), input, "VerifyKey").await
+        }
+
+        async fn verify(&self, key: &str) -> VerifyResult {
+            self.verify_as("edge", input(key)).await.unwrap().result
+        }
+
+        /// Rewrites a version's stored state the way RotateSecret / RevokeSecret will: a
+        /// guarded commit of the secret record, nothing else.
+        fn set_state(&self, name: &str, version: u64, f: impl Fn(&mut VersionMeta)) {
+            let store = self.vault.store();
+            let raw = store.get(Tree::Secrets, name.as_bytes()).unwrap().unwrap();
+            let mut rec: SecretRecord = decode("secret", &raw).unwrap();
+            f(rec
+                .versions
+                .iter_mut()
+                .find(|v| v.version == version)
+                .unwrap());
+            let mut b = Batch::new();
+            b.guard(Tree::Secrets, name.as_bytes(), Some(raw));
+            b.put(Tree::Secrets, name.as_bytes(), encode(&rec));
+            store.commit(b).unwrap();
+        }
+    }
+
+    fn input(key: &str) -> VerifyInput {
+        VerifyInput {
+            api_key: Zeroizing::new(key.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn each_result_in_the_documented_order() {
+        let f = fixture().await;
+        let policy = KeyPolicyInput {
+            allowed_cidrs: vec!["10.0.0.0/8".into()],
+            ..Default::default()
+        };
+        let key = f.issue("app/a", &["orders:read"], policy).await;
+        let ok = |k: &str| VerifyInput {
+            client_ip: "10.1.2.3".into(),
+            required_scopes: vec!["orders:read".into()],
+            environment: "prod".into(),
+            ..input(k)
+        };
+        let v = f.verify_as("edge", ok(&key)).await.unwrap();
+        assert_eq!(v.result, VerifyResult::Valid);
+        let facts = v.key.unwrap();
+        assert_eq!(
+            (facts.name.as_str(), facts.version, facts.owner.as_str()),
+            ("app/a", 1, "team")
+        );
+        assert_eq!(v.key_id.len(), 16);
+
+        assert_eq!(f.verify("").await, VerifyResult::Malformed);
+        assert_eq!(
+            f.verify(&key[..key.len() - 1]).await,
+            VerifyResult::Malformed
+        );
+        let other = ApiKey::generate("ward", "prod").unwrap();
+        assert_eq!(f.verify(other.expose()).await, VerifyResult::NotFound);
+
+        let r = |i: VerifyInput| async { f.verify_as("edge", i).await.unwrap().result };
+        assert_eq!(
+            r(VerifyInput {
+                environment: "dev".into(),
+                ..ok(&key)
+            })
+            .await,
+            VerifyResult::WrongEnvironment
+        );
+        assert_eq!(
+            r(VerifyInput {
+                client_ip: "11.0.0.1".into(),
+                ..ok(&key)
+            })
+            .await,
+            VerifyResult::ForbiddenIp
+        );
+        assert_eq!(
+            r(VerifyInput {
+                client_ip: String::new(),
+                ..ok(&key)
+            })
+            .await,
+            VerifyResult::ForbiddenIp
+        );
+        assert_eq!(
+            r(VerifyInput {
+                required_scopes: vec!["orders:write".into()],
+                ..ok(&key)
+            })
+            .await,
+            VerifyResult::InsufficientScope
+        );
+        // Environment is judged before IP, IP before scopes.
+        assert_eq!(
+            r(VerifyInput {
+                environment: "dev".into(),
+                client_ip: "11.0.0.1".into(),
+                required_scopes: vec!["x".into()],
+                ..ok(&key)
+            })
+            .await,
+            VerifyResult::WrongEnvironment
+        );
+
+        // Expiry comes before environment.
+        let exp = f
+            .issue(
+                "app/exp",
+                &[],
+                KeyPolicyInput {
+                    expire_ms: Some(f.clock.now_ms() + 10),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_eq!(f.verify(&exp).await, VerifyResult::Valid);
+        f.clock.advance(10);
+        assert_eq!(
+            r(VerifyInput {
+                environment: "dev".into(),
+                ..input(&exp)
+            })
+            .await,
+            VerifyResult::Expired
+        );
+    }
+
+    #[tokio::test]
+    async fn revoked_and_retired_versions_are_refused_on_the_next_call() {
+        let f = fixture().await;
+        let key = f.issue("app/k", &[], KeyPolicyInput::default()).await;
+        assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+
+        // A rotation: the old version is ACTIVE with a grace window (grace_until reported),
+        // then INACTIVE once the window closes — with no write at all.
+        let until = f.clock.now_ms() + 5_000;
+        f.set_state("app/k", 1, |v| {
+            v.state = VersionState::Active;
+            v.grace_until_ms = Some(until);
+        });
+        let v = f.verify_as("edge", input(&key)).await.unwrap();
+        assert_eq!(v.result, VerifyResult::Valid);
+        assert_eq!(v.key.unwrap().grace_until_ms, Some(until));
+        f.clock.advance(5_000);
+        assert_eq!(f.verify(&key).await, VerifyResult::Disabled);
+
+        // Revocation is seen by the very next call, and precedes every other check.
+        f.set_state("app/k", 1, |v| v.state = VersionState::Revoked);
+        let wrong_everything = VerifyInput {
+            environment: "dev".into(),
+            required_scopes: vec!["nope".into()],
+            ..input(&key)
+        };
+        assert_eq!(
+            f.verify_as("edge", wrong_everything).await.unwrap().result,
+            VerifyResult::Revoked
+        );
+        f.set_state("app/k", 1, |v| v.state = VersionState::Destroyed);
+        assert_eq!(f.verify(&key).await, VerifyResult::Revoked);
+    }
+
+    #[tokio::test]
+    async fn callers_without_a_grant_learn_nothing() {
+        let f = fixture().await;
+        let inside = f.issue("app/k", &[], KeyPolicyInput::default()).await;
+        let outside = f.issue("other/k", &[], KeyPolicyInput::default()).await;
+        assert_eq!(f.verify(&inside).await, VerifyResult::Valid);
+        let v = f.verify_as("edge", input(&outside)).await.unwrap();
+        assert_eq!(v.result, VerifyResult::NotFound);
+        assert!(v.key.is_none());
+        // No verify grant at all: the caller's own fault.
+        let err = f.verify_as("reader", input(&inside)).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        // Bad requests are errors, not verdicts.
+        for bad in [
+            VerifyInput {
+                client_ip: "10.0.0".into(),
+                ..input(&inside)
+            },
+            VerifyInput {
+                required_scopes: vec!["Bad Scope".into()],
+                ..input(&inside)
+            },
+            VerifyInput {
+                cost: Some(MAX_COST + 1),
+                ..input(&inside)
+            },
+            VerifyInput {
+                environment: "mars".into(),
+                ..input(&inside)
+            },
+            VerifyInput {
+                endpoint: "UPPER".into(),
+                ..input(&inside)
+            },
+        ] {
+            let err = f.verify_as("edge", bad).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        }
+        // Every call, refused or not, left one audit record; the not-verifiable key's says why.
+        let audit: Vec<AuditRecord> = f
+            .vault
+            .store()
+            .scan(Tree::Audit, b"", b"", 1000)
+            .unwrap()
+            .iter()
+            .map(|(_, v)| decode("audit", v).unwrap())
+            .filter(|r: &AuditRecord| r.method == "VerifyKey")
+            .collect();
+        assert_eq!(audit.len(), 8);
+        assert_eq!(audit[1].detail, "NOT_FOUND (no verify grant)");
+        assert_eq!(audit[1].targets, vec![("other/k".to_string(), 1)]);
+        assert_eq!(audit[2].code, Code::PermissionDenied.as_i32());
+    }
+
+    #[tokio::test]
+    async fn rate_limit_retry_after_is_exact_on_the_clock() {
+        let f = fixture().await;
+        let key = f
+            .issue(
+                "app/r",
+                &[],
+                KeyPolicyInput {
+                    rate_limit: Some((10, 1000, 2)),
+                    ..Default::default()
+                },
+            )
+            .await;
+        for _ in 0..2 {
+            assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+        }
+        let v = f.verify_as("edge", input(&key)).await.unwrap();
+        assert_eq!(v.result, VerifyResult::RateLimited);
+        let wait = v.retry_after_ms.unwrap();
+        assert_eq!(wait, 100);
+        assert_eq!(v.rate.unwrap().remaining, 0);
+        f.clock.advance(wait - 1);
+        assert_eq!(f.verify(&key).await, VerifyResult::RateLimited);
+        f.clock.advance(1);
+        assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+        // A zero-cost check never trips the limit.
+        let check = VerifyInput {
+            cost: Some(0),
+            ..input(&key)
+        };
+        assert_eq!(
+            f.verify_as("edge", check).await.unwrap().result,
+            VerifyResult::Valid
+        );
+    }
+
+    #[tokio::test]
+    async fn quota_is_charged_only_when_everything_else_passed() {
+        let f = fixture().await;
+        let key = f
+            .issue(
+                "app/q",
+                &["s"],
+                KeyPolicyInput {
+                    quota: Some((3, 0, None)),
+                    ..Default::default()
+                },
+            )
+            .await;
+        let scoped = |scope: &str, cost| VerifyInput {
+            required_scopes: vec![scope.into()],
+            cost,
+            ..input(&key)
+        };
+        let v = f.verify_as("edge", scoped("other", None)).await.unwrap();
+        assert_eq!(
+            (v.result, v.quota_remaining),
+            (VerifyResult::InsufficientScope, Some(3))
+        );
+        let v = f.verify_as("edge", scoped("s", Some(2))).await.unwrap();
+        assert_eq!(
+            (v.result, v.quota_remaining),
+            (VerifyResult::Valid, Some(1))
+        );
+        let v = f.verify_as("edge", scoped("s", Some(2))).await.unwrap();
+        assert_eq!(
+            (v.result, v.quota_remaining),
+            (VerifyResult::QuotaExceeded, Some(1))
+        );
+        assert_eq!(v.retry_after_ms, None);
+        let v = f.verify_as("edge", scoped("s", Some(1))).await.unwrap();
+        assert_eq!(
+            (v.result, v.quota_remaining),
+            (VerifyResult::Valid, Some(0))
+        );
+        let usage = f.vault.usage().get("app/q");
+        assert_eq!(usage[&1].results[VerifyResult::QuotaExceeded.number()], 1);
+        assert_eq!(usage[&1].total, 4);
+    }
+
+    #[tokio::test]
+    async fn unknown_keys_lock_the_caller_out_before_lookup() {
+        let f = fixture().await;
+        let key = f.issue("app/g", &[], KeyPolicyInput::default()).await;
+        let from = |k: &str, ip: &str| VerifyInput {
+            client_ip: ip.into(),
+            ..input(k)
+        };
+        for _ in 0..5 {
+            let guess = ApiKey::generate("ward", "prod").unwrap();
+            let v = f
+                .verify_as("edge", from(guess.expose(), "192.0.2.1"))
+                .await
+                .unwrap();
+            assert_eq!(v.result, VerifyResult::NotFound);
+        }
+        // Budget spent: even the real key is refused for this client IP, without a lookup …
+        let v = f.verify_as("edge", from(&key, "192.0.2.1")).await.unwrap();
+        assert_eq!(v.result, VerifyResult::RateLimited);
+        assert!(v.key.is_none());
+        assert_eq!(v.retry_after_ms, Some(1000));
+        // … while other clients behind the same caller are unaffected.
+        let v = f.verify_as("edge", from(&key, "192.0.2.2")).await.unwrap();
+        assert_eq!(v.result, VerifyResult::Valid);
+        f.clock.advance(1000);
+        let v = f.verify_as("edge", from(&key, "192.0.2.1")).await.unwrap();
+        assert_eq!(v.result, VerifyResult::Valid);
+    }
+
+    #[tokio::test]
+    async fn policy_updates_apply_at_once_and_restart_the_quota() {
+        let f = fixture().await;
+        let key = f
+            .issue(
+                "app/u",
+                &[],
+                KeyPolicyInput {
+                    quota: Some((1, 0, None)),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+        assert_eq!(f.verify(&key).await, VerifyResult::QuotaExceeded);
+        let update = |mask: &[&str], policy: KeyPolicyInput, id: &str| crate::vault::PolicyUpdate {
+            name: "app/u".into(),
+            scopes: vec![],
+            policy,
+            mask: mask.iter().map(|s| s.to_string()).collect(),
+            request_id: id.into(),
+        };
+        let two = KeyPolicyInput {
+            quota: Some((2, 0, None)),
+            ..Default::default()
+        };
+        let admin = peer("admin");
+        f.vault
+            .update_key_policy(&admin, update(&["quota"], two.clone(), "r1"))
+            .await
+            .unwrap();
+        assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+        // A retry of the same request does not reset the ledger again.
+        f.vault
+            .update_key_policy(&admin, update(&["quota"], two, "r1"))
+            .await
+            .unwrap();
+        assert_eq!(f.verify(&key).await, VerifyResult::Valid);
+        assert_eq!(f.verify(&key).await, VerifyResult::QuotaExceeded);
+        // Expire now: the next call is EXPIRED.
+        let now = KeyPolicyInput {
+            expire_ms: Some(f.clock.now_ms()),
+            ..Default::default()
+        };
+        let rec = f
+            .vault
+            .update_key_policy(&admin, update(&["expire_time"], now, ""))
+            .await
+            .unwrap();
+        assert!(rec.key_policy.quota.is_some(), "unmasked fields are kept");
+        assert_eq!(f.verify(&key).await, VerifyResult::Expired);
+        // Bad input.
+        for (mask, p) in [
+            (
+                vec!["rate_limit"],
+                KeyPolicyInput {
+                    rate_limit: Some((0, 1000, 0)),
+                    ..Default::default()
+                },
+            ),
+            (
+                vec!["quota"],
+                KeyPolicyInput {
+                    quota: Some((5, 3, None)),
+                    ..Default::default()
+                },
+            ),
+            (
+                vec!["allowed_cidrs"],
+                KeyPolicyInput {
+                    allowed_cidrs: vec!["10.0.0.1/8".into()],
+                    ..Default::default()
+                },
+            ),
+            (vec!["owner"], KeyPolicyInput::default()),
+        ] {
+            let err = f
+                .vault
+                .update_key_policy(&admin, update(&mask, p, ""))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{mask:?}: {err}");
+        }
+    }
+}
