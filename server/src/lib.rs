@@ -2,7 +2,7 @@
 //! master key that never leaves a PKCS#11 HSM and kept in an embedded sled database.
 //!
 //! The data path reads top to bottom: transport (`service`, `tls`) → `policy` → domain
-//! (`vault`, `model`) → `envelope` → `store`, with `audit` alongside.
+//! (`vault`, `lifecycle`, `model`) → `envelope` → `store`, with `audit` alongside.
 #![deny(missing_docs)]
 
 pub mod audit;
@@ -11,6 +11,7 @@ pub mod config;
 pub mod dev;
 pub mod envelope;
 pub mod error;
+pub mod lifecycle;
 pub mod model;
 pub mod policy;
 pub mod server;

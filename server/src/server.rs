@@ -2,7 +2,7 @@
 //! and server reflection (v1 and v1alpha; grpcurl 1.8.6 speaks only v1alpha) on one mutual-TLS
 //! listener, until SIGTERM or SIGINT.
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, FileOffsetClock, SystemClock};
 use crate::config::Config;
 use crate::policy::Policy;
 use crate::service::SecretsService;
@@ -105,7 +105,18 @@ pub async fn serve(
     create_private_dir(&cfg.data_dir).map_err(StartError::Storage)?;
     let store: Arc<dyn Store> =
         Arc::new(SledStore::open(&cfg.data_dir).map_err(|e| StartError::Storage(e.to_string()))?);
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock: Arc<dyn Clock> = match &cfg.testing {
+        None => Arc::new(SystemClock),
+        Some(t) => {
+            let c = FileOffsetClock::open(&t.clock_file).map_err(StartError::Config)?;
+            tracing::warn!(
+                clock_file = %t.clock_file.display(),
+                "TEST CLOCK IN USE: time is the system clock plus the offset in this file; \
+                 never run a real vault with [testing] set"
+            );
+            Arc::new(c)
+        }
+    };
     let (keyring, index) =
         unseal(&store, &hsm, &label, clock.now_ms())
             .await
@@ -124,6 +135,10 @@ pub async fn serve(
         grace_ms: cfg.limits.default_grace_seconds.saturating_mul(1000),
     };
     let vault = Arc::new(Vault::new(store, keyring, index, policy, clock, settings));
+    let sweeper = tokio::spawn(crate::lifecycle::sweeper::run(
+        vault.clone(),
+        Duration::from_millis(cfg.lifecycle.sweep_interval_ms),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SecretsServer<SecretsService>>().await;
@@ -138,7 +153,7 @@ pub async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| StartError::Other(format!("reflection: {e}")))?;
-    let secrets = SecretsServer::new(SecretsService::new(vault))
+    let secrets = SecretsServer::new(SecretsService::new(vault.clone()))
         .max_decoding_message_size(cfg.limits.max_request_bytes);
 
     let listener = TcpListener::bind(cfg.listen)
@@ -155,9 +170,15 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(secrets)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, async {
+            shutdown_signal().await;
+            // Watch streams never end on their own; end them (clients reconnect elsewhere or
+            // later) so the graceful shutdown does not wait on them. Stops the sweeper too.
+            vault.watch_hub().close();
+        })
         .await
         .map_err(|e| StartError::Other(format!("server: {e}")))?;
+    let _ = sweeper.await;
     tracing::info!("shut down");
     Ok(())
 }

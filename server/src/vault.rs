@@ -5,9 +5,12 @@ use crate::audit::{self, AuditRecord};
 use crate::clock::{Clock, Millis};
 use crate::envelope::{IndexKey, Keyring, SealedValue};
 use crate::error::{Code, Error, Result};
+use crate::lifecycle::input::{LifecycleInput, LifecyclePolicy};
+use crate::lifecycle::watch::WatchHub;
 use crate::model::{
     check_labels, check_scopes, check_text, KeyIndexEntry, Kind, RequestId, RequestRecord,
-    SecretName, SecretRecord, VersionMeta, VersionState, MAX_DESCRIPTION, MAX_OWNER,
+    SecretLife, SecretName, SecretRecord, VersionLife, VersionMeta, VersionState, MAX_DESCRIPTION,
+    MAX_OWNER,
 };
 use crate::policy::{Policy, Verb};
 use crate::store::{decode, encode, request_key, version_key, Batch, Store, StoreError, Tree};
@@ -19,7 +22,7 @@ use ward::keyformat::ApiKey;
 use zeroize::Zeroizing;
 
 /// Optimistic-concurrency attempts before a write gives up with ABORTED.
-const MAX_ATTEMPTS: usize = 8;
+pub(crate) const MAX_ATTEMPTS: usize = 8;
 /// Largest page of ListSecrets.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 /// Page size when the request names none.
@@ -44,12 +47,14 @@ pub struct Settings {
 
 /// The vault: everything a call needs, shared by all calls.
 pub struct Vault {
-    store: Arc<dyn Store>,
-    keyring: Keyring,
-    index: IndexKey,
-    policy: Policy,
-    clock: Arc<dyn Clock>,
-    settings: Settings,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) keyring: Keyring,
+    pub(crate) index: IndexKey,
+    pub(crate) policy: Policy,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) settings: Settings,
+    /// Tells watchers which secrets changed (lifecycle/watch.rs).
+    pub(crate) watch: WatchHub,
 }
 
 /// PutSecret's input, as received.
@@ -70,6 +75,8 @@ pub struct PutInput {
     pub expected_version: Option<u64>,
     /// Idempotency key, or empty.
     pub request_id: String,
+    /// Lifecycle policy fields (rotation period, default grace, expiry).
+    pub lifecycle: LifecycleInput,
 }
 
 /// IssueKey's input, as received.
@@ -88,6 +95,8 @@ pub struct IssueInput {
     pub description: String,
     /// Idempotency key, or empty.
     pub request_id: String,
+    /// Lifecycle policy fields (rotation period, default grace, expiry).
+    pub lifecycle: LifecycleInput,
 }
 
 /// What a write produced.
@@ -132,6 +141,10 @@ pub struct Fetched {
     pub environment: String,
     /// Creation time of the version.
     pub create_ms: Millis,
+    /// ACTIVE versions: when the overlap window closes.
+    pub grace_until_ms: Option<Millis>,
+    /// When the version expires (its own expiry or the secret's, whichever is first).
+    pub expire_ms: Option<Millis>,
 }
 
 /// Filters and paging of ListSecrets.
@@ -176,7 +189,14 @@ impl Vault {
             policy,
             clock,
             settings,
+            watch: WatchHub::new(),
         }
+    }
+
+    /// The broadcast that tells watchers of changes; closing it ends every watch stream and
+    /// the sweeper (at shutdown).
+    pub fn watch_hub(&self) -> &WatchHub {
+        &self.watch
     }
 
     /// The vault's clock reading.
@@ -192,7 +212,9 @@ impl Vault {
         rec.targets.push((input.name.clone(), 0));
         rec.request_id = input.request_id.clone();
         let result = self.put_inner(peer, &input, &mut rec).await;
-        self.finish_write(rec, result).await
+        let written = self.finish_write(rec, result).await?;
+        self.watch.publish(&written.name);
+        Ok(written)
     }
 
     async fn put_inner(
@@ -220,6 +242,7 @@ impl Vault {
         if !input.environment.is_empty() {
             self.check_environment(&input.environment)?;
         }
+        let policy = LifecyclePolicy::parse(&input.lifecycle, self.now())?;
         let fingerprint = self.fingerprint(
             "PutSecret",
             &[
@@ -230,6 +253,7 @@ impl Vault {
                 &encode(&input.labels),
                 input.description.as_bytes(),
                 &encode(&input.expected_version),
+                &encode(&input.lifecycle),
             ],
         );
 
@@ -277,6 +301,7 @@ impl Vault {
                     update_ms: now,
                     primary: 0,
                     versions: Vec::new(),
+                    life: SecretLife::default(),
                 },
             };
             self.authorize(peer, Verb::Write, &name, Some(&secret.environment))?;
@@ -289,6 +314,8 @@ impl Vault {
             if !input.description.is_empty() {
                 secret.description = input.description.clone();
             }
+            policy.apply(&mut secret, now);
+            secret.check_accepts_versions(now)?;
             let version = secret.next_version();
             let sealed = self.keyring.seal(name.as_str(), version, &input.value)?;
             let written = self.add_version(&mut secret, version, &input.value, &sealed, None, now);
@@ -329,7 +356,9 @@ impl Vault {
         rec.targets.push((input.name.clone(), 0));
         rec.request_id = input.request_id.clone();
         let result = self.issue_inner(peer, &input, &mut rec).await;
-        self.finish_write(rec, result).await
+        let issued = self.finish_write(rec, result).await?;
+        self.watch.publish(&issued.written.name);
+        Ok(issued)
     }
 
     async fn issue_inner(
@@ -352,6 +381,7 @@ impl Vault {
             input.environment.clone()
         };
         self.authorize(peer, Verb::Issue, &name, Some(&environment))?;
+        let policy = LifecyclePolicy::parse(&input.lifecycle, self.now())?;
         let fingerprint = self.fingerprint(
             "IssueKey",
             &[
@@ -361,6 +391,7 @@ impl Vault {
                 &encode(&input.scopes),
                 &encode(&input.labels),
                 input.description.as_bytes(),
+                &encode(&input.lifecycle),
             ],
         );
 
@@ -413,7 +444,9 @@ impl Vault {
                 update_ms: now,
                 primary: 0,
                 versions: Vec::new(),
+                life: SecretLife::default(),
             };
+            policy.apply(&mut secret, now);
             let value = key.expose().as_bytes();
             let sealed = self.keyring.seal(name.as_str(), 1, value)?;
             let written =
@@ -516,7 +549,11 @@ impl Vault {
     }
 
     /// Reads and decrypts a version for internal use (no authorization, no audit).
-    fn read_version(&self, name: &SecretName, version: u64) -> Result<(SecretRecord, Fetched)> {
+    pub(crate) fn read_version(
+        &self,
+        name: &SecretName,
+        version: u64,
+    ) -> Result<(SecretRecord, Fetched)> {
         let secret = self.load(name)?;
         let (_, fetched) = self.read_version_of(&secret, name, version)?;
         Ok((secret, fetched))
@@ -528,20 +565,7 @@ impl Vault {
         name: &SecretName,
         version: u64,
     ) -> Result<(VersionMeta, Fetched)> {
-        let meta = secret
-            .version(version)
-            .ok_or_else(|| Error::NotFound(format!("version {version} of {name}")))?;
-        let state = meta.state_at(self.now());
-        match state {
-            VersionState::Primary | VersionState::Active => {}
-            other => {
-                return Err(Error::FailedPrecondition(format!(
-                    "version {} of {name} is {}",
-                    meta.version,
-                    other.name()
-                )))
-            }
-        }
+        let (meta, state) = secret.usable(version, self.now())?;
         let blob = self
             .store
             .get(Tree::Versions, &version_key(name.as_str(), meta.version))?
@@ -568,6 +592,10 @@ impl Vault {
             kind: secret.kind,
             environment: secret.environment.clone(),
             create_ms: meta.create_ms,
+            grace_until_ms: meta
+                .grace_until_ms
+                .filter(|_| state == VersionState::Active),
+            expire_ms: secret.expiry_of(meta),
         };
         Ok((meta.clone(), fetched))
     }
@@ -671,7 +699,7 @@ impl Vault {
 
     // ---- helpers ---------------------------------------------------------------------------
 
-    fn authorize(
+    pub(crate) fn authorize(
         &self,
         peer: &Peer,
         verb: Verb,
@@ -689,7 +717,7 @@ impl Vault {
         }
     }
 
-    fn check_environment(&self, env: &str) -> Result<()> {
+    pub(crate) fn check_environment(&self, env: &str) -> Result<()> {
         if self.settings.environments.iter().any(|e| e == env) {
             Ok(())
         } else {
@@ -700,7 +728,7 @@ impl Vault {
         }
     }
 
-    fn load(&self, name: &SecretName) -> Result<SecretRecord> {
+    pub(crate) fn load(&self, name: &SecretName) -> Result<SecretRecord> {
         let raw = self
             .store
             .get(Tree::Secrets, name.as_str().as_bytes())?
@@ -709,15 +737,13 @@ impl Vault {
     }
 
     /// Applies read-time deadlines to every version's state.
-    fn as_of_now(&self, mut secret: SecretRecord) -> SecretRecord {
-        let now = self.now();
-        for v in &mut secret.versions {
-            v.state = v.state_at(now);
-        }
+    pub(crate) fn as_of_now(&self, mut secret: SecretRecord) -> SecretRecord {
+        secret.settle(self.now());
         secret
     }
 
-    /// Appends a PRIMARY version, demoting the old PRIMARY to ACTIVE for the grace period.
+    /// Appends a PRIMARY version, demoting the old PRIMARY to ACTIVE for the grace period
+    /// (the secret's default, else the server's).
     fn add_version(
         &self,
         secret: &mut SecretRecord,
@@ -727,29 +753,22 @@ impl Vault {
         key_id: Option<String>,
         now: Millis,
     ) -> Written {
-        let grace = self.settings.grace_ms;
-        for v in &mut secret.versions {
-            if v.state == VersionState::Primary {
-                if grace == 0 {
-                    v.state = VersionState::Inactive;
-                } else {
-                    v.state = VersionState::Active;
-                    v.grace_until_ms = Some(now.saturating_add(grace));
-                }
-            }
-        }
+        let grace = secret.life.grace_ms.unwrap_or(self.settings.grace_ms);
         let checksum = crc32c::crc32c(value);
-        secret.versions.push(VersionMeta {
-            version,
-            state: VersionState::Primary,
-            create_ms: now,
-            grace_until_ms: None,
-            checksum,
-            term: sealed.term,
-            key_id,
-        });
-        secret.primary = version;
-        secret.update_ms = now;
+        secret.push_primary(
+            VersionMeta {
+                version,
+                state: VersionState::Primary,
+                create_ms: now,
+                grace_until_ms: None,
+                checksum,
+                term: sealed.term,
+                key_id,
+                life: VersionLife::default(),
+            },
+            now,
+            grace,
+        );
         Written {
             name: secret.name.clone(),
             version,
@@ -758,21 +777,21 @@ impl Vault {
         }
     }
 
-    fn fingerprint(&self, method: &str, parts: &[&[u8]]) -> [u8; 32] {
+    pub(crate) fn fingerprint(&self, method: &str, parts: &[&[u8]]) -> [u8; 32] {
         self.index.hash(method, parts)
     }
 
-    fn key_hash(&self, key: &ApiKey) -> [u8; 32] {
+    pub(crate) fn key_hash(&self, key: &ApiKey) -> [u8; 32] {
         self.index
             .hash("ward/apikey/v1", &[key.expose().as_bytes()])
     }
 
-    fn key_id(&self, key: &ApiKey) -> String {
+    pub(crate) fn key_id(&self, key: &ApiKey) -> String {
         hex::encode(&self.key_hash(key)[..8])
     }
 
     /// The earlier result of this request id, if the same request already succeeded.
-    fn replay(
+    pub(crate) fn replay(
         &self,
         peer: &Peer,
         id: &RequestId,
@@ -808,7 +827,7 @@ impl Vault {
         }))
     }
 
-    fn stage_request(
+    pub(crate) fn stage_request(
         &self,
         batch: &mut Batch,
         peer: &Peer,
@@ -834,7 +853,7 @@ impl Vault {
     }
 
     /// Commits a batch together with the call's audit record (outcome OK).
-    fn commit_with_audit(&self, mut batch: Batch, rec: &mut AuditRecord) -> Result<()> {
+    pub(crate) fn commit_with_audit(&self, mut batch: Batch, rec: &mut AuditRecord) -> Result<()> {
         rec.code = Code::Ok.as_i32();
         rec.time_ms = self.now();
         audit::stage(&*self.store, &mut batch, rec)?;
@@ -847,7 +866,11 @@ impl Vault {
 
     /// Completes a write: on success the change and its audit record are committed, so wait
     /// for durability; on failure record the refusal.
-    async fn finish_write<T>(&self, mut rec: AuditRecord, result: Result<T>) -> Result<T> {
+    pub(crate) async fn finish_write<T>(
+        &self,
+        mut rec: AuditRecord,
+        result: Result<T>,
+    ) -> Result<T> {
         match result {
             Ok(v) => {
                 self.store.sync().await.map_err(|e| {
@@ -866,7 +889,11 @@ impl Vault {
     }
 
     /// Completes a read: the audit record is durable before anything is returned.
-    async fn finish_read<T>(&self, mut rec: AuditRecord, result: Result<T>) -> Result<T> {
+    pub(crate) async fn finish_read<T>(
+        &self,
+        mut rec: AuditRecord,
+        result: Result<T>,
+    ) -> Result<T> {
         rec.code = match &result {
             Ok(_) => Code::Ok.as_i32(),
             Err(e) => {
@@ -889,7 +916,7 @@ fn log_refusal(rec: &AuditRecord, e: &Error) {
     );
 }
 
-fn check_cas(
+pub(crate) fn check_cas(
     name: &SecretName,
     existing: Option<&SecretRecord>,
     expected: Option<u64>,
@@ -986,6 +1013,7 @@ mod tests {
             description: String::new(),
             expected_version: None,
             request_id: String::new(),
+            lifecycle: LifecycleInput::default(),
         }
     }
 
@@ -1047,6 +1075,7 @@ mod tests {
                     labels: BTreeMap::new(),
                     description: String::new(),
                     request_id: String::new(),
+                    lifecycle: LifecycleInput::default(),
                 },
             )
             .await

@@ -266,6 +266,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 description: meta.description.unwrap_or_default(),
                 expected_version: args.expected_version,
                 request_id: meta.request_id.unwrap_or_default(),
+                ..Default::default()
             };
             let resp = client.put_secret(req).await?;
             if json {
@@ -297,6 +298,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 labels: label_map(meta.labels)?,
                 description: meta.description.unwrap_or_default(),
                 request_id: meta.request_id.unwrap_or_default(),
+                ..Default::default()
             };
             let mut resp = client.issue_key(req).await?;
             let printed = if json {
