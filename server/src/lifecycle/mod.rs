@@ -17,3 +17,6 @@ pub mod machine;
 pub mod ops;
 pub mod sweeper;
 pub mod watch;
+
+#[cfg(test)]
+mod tests;
