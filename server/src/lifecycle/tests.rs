@@ -422,7 +422,7 @@ async fn watchers_get_the_difference_then_live_changes() {
         .rotate(&admin, rotate("w/a", b"two", secs(60)))
         .await
         .unwrap();
-    let mut got = vec![next(&mut rx).await, next(&mut rx).await];
+    let mut got = [next(&mut rx).await, next(&mut rx).await];
     got.sort_by_key(|e| e.version);
     assert_eq!(
         got.iter().map(|e| (e.kind, e.version)).collect::<Vec<_>>(),
