@@ -10,6 +10,8 @@ mod authz;
 mod disk;
 mod durability;
 mod keys;
+mod lifecycle;
+mod lifecycle_tools;
 mod pagination;
 mod roundtrip;
 mod sdk;
