@@ -165,7 +165,7 @@ pub async fn serve(
     let incoming = accept_loop(listener, tokio_rustls::TlsAcceptor::from(tls));
     ready(addr);
 
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -176,9 +176,10 @@ pub async fn serve(
             // later) so the graceful shutdown does not wait on them. Stops the sweeper too.
             vault.watch_hub().close();
         })
-        .await
-        .map_err(|e| StartError::Other(format!("server: {e}")))?;
+        .await;
+    vault.watch_hub().close();
     let _ = sweeper.await;
+    served.map_err(|e| StartError::Other(format!("server: {e}")))?;
     tracing::info!("shut down");
     Ok(())
 }
