@@ -28,6 +28,7 @@ impl Echo {
                 kind: pb::SecretKind::Static as i32,
                 environment: "dev".into(),
                 create_time: Some(ward_server::clock::to_timestamp(0)),
+                ..Default::default()
             },
         }
     }
@@ -73,6 +74,43 @@ impl Secrets for Echo {
         &self,
         _: Request<pb::DescribeSecretRequest>,
     ) -> Result<Response<pb::SecretMetadata>, Status> {
+        Err(Status::unimplemented("echo serves FetchSecret only"))
+    }
+
+    async fn rotate_secret(
+        &self,
+        _: Request<pb::RotateSecretRequest>,
+    ) -> Result<Response<pb::RotateSecretResponse>, Status> {
+        Err(Status::unimplemented("echo serves FetchSecret only"))
+    }
+
+    async fn revoke_secret(
+        &self,
+        _: Request<pb::RevokeSecretRequest>,
+    ) -> Result<Response<pb::RevokeSecretResponse>, Status> {
+        Err(Status::unimplemented("echo serves FetchSecret only"))
+    }
+
+    async fn set_version_state(
+        &self,
+        _: Request<pb::SetVersionStateRequest>,
+    ) -> Result<Response<pb::SetVersionStateResponse>, Status> {
+        Err(Status::unimplemented("echo serves FetchSecret only"))
+    }
+
+    async fn destroy_version(
+        &self,
+        _: Request<pb::DestroyVersionRequest>,
+    ) -> Result<Response<pb::DestroyVersionResponse>, Status> {
+        Err(Status::unimplemented("echo serves FetchSecret only"))
+    }
+
+    type WatchSecretsStream = tokio_stream::Empty<Result<pb::WatchEvent, Status>>;
+
+    async fn watch_secrets(
+        &self,
+        _: Request<pb::WatchSecretsRequest>,
+    ) -> Result<Response<Self::WatchSecretsStream>, Status> {
         Err(Status::unimplemented("echo serves FetchSecret only"))
     }
 

@@ -15,12 +15,14 @@ use crate::proto::keys_client::KeysClient;
 use crate::proto::secrets_client::SecretsClient;
 use crate::proto::{
     batch_fetch_result, BatchFetchSecretsRequest, BatchFetchSecretsResponse,
-    DescribeKeyringRequest, DescribeSecretRequest, FetchSecretRequest, FetchSecretResponse,
-    GetKeyUsageRequest, GetKeyUsageResponse, IssueKeyRequest, IssueKeyResponse, ItemError,
-    KeyringStatus, ListSecretsRequest, ListSecretsResponse, PutSecretRequest, PutSecretResponse,
-    RotateKeyringRequest, RotateKeyringResponse, RotateMasterKeyRequest, RotateMasterKeyResponse,
-    SecretMetadata, UpdateKeyPolicyRequest, UpdateKeyPolicyResponse, VerifyKeyRequest,
-    VerifyKeyResponse,
+    DescribeKeyringRequest, DescribeSecretRequest, DestroyVersionRequest, DestroyVersionResponse,
+    FetchSecretRequest, FetchSecretResponse, GetKeyUsageRequest, GetKeyUsageResponse,
+    IssueKeyRequest, IssueKeyResponse, ItemError, KeyringStatus, ListSecretsRequest,
+    ListSecretsResponse, PutSecretRequest, PutSecretResponse, RevokeSecretRequest,
+    RevokeSecretResponse, RotateKeyringRequest, RotateKeyringResponse, RotateMasterKeyRequest,
+    RotateMasterKeyResponse, RotateSecretRequest, RotateSecretResponse, SecretMetadata,
+    SetVersionStateRequest, SetVersionStateResponse, UpdateKeyPolicyRequest,
+    UpdateKeyPolicyResponse, VerifyKeyRequest, VerifyKeyResponse, WatchEvent, WatchSecretsRequest,
 };
 use crate::retry::{is_retryable, CallKind};
 use crate::{ClientConfig, Error, RetryPolicy, DEFAULT_TIMEOUT};
@@ -380,6 +382,80 @@ impl Client {
         }
     }
 
+    /// Rotates a secret: a new PRIMARY (for an API key, generated and returned once in
+    /// `api_key`), the old one ACTIVE for the grace period. Retried only if `request_id` is set
+    /// (a retry then returns the same result, and the same key).
+    pub async fn rotate_secret(
+        &self,
+        req: RotateSecretRequest,
+    ) -> Result<RotateSecretResponse, Error> {
+        let kind = CallKind::write(&req.request_id);
+        self.call(
+            kind,
+            req,
+            |mut c, r| async move { c.rotate_secret(r).await },
+        )
+        .await
+    }
+
+    /// Revokes one version or the whole secret, effective on the server's very next call.
+    /// Retried only if `request_id` is set.
+    pub async fn revoke_secret(
+        &self,
+        req: RevokeSecretRequest,
+    ) -> Result<RevokeSecretResponse, Error> {
+        let kind = CallKind::write(&req.request_id);
+        self.call(
+            kind,
+            req,
+            |mut c, r| async move { c.revoke_secret(r).await },
+        )
+        .await
+    }
+
+    /// Moves a version between ACTIVE and INACTIVE, or promotes an ACTIVE one to PRIMARY.
+    /// Retried only if `request_id` is set.
+    pub async fn set_version_state(
+        &self,
+        req: SetVersionStateRequest,
+    ) -> Result<SetVersionStateResponse, Error> {
+        let kind = CallKind::write(&req.request_id);
+        self.call(
+            kind,
+            req,
+            |mut c, r| async move { c.set_version_state(r).await },
+        )
+        .await
+    }
+
+    /// Destroys a version for good (its value can never be recovered). Retried only if
+    /// `request_id` is set.
+    pub async fn destroy_version(
+        &self,
+        req: DestroyVersionRequest,
+    ) -> Result<DestroyVersionResponse, Error> {
+        let kind = CallKind::write(&req.request_id);
+        self.call(
+            kind,
+            req,
+            |mut c, r| async move { c.destroy_version(r).await },
+        )
+        .await
+    }
+
+    /// Opens a WatchSecrets stream: first the differences from what `req.held` says the
+    /// client holds, then SYNCED, then live changes. Opening is retried like a read and
+    /// limited by the call timeout; the stream itself runs until the server ends it or it is
+    /// dropped. See [`crate::Cache`] for a cache that keeps itself current with it.
+    pub async fn watch_secrets(&self, req: WatchSecretsRequest) -> Result<WatchStream, Error> {
+        let inner = self
+            .call(CallKind::Read, req, |mut c, r| async move {
+                c.watch_secrets(r).await
+            })
+            .await?;
+        Ok(WatchStream { inner })
+    }
+
     /// Runs one RPC under the timeout and retry policy. The request is cloned only when another
     /// attempt may follow, so a value in a non-retryable write exists in one copy.
     async fn call<Req, Resp, F, Fut>(&self, kind: CallKind, req: Req, rpc: F) -> Result<Resp, Error>
@@ -451,6 +527,21 @@ impl Client {
                 message: format!("no answer within {:?}", self.timeout),
             }),
         }
+    }
+}
+
+/// A WatchSecrets stream. Events carry metadata only, never a value.
+#[derive(Debug)]
+pub struct WatchStream {
+    inner: tonic::Streaming<WatchEvent>,
+}
+
+impl WatchStream {
+    /// The next event; `None` once the server ended the stream. An error (e.g. UNAVAILABLE
+    /// at server shutdown, or a transport failure) also ends it: reconnect, resending what is
+    /// held, to lose nothing.
+    pub async fn next(&mut self) -> Option<Result<WatchEvent, Error>> {
+        self.inner.message().await.map_err(Error::from).transpose()
     }
 }
 

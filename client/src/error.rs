@@ -30,6 +30,10 @@ pub enum Error {
     /// address. Reported as `INVALID_ARGUMENT` by [`Error::code`].
     #[error("configuration error: {0}")]
     Config(String),
+    /// The [`crate::Cache`] could not reach the server for longer than its `max_stale` and no
+    /// longer serves what it holds. Reported as `UNAVAILABLE` by [`Error::code`].
+    #[error("stale: {0}")]
+    Stale(String),
 }
 
 impl Error {
@@ -38,7 +42,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Self::Status { code, .. } => *code,
-            Self::Transport(_) => Code::Unavailable,
+            Self::Transport(_) | Self::Stale(_) => Code::Unavailable,
             Self::Config(_) => Code::InvalidArgument,
         }
     }
@@ -47,7 +51,7 @@ impl Error {
     pub fn message(&self) -> &str {
         match self {
             Self::Status { message, .. } => message,
-            Self::Transport(message) | Self::Config(message) => message,
+            Self::Transport(message) | Self::Config(message) | Self::Stale(message) => message,
         }
     }
 

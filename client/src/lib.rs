@@ -1,5 +1,6 @@
 //! Ward SDK: a mutual-TLS gRPC client for the Ward secrets vault, with per-call timeouts,
-//! retries of calls that are safe to repeat, and one error type.
+//! retries of calls that are safe to repeat, one error type, and a [`Cache`] that keeps
+//! fetched secrets current through `WatchSecrets`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), ward_client::Error> {
@@ -22,6 +23,7 @@
 //! `Debug` of those types prints them, so never log a whole response.
 #![deny(missing_docs)]
 
+mod cache;
 pub mod cli;
 mod client;
 mod config;
@@ -32,7 +34,10 @@ pub mod scan;
 /// The generated `ward.v1` wire types and client (e.g. `proto::PutSecretRequest`).
 pub use ward::v1 as proto;
 
-pub use client::{Client, FetchedSecret};
+pub use cache::{
+    Cache, CacheConfig, CacheEvent, CachedSecret, SystemTimeSource, TimeSource, DEFAULT_MAX_STALE,
+};
+pub use client::{Client, FetchedSecret, WatchStream};
 pub use config::{
     normalize_endpoint, parse_duration, ClientConfig, DEFAULT_ADDR, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_PORT, DEFAULT_TIMEOUT, ENV_ADDR, ENV_CA, ENV_CERT, ENV_KEY, ENV_SERVER_NAME,

@@ -120,7 +120,7 @@ pub(crate) fn is_retryable(kind: CallKind, err: &Error) -> bool {
             Code::DeadlineExceeded => kind == CallKind::Read,
             _ => false,
         },
-        Error::Config(_) => false,
+        Error::Config(_) | Error::Stale(_) => false,
     }
 }
 

@@ -306,6 +306,7 @@ impl Mock {
             kind: s.kind,
             environment: s.environment.clone(),
             create_time: Some(prost_types_now()),
+            ..Default::default()
         })
     }
 

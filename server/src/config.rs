@@ -42,6 +42,12 @@ pub struct Config {
     /// API-key verification.
     #[serde(default)]
     pub keys: KeysConfig,
+    /// Key lifecycle: the background sweeper.
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
+    /// TEST ONLY: absent in every real deployment. See [`TestingConfig`].
+    #[serde(default)]
+    pub testing: Option<TestingConfig>,
 }
 
 /// The plain-HTTP listener serving `/metrics` (Prometheus text) and `/healthz`. It carries no
@@ -60,6 +66,23 @@ impl Default for MetricsConfig {
         Self {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// Key lifecycle settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// How often the sweeper stores deadline-driven state changes, runs scheduled rotations
+    /// and tells watchers, in milliseconds. Fetch enforces deadlines at read time regardless.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            sweep_interval_ms: 5_000,
         }
     }
 }
@@ -85,6 +108,16 @@ impl Default for KeysConfig {
             usage_flush_seconds: 5,
         }
     }
+}
+
+/// TEST ONLY settings, for end-to-end tests that must control a running server's time. Never
+/// set in production; the server logs a warning when they are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestingConfig {
+    /// A file holding an offset in milliseconds that is added to the system clock, re-read on
+    /// every clock reading. It must exist when the server starts.
+    pub clock_file: PathBuf,
 }
 
 /// TLS files (PEM).
@@ -192,6 +225,9 @@ impl Config {
         if let Some(p) = self.hsm.softhsm_conf.as_mut() {
             fix(p);
         }
+        if let Some(t) = self.testing.as_mut() {
+            fix(&mut t.clock_file);
+        }
     }
 
     /// Checks every field that has rules.
@@ -246,6 +282,10 @@ impl Config {
         }
         if self.hsm.sessions == 0 || self.hsm.sessions > 64 {
             return Err("hsm.sessions must be between 1 and 64".into());
+        }
+        let sweep = self.lifecycle.sweep_interval_ms;
+        if !(10..=3_600_000).contains(&sweep) {
+            return Err("lifecycle.sweep_interval_ms must be between 10 and 3600000".into());
         }
         Ok(())
     }
@@ -309,6 +349,21 @@ mod tests {
         assert!(cfg.metrics.enabled);
         assert!(cfg.metrics.listen.ip().is_loopback());
         assert_eq!(cfg.keys.unknown_key_burst, 100);
+        assert_eq!(cfg.lifecycle.sweep_interval_ms, 5000);
+        assert!(
+            cfg.testing.is_none(),
+            "the test clock is never on by default"
+        );
+    }
+
+    #[test]
+    fn testing_section_is_explicit_and_resolved() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ward.toml");
+        let text = format!("{MINIMAL}\n[testing]\nclock_file = \"clock\"\n");
+        std::fs::write(&path, text).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.testing.unwrap().clock_file, dir.path().join("clock"));
     }
 
     #[test]
@@ -325,6 +380,8 @@ mod tests {
             format!("{MINIMAL}\n[limits]\nmax_value_bytes = 0\n"),
             format!("{MINIMAL}\n[metrics]\nlisten = \"nowhere\"\n"),
             format!("{MINIMAL}\n[keys]\nunknown_key_burst = 0\n"),
+            format!("{MINIMAL}\n[lifecycle]\nsweep_interval_ms = 0\n"),
+            format!("{MINIMAL}\n[testing]\nclock = \"x\"\n"),
         ];
         for text in cases {
             std::fs::write(&path, &text).unwrap();

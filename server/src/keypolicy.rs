@@ -231,8 +231,6 @@ pub struct KeyPolicy {
     pub rate_limit: Option<RateLimit>,
     /// Usage quota.
     pub quota: Option<Quota>,
-    /// Expiry.
-    pub expire_ms: Option<Millis>,
 }
 
 /// A key policy as received, before parsing (times already converted to milliseconds).

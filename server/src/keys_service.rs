@@ -71,7 +71,11 @@ impl keys_server::Keys for KeysService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::UpdateKeyPolicyResponse {
-            policy: Some(policy_out(s.scopes.clone(), &s.key_policy)),
+            policy: Some(policy_out(
+                s.scopes.clone(),
+                &s.key_policy,
+                s.life.expire_ms,
+            )),
             name: s.name,
             update_time: Some(to_timestamp(s.update_ms)),
         }))
@@ -247,13 +251,14 @@ pub fn policy_input(
 }
 
 /// The wire form of a key policy.
-pub fn policy_out(scopes: Vec<String>, p: &KeyPolicy) -> pb::KeyPolicy {
+/// The wire form of a key policy; its expiry is the secret's lifecycle expiry.
+pub fn policy_out(scopes: Vec<String>, p: &KeyPolicy, expire_ms: Option<Millis>) -> pb::KeyPolicy {
     pb::KeyPolicy {
         scopes,
         allowed_cidrs: p.allowed_cidrs.iter().map(ToString::to_string).collect(),
         rate_limit: p.rate_limit.map(rate_limit_out),
         quota: p.quota.map(quota_out),
-        expire_time: p.expire_ms.map(to_timestamp),
+        expire_time: expire_ms.map(to_timestamp),
     }
 }
 

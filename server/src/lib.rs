@@ -2,8 +2,8 @@
 //! master key that never leaves a PKCS#11 HSM and kept in an embedded sled database.
 //!
 //! The data path reads top to bottom: transport (`service`, `keys_service`, `extauthz`, `tls`)
-//! → `policy` → domain (`keys` above `vault`, `model`, `keypolicy`) → `envelope` → `store`,
-//! with `audit` and `metrics` alongside.
+//! → `policy` → domain (`keys` above `vault`, `lifecycle`, `model`, `keypolicy`) → `envelope`
+//! → `store`, with `audit` and `metrics` alongside.
 #![deny(missing_docs)]
 
 pub mod admin_service;
@@ -17,6 +17,7 @@ pub mod extauthz;
 pub mod keypolicy;
 pub mod keys;
 pub mod keys_service;
+pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod policy;

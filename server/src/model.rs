@@ -193,6 +193,23 @@ impl VersionState {
             Self::Destroyed => "DESTROYED",
         }
     }
+
+    /// Whether the state machine lets a stored version move from `self` to `to`. REVOKED and
+    /// DESTROYED never come back (a REVOKED version may still be destroyed); a version
+    /// becomes PRIMARY only from ACTIVE; staying put is allowed.
+    pub fn may_become(self, to: VersionState) -> bool {
+        use VersionState::*;
+        match (self, to) {
+            (Destroyed, _) => false,
+            (Revoked, Destroyed) => true,
+            (Revoked, _) => false,
+            (_, Revoked | Destroyed) => true,
+            (Primary, Primary | Active | Inactive) => true,
+            (Active, Primary | Active | Inactive) => true,
+            (Inactive, Active | Inactive) => true,
+            (Inactive, Primary) => false,
+        }
+    }
 }
 
 /// One version's metadata (its value lives apart, in the versions tree).
@@ -212,12 +229,18 @@ pub struct VersionMeta {
     pub term: u32,
     /// API keys: the non-reversible key id.
     pub key_id: Option<String>,
+    /// Expiry and the last state change (lifecycle).
+    pub life: VersionLife,
 }
 
 impl VersionMeta {
-    /// The state in force at `now`: deadlines are enforced when read, not only by a sweeper.
+    /// The state in force at `now` judged from this version alone (its grace period and its
+    /// own expiry): deadlines are enforced when read, not only by a sweeper. Holders of the
+    /// secret use [`SecretRecord::standing`], which also applies the secret's expiry.
     pub fn state_at(&self, now: Millis) -> VersionState {
+        let expired = self.life.expire_ms.is_some_and(|at| now >= at);
         match (self.state, self.grace_until_ms) {
+            (VersionState::Primary | VersionState::Active, _) if expired => VersionState::Inactive,
             (VersionState::Active, Some(until)) if now >= until => VersionState::Inactive,
             (state, _) => state,
         }
@@ -262,6 +285,8 @@ pub struct SecretRecord {
     pub versions: Vec<VersionMeta>,
     /// API keys: allowed CIDRs, rate limit, quota, expiry (default for STATIC secrets).
     pub key_policy: KeyPolicy,
+    /// Rotation schedule, grace default, expiry and revocation (lifecycle).
+    pub life: SecretLife,
 }
 
 impl SecretRecord {
@@ -275,6 +300,190 @@ impl SecretRecord {
     pub fn next_version(&self) -> u64 {
         self.versions.last().map_or(1, |m| m.version + 1)
     }
+
+    /// When `v` stops working for deadline reasons: its own expiry or the secret's, whichever
+    /// comes first.
+    pub fn expiry_of(&self, v: &VersionMeta) -> Option<Millis> {
+        match (v.life.expire_ms, self.life.expire_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The state `v` is in at `now`, why, and since when. Deadlines (grace_until, expire_time)
+    /// are applied here, when read, so nothing depends on the sweeper having run. This is the
+    /// one place that decides it; [`SecretRecord::usable`] and [`SecretRecord::settle`] build
+    /// on it.
+    pub fn standing(&self, v: &VersionMeta, now: Millis) -> Standing {
+        if matches!(v.state, VersionState::Primary | VersionState::Active) {
+            if let Some(at) = self.expiry_of(v).filter(|&at| now >= at) {
+                return Standing {
+                    state: VersionState::Inactive,
+                    reason: Some(StateReason::Expired),
+                    since_ms: Some(at),
+                };
+            }
+            if let (VersionState::Active, Some(until)) = (v.state, v.grace_until_ms) {
+                if now >= until {
+                    return Standing {
+                        state: VersionState::Inactive,
+                        reason: Some(StateReason::GraceEnded),
+                        since_ms: Some(until),
+                    };
+                }
+            }
+        }
+        Standing {
+            state: v.state,
+            reason: v.life.reason.clone(),
+            since_ms: v.life.changed_ms,
+        }
+    }
+
+    /// Whether `version` (0: the PRIMARY) may be used at `now` — fetched, or presented as an
+    /// API key. The one judgement shared by fetch and key verification: PRIMARY and ACTIVE
+    /// within their deadlines are usable; anything else is FAILED_PRECONDITION naming why.
+    pub fn usable(&self, version: u64, now: Millis) -> Result<(&VersionMeta, VersionState)> {
+        let meta = self
+            .version(version)
+            .ok_or_else(|| Error::NotFound(format!("version {version} of {}", self.name)))?;
+        let standing = self.standing(meta, now);
+        match standing.state {
+            VersionState::Primary | VersionState::Active => Ok((meta, standing.state)),
+            state => Err(Error::FailedPrecondition(format!(
+                "version {} of {} is {}{}",
+                meta.version,
+                self.name,
+                state.name(),
+                standing.explain()
+            ))),
+        }
+    }
+
+    /// Writes every version's state as in force at `now` into the record (what the sweeper
+    /// stores so Describe, List and watchers see the truth). Returns whether anything changed.
+    pub fn settle(&mut self, now: Millis) -> bool {
+        let mut changed = false;
+        for i in 0..self.versions.len() {
+            let standing = self.standing(&self.versions[i], now);
+            let v = &mut self.versions[i];
+            if standing.state != v.state {
+                v.state = standing.state;
+                v.life.reason = standing.reason;
+                v.life.changed_ms = standing.since_ms;
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
+/// A version's state as in force at some time, with why and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standing {
+    /// The state in force.
+    pub state: VersionState,
+    /// Why the version left its previous state, if it did.
+    pub reason: Option<StateReason>,
+    /// When it entered this state, if known.
+    pub since_ms: Option<Millis>,
+}
+
+impl Standing {
+    /// `": <reason> (since <time>)"`, or empty when there is nothing to say.
+    pub fn explain(&self) -> String {
+        match (&self.reason, self.since_ms) {
+            (Some(r), Some(t)) => format!(": {r} at {}", crate::clock::rfc3339(t)),
+            (Some(r), None) => format!(": {r}"),
+            (None, _) => String::new(),
+        }
+    }
+}
+
+/// Why a version is in its state. Shown to callers, so it never holds a secret: revocation
+/// reasons are operator text, limited and checked when given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StateReason {
+    /// A newer PRIMARY replaced it.
+    Replaced {
+        /// The version that replaced it.
+        by_version: u64,
+    },
+    /// Its grace period ended.
+    GraceEnded,
+    /// Its expire_time (or the secret's) passed.
+    Expired,
+    /// Revoked.
+    Revoked {
+        /// Identity that revoked it.
+        by: String,
+        /// The reason given.
+        reason: String,
+    },
+    /// Destroyed (data key deleted).
+    Destroyed {
+        /// Identity that destroyed it.
+        by: String,
+    },
+    /// Moved by SetVersionState (or promoted in place of a revoked or destroyed PRIMARY).
+    SetBy {
+        /// Identity that moved it.
+        by: String,
+    },
+}
+
+impl fmt::Display for StateReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Replaced { by_version } => write!(f, "replaced by version {by_version}"),
+            Self::GraceEnded => f.write_str("grace period ended"),
+            Self::Expired => f.write_str("expired"),
+            Self::Revoked { by, reason } => write!(f, "revoked by {by}: {reason}"),
+            Self::Destroyed { by } => write!(f, "destroyed by {by}"),
+            Self::SetBy { by } => write!(f, "set by {by}"),
+        }
+    }
+}
+
+/// A version's lifecycle fields (`Default`: no expiry, never moved).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionLife {
+    /// The version's own expiry.
+    pub expire_ms: Option<Millis>,
+    /// When the stored state last changed.
+    pub changed_ms: Option<Millis>,
+    /// Why it is in its stored state.
+    pub reason: Option<StateReason>,
+    /// The version that was PRIMARY when this one replaced it.
+    pub replaced: Option<u64>,
+}
+
+/// A whole-secret revocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Identity that revoked it.
+    pub by: String,
+    /// The reason given.
+    pub reason: String,
+    /// When.
+    pub time_ms: Millis,
+}
+
+/// A secret's lifecycle fields (`Default`: no schedule, server grace, no expiry, not revoked).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretLife {
+    /// Scheduled rotation period, in milliseconds.
+    pub rotation_period_ms: Option<u64>,
+    /// When the next scheduled rotation is due.
+    pub next_rotation_ms: Option<Millis>,
+    /// STATIC secrets: the due time of a scheduled rotation still waiting for a value.
+    pub rotation_due_ms: Option<Millis>,
+    /// Grace period for a replaced PRIMARY, in milliseconds (None: the server's default).
+    pub grace_ms: Option<u64>,
+    /// When the whole secret expires.
+    pub expire_ms: Option<Millis>,
+    /// Set once the whole secret is revoked.
+    pub revoked: Option<Revocation>,
 }
 
 /// What a completed idempotent request returned, kept to answer its retries.
@@ -344,6 +553,7 @@ mod tests {
             checksum: 0,
             term: 1,
             key_id: None,
+            life: VersionLife::default(),
         };
         assert_eq!(m.state_at(99), VersionState::Active);
         assert_eq!(m.state_at(100), VersionState::Inactive);

@@ -4,7 +4,7 @@
 //! and `/metrics` and `/healthz` on a plain-HTTP one, until SIGTERM or SIGINT.
 
 use crate::admin_service::AdminService;
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, FileOffsetClock, SystemClock};
 use crate::config::Config;
 use crate::extauthz::ExtAuthzService;
 use crate::keypolicy::RateLimit;
@@ -155,7 +155,18 @@ pub async fn serve(
         KeyDirectory::load(&*sled).map_err(|e| StartError::Storage(format!("key index: {e}")))?,
     );
     let store: Arc<dyn Store> = Arc::new(DirectoryStore::new(sled, directory.clone()));
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock: Arc<dyn Clock> = match &cfg.testing {
+        None => Arc::new(SystemClock),
+        Some(t) => {
+            let c = FileOffsetClock::open(&t.clock_file).map_err(StartError::Config)?;
+            tracing::warn!(
+                clock_file = %t.clock_file.display(),
+                "TEST CLOCK IN USE: time is the system clock plus the offset in this file; \
+                 never run a real vault with [testing] set"
+            );
+            Arc::new(c)
+        }
+    };
     let (keyring, index) =
         unseal(&store, &hsm, &label, clock.now_ms())
             .await
@@ -196,6 +207,10 @@ pub async fn serve(
     ));
     tracing::info!(keys = directory.index_len(), "key index loaded");
     crate::metrics::global().set_methods(served_methods());
+    let sweeper = tokio::spawn(crate::lifecycle::sweeper::run(
+        vault.clone(),
+        Duration::from_millis(cfg.lifecycle.sweep_interval_ms),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SecretsServer<SecretsService>>().await;
@@ -264,9 +279,16 @@ pub async fn serve(
         .add_service(admin)
         .add_service(keys_service)
         .add_service(ext_authz)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, async {
+            shutdown_signal().await;
+            // Watch streams never end on their own; end them (clients reconnect elsewhere or
+            // later) so the graceful shutdown does not wait on them. Stops the sweeper too.
+            vault.watch_hub().close();
+        })
         .await
         .map_err(|e| StartError::Other(format!("server: {e}")));
+    vault.watch_hub().close();
+    let _ = sweeper.await;
     flusher.abort();
     // Usage counters since the last periodic flush, made durable before exit.
     let flushed = vault.usage().flush(&*store);

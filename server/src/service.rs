@@ -3,10 +3,15 @@
 
 use crate::clock::{to_timestamp, Millis};
 use crate::keys_service::{policy_input, quota_out, rate_limit_out};
+use crate::lifecycle::input::{LifecycleInput, RawDuration, RawExpiration};
+use crate::lifecycle::ops::{DestroyInput, RevokeInput, RotateInput, SetStateInput};
+use crate::lifecycle::watch::{EventKind, HeldInput, WatchEvent, WatchInput};
 use crate::model::{Kind, SecretRecord, VersionState};
 use crate::status::to_status;
 use crate::tls::Peer;
 use crate::vault::{Fetched, IssueInput, ListInput, PutInput, Vault};
+use futures::StreamExt;
+use std::pin::Pin;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use ward::v1::{self as pb, secrets_server::Secrets};
@@ -50,6 +55,14 @@ impl Secrets for SecretsService {
             description: r.description,
             expected_version: r.expected_version,
             request_id: r.request_id,
+            lifecycle: LifecycleInput {
+                rotation_period: r.rotation_period.map(duration),
+                default_grace_period: r.default_grace_period.map(duration),
+                expiration: r.expiration.map(|e| match e {
+                    pb::put_secret_request::Expiration::ExpireTime(t) => at(t),
+                    pb::put_secret_request::Expiration::Ttl(d) => RawExpiration::Ttl(duration(d)),
+                }),
+            },
         };
         let w = self.vault.put(&peer, input).await.map_err(to_status)?;
         Ok(Response::new(pb::PutSecretResponse {
@@ -74,9 +87,17 @@ impl Secrets for SecretsService {
             labels: r.labels.into_iter().collect(),
             description: r.description,
             request_id: r.request_id,
+            lifecycle: LifecycleInput {
+                rotation_period: r.rotation_period.map(duration),
+                default_grace_period: r.default_grace_period.map(duration),
+                expiration: r.expiration.map(|e| match e {
+                    pb::issue_key_request::Expiration::ExpireTime(t) => at(t),
+                    pb::issue_key_request::Expiration::Ttl(d) => RawExpiration::Ttl(duration(d)),
+                }),
+            },
         };
-        let policy = policy_input(r.allowed_cidrs, r.rate_limit, r.quota, r.expire_time)
-            .map_err(to_status)?;
+        let policy =
+            policy_input(r.allowed_cidrs, r.rate_limit, r.quota, None).map_err(to_status)?;
         let issued = self
             .vault
             .issue_with_policy(&peer, input, policy)
@@ -185,6 +206,200 @@ impl Secrets for SecretsService {
             next_page_token: page.next_page_token,
         }))
     }
+
+    async fn rotate_secret(
+        &self,
+        req: Request<pb::RotateSecretRequest>,
+    ) -> Result<Response<pb::RotateSecretResponse>, Status> {
+        let peer = peer(&req)?;
+        let r = req.into_inner();
+        let input = RotateInput {
+            name: r.name,
+            value: Zeroizing::new(r.value),
+            grace_period: r.grace_period.map(duration),
+            expiration: r.expiration.map(|e| match e {
+                pb::rotate_secret_request::Expiration::ExpireTime(t) => at(t),
+                pb::rotate_secret_request::Expiration::Ttl(d) => RawExpiration::Ttl(duration(d)),
+            }),
+            expected_version: r.expected_version,
+            request_id: r.request_id,
+        };
+        let done = self.vault.rotate(&peer, input).await.map_err(to_status)?;
+        Ok(Response::new(pb::RotateSecretResponse {
+            name: done.written.name,
+            version: done.written.version,
+            checksum: done.written.checksum,
+            create_time: Some(to_timestamp(done.written.create_ms)),
+            api_key: done
+                .key
+                .as_ref()
+                .map(|k| k.expose().to_owned())
+                .unwrap_or_default(),
+            key_id: done.key_id.unwrap_or_default(),
+            previous_version: done.replaced.version,
+            previous_grace_until: done.replaced.grace_until_ms.map(to_timestamp),
+        }))
+    }
+
+    async fn revoke_secret(
+        &self,
+        req: Request<pb::RevokeSecretRequest>,
+    ) -> Result<Response<pb::RevokeSecretResponse>, Status> {
+        let peer = peer(&req)?;
+        let r = req.into_inner();
+        let input = RevokeInput {
+            name: r.name,
+            version: r.version,
+            all_versions: r.all_versions,
+            reason: r.reason,
+            successor_version: r.successor_version,
+            expected_version: r.expected_version,
+            request_id: r.request_id,
+        };
+        let done = self.vault.revoke(&peer, input).await.map_err(to_status)?;
+        Ok(Response::new(pb::RevokeSecretResponse {
+            name: done.name,
+            revoked_versions: done.revoked,
+            primary_version: done.primary,
+            revoke_time: Some(to_timestamp(done.time_ms)),
+        }))
+    }
+
+    async fn set_version_state(
+        &self,
+        req: Request<pb::SetVersionStateRequest>,
+    ) -> Result<Response<pb::SetVersionStateResponse>, Status> {
+        let peer = peer(&req)?;
+        let r = req.into_inner();
+        let input = SetStateInput {
+            name: r.name,
+            version: r.version,
+            state: from_state(r.state),
+            grace_period: r.grace_period.map(duration),
+            expected_version: r.expected_version,
+            request_id: r.request_id,
+        };
+        let done = self
+            .vault
+            .set_state(&peer, input)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SetVersionStateResponse {
+            name: done.name,
+            version: done.version,
+            state: state(done.state) as i32,
+            primary_version: done.primary,
+            grace_until: done.grace_until_ms.map(to_timestamp),
+        }))
+    }
+
+    async fn destroy_version(
+        &self,
+        req: Request<pb::DestroyVersionRequest>,
+    ) -> Result<Response<pb::DestroyVersionResponse>, Status> {
+        let peer = peer(&req)?;
+        let r = req.into_inner();
+        let input = DestroyInput {
+            name: r.name,
+            version: r.version,
+            successor_version: r.successor_version,
+            expected_version: r.expected_version,
+            request_id: r.request_id,
+        };
+        let done = self.vault.destroy(&peer, input).await.map_err(to_status)?;
+        Ok(Response::new(pb::DestroyVersionResponse {
+            name: done.name,
+            version: done.version,
+            primary_version: done.primary,
+            destroy_time: Some(to_timestamp(done.time_ms)),
+        }))
+    }
+
+    type WatchSecretsStream =
+        Pin<Box<dyn futures::Stream<Item = Result<pb::WatchEvent, Status>> + Send + 'static>>;
+
+    async fn watch_secrets(
+        &self,
+        req: Request<pb::WatchSecretsRequest>,
+    ) -> Result<Response<Self::WatchSecretsStream>, Status> {
+        let peer = peer(&req)?;
+        let r = req.into_inner();
+        let input = WatchInput {
+            names: r.names,
+            name_prefix: r.name_prefix,
+            held: r
+                .held
+                .into_iter()
+                .map(|h| HeldInput {
+                    name: h.name,
+                    versions: h
+                        .versions
+                        .into_iter()
+                        .map(|v| (v.version, from_state(v.state)))
+                        .collect(),
+                })
+                .collect(),
+            sync_only: r.sync_only,
+        };
+        let rx = self.vault.watch(&peer, input).await.map_err(to_status)?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(|item| item.map(watch_event).map_err(to_status));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn duration(d: prost_types::Duration) -> RawDuration {
+    RawDuration {
+        seconds: d.seconds,
+        nanos: d.nanos,
+    }
+}
+
+fn at(t: prost_types::Timestamp) -> RawExpiration {
+    RawExpiration::At {
+        seconds: t.seconds,
+        nanos: t.nanos,
+    }
+}
+
+fn to_duration(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// A wire state as the domain's; unspecified or unknown numbers are None.
+fn from_state(n: i32) -> Option<VersionState> {
+    match pb::VersionState::try_from(n).ok()? {
+        pb::VersionState::Unspecified => None,
+        pb::VersionState::Primary => Some(VersionState::Primary),
+        pb::VersionState::Active => Some(VersionState::Active),
+        pb::VersionState::Inactive => Some(VersionState::Inactive),
+        pb::VersionState::Revoked => Some(VersionState::Revoked),
+        pb::VersionState::Destroyed => Some(VersionState::Destroyed),
+    }
+}
+
+fn watch_event(e: WatchEvent) -> pb::WatchEvent {
+    let kind = match e.kind {
+        EventKind::Rotated => pb::WatchEventType::Rotated,
+        EventKind::StateChanged => pb::WatchEventType::StateChanged,
+        EventKind::Revoked => pb::WatchEventType::Revoked,
+        EventKind::Expired => pb::WatchEventType::Expired,
+        EventKind::Destroyed => pb::WatchEventType::Destroyed,
+        EventKind::RotationDue => pb::WatchEventType::RotationDue,
+        EventKind::Synced => pb::WatchEventType::Synced,
+    };
+    pb::WatchEvent {
+        r#type: kind as i32,
+        name: e.name,
+        version: e.version,
+        state: e.state.map_or(pb::VersionState::Unspecified, state) as i32,
+        reason: e.reason,
+        time: Some(to_timestamp(e.time_ms)),
+        secret: e.secret.map(|s| metadata(s, true, None)),
+    }
 }
 
 fn fetched(f: Fetched) -> pb::FetchSecretResponse {
@@ -198,6 +413,8 @@ fn fetched(f: Fetched) -> pb::FetchSecretResponse {
         kind: kind(f.kind) as i32,
         environment: f.environment,
         create_time: Some(to_timestamp(f.create_ms)),
+        grace_until: f.grace_until_ms.map(to_timestamp),
+        expire_time: f.expire_ms.map(to_timestamp),
     }
 }
 
@@ -229,6 +446,18 @@ fn metadata(s: SecretRecord, with_versions: bool, last_used: Option<Millis>) -> 
                 checksum: v.checksum,
                 keyring_term: v.term,
                 key_id: v.key_id.clone().unwrap_or_default(),
+                grace_until: v
+                    .grace_until_ms
+                    .filter(|_| v.state == VersionState::Active)
+                    .map(to_timestamp),
+                expire_time: v.life.expire_ms.map(to_timestamp),
+                state_reason: v
+                    .life
+                    .reason
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                state_change_time: v.life.changed_ms.map(to_timestamp),
             })
             .collect()
     } else {
@@ -255,7 +484,19 @@ fn metadata(s: SecretRecord, with_versions: bool, last_used: Option<Millis>) -> 
             .collect(),
         rate_limit: s.key_policy.rate_limit.map(rate_limit_out),
         quota: s.key_policy.quota.map(quota_out),
-        expire_time: s.key_policy.expire_ms.map(to_timestamp),
         last_used_time: last_used.map(to_timestamp),
+        rotation_period: s.life.rotation_period_ms.map(to_duration),
+        next_rotation_time: s.life.next_rotation_ms.map(to_timestamp),
+        rotation_due: s.life.rotation_due_ms.is_some(),
+        default_grace_period: s.life.grace_ms.map(to_duration),
+        expire_time: s.life.expire_ms.map(to_timestamp),
+        revoked: s.life.revoked.is_some(),
+        revoke_reason: s
+            .life
+            .revoked
+            .as_ref()
+            .map(|r| format!("revoked by {}: {}", r.by, r.reason))
+            .unwrap_or_default(),
+        revoke_time: s.life.revoked.as_ref().map(|r| r.time_ms).map(to_timestamp),
     }
 }

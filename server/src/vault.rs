@@ -11,9 +11,12 @@ use crate::envelope::{IndexKey, Keyring, SealedValue};
 use crate::error::{Code, Error, Result};
 use crate::keypolicy::{parse_cidrs, KeyPolicy, KeyPolicyInput, PolicyMask, Quota, RateLimit};
 use crate::keys::usage::UsageBook;
+use crate::lifecycle::input::{LifecycleInput, LifecyclePolicy};
+use crate::lifecycle::watch::WatchHub;
 use crate::model::{
     check_labels, check_scopes, check_text, KeyIndexEntry, Kind, RequestId, RequestRecord,
-    SecretName, SecretRecord, VersionMeta, VersionState, MAX_DESCRIPTION, MAX_OWNER,
+    SecretLife, SecretName, SecretRecord, VersionLife, VersionMeta, VersionState, MAX_DESCRIPTION,
+    MAX_OWNER,
 };
 use crate::policy::{Policy, Verb};
 use crate::store::{decode, encode, request_key, version_key, Batch, Store, StoreError, Tree};
@@ -25,7 +28,7 @@ use ward::keyformat::ApiKey;
 use zeroize::Zeroizing;
 
 /// Optimistic-concurrency attempts before a write gives up with ABORTED.
-const MAX_ATTEMPTS: usize = 8;
+pub(crate) const MAX_ATTEMPTS: usize = 8;
 /// Largest page of ListSecrets.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 /// Page size when the request names none.
@@ -55,17 +58,19 @@ pub struct Settings {
 
 /// The vault: everything a call needs, shared by all calls.
 pub struct Vault {
-    store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
     /// Swapped whole when a keyring term is added; readers clone the Arc and never wait on a
     /// rotation.
-    keyring: RwLock<Arc<Keyring>>,
+    pub(crate) keyring: RwLock<Arc<Keyring>>,
     /// Serialises keyring and master-key rotations.
     admin_lock: tokio::sync::Mutex<()>,
-    index: IndexKey,
-    policy: Policy,
-    clock: Arc<dyn Clock>,
-    settings: Settings,
+    pub(crate) index: IndexKey,
+    pub(crate) policy: Policy,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) settings: Settings,
     usage: Arc<UsageBook>,
+    /// Tells watchers which secrets changed (lifecycle/watch.rs).
+    pub(crate) watch: WatchHub,
 }
 
 /// PutSecret's input, as received.
@@ -86,6 +91,8 @@ pub struct PutInput {
     pub expected_version: Option<u64>,
     /// Idempotency key, or empty.
     pub request_id: String,
+    /// Lifecycle policy fields (rotation period, default grace, expiry).
+    pub lifecycle: LifecycleInput,
 }
 
 /// IssueKey's input, as received.
@@ -104,6 +111,8 @@ pub struct IssueInput {
     pub description: String,
     /// Idempotency key, or empty.
     pub request_id: String,
+    /// Lifecycle policy fields (rotation period, default grace, expiry).
+    pub lifecycle: LifecycleInput,
 }
 
 /// What a write produced.
@@ -148,6 +157,10 @@ pub struct Fetched {
     pub environment: String,
     /// Creation time of the version.
     pub create_ms: Millis,
+    /// ACTIVE versions: when the overlap window closes.
+    pub grace_until_ms: Option<Millis>,
+    /// When the version expires (its own expiry or the secret's, whichever is first).
+    pub expire_ms: Option<Millis>,
 }
 
 /// Filters and paging of ListSecrets.
@@ -211,11 +224,12 @@ impl Vault {
             clock,
             settings,
             usage: Arc::new(UsageBook::default()),
+            watch: WatchHub::new(),
         }
     }
 
     /// The keyring in force now.
-    fn keyring(&self) -> Arc<Keyring> {
+    pub(crate) fn keyring(&self) -> Arc<Keyring> {
         // A poisoned lock only means a writer panicked between two whole-Arc assignments; the
         // Arc inside is still a complete keyring.
         self.keyring
@@ -244,6 +258,12 @@ impl Vault {
         &self.usage
     }
 
+    /// The broadcast that tells watchers of changes; closing it ends every watch stream and
+    /// the sweeper (at shutdown).
+    pub fn watch_hub(&self) -> &WatchHub {
+        &self.watch
+    }
+
     /// The vault's clock reading.
     pub fn now(&self) -> Millis {
         self.clock.now_ms()
@@ -257,7 +277,9 @@ impl Vault {
         rec.targets.push((input.name.clone(), 0));
         rec.request_id = input.request_id.clone();
         let result = self.put_inner(peer, &input, &mut rec).await;
-        self.finish_write(rec, result).await
+        let written = self.finish_write(rec, result).await?;
+        self.watch.publish(&written.name);
+        Ok(written)
     }
 
     async fn put_inner(
@@ -285,6 +307,7 @@ impl Vault {
         if !input.environment.is_empty() {
             self.check_environment(&input.environment)?;
         }
+        let policy = LifecyclePolicy::parse(&input.lifecycle, self.now())?;
         let fingerprint = self.fingerprint(
             "PutSecret",
             &[
@@ -295,6 +318,7 @@ impl Vault {
                 &encode(&input.labels),
                 input.description.as_bytes(),
                 &encode(&input.expected_version),
+                &encode(&input.lifecycle),
             ],
         );
 
@@ -343,6 +367,7 @@ impl Vault {
                     primary: 0,
                     versions: Vec::new(),
                     key_policy: KeyPolicy::default(),
+                    life: SecretLife::default(),
                 },
             };
             self.authorize(peer, Verb::Write, &name, Some(&secret.environment))?;
@@ -355,6 +380,8 @@ impl Vault {
             if !input.description.is_empty() {
                 secret.description = input.description.clone();
             }
+            policy.apply(&mut secret, now);
+            secret.check_accepts_versions(now)?;
             let version = secret.next_version();
             let sealed = self.keyring().seal(name.as_str(), version, &input.value)?;
             let written = self.add_version(&mut secret, version, &input.value, &sealed, None, now);
@@ -406,7 +433,9 @@ impl Vault {
         rec.targets.push((input.name.clone(), 0));
         rec.request_id = input.request_id.clone();
         let result = self.issue_inner(peer, &input, &policy, &mut rec).await;
-        self.finish_write(rec, result).await
+        let issued = self.finish_write(rec, result).await?;
+        self.watch.publish(&issued.written.name);
+        Ok(issued)
     }
 
     async fn issue_inner(
@@ -439,6 +468,7 @@ impl Vault {
             input.environment.clone()
         };
         self.authorize(peer, Verb::Issue, &name, Some(&environment))?;
+        let policy = LifecyclePolicy::parse(&input.lifecycle, self.now())?;
         let fingerprint = self.fingerprint(
             "IssueKey",
             &[
@@ -454,6 +484,7 @@ impl Vault {
                     policy_input.quota,
                     policy_input.expire_ms,
                 )),
+                &encode(&input.lifecycle),
             ],
         );
 
@@ -507,7 +538,13 @@ impl Vault {
                 primary: 0,
                 versions: Vec::new(),
                 key_policy: key_policy.clone(),
+                life: SecretLife::default(),
             };
+            policy.apply(&mut secret, now);
+            // A key's expiry is its secret's lifecycle expiry (one deadline, judged in one place).
+            if secret.life.expire_ms.is_none() {
+                secret.life.expire_ms = policy_input.expire_ms;
+            }
             let value = key.expose().as_bytes();
             let sealed = self.keyring().seal(name.as_str(), 1, value)?;
             let written =
@@ -610,7 +647,11 @@ impl Vault {
     }
 
     /// Reads and decrypts a version for internal use (no authorization, no audit).
-    fn read_version(&self, name: &SecretName, version: u64) -> Result<(SecretRecord, Fetched)> {
+    pub(crate) fn read_version(
+        &self,
+        name: &SecretName,
+        version: u64,
+    ) -> Result<(SecretRecord, Fetched)> {
         let secret = self.load(name)?;
         let (_, fetched) = self.read_version_of(&secret, name, version)?;
         Ok((secret, fetched))
@@ -622,18 +663,7 @@ impl Vault {
         name: &SecretName,
         version: u64,
     ) -> Result<(VersionMeta, Fetched)> {
-        let meta = secret
-            .version(version)
-            .ok_or_else(|| Error::NotFound(format!("version {version} of {name}")))?;
-        let now = self.now();
-        let state = meta.state_at(now);
-        if !meta.is_usable_at(now) {
-            return Err(Error::FailedPrecondition(format!(
-                "version {} of {name} is {}",
-                meta.version,
-                state.name()
-            )));
-        }
+        let (meta, state) = secret.usable(version, self.now())?;
         let blob = self
             .store
             .get(Tree::Versions, &version_key(name.as_str(), meta.version))?
@@ -660,6 +690,10 @@ impl Vault {
             kind: secret.kind,
             environment: secret.environment.clone(),
             create_ms: meta.create_ms,
+            grace_until_ms: meta
+                .grace_until_ms
+                .filter(|_| state == VersionState::Active),
+            expire_ms: secret.expiry_of(meta),
         };
         Ok((meta.clone(), fetched))
     }
@@ -845,6 +879,12 @@ impl Vault {
             if mask.scopes {
                 secret.scopes = input.scopes.clone();
             }
+            // A key's expiry is its secret's lifecycle expiry: one deadline, judged in one
+            // place (SecretRecord::standing) for fetch and verify alike.
+            // Setting it to now (or earlier) expires the key at once, on purpose.
+            if mask.expire_time {
+                secret.life.expire_ms = input.policy.expire_ms;
+            }
             secret.update_ms = now;
             rec.targets = vec![(name.to_string(), secret.primary)];
             let mut batch = Batch::new();
@@ -896,7 +936,7 @@ impl Vault {
 
     // ---- helpers ---------------------------------------------------------------------------
 
-    fn authorize(
+    pub(crate) fn authorize(
         &self,
         peer: &Peer,
         verb: Verb,
@@ -914,7 +954,7 @@ impl Vault {
         }
     }
 
-    fn check_environment(&self, env: &str) -> Result<()> {
+    pub(crate) fn check_environment(&self, env: &str) -> Result<()> {
         if self.settings.environments.iter().any(|e| e == env) {
             Ok(())
         } else {
@@ -925,7 +965,7 @@ impl Vault {
         }
     }
 
-    fn load(&self, name: &SecretName) -> Result<SecretRecord> {
+    pub(crate) fn load(&self, name: &SecretName) -> Result<SecretRecord> {
         let raw = self
             .store
             .get(Tree::Secrets, name.as_str().as_bytes())?
@@ -934,15 +974,13 @@ impl Vault {
     }
 
     /// Applies read-time deadlines to every version's state.
-    fn as_of_now(&self, mut secret: SecretRecord) -> SecretRecord {
-        let now = self.now();
-        for v in &mut secret.versions {
-            v.state = v.state_at(now);
-        }
+    pub(crate) fn as_of_now(&self, mut secret: SecretRecord) -> SecretRecord {
+        secret.settle(self.now());
         secret
     }
 
-    /// Appends a PRIMARY version, demoting the old PRIMARY to ACTIVE for the grace period.
+    /// Appends a PRIMARY version, demoting the old PRIMARY to ACTIVE for the grace period
+    /// (the secret's default, else the server's).
     fn add_version(
         &self,
         secret: &mut SecretRecord,
@@ -952,29 +990,22 @@ impl Vault {
         key_id: Option<String>,
         now: Millis,
     ) -> Written {
-        let grace = self.settings.grace_ms;
-        for v in &mut secret.versions {
-            if v.state == VersionState::Primary {
-                if grace == 0 {
-                    v.state = VersionState::Inactive;
-                } else {
-                    v.state = VersionState::Active;
-                    v.grace_until_ms = Some(now.saturating_add(grace));
-                }
-            }
-        }
+        let grace = secret.life.grace_ms.unwrap_or(self.settings.grace_ms);
         let checksum = crc32c::crc32c(value);
-        secret.versions.push(VersionMeta {
-            version,
-            state: VersionState::Primary,
-            create_ms: now,
-            grace_until_ms: None,
-            checksum,
-            term: sealed.term,
-            key_id,
-        });
-        secret.primary = version;
-        secret.update_ms = now;
+        secret.push_primary(
+            VersionMeta {
+                version,
+                state: VersionState::Primary,
+                create_ms: now,
+                grace_until_ms: None,
+                checksum,
+                term: sealed.term,
+                key_id,
+                life: VersionLife::default(),
+            },
+            now,
+            grace,
+        );
         Written {
             name: secret.name.clone(),
             version,
@@ -983,16 +1014,16 @@ impl Vault {
         }
     }
 
-    fn fingerprint(&self, method: &str, parts: &[&[u8]]) -> [u8; 32] {
+    pub(crate) fn fingerprint(&self, method: &str, parts: &[&[u8]]) -> [u8; 32] {
         self.index.hash(method, parts)
     }
 
-    fn key_id(&self, key: &ApiKey) -> String {
+    pub(crate) fn key_id(&self, key: &ApiKey) -> String {
         hex::encode(&self.key_hash(key)[..8])
     }
 
     /// The earlier result of this request id, if the same request already succeeded.
-    fn replay(
+    pub(crate) fn replay(
         &self,
         peer: &Peer,
         id: &RequestId,
@@ -1028,7 +1059,7 @@ impl Vault {
         }))
     }
 
-    fn stage_request(
+    pub(crate) fn stage_request(
         &self,
         batch: &mut Batch,
         peer: &Peer,
@@ -1054,7 +1085,7 @@ impl Vault {
     }
 
     /// Commits a batch together with the call's audit record (outcome OK).
-    fn commit_with_audit(&self, mut batch: Batch, rec: &mut AuditRecord) -> Result<()> {
+    pub(crate) fn commit_with_audit(&self, mut batch: Batch, rec: &mut AuditRecord) -> Result<()> {
         rec.code = Code::Ok.as_i32();
         rec.time_ms = self.now();
         audit::stage(&*self.store, &mut batch, rec)?;
@@ -1067,7 +1098,11 @@ impl Vault {
 
     /// Completes a write: on success the change and its audit record are committed, so wait
     /// for durability; on failure record the refusal.
-    async fn finish_write<T>(&self, mut rec: AuditRecord, result: Result<T>) -> Result<T> {
+    pub(crate) async fn finish_write<T>(
+        &self,
+        mut rec: AuditRecord,
+        result: Result<T>,
+    ) -> Result<T> {
         match result {
             Ok(v) => {
                 self.store.sync().await.map_err(|e| {
@@ -1086,7 +1121,11 @@ impl Vault {
     }
 
     /// Completes a read: the audit record is durable before anything is returned.
-    async fn finish_read<T>(&self, mut rec: AuditRecord, result: Result<T>) -> Result<T> {
+    pub(crate) async fn finish_read<T>(
+        &self,
+        mut rec: AuditRecord,
+        result: Result<T>,
+    ) -> Result<T> {
         rec.code = match &result {
             Ok(_) => Code::Ok.as_i32(),
             Err(e) => {
@@ -1124,9 +1163,6 @@ fn parse_policy(
             .map(|(limit, refill, period)| Quota::parse(limit, refill, period, now, epoch))
             .transpose()?;
     }
-    if mask.expire_time {
-        p.expire_ms = input.expire_ms;
-    }
     Ok(p)
 }
 
@@ -1140,7 +1176,7 @@ fn log_refusal(rec: &AuditRecord, e: &Error) {
     );
 }
 
-fn check_cas(
+pub(crate) fn check_cas(
     name: &SecretName,
     existing: Option<&SecretRecord>,
     expected: Option<u64>,
@@ -1237,6 +1273,7 @@ mod tests {
             description: String::new(),
             expected_version: None,
             request_id: String::new(),
+            lifecycle: LifecycleInput::default(),
         }
     }
 
@@ -1298,6 +1335,7 @@ mod tests {
                     labels: BTreeMap::new(),
                     description: String::new(),
                     request_id: String::new(),
+                    lifecycle: LifecycleInput::default(),
                 },
             )
             .await

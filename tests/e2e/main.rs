@@ -12,6 +12,8 @@ mod durability;
 mod extauthz;
 mod keyring;
 mod keys;
+mod lifecycle;
+mod lifecycle_tools;
 mod metrics;
 mod pagination;
 mod roundtrip;

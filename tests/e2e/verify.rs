@@ -370,7 +370,7 @@ async fn every_result_code_through_the_sdk() {
         (
             "expiry in the past",
             pb::IssueKeyRequest {
-                expire_time: Some(now_ts(-10)),
+                expiration: Some(pb::issue_key_request::Expiration::ExpireTime(now_ts(-10))),
                 ..issue_req("bad/8")
             },
         ),
@@ -670,7 +670,7 @@ async fn wardctl_issue_with_policy_verify_and_update() {
             "50",
             "--quota-period",
             "1d",
-            "--expires",
+            "--ttl",
             "30d",
         ],
         None,

@@ -471,7 +471,14 @@ pub struct TestServer {
     proc: Option<Proc>,
     addr: SocketAddr,
     logs: SharedLogs,
+    /// The test clock's offset in ms, when the server runs with one.
+    clock_offset_ms: Mutex<Option<i64>>,
 }
+
+/// File name (in the data dir) of the test-only clock offset.
+pub const TEST_CLOCK_FILE: &str = "test-clock-offset-ms";
+/// Sweep interval of servers started with a test clock: moves of the clock show up fast.
+pub const TEST_SWEEP_INTERVAL_MS: u64 = 50;
 
 impl TestServer {
     /// Spawns `ward-server dev --data-dir <fresh tempdir> --listen 127.0.0.1:0` and waits for
@@ -493,9 +500,75 @@ impl TestServer {
             proc: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             logs: SharedLogs::default(),
+            clock_offset_ms: Mutex::new(None),
         };
         server.launch(&server.dev_args(), envs);
         server
+    }
+
+    /// A server whose time the test moves with [`advance_clock`](Self::advance_clock): dev
+    /// mode creates everything, then the server is restarted (`serve`) with the test-only
+    /// `[testing] clock_file` and a fast sweeper appended to its ward.toml.
+    pub fn start_with_test_clock() -> TestServer {
+        let mut s = Self::start();
+        s.stop();
+        std::fs::write(s.path.join(TEST_CLOCK_FILE), "0").unwrap();
+        let mut cfg = std::fs::read_to_string(s.config_path()).unwrap();
+        cfg.push_str(&format!(
+            "\n[lifecycle]\nsweep_interval_ms = {TEST_SWEEP_INTERVAL_MS}\n\n\
+             [testing]\nclock_file = \"{TEST_CLOCK_FILE}\"\n"
+        ));
+        std::fs::write(s.config_path(), cfg).unwrap();
+        *s.clock_offset_ms.lock().unwrap() = Some(0);
+        s.restart();
+        s
+    }
+
+    /// Moves the server's clock forward by `d` (the offset file is replaced atomically, and
+    /// the server reads it on every clock reading). Only for [`start_with_test_clock`].
+    ///
+    /// [`start_with_test_clock`]: Self::start_with_test_clock
+    pub fn advance_clock(&self, d: Duration) {
+        let mut offset = self.clock_offset_ms.lock().unwrap();
+        let now = offset.expect("advance_clock needs TestServer::start_with_test_clock");
+        let next = now + i64::try_from(d.as_millis()).unwrap();
+        let tmp = self.path.join(format!("{TEST_CLOCK_FILE}.tmp"));
+        std::fs::write(&tmp, next.to_string()).unwrap();
+        std::fs::rename(&tmp, self.path.join(TEST_CLOCK_FILE)).unwrap();
+        *offset = Some(next);
+    }
+
+    /// How far the test has moved the server's clock.
+    pub fn clock_offset(&self) -> Duration {
+        let ms = self.clock_offset_ms.lock().unwrap().unwrap_or(0);
+        Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+    }
+
+    /// Stops the server and starts it again (`serve`) on the same address, so clients that
+    /// keep their channel (the SDK cache) can reconnect.
+    pub fn restart_on_same_port(&mut self) {
+        if self.proc.is_some() {
+            self.stop();
+        }
+        let cfg = std::fs::read_to_string(self.config_path()).unwrap();
+        // Only the top-level (gRPC) listen line; later tables ([metrics]) have their own.
+        let mut done = false;
+        let cfg: String = cfg
+            .lines()
+            .map(|l| {
+                if !done && l.starts_with("listen = ") {
+                    done = true;
+                    format!("listen = \"{}\"", self.addr)
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(self.config_path(), cfg + "\n").unwrap();
+        let want = self.addr;
+        self.launch(&self.serve_args(), &[]);
+        assert_eq!(self.addr, want, "restarted on another address");
     }
 
     fn dev_args(&self) -> Vec<OsString> {
@@ -891,6 +964,29 @@ fn dechunk(mut body: &str) -> String {
         body = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// The next event of a watch stream (panics after 10 s, at the stream's end, or on an error).
+pub async fn next_event(stream: &mut tonic::Streaming<pb::WatchEvent>) -> pb::WatchEvent {
+    match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+        Ok(Ok(Some(e))) => e,
+        Ok(Ok(None)) => panic!("watch stream ended"),
+        Ok(Err(s)) => panic!("watch stream failed: {:?}: {}", s.code(), s.message()),
+        Err(_) => panic!("no watch event within 10 s"),
+    }
+}
+
+/// Events up to and including the next SYNCED.
+pub async fn until_synced(stream: &mut tonic::Streaming<pb::WatchEvent>) -> Vec<pb::WatchEvent> {
+    let mut out = Vec::new();
+    loop {
+        let e = next_event(stream).await;
+        let synced = e.r#type() == pb::WatchEventType::Synced;
+        out.push(e);
+        if synced {
+            return out;
+        }
+    }
 }
 
 /// Every regular file under `dir`, recursively.

@@ -14,12 +14,14 @@ use zeroize::{Zeroize, Zeroizing};
 
 use ward_client::cli::ConnArgs;
 use ward_client::proto::{
-    batch_fetch_result, BatchFetchResult, FetchSecretResponse, GetKeyUsageResponse,
-    IssueKeyRequest, KeyPolicy, ListSecretsRequest, PutSecretRequest, Quota, RateLimit, SecretKind,
-    SecretMetadata, UpdateKeyPolicyRequest, VerifyKeyRequest, VerifyKeyResponse, VerifyResult,
-    VersionState,
+    batch_fetch_result, issue_key_request, put_secret_request, rotate_secret_request,
+    BatchFetchResult, DestroyVersionRequest, FetchSecretResponse, GetKeyUsageResponse, HeldSecret,
+    HeldVersion, IssueKeyRequest, KeyPolicy, ListSecretsRequest, PutSecretRequest, Quota,
+    RateLimit, RevokeSecretRequest, RotateSecretRequest, SecretKind, SecretMetadata,
+    SetVersionStateRequest, UpdateKeyPolicyRequest, VerifyKeyRequest, VerifyKeyResponse,
+    VerifyResult, VersionState, WatchEvent, WatchEventType, WatchSecretsRequest,
 };
-use ward_client::{code_name, Client, Code, Error};
+use ward_client::{code_name, parse_duration, Client, Code, Error};
 
 /// Command-line client for the Ward secrets vault.
 #[derive(Debug, Parser)]
@@ -101,6 +103,31 @@ enum Command {
     /// (verify verb, zero cost: nothing is charged or counted as a use) whether each is live.
     /// Exits 3 when keys were found (with --check: live keys), 0 otherwise.
     Scan(ScanArgs),
+    /// Rotate a secret: a new PRIMARY version, the old one ACTIVE for the grace period
+    ///
+    /// API_KEY secrets: Ward generates the new key; it is printed alone on stdout (shown
+    /// once), with version details on stderr. STATIC secrets: the new value is read from
+    /// --value-file, or from stdin when stdin is not a terminal, byte for byte; prints
+    /// `NAME version N (crc32c X)` and what became of the previous version.
+    Rotate(RotateArgs),
+    /// Revoke one version (--version N) or the whole secret (--all), with a reason
+    ///
+    /// Takes effect on the server's very next call; watchers are told at once. Revoking the
+    /// PRIMARY alone needs --successor (an ACTIVE version to promote). Nothing brings a
+    /// revoked version back.
+    Revoke(RevokeArgs),
+    /// Set a version's state: primary (promote an ACTIVE version, i.e. roll back), active
+    /// (re-activate, or change an ACTIVE window) or inactive (retire now)
+    State(StateArgs),
+    /// Destroy a version for good: its data key and ciphertext are deleted; the metadata
+    /// stays and reads as DESTROYED. Destroying the PRIMARY needs --successor.
+    Destroy(DestroyArgs),
+    /// Watch secrets: print what differs from what you hold, a SYNCED line, then live changes
+    ///
+    /// One tab-separated line per event: `TYPE NAME VERSION STATE REASON` (with --json, one
+    /// compact JSON object per line). Runs until interrupted or the server ends the stream
+    /// (exit 1); with --once, exits after SYNCED.
+    Watch(WatchArgs),
 }
 
 /// `wardctl admin …`
@@ -129,7 +156,7 @@ enum KeysCommand {
     /// Change fields of an API key's policy; only the fields given are changed
     ///
     /// Setting --quota starts a fresh ledger at the new limit.
-    Policy(PolicyArgs),
+    Policy(KeyPolicyUpdate),
     /// Show an API key's usage: per version, verifications by result and endpoint, last use
     Usage(UsageArgs),
     /// List API keys not used (no charged VALID verification) for N days, or never used
@@ -157,9 +184,6 @@ struct KeyPolicyArgs {
     /// Balance after each refill (default: the quota)
     #[arg(long, value_name = "N", requires = "quota_period")]
     quota_refill: Option<u64>,
-    /// Expiry: an RFC 3339 time (2027-01-31T00:00:00Z) or a span from now (90d, 12h)
-    #[arg(long, value_name = "TIME", value_parser = parse_expiry)]
-    expires: Option<prost_types::Timestamp>,
 }
 
 impl KeyPolicyArgs {
@@ -205,7 +229,7 @@ struct VerifyArgs {
 
 /// Arguments of `keys policy`.
 #[derive(Debug, Args)]
-struct PolicyArgs {
+struct KeyPolicyUpdate {
     /// Name of the API_KEY secret
     name: String,
     /// Replace the scopes with these, repeatable
@@ -223,12 +247,52 @@ struct PolicyArgs {
     /// Remove the quota
     #[arg(long, conflicts_with = "quota")]
     no_quota: bool,
+    /// New expiry of the key (the secret's lifecycle expiry): an RFC 3339 time
+    /// (2027-01-31T00:00:00Z) or a span from now (90d, 12h)
+    #[arg(long, value_name = "TIME", value_parser = parse_expiry)]
+    expires: Option<prost_types::Timestamp>,
     /// Remove the expiry
     #[arg(long, conflicts_with = "expires")]
     no_expiry: bool,
     #[command(flatten)]
     policy: KeyPolicyArgs,
     /// Idempotency key: a retry does not reset the quota twice
+    #[arg(long, value_name = "ID")]
+    request_id: Option<String>,
+}
+
+/// Lifecycle flags of `put` and `issue`.
+#[derive(Debug, Args)]
+struct PolicyArgs {
+    /// Scheduled rotation period (e.g. 30d, 12h; 0 turns it off). API keys are rotated by
+    /// Ward when due; STATIC secrets get a ROTATION_DUE watch event
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    rotation_period: Option<Duration>,
+    /// How long a replaced PRIMARY stays ACTIVE when a rotation names no grace period
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    default_grace: Option<Duration>,
+    #[command(flatten)]
+    expiry: ExpiryArgs,
+}
+
+/// An expiry: absolute or relative to the server's clock.
+#[derive(Debug, Args)]
+struct ExpiryArgs {
+    /// Expire at this RFC 3339 time (e.g. 2030-01-01T00:00:00Z)
+    #[arg(long, value_name = "TIME", value_parser = parse_time, conflicts_with = "ttl")]
+    expire_at: Option<prost_types::Timestamp>,
+    /// Expire this long from now (server time; 0 removes an expiry)
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    ttl: Option<Duration>,
+}
+
+/// Compare-and-set and idempotency flags of the lifecycle commands.
+#[derive(Debug, Args)]
+struct WriteArgs {
+    /// Act only if the current PRIMARY version is N
+    #[arg(long, value_name = "N")]
+    expected_version: Option<u64>,
+    /// Idempotency key ([A-Za-z0-9._:-]{1,128}); also lets wardctl retry safely
     #[arg(long, value_name = "ID")]
     request_id: Option<String>,
 }
@@ -275,6 +339,94 @@ struct ScanArgs {
     yes: bool,
 }
 
+/// Arguments of `rotate`.
+#[derive(Debug, Args)]
+struct RotateArgs {
+    /// Secret name
+    name: String,
+    /// STATIC secrets: read the new value from this file ("-" means stdin)
+    #[arg(long, value_name = "PATH")]
+    value_file: Option<PathBuf>,
+    /// How long the previous PRIMARY stays ACTIVE (0: retire it at once) [default: the
+    /// secret's, else the server's]
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    grace: Option<Duration>,
+    #[command(flatten)]
+    expiry: ExpiryArgs,
+    #[command(flatten)]
+    write: WriteArgs,
+}
+
+/// Arguments of `revoke`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["version", "all"])))]
+struct RevokeArgs {
+    /// Secret name
+    name: String,
+    /// The version to revoke
+    #[arg(long, value_name = "N")]
+    version: Option<u64>,
+    /// Revoke the whole secret (every version; it accepts no new one)
+    #[arg(long)]
+    all: bool,
+    /// Why (required; recorded and shown to later callers, so never put a secret in it)
+    #[arg(long, value_name = "TEXT")]
+    reason: String,
+    /// When revoking the PRIMARY: the ACTIVE version that takes its place
+    #[arg(long, value_name = "N")]
+    successor: Option<u64>,
+    #[command(flatten)]
+    write: WriteArgs,
+}
+
+/// Arguments of `state`.
+#[derive(Debug, Args)]
+struct StateArgs {
+    /// Secret name
+    name: String,
+    /// The version to move
+    version: u64,
+    /// primary, active or inactive
+    #[arg(value_parser = parse_target_state)]
+    state: VersionState,
+    /// active: how long from now; primary: how long the replaced PRIMARY stays ACTIVE
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    grace: Option<Duration>,
+    #[command(flatten)]
+    write: WriteArgs,
+}
+
+/// Arguments of `destroy`.
+#[derive(Debug, Args)]
+struct DestroyArgs {
+    /// Secret name
+    name: String,
+    /// The version to destroy
+    version: u64,
+    /// When destroying the PRIMARY: the ACTIVE version that takes its place
+    #[arg(long, value_name = "N")]
+    successor: Option<u64>,
+    #[command(flatten)]
+    write: WriteArgs,
+}
+
+/// Arguments of `watch`.
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// Secrets to watch (none: every secret under --prefix)
+    names: Vec<String>,
+    /// With no names: watch every secret starting with this prefix that you may read
+    #[arg(long, value_name = "PREFIX", conflicts_with = "names")]
+    prefix: Option<String>,
+    /// A version you hold, repeatable: NAME@VERSION or NAME@VERSION:STATE (e.g.
+    /// db@3:primary); you are told what differs
+    #[arg(long = "held", value_name = "NAME@VERSION[:STATE]", value_parser = parse_held)]
+    held: Vec<(String, u64, VersionState)>,
+    /// Exit after SYNCED instead of streaming live changes
+    #[arg(long)]
+    once: bool,
+}
+
 /// Metadata flags shared by `put` and `issue`.
 #[derive(Debug, Args)]
 struct MetaArgs {
@@ -309,6 +461,8 @@ struct PutArgs {
     /// Write only if the current PRIMARY version is N (0: only if the secret does not exist)
     #[arg(long, value_name = "N")]
     expected_version: Option<u64>,
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
 /// Arguments of `issue`.
@@ -322,7 +476,9 @@ struct IssueArgs {
     #[command(flatten)]
     meta: MetaArgs,
     #[command(flatten)]
-    policy: KeyPolicyArgs,
+    key_policy: KeyPolicyArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
 /// Arguments of `get`.
@@ -461,6 +617,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 description: meta.description.unwrap_or_default(),
                 expected_version: args.expected_version,
                 request_id: meta.request_id.unwrap_or_default(),
+                rotation_period: args.policy.rotation_period.map(to_duration),
+                default_grace_period: args.policy.default_grace.map(to_duration),
+                expiration: args.policy.expiry.pick(
+                    put_secret_request::Expiration::ExpireTime,
+                    put_secret_request::Expiration::Ttl,
+                ),
             };
             let resp = client.put_secret(req).await?;
             if json {
@@ -492,10 +654,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 labels: label_map(meta.labels)?,
                 description: meta.description.unwrap_or_default(),
                 request_id: meta.request_id.unwrap_or_default(),
-                allowed_cidrs: args.policy.cidrs.clone(),
-                rate_limit: args.policy.rate(),
-                quota: args.policy.quota(),
-                expire_time: args.policy.expires,
+                allowed_cidrs: args.key_policy.cidrs.clone(),
+                rate_limit: args.key_policy.rate(),
+                quota: args.key_policy.quota(),
+                rotation_period: args.policy.rotation_period.map(to_duration),
+                default_grace_period: args.policy.default_grace.map(to_duration),
+                expiration: args.policy.expiry.pick(
+                    issue_key_request::Expiration::ExpireTime,
+                    issue_key_request::Expiration::Ttl,
+                ),
             };
             let mut resp = client.issue_key(req).await?;
             let printed = if json {
@@ -650,6 +817,141 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Keys(cmd) => run_keys(cfg, cmd, json).await,
         Command::Scan(args) => run_scan(cfg, args, json).await,
+        Command::Rotate(args) => run_rotate(cfg, args, json).await,
+        Command::Revoke(args) => {
+            let client = Client::connect(cfg).await?;
+            let resp = client
+                .revoke_secret(RevokeSecretRequest {
+                    name: args.name,
+                    version: args.version.unwrap_or(0),
+                    all_versions: args.all,
+                    reason: args.reason,
+                    successor_version: args.successor.unwrap_or(0),
+                    expected_version: args.write.expected_version,
+                    request_id: args.write.request_id.unwrap_or_default(),
+                })
+                .await?;
+            if json {
+                print_json(&json!({
+                    "name": resp.name,
+                    "revoked_versions": resp.revoked_versions,
+                    "primary_version": resp.primary_version,
+                    "revoke_time": timestamp_json(resp.revoke_time.as_ref()),
+                }))
+            } else {
+                let list: Vec<String> = resp.revoked_versions.iter().map(u64::to_string).collect();
+                writeln!(
+                    io::stdout().lock(),
+                    "{} revoked version(s) {}; primary now {}",
+                    resp.name,
+                    or_none(&list.join(", ")),
+                    primary_text(resp.primary_version)
+                )?;
+                Ok(())
+            }
+        }
+        Command::State(args) => {
+            let client = Client::connect(cfg).await?;
+            let resp = client
+                .set_version_state(SetVersionStateRequest {
+                    name: args.name,
+                    version: args.version,
+                    state: args.state as i32,
+                    grace_period: args.grace.map(to_duration),
+                    expected_version: args.write.expected_version,
+                    request_id: args.write.request_id.unwrap_or_default(),
+                })
+                .await?;
+            if json {
+                print_json(&json!({
+                    "name": resp.name,
+                    "version": resp.version,
+                    "state": state_name(resp.state),
+                    "primary_version": resp.primary_version,
+                    "grace_until": timestamp_json(resp.grace_until.as_ref()),
+                }))
+            } else {
+                let until = resp
+                    .grace_until
+                    .as_ref()
+                    .map(|t| format!(" until {t}"))
+                    .unwrap_or_default();
+                writeln!(
+                    io::stdout().lock(),
+                    "{} version {} is {}{until}; primary now {}",
+                    resp.name,
+                    resp.version,
+                    state_name(resp.state),
+                    primary_text(resp.primary_version)
+                )?;
+                Ok(())
+            }
+        }
+        Command::Destroy(args) => {
+            let client = Client::connect(cfg).await?;
+            let resp = client
+                .destroy_version(DestroyVersionRequest {
+                    name: args.name,
+                    version: args.version,
+                    successor_version: args.successor.unwrap_or(0),
+                    expected_version: args.write.expected_version,
+                    request_id: args.write.request_id.unwrap_or_default(),
+                })
+                .await?;
+            if json {
+                print_json(&json!({
+                    "name": resp.name,
+                    "version": resp.version,
+                    "primary_version": resp.primary_version,
+                    "destroy_time": timestamp_json(resp.destroy_time.as_ref()),
+                }))
+            } else {
+                writeln!(
+                    io::stdout().lock(),
+                    "{} version {} destroyed; primary now {}",
+                    resp.name,
+                    resp.version,
+                    primary_text(resp.primary_version)
+                )?;
+                Ok(())
+            }
+        }
+        Command::Watch(args) => {
+            let mut held: Vec<HeldSecret> = Vec::new();
+            for (name, version, state) in args.held {
+                let v = HeldVersion {
+                    version,
+                    state: state as i32,
+                };
+                match held.iter_mut().find(|h| h.name == name) {
+                    Some(h) => h.versions.push(v),
+                    None => held.push(HeldSecret {
+                        name,
+                        versions: vec![v],
+                    }),
+                }
+            }
+            let client = Client::connect(cfg).await?;
+            let mut stream = client
+                .watch_secrets(WatchSecretsRequest {
+                    names: args.names,
+                    name_prefix: args.prefix.unwrap_or_default(),
+                    held,
+                    sync_only: args.once,
+                })
+                .await?;
+            while let Some(event) = stream.next().await {
+                print_event(&event?, json)?;
+            }
+            if args.once {
+                Ok(())
+            } else {
+                Err(Failure::Sdk(Error::Status {
+                    code: Code::Unavailable,
+                    message: "the server ended the watch".into(),
+                }))
+            }
+        }
     }
 }
 
@@ -699,7 +1001,7 @@ async fn run_keys(
             if p.quota.is_some() || args.no_quota {
                 mask.push("quota");
             }
-            if p.expires.is_some() || args.no_expiry {
+            if args.expires.is_some() || args.no_expiry {
                 mask.push("expire_time");
             }
             if mask.is_empty() {
@@ -714,7 +1016,7 @@ async fn run_keys(
                     allowed_cidrs: p.cidrs.clone(),
                     rate_limit: p.rate(),
                     quota: p.quota(),
-                    expire_time: p.expires,
+                    expire_time: args.expires,
                 }),
                 update_mask: Some(prost_types::FieldMask {
                     paths: mask.iter().map(|s| s.to_string()).collect(),
@@ -1208,6 +1510,212 @@ fn print_usage(u: &GetKeyUsageResponse) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `rotate`: reads the new value (STATIC) if one is given, rotates, prints the result.
+async fn run_rotate(
+    cfg: ward_client::ClientConfig,
+    args: RotateArgs,
+    json: bool,
+) -> Result<(), Failure> {
+    // API keys take no value: read one only when it is offered (a file, or a stdin that is
+    // not a terminal), so `wardctl rotate api/key` at a prompt does not wait for input.
+    let mut value = match &args.value_file {
+        Some(p) => read_value(Some(p))?,
+        None if !io::stdin().is_terminal() => read_value(None)?,
+        None => Zeroizing::new(Vec::new()),
+    };
+    let client = Client::connect(cfg).await?;
+    let req = RotateSecretRequest {
+        name: args.name,
+        // Moves the buffer out of its zeroizing wrapper without copying the bytes.
+        value: std::mem::take(&mut *value),
+        grace_period: args.grace.map(to_duration),
+        expiration: args.expiry.pick(
+            rotate_secret_request::Expiration::ExpireTime,
+            rotate_secret_request::Expiration::Ttl,
+        ),
+        expected_version: args.write.expected_version,
+        request_id: args.write.request_id.unwrap_or_default(),
+    };
+    let mut resp = client.rotate_secret(req).await?;
+    let previous = match (resp.previous_version, resp.previous_grace_until.as_ref()) {
+        (0, _) => "no previous PRIMARY".to_owned(),
+        (v, Some(t)) => format!("version {v} stays ACTIVE until {t}"),
+        (v, None) => format!("version {v} retired"),
+    };
+    let printed = if json {
+        let mut obj = json!({
+            "name": resp.name,
+            "version": resp.version,
+            "checksum": resp.checksum,
+            "create_time": timestamp_json(resp.create_time.as_ref()),
+            "previous_version": resp.previous_version,
+            "previous_grace_until": timestamp_json(resp.previous_grace_until.as_ref()),
+        });
+        if !resp.api_key.is_empty() {
+            obj["api_key"] = Value::String(resp.api_key.clone());
+            obj["key_id"] = Value::String(resp.key_id.clone());
+        }
+        print_json(&obj)
+    } else if resp.api_key.is_empty() {
+        writeln!(
+            io::stdout().lock(),
+            "{} version {} (crc32c {:08x}); {previous}",
+            resp.name,
+            resp.version,
+            resp.checksum
+        )
+        .map_err(Failure::from)
+    } else {
+        let mut out = io::stdout().lock();
+        writeln!(out, "{}", resp.api_key)
+            .and_then(|()| out.flush())
+            .map_err(Failure::from)
+            .map(|()| {
+                eprintln!(
+                    "rotated {} to version {} (key id {}); {previous}",
+                    resp.name, resp.version, resp.key_id
+                )
+            })
+    };
+    resp.api_key.zeroize();
+    printed
+}
+
+impl ExpiryArgs {
+    /// The wire expiration, built with the request type's own oneof variants.
+    fn pick<E>(
+        &self,
+        at: impl FnOnce(prost_types::Timestamp) -> E,
+        ttl: impl FnOnce(prost_types::Duration) -> E,
+    ) -> Option<E> {
+        match (&self.expire_at, self.ttl) {
+            (Some(t), _) => Some(at(*t)),
+            (None, Some(d)) => Some(ttl(to_duration(d))),
+            (None, None) => None,
+        }
+    }
+}
+
+/// A protobuf duration (millisecond precision is all the server keeps).
+fn to_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_millis() * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// Parses a lifecycle period: what `--timeout` takes (`90`, `500ms`, `10s`, `2m`) plus hours
+/// and days (`12h`, `30d`).
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    for (suffix, unit) in [("h", 3600.0), ("d", 86_400.0)] {
+        if let Some(num) = t.strip_suffix(suffix) {
+            return match num.parse::<f64>() {
+                Ok(n) if n >= 0.0 => Duration::try_from_secs_f64(n * unit)
+                    .map_err(|_| format!("duration {s:?} is out of range")),
+                _ => Err(format!(
+                    "invalid duration {s:?} (examples: 0, 90s, 15m, 12h, 30d)"
+                )),
+            };
+        }
+    }
+    parse_duration(t)
+        .map_err(|_| format!("invalid duration {s:?} (examples: 0, 90s, 15m, 12h, 30d)"))
+}
+
+/// Parses an RFC 3339 time.
+fn parse_time(s: &str) -> Result<prost_types::Timestamp, String> {
+    s.parse::<prost_types::Timestamp>()
+        .map_err(|_| format!("invalid time {s:?} (use RFC 3339, e.g. 2030-01-01T00:00:00Z)"))
+}
+
+/// Parses the target of `state`: primary, active or inactive.
+fn parse_target_state(s: &str) -> Result<VersionState, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "primary" => Ok(VersionState::Primary),
+        "active" => Ok(VersionState::Active),
+        "inactive" => Ok(VersionState::Inactive),
+        _ => Err(format!(
+            "{s:?}: use primary, active or inactive (revoke and destroy have their own commands)"
+        )),
+    }
+}
+
+/// Parses `NAME@VERSION` or `NAME@VERSION:STATE` for `watch --held`.
+fn parse_held(s: &str) -> Result<(String, u64, VersionState), String> {
+    let (item, state) = match s.rsplit_once(':') {
+        Some((item, state)) => {
+            let upper = state.to_ascii_uppercase();
+            let st = VersionState::from_str_name(&format!("VERSION_STATE_{upper}"))
+                .filter(|st| *st != VersionState::Unspecified)
+                .ok_or_else(|| format!("{s:?}: unknown state {state:?}"))?;
+            (item, st)
+        }
+        None => (s, VersionState::Unspecified),
+    };
+    match parse_batch_item(item)? {
+        (_, 0) => Err(format!("{s:?}: give the version you hold as NAME@VERSION")),
+        (name, version) => Ok((name, version, state)),
+    }
+}
+
+fn or_none(s: &str) -> &str {
+    if s.is_empty() {
+        "none"
+    } else {
+        s
+    }
+}
+
+fn primary_text(v: u64) -> String {
+    if v == 0 {
+        "none".into()
+    } else {
+        format!("version {v}")
+    }
+}
+
+/// A watch event type without its `WATCH_EVENT_TYPE_` prefix, e.g. `ROTATED`.
+fn event_name(t: i32) -> String {
+    match WatchEventType::try_from(t) {
+        Ok(t) => t
+            .as_str_name()
+            .trim_start_matches("WATCH_EVENT_TYPE_")
+            .to_owned(),
+        Err(_) => format!("UNKNOWN({t})"),
+    }
+}
+
+/// Prints one watch event as a line (tab-separated, or compact JSON), flushed at once.
+fn print_event(e: &WatchEvent, json: bool) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    if json {
+        let obj = json!({
+            "type": event_name(e.r#type),
+            "name": e.name,
+            "version": e.version,
+            "state": state_name(e.state),
+            "reason": e.reason,
+            "time": timestamp_json(e.time.as_ref()),
+            "secret": e.secret.as_ref().map(metadata_json),
+        });
+        serde_json::to_writer(&mut out, &obj).map_err(io::Error::from)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "{}\t{}\t{}\t{}\t{}",
+            event_name(e.r#type),
+            e.name,
+            e.version,
+            state_name(e.state),
+            one_line(&e.reason)
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 /// Reads the value for `put` from a file, or from stdin when no file (or "-") is given.
 fn read_value(path: Option<&Path>) -> Result<Zeroizing<Vec<u8>>, Failure> {
     let mut buf = Zeroizing::new(Vec::new());
@@ -1367,6 +1875,10 @@ fn metadata_json(m: &SecretMetadata) -> Value {
                 "checksum": v.checksum,
                 "keyring_term": v.keyring_term,
                 "key_id": v.key_id,
+                "grace_until": timestamp_json(v.grace_until.as_ref()),
+                "expire_time": timestamp_json(v.expire_time.as_ref()),
+                "state_reason": v.state_reason,
+                "state_change_time": timestamp_json(v.state_change_time.as_ref()),
             })
         })
         .collect();
@@ -1394,8 +1906,15 @@ fn metadata_json(m: &SecretMetadata) -> Value {
             "refill": q.refill,
             "refill_period": q.refill_period.as_ref().map(|d| duration_text(Some(d))),
         })),
-        "expire_time": timestamp_json(m.expire_time.as_ref()),
         "last_used_time": timestamp_json(m.last_used_time.as_ref()),
+        "rotation_period_seconds": m.rotation_period.as_ref().map(|d| d.seconds),
+        "next_rotation_time": timestamp_json(m.next_rotation_time.as_ref()),
+        "rotation_due": m.rotation_due,
+        "default_grace_period_seconds": m.default_grace_period.as_ref().map(|d| d.seconds),
+        "expire_time": timestamp_json(m.expire_time.as_ref()),
+        "revoked": m.revoked,
+        "revoke_reason": m.revoke_reason,
+        "revoke_time": timestamp_json(m.revoke_time.as_ref()),
     })
 }
 
@@ -1501,6 +2020,33 @@ fn print_describe(m: &SecretMetadata) -> Result<(), Failure> {
     fields.push(("created", timestamp_text(m.create_time.as_ref())));
     fields.push(("updated", timestamp_text(m.update_time.as_ref())));
     fields.push(("primary", m.primary_version.to_string()));
+    if let Some(d) = &m.rotation_period {
+        let due = if m.rotation_due { " (DUE)" } else { "" };
+        fields.push((
+            "rotation",
+            format!(
+                "every {}s, next {}{due}",
+                d.seconds,
+                timestamp_text(m.next_rotation_time.as_ref())
+            ),
+        ));
+    }
+    if let Some(d) = &m.default_grace_period {
+        fields.push(("grace", format!("{}s", d.seconds)));
+    }
+    if m.expire_time.is_some() {
+        fields.push(("expires", timestamp_text(m.expire_time.as_ref())));
+    }
+    if m.revoked {
+        fields.push((
+            "revoked",
+            format!(
+                "{} ({})",
+                one_line(&m.revoke_reason),
+                timestamp_text(m.revoke_time.as_ref())
+            ),
+        ));
+    }
 
     let mut out = io::stdout().lock();
     for (k, v) in &fields {
@@ -1514,8 +2060,19 @@ fn print_describe(m: &SecretMetadata) -> Result<(), Failure> {
         "CRC32C".to_owned(),
         "TERM".to_owned(),
         "KEY ID".to_owned(),
+        "NOTE".to_owned(),
     ]];
     rows.extend(m.versions.iter().map(|v| {
+        let mut note = Vec::new();
+        if let Some(t) = &v.grace_until {
+            note.push(format!("until {t}"));
+        }
+        if let Some(t) = &v.expire_time {
+            note.push(format!("expires {t}"));
+        }
+        if !v.state_reason.is_empty() {
+            note.push(one_line(&v.state_reason));
+        }
         [
             v.version.to_string(),
             state_name(v.state),
@@ -1523,6 +2080,7 @@ fn print_describe(m: &SecretMetadata) -> Result<(), Failure> {
             format!("{:08x}", v.checksum),
             v.keyring_term.to_string(),
             or_dash(&v.key_id),
+            note.join("; "),
         ]
     }));
     write_table(&mut out, &rows)
@@ -1676,5 +2234,117 @@ mod tests {
 
         assert!(Cli::try_parse_from(["wardctl", "batch-get"]).is_err());
         assert!(Cli::try_parse_from(["wardctl", "put", "a", "--value", "x"]).is_err());
+    }
+
+    #[test]
+    fn lifecycle_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "wardctl",
+            "rotate",
+            "k",
+            "--grace",
+            "1h",
+            "--ttl",
+            "30d",
+            "--request-id",
+            "r1",
+        ])
+        .unwrap();
+        let Command::Rotate(r) = cli.command else {
+            panic!("not rotate")
+        };
+        assert_eq!(r.grace, Some(Duration::from_secs(3600)));
+        assert_eq!(r.expiry.ttl, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(r.write.request_id.as_deref(), Some("r1"));
+        assert!(Cli::try_parse_from([
+            "wardctl",
+            "rotate",
+            "k",
+            "--ttl",
+            "1d",
+            "--expire-at",
+            "2030-01-01T00:00:00Z"
+        ])
+        .is_err());
+
+        // revoke needs exactly one of --version and --all, and a reason.
+        assert!(Cli::try_parse_from(["wardctl", "revoke", "k", "--reason", "x"]).is_err());
+        assert!(Cli::try_parse_from(["wardctl", "revoke", "k", "--version", "1"]).is_err());
+        assert!(Cli::try_parse_from([
+            "wardctl",
+            "revoke",
+            "k",
+            "--version",
+            "1",
+            "--all",
+            "--reason",
+            "x"
+        ])
+        .is_err());
+        let cli =
+            Cli::try_parse_from(["wardctl", "revoke", "k", "--all", "--reason", "leak"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Revoke(RevokeArgs { all: true, .. })
+        ));
+
+        let cli = Cli::try_parse_from(["wardctl", "state", "k", "2", "PRIMARY"]).unwrap();
+        let Command::State(st) = cli.command else {
+            panic!("not state")
+        };
+        assert_eq!((st.version, st.state), (2, VersionState::Primary));
+        assert!(Cli::try_parse_from(["wardctl", "state", "k", "2", "revoked"]).is_err());
+        assert!(Cli::try_parse_from(["wardctl", "destroy", "k"]).is_err());
+
+        let cli = Cli::try_parse_from([
+            "wardctl",
+            "watch",
+            "a",
+            "b",
+            "--held",
+            "a@3:primary",
+            "--held",
+            "b@1",
+            "--once",
+        ])
+        .unwrap();
+        let Command::Watch(w) = cli.command else {
+            panic!("not watch")
+        };
+        assert_eq!(w.names, ["a", "b"]);
+        assert_eq!(
+            w.held,
+            [
+                ("a".into(), 3, VersionState::Primary),
+                ("b".into(), 1, VersionState::Unspecified)
+            ]
+        );
+        assert!(w.once);
+        assert!(Cli::try_parse_from(["wardctl", "watch", "a", "--prefix", "x/"]).is_err());
+    }
+
+    #[test]
+    fn periods_and_held_items() {
+        assert_eq!(parse_period("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_period("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_period("12h").unwrap(), Duration::from_secs(43_200));
+        assert_eq!(parse_period("1.5d").unwrap(), Duration::from_secs(129_600));
+        for bad in ["", "h", "-1d", "1w", "x"] {
+            assert!(parse_period(bad).is_err(), "{bad:?}");
+        }
+        for bad in ["a", "a@0", "a@1:gone", "a@1:unspecified", "@1"] {
+            assert!(parse_held(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            event_name(WatchEventType::RotationDue as i32),
+            "ROTATION_DUE"
+        );
+        assert_eq!(
+            to_duration(Duration::from_millis(1500)),
+            prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000
+            }
+        );
     }
 }

@@ -371,8 +371,10 @@ impl Keys {
         let Some(meta) = record.versions.iter().find(|m| m.version == kref.version) else {
             return not_found(self, rec, "version missing");
         };
-        let state = meta.state_at(now);
-        let policy = &record.key_policy;
+        // State and deadlines (grace, expiry) from the one judgement fetch uses too.
+        let standing = record.standing(meta, now);
+        let state = standing.state;
+        let expired = standing.reason == Some(crate::model::StateReason::Expired);
         let mut v = Verdict::bare(VerifyResult::Valid, key_id.clone());
         v.key = Some(KeyFacts {
             name: record.name.clone(),
@@ -380,14 +382,15 @@ impl Keys {
             owner: record.owner.clone(),
             environment: record.environment.clone(),
             scopes: record.scopes.clone(),
-            expire_ms: policy.expire_ms,
+            expire_ms: record.expiry_of(meta),
             grace_until_ms: (state == VersionState::Active)
                 .then_some(meta.grace_until_ms)
                 .flatten(),
         });
         v.result = self.check(
             &record,
-            meta.is_usable_at(now),
+            matches!(state, VersionState::Primary | VersionState::Active),
+            expired,
             state,
             input,
             ip,
@@ -414,6 +417,7 @@ impl Keys {
         &self,
         record: &SecretRecord,
         usable: bool,
+        expired: bool,
         state: VersionState,
         input: &VerifyInput,
         ip: Option<IpAddr>,
@@ -433,11 +437,9 @@ impl Keys {
         if !usable {
             return Ok(match state {
                 VersionState::Revoked | VersionState::Destroyed => VerifyResult::Revoked,
+                _ if expired => VerifyResult::Expired,
                 _ => VerifyResult::Disabled,
             });
-        }
-        if policy.expire_ms.is_some_and(|t| t <= now) {
-            return Ok(VerifyResult::Expired);
         }
         if !input.environment.is_empty() && input.environment != record.environment {
             return Ok(VerifyResult::WrongEnvironment);
@@ -688,6 +690,7 @@ mod tests {
                         labels: Default::default(),
                         description: String::new(),
                         request_id: String::new(),
+                        lifecycle: Default::default(),
                     },
                     policy,
                 )

@@ -1,0 +1,466 @@
+//! The lifecycle operations against a real vault (sled in a temp dir, in-memory key wrapper,
+//! manual clock): the rules end to end inside one process, without the network.
+
+use super::input::{LifecycleInput, RawDuration};
+use super::ops::{DestroyInput, RevokeInput, RotateInput, SetStateInput};
+use super::watch::{EventKind, WatchInput};
+use crate::audit::AuditRecord;
+use crate::clock::{Clock, ManualClock};
+use crate::error::Code;
+use crate::model::{KeyIndexEntry, SecretRecord, VersionState};
+use crate::policy::Policy;
+use crate::store::sled_store::SledStore;
+use crate::store::{decode, version_key, Store, Tree};
+use crate::tls::Peer;
+use crate::unseal::unseal;
+use crate::vault::{IssueInput, PutInput, Settings, Vault};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use ward::keyformat::ApiKey;
+use ward_hsm::memory::InMemoryWrapper;
+use ward_hsm::KeyWrapper;
+use zeroize::Zeroizing;
+
+const H: u64 = 3_600_000;
+
+struct Fixture {
+    vault: Arc<Vault>,
+    clock: Arc<ManualClock>,
+    _dir: tempfile::TempDir,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let hsm = InMemoryWrapper::new();
+    hsm.create_master_key("m").unwrap();
+    let hsm: Arc<dyn KeyWrapper> = Arc::new(hsm);
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let (keyring, index) = unseal(&store, &hsm, "m", clock.now_ms()).await.unwrap();
+    let settings = Settings {
+        issuer: "ward".into(),
+        environments: vec!["dev".into(), "prod".into()],
+        default_environment: "dev".into(),
+        max_value_bytes: 1024,
+        max_batch: 10,
+        grace_ms: 24 * H,
+    };
+    let policy = Policy::parse(
+        "[[rule]]\nidentities = [\"admin\"]\nverbs = [\"*\"]\nsecrets = [\"*\"]\n\
+         [[rule]]\nidentities = [\"app\"]\nverbs = [\"read\"]\nsecrets = [\"*\"]\n",
+    )
+    .unwrap();
+    let vault = Arc::new(Vault::new(
+        store,
+        keyring,
+        index,
+        policy,
+        clock.clone(),
+        settings,
+    ));
+    Fixture {
+        vault,
+        clock,
+        _dir: dir,
+    }
+}
+
+fn peer(identity: &str) -> Peer {
+    Peer {
+        identity: identity.into(),
+        addr: "127.0.0.1:1".parse().unwrap(),
+    }
+}
+
+fn secs(s: i64) -> Option<RawDuration> {
+    Some(RawDuration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+fn put(name: &str, value: &[u8]) -> PutInput {
+    PutInput {
+        name: name.into(),
+        value: Zeroizing::new(value.to_vec()),
+        environment: String::new(),
+        owner: String::new(),
+        labels: BTreeMap::new(),
+        description: String::new(),
+        expected_version: None,
+        request_id: String::new(),
+        lifecycle: LifecycleInput::default(),
+    }
+}
+
+fn issue(name: &str, lifecycle: LifecycleInput) -> IssueInput {
+    IssueInput {
+        name: name.into(),
+        environment: String::new(),
+        owner: String::new(),
+        scopes: Vec::new(),
+        labels: BTreeMap::new(),
+        description: String::new(),
+        request_id: String::new(),
+        lifecycle,
+    }
+}
+
+fn rotate(name: &str, value: &[u8], grace: Option<RawDuration>) -> RotateInput {
+    RotateInput {
+        name: name.into(),
+        value: Zeroizing::new(value.to_vec()),
+        grace_period: grace,
+        expiration: None,
+        expected_version: None,
+        request_id: String::new(),
+    }
+}
+
+fn revoke(name: &str, version: u64, all: bool) -> RevokeInput {
+    RevokeInput {
+        name: name.into(),
+        version,
+        all_versions: all,
+        reason: "leaked in a log".into(),
+        successor_version: 0,
+        expected_version: None,
+        request_id: String::new(),
+    }
+}
+
+impl Fixture {
+    fn record(&self, name: &str) -> SecretRecord {
+        let raw = self
+            .vault
+            .store
+            .get(Tree::Secrets, name.as_bytes())
+            .unwrap()
+            .unwrap();
+        decode("secret", &raw).unwrap()
+    }
+
+    /// What a key verifier does: keyed hash → index entry → the one usability judgement.
+    fn verify(&self, key: &ApiKey) -> Result<u64, Code> {
+        let hash = self.vault.key_hash(key);
+        let raw = self
+            .vault
+            .store
+            .get(Tree::KeyIndex, &hash)
+            .unwrap()
+            .ok_or(Code::NotFound)?;
+        let entry: KeyIndexEntry = decode("index", &raw).unwrap();
+        let secret = self.record(&entry.name);
+        secret
+            .usable(entry.version, self.vault.now())
+            .map(|(m, _)| m.version)
+            .map_err(|e| e.code())
+    }
+
+    fn audit(&self) -> Vec<AuditRecord> {
+        self.vault
+            .store
+            .scan(Tree::Audit, b"", b"", 10_000)
+            .unwrap()
+            .iter()
+            .map(|(_, v)| decode("audit", v).unwrap())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn rotated_api_key_overlaps_for_the_grace_period() {
+    let f = fixture().await;
+    let admin = peer("admin");
+    let k1 = f
+        .vault
+        .issue(&admin, issue("svc/key", LifecycleInput::default()))
+        .await
+        .unwrap()
+        .key;
+    let r = f
+        .vault
+        .rotate(&admin, rotate("svc/key", b"", secs(3600)))
+        .await
+        .unwrap();
+    let k2 = r.key.expect("a rotated API key comes back");
+    assert_ne!(k1.expose(), k2.expose());
+    assert_eq!((r.written.version, r.replaced.version), (2, 1));
+    assert_eq!(r.replaced.grace_until_ms, Some(f.vault.now() + H));
+
+    // During the window both keys verify and both versions fetch.
+    assert_eq!(f.verify(&k1), Ok(1));
+    assert_eq!(f.verify(&k2), Ok(2));
+    assert_eq!(
+        f.vault.fetch(&admin, "svc/key", 1).await.unwrap().state,
+        VersionState::Active
+    );
+    f.clock.advance(H - 1);
+    assert_eq!(f.verify(&k1), Ok(1));
+
+    // Afterwards only the new one, without any sweep having run.
+    f.clock.advance(1);
+    assert_eq!(f.verify(&k1), Err(Code::FailedPrecondition));
+    assert_eq!(f.verify(&k2), Ok(2));
+    let err = f.vault.fetch(&admin, "svc/key", 1).await.err().unwrap();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.to_string().contains("grace period ended"), "{err}");
+
+    // A value for an API key, none for a STATIC secret: refused, nothing changes.
+    f.vault.put(&admin, put("db", b"one")).await.unwrap();
+    let before = (f.record("svc/key"), f.record("db"));
+    let e = f.vault.rotate(&admin, rotate("svc/key", b"x", None)).await;
+    assert_eq!(e.err().unwrap().code(), Code::InvalidArgument);
+    let e = f.vault.rotate(&admin, rotate("db", b"", None)).await;
+    assert_eq!(e.err().unwrap().code(), Code::InvalidArgument);
+    let e = f.vault.rotate(&admin, rotate("db", b"x", secs(-1))).await;
+    assert_eq!(e.err().unwrap().code(), Code::InvalidArgument);
+    let e = f.vault.rotate(&admin, rotate("nope", b"x", None)).await;
+    assert_eq!(e.err().unwrap().code(), Code::NotFound);
+    assert_eq!((f.record("svc/key"), f.record("db")), before);
+}
+
+#[tokio::test]
+async fn idempotent_rotation_returns_the_same_key() {
+    let f = fixture().await;
+    let admin = peer("admin");
+    f.vault
+        .issue(&admin, issue("k", LifecycleInput::default()))
+        .await
+        .unwrap();
+    let mut req = rotate("k", b"", None);
+    req.request_id = "rot-1".into();
+    let a = f.vault.rotate(&admin, req).await.unwrap();
+    let mut req = rotate("k", b"", None);
+    req.request_id = "rot-1".into();
+    let b = f.vault.rotate(&admin, req).await.unwrap();
+    assert_eq!(a.key.unwrap().expose(), b.key.unwrap().expose());
+    assert_eq!((b.written.version, b.replaced.version), (2, 1));
+    assert_eq!(f.record("k").versions.len(), 2);
+}
+
+#[tokio::test]
+async fn revocation_is_immediate_and_final() {
+    let f = fixture().await;
+    let admin = peer("admin");
+    let k1 = f
+        .vault
+        .issue(&admin, issue("k", LifecycleInput::default()))
+        .await
+        .unwrap()
+        .key;
+    let k2 = f
+        .vault
+        .rotate(&admin, rotate("k", b"", None))
+        .await
+        .unwrap()
+        .key
+        .unwrap();
+    f.vault.revoke(&admin, revoke("k", 1, false)).await.unwrap();
+    assert_eq!(f.verify(&k1), Err(Code::FailedPrecondition));
+    let err = f.vault.fetch(&admin, "k", 1).await.err().unwrap();
+    assert!(err.to_string().contains("leaked in a log"), "{err}");
+    assert_eq!(f.verify(&k2), Ok(2));
+
+    // Nothing brings it back.
+    let set = |state| SetStateInput {
+        name: "k".into(),
+        version: 1,
+        state: Some(state),
+        grace_period: None,
+        expected_version: None,
+        request_id: String::new(),
+    };
+    for state in [VersionState::Primary, VersionState::Active] {
+        let e = f.vault.set_state(&admin, set(state)).await.err().unwrap();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+    }
+    // The PRIMARY alone needs a successor; the whole secret does not.
+    let e = f.vault.revoke(&admin, revoke("k", 2, false)).await;
+    assert_eq!(e.err().unwrap().code(), Code::FailedPrecondition);
+    let done = f.vault.revoke(&admin, revoke("k", 0, true)).await.unwrap();
+    assert_eq!((done.revoked, done.primary), (vec![2], 0));
+    assert_eq!(f.verify(&k2), Err(Code::FailedPrecondition));
+    let e = f.vault.rotate(&admin, rotate("k", b"", None)).await;
+    assert_eq!(e.err().unwrap().code(), Code::FailedPrecondition);
+    f.record("k").check_invariants().unwrap();
+}
+
+#[tokio::test]
+async fn destroy_deletes_the_sealed_value_and_keeps_the_metadata() {
+    let f = fixture().await;
+    let admin = peer("admin");
+    f.vault.put(&admin, put("db", b"one")).await.unwrap();
+    f.vault.put(&admin, put("db", b"two")).await.unwrap();
+    let destroy = |version, successor| DestroyInput {
+        name: "db".into(),
+        version,
+        successor_version: successor,
+        expected_version: None,
+        request_id: String::new(),
+    };
+    let e = f.vault.destroy(&admin, destroy(2, 0)).await;
+    assert_eq!(e.err().unwrap().code(), Code::FailedPrecondition);
+    assert!(f
+        .vault
+        .store
+        .get(Tree::Versions, &version_key("db", 2))
+        .unwrap()
+        .is_some());
+    let done = f.vault.destroy(&admin, destroy(2, 1)).await.unwrap();
+    assert_eq!(done.primary, 1);
+    assert!(f
+        .vault
+        .store
+        .get(Tree::Versions, &version_key("db", 2))
+        .unwrap()
+        .is_none());
+    let d = f.vault.describe(&admin, "db").await.unwrap();
+    assert_eq!(d.versions[1].state, VersionState::Destroyed);
+    assert_eq!(
+        &f.vault.fetch(&admin, "db", 0).await.unwrap().value[..],
+        b"one"
+    );
+}
+
+#[tokio::test]
+async fn sweeper_rotates_keys_flags_static_secrets_and_stores_deadlines() {
+    let f = fixture().await;
+    let admin = peer("admin");
+    let schedule = LifecycleInput {
+        rotation_period: secs(3600),
+        default_grace_period: secs(600),
+        expiration: None,
+    };
+    let k1 = f
+        .vault
+        .issue(&admin, issue("svc/key", schedule))
+        .await
+        .unwrap()
+        .key;
+    let mut p = put("svc/db", b"one");
+    p.lifecycle = schedule;
+    f.vault.put(&admin, p).await.unwrap();
+    assert!(f.vault.sweep().await.unwrap().is_empty(), "nothing due yet");
+
+    f.clock.advance(H);
+    let mut changed = f.vault.sweep().await.unwrap();
+    changed.sort();
+    assert_eq!(changed, ["svc/db", "svc/key"]);
+    let key = f.record("svc/key");
+    assert_eq!((key.primary, key.versions.len()), (2, 2));
+    assert_eq!(key.life.next_rotation_ms, Some(f.vault.now() + H));
+    let k2 = f.vault.fetch(&admin, "svc/key", 0).await.unwrap();
+    let k2 = ApiKey::parse(std::str::from_utf8(&k2.value).unwrap()).unwrap();
+    assert_eq!(f.verify(&k2), Ok(2));
+    assert_eq!(f.verify(&k1), Ok(1), "old key works for the secret's grace");
+    let db = f.record("svc/db");
+    assert_eq!(db.versions.len(), 1, "Ward never invents a STATIC value");
+    assert!(db.life.rotation_due_ms.is_some());
+    assert!(f.vault.sweep().await.unwrap().is_empty(), "flagged once");
+
+    // The old key's grace ends: the sweeper stores it, watchers would be told.
+    f.clock.advance(600_000);
+    assert_eq!(f.vault.sweep().await.unwrap(), ["svc/key"]);
+    assert_eq!(
+        f.record("svc/key").versions[0].state,
+        VersionState::Inactive
+    );
+
+    // A new value clears the flag and restarts the schedule.
+    f.vault
+        .rotate(&admin, rotate("svc/db", b"two", None))
+        .await
+        .unwrap();
+    let db = f.record("svc/db");
+    assert_eq!(db.life.rotation_due_ms, None);
+    assert_eq!(db.life.next_rotation_ms, Some(f.vault.now() + H));
+
+    let methods: Vec<(String, String)> = f
+        .audit()
+        .into_iter()
+        .filter(|r| r.identity == super::sweeper::SCHEDULER_IDENTITY)
+        .map(|r| (r.method, r.targets[0].0.clone()))
+        .collect();
+    assert!(methods.contains(&("ScheduledRotation".into(), "svc/key".into())));
+    assert!(methods.contains(&("RotationDue".into(), "svc/db".into())));
+    assert!(methods.contains(&("Sweep".into(), "svc/key".into())));
+}
+
+async fn next(
+    rx: &mut tokio::sync::mpsc::Receiver<crate::error::Result<super::watch::WatchEvent>>,
+) -> super::watch::WatchEvent {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("event in time")
+        .expect("stream open")
+        .expect("no error")
+}
+
+#[tokio::test]
+async fn watchers_get_the_difference_then_live_changes() {
+    let f = fixture().await;
+    let (admin, app) = (peer("admin"), peer("app"));
+    f.vault.put(&admin, put("w/a", b"one")).await.unwrap();
+    let mut rx = f
+        .vault
+        .watch(
+            &app,
+            WatchInput {
+                names: vec!["w/a".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let e = next(&mut rx).await;
+    assert_eq!((e.kind, e.version), (EventKind::Rotated, 1));
+    assert_eq!(next(&mut rx).await.kind, EventKind::Synced);
+
+    f.vault
+        .rotate(&admin, rotate("w/a", b"two", secs(60)))
+        .await
+        .unwrap();
+    let mut got = [next(&mut rx).await, next(&mut rx).await];
+    got.sort_by_key(|e| e.version);
+    assert_eq!(
+        got.iter().map(|e| (e.kind, e.version)).collect::<Vec<_>>(),
+        [(EventKind::StateChanged, 1), (EventKind::Rotated, 2)]
+    );
+    f.vault
+        .revoke(&admin, revoke("w/a", 1, false))
+        .await
+        .unwrap();
+    let e = next(&mut rx).await;
+    assert_eq!((e.kind, e.version), (EventKind::Revoked, 1));
+    assert_eq!(e.reason, "revoked by admin: leaked in a log");
+
+    // Closing the hub (shutdown) ends the stream with UNAVAILABLE.
+    f.vault.watch_hub().close();
+    let end = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(end.err().unwrap().code(), Code::Unavailable);
+
+    // One audit record per watch; a denied watch is audited too.
+    let denied = f
+        .vault
+        .watch(
+            &peer("stranger"),
+            WatchInput {
+                names: vec!["w/a".into()],
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(denied.err().unwrap().code(), Code::PermissionDenied);
+    let watches: Vec<i32> = f
+        .audit()
+        .into_iter()
+        .filter(|r| r.method == "WatchSecrets")
+        .map(|r| r.code)
+        .collect();
+    assert_eq!(watches, [0, 7]);
+}
