@@ -1108,9 +1108,7 @@ impl Pkcs11Wrapper {
             KeyKind::Master => CkMechanism::AesKeyGen,
             KeyKind::Mac => CkMechanism::GenericSecretKeyGen,
         };
-        let generated = s
-            .session()?
-            .generate_key(&mechanism, &kind.template(label));
+        let generated = s.session()?.generate_key(&mechanism, &kind.template(label));
         let handle = generated.map_err(|e| s.fail(e, Op::General))?;
         // Read the policy back: a key that is not sensitive and non-extractable (or cannot do
         // its job) must not be used, whatever the token did with the template.
@@ -1142,7 +1140,9 @@ impl MacSigner for Pkcs11Wrapper {
     fn has_mac_key(&self, label: &str) -> Result<bool, HsmError> {
         check_key_label(label)?;
         let mut s = self.token.acquire()?;
-        Ok(self.lookup_kind(&mut s, KeyKind::Mac, label, false)?.is_some())
+        Ok(self
+            .lookup_kind(&mut s, KeyKind::Mac, label, false)?
+            .is_some())
     }
 
     fn create_mac_key(&self, label: &str) -> Result<(), HsmError> {
@@ -1156,7 +1156,7 @@ impl MacSigner for Pkcs11Wrapper {
     }
 
     fn verify_mac(&self, label: &str, data: &[u8], tag: &[u8]) -> Result<bool, HsmError> {
-        let checked = self.with_kind(KeyKind::Mac, label, Op::General, |s, h| {
+        self.with_kind(KeyKind::Mac, label, Op::General, |s, h| {
             match s.verify(&CkMechanism::Sha256Hmac, h, data, tag) {
                 Ok(()) => Ok(true),
                 Err(e)
@@ -1169,8 +1169,7 @@ impl MacSigner for Pkcs11Wrapper {
                 }
                 Err(e) => Err(e),
             }
-        });
-        checked
+        })
     }
 }
 
@@ -1552,13 +1551,20 @@ mod tests {
 
         let tag = f.gcm.mac("t-mac", b"checkpoint 7").unwrap();
         assert_eq!(tag.len(), 32);
-        assert_eq!(f.kwp.mac("t-mac", b"checkpoint 7").unwrap(), tag, "HMAC is deterministic");
+        assert_eq!(
+            f.kwp.mac("t-mac", b"checkpoint 7").unwrap(),
+            tag,
+            "HMAC is deterministic"
+        );
         assert!(f.gcm.verify_mac("t-mac", b"checkpoint 7", &tag).unwrap());
         assert!(!f.gcm.verify_mac("t-mac", b"checkpoint 8", &tag).unwrap());
         let mut bad = tag.clone();
         bad[0] ^= 1;
         assert!(!f.gcm.verify_mac("t-mac", b"checkpoint 7", &bad).unwrap());
-        assert!(!f.gcm.verify_mac("t-mac", b"checkpoint 7", &tag[..16]).unwrap());
+        assert!(!f
+            .gcm
+            .verify_mac("t-mac", b"checkpoint 7", &tag[..16])
+            .unwrap());
         // Another key gives another tag.
         f.gcm.create_mac_key("t-mac-2").unwrap();
         assert!(!f.gcm.verify_mac("t-mac-2", b"checkpoint 7", &tag).unwrap());

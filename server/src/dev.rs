@@ -14,7 +14,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use ward_hsm::{HsmError, KeyWrapper, Pkcs11Wrapper};
+use ward_hsm::{Hsm, HsmError, KeyWrapper, MacSigner, Pkcs11Wrapper};
 use zeroize::Zeroizing;
 
 /// Token label of the dev SoftHSM token.
@@ -110,9 +110,9 @@ default_grace_seconds = 86400
     Ok(config)
 }
 
-/// Opens the dev token, creating the token and the master key if they do not exist yet.
-/// Blocking (PKCS#11).
-pub fn prepare_hsm(cfg: &Config) -> Result<Arc<dyn KeyWrapper>, StartError> {
+/// Opens the dev token, creating the token, the master key and the audit checkpoint key if
+/// they do not exist yet. Blocking (PKCS#11).
+pub fn prepare_hsm(cfg: &Config) -> Result<Arc<dyn Hsm>, StartError> {
     let hsm = match crate::server::open_hsm(cfg) {
         Err(StartError::Hsm(_)) if !token_exists(cfg)? => {
             let pin = cfg.pin().map_err(StartError::Config)?;
@@ -127,6 +127,13 @@ pub fn prepare_hsm(cfg: &Config) -> Result<Arc<dyn KeyWrapper>, StartError> {
     match hsm.create_master_key(&cfg.hsm.master_key_label) {
         Ok(()) => tracing::info!(label = %cfg.hsm.master_key_label, "created master key"),
         Err(HsmError::MasterKeyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match hsm.create_mac_key(&cfg.audit.checkpoint_key_label) {
+        Ok(()) => {
+            tracing::info!(label = %cfg.audit.checkpoint_key_label, "created audit checkpoint key")
+        }
+        Err(HsmError::MacKeyExists { .. }) => {}
         Err(e) => return Err(e.into()),
     }
     Ok(Arc::new(hsm))

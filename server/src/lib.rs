@@ -2,10 +2,12 @@
 //! master key that never leaves a PKCS#11 HSM and kept in an embedded sled database.
 //!
 //! The data path reads top to bottom: transport (`service`, `tls`) → `policy` → domain
-//! (`vault`, `model`) → `envelope` → `store`, with `audit` alongside.
+//! (`vault`, `model`) → `envelope` → `store`, with `audit` alongside (served by
+//! `audit_service`).
 #![deny(missing_docs)]
 
 pub mod audit;
+pub mod audit_service;
 pub mod clock;
 pub mod config;
 pub mod dev;

@@ -1,7 +1,10 @@
-//! Assembly and serving: opens the store, unseals, and serves `ward.v1.Secrets`, gRPC health
+//! Assembly and serving: opens the store, unseals, opens the audit log (and starts its
+//! checkpointing and pruning), and serves `ward.v1.Secrets`, `ward.v1.Audit`, gRPC health
 //! and server reflection (v1 and v1alpha; grpcurl 1.8.6 speaks only v1alpha) on one mutual-TLS
 //! listener, until SIGTERM or SIGINT.
 
+use crate::audit::{AuditAccess, AuditLog};
+use crate::audit_service::AuditService;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::policy::Policy;
@@ -15,8 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
+use ward::v1::audit_server::AuditServer;
 use ward::v1::secrets_server::SecretsServer;
-use ward_hsm::{HsmError, KeyWrapper, Mechanism, Pkcs11Config, Pkcs11Wrapper};
+use ward_hsm::{Hsm, HsmError, KeyWrapper, MacSigner, Mechanism, Pkcs11Config, Pkcs11Wrapper};
 
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,7 +82,7 @@ pub fn open_hsm(cfg: &Config) -> Result<Pkcs11Wrapper, StartError> {
 /// listener accepts connections.
 pub async fn serve(
     cfg: Config,
-    hsm: Arc<dyn KeyWrapper>,
+    hsm: Arc<dyn Hsm>,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), StartError> {
     // One crypto provider, chosen explicitly (rustls is built without defaults).
@@ -88,11 +92,14 @@ pub async fn serve(
         .map_err(StartError::Config)?;
 
     let label = cfg.hsm.master_key_label.clone();
-    let has_master = {
-        let (hsm, label) = (hsm.clone(), label.clone());
-        tokio::task::spawn_blocking(move || hsm.has_master_key(&label))
-            .await
-            .map_err(|e| StartError::Other(e.to_string()))??
+    let audit_label = cfg.audit.checkpoint_key_label.clone();
+    let (has_master, has_audit_key) = {
+        let (hsm, label, audit_label) = (hsm.clone(), label.clone(), audit_label.clone());
+        tokio::task::spawn_blocking(move || {
+            Ok::<_, HsmError>((hsm.has_master_key(&label)?, hsm.has_mac_key(&audit_label)?))
+        })
+        .await
+        .map_err(|e| StartError::Other(e.to_string()))??
     };
     if !has_master {
         return Err(StartError::Hsm(format!(
@@ -101,18 +108,25 @@ pub async fn serve(
             cfg.hsm.token_label
         )));
     }
+    if !has_audit_key {
+        return Err(StartError::Hsm(format!(
+            "audit checkpoint key {audit_label:?} not found on token {:?}; create it with \
+             `ward-server init --config FILE`",
+            cfg.hsm.token_label
+        )));
+    }
 
     create_private_dir(&cfg.data_dir).map_err(StartError::Storage)?;
     let store: Arc<dyn Store> =
         Arc::new(SledStore::open(&cfg.data_dir).map_err(|e| StartError::Storage(e.to_string()))?);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (keyring, index) =
-        unseal(&store, &hsm, &label, clock.now_ms())
-            .await
-            .map_err(|e| match e {
-                crate::error::Error::Unavailable(m) => StartError::Hsm(m),
-                other => StartError::Storage(other.to_string()),
-            })?;
+    let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
+    let (keyring, index) = unseal(&store, &wrapper, &label, clock.now_ms())
+        .await
+        .map_err(|e| match e {
+            crate::error::Error::Unavailable(m) => StartError::Hsm(m),
+            other => StartError::Storage(other.to_string()),
+        })?;
     tracing::info!(term = keyring.current_term(), master_key = %label, "unsealed");
 
     let settings = Settings {
@@ -123,10 +137,23 @@ pub async fn serve(
         max_batch: cfg.limits.max_batch,
         grace_ms: cfg.limits.default_grace_seconds.saturating_mul(1000),
     };
-    let vault = Arc::new(Vault::new(store, keyring, index, policy, clock, settings));
+    let signer: Arc<dyn MacSigner> = hsm.clone();
+    let audit = AuditLog::open(store.clone(), clock.clone(), signer, cfg.audit.settings())
+        .map_err(|e| StartError::Storage(format!("audit log: {e}")))?;
+    audit.start_background();
+    let access = Arc::new(AuditAccess::new(
+        audit.clone(),
+        policy.clone(),
+        clock.clone(),
+        cfg.audit.max_streams,
+    ));
+    let vault = Arc::new(Vault::new(
+        store, audit, keyring, index, policy, clock, settings,
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SecretsServer<SecretsService>>().await;
+    health.set_serving::<AuditServer<AuditService>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ward::FILE_DESCRIPTOR_SET)
@@ -140,6 +167,7 @@ pub async fn serve(
         .map_err(|e| StartError::Other(format!("reflection: {e}")))?;
     let secrets = SecretsServer::new(SecretsService::new(vault))
         .max_decoding_message_size(cfg.limits.max_request_bytes);
+    let audit = AuditServer::new(AuditService::new(access));
 
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -155,6 +183,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(secrets)
+        .add_service(audit)
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .map_err(|e| StartError::Other(format!("server: {e}")))?;

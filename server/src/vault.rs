@@ -1,7 +1,7 @@
 //! The vault's operations: authorization, validation, versioning, envelope encryption, store
 //! commits and audit, in that order. Below the service layer: no tonic types here.
 
-use crate::audit::{self, AuditRecord};
+use crate::audit::{AuditLog, AuditRecord};
 use crate::clock::{Clock, Millis};
 use crate::envelope::{IndexKey, Keyring, SealedValue};
 use crate::error::{Code, Error, Result};
@@ -45,6 +45,7 @@ pub struct Settings {
 /// The vault: everything a call needs, shared by all calls.
 pub struct Vault {
     store: Arc<dyn Store>,
+    audit: Arc<AuditLog>,
     keyring: Keyring,
     index: IndexKey,
     policy: Policy,
@@ -160,9 +161,10 @@ pub struct Page {
 }
 
 impl Vault {
-    /// Assembles a vault from its parts.
+    /// Assembles a vault from its parts. `audit` must live in `store`.
     pub fn new(
         store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
         keyring: Keyring,
         index: IndexKey,
         policy: Policy,
@@ -171,12 +173,18 @@ impl Vault {
     ) -> Self {
         Self {
             store,
+            audit,
             keyring,
             index,
             policy,
             clock,
             settings,
         }
+    }
+
+    /// The audit log every call is recorded in.
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
     }
 
     /// The vault's clock reading.
@@ -500,6 +508,10 @@ impl Vault {
                 .iter()
                 .zip(&results)
                 .map(|((n, v), r)| (n.clone(), r.as_ref().map_or(*v, |f| f.version)))
+                .collect();
+            rec.target_codes = results
+                .iter()
+                .map(|r| r.as_ref().map_or_else(|e| e.code().as_i32(), |_| 0))
                 .collect();
             Ok(results)
         };
@@ -834,11 +846,10 @@ impl Vault {
     }
 
     /// Commits a batch together with the call's audit record (outcome OK).
-    fn commit_with_audit(&self, mut batch: Batch, rec: &mut AuditRecord) -> Result<()> {
+    fn commit_with_audit(&self, batch: Batch, rec: &mut AuditRecord) -> Result<()> {
         rec.code = Code::Ok.as_i32();
         rec.time_ms = self.now();
-        audit::stage(&*self.store, &mut batch, rec)?;
-        match self.store.commit(batch) {
+        match self.audit.commit(batch, rec) {
             Ok(()) => Ok(()),
             Err(StoreError::Conflict) => Err(Error::Conflict("concurrent change".into())),
             Err(e) => Err(e.into()),
@@ -850,7 +861,7 @@ impl Vault {
     async fn finish_write<T>(&self, mut rec: AuditRecord, result: Result<T>) -> Result<T> {
         match result {
             Ok(v) => {
-                self.store.sync().await.map_err(|e| {
+                self.audit.synced(&rec).await.map_err(|e| {
                     tracing::error!(error = %e, "write not durable");
                     Error::Unavailable("storage unavailable: write not confirmed durable".into())
                 })?;
@@ -859,7 +870,7 @@ impl Vault {
             Err(e) => {
                 rec.code = e.code().as_i32();
                 log_refusal(&rec, &e);
-                audit::append(&*self.store, rec).await?;
+                self.audit.append(rec).await?;
                 Err(e)
             }
         }
@@ -874,7 +885,7 @@ impl Vault {
                 e.code().as_i32()
             }
         };
-        audit::append(&*self.store, rec).await?;
+        self.audit.append(rec).await?;
         result
     }
 }
@@ -918,7 +929,7 @@ mod tests {
     use crate::store::sled_store::SledStore;
     use crate::unseal::unseal;
     use ward_hsm::memory::InMemoryWrapper;
-    use ward_hsm::KeyWrapper;
+    use ward_hsm::{KeyWrapper, MacSigner};
 
     const POLICY: &str = r#"
         [[rule]]
@@ -943,9 +954,18 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
         let hsm = InMemoryWrapper::new();
         hsm.create_master_key("m").unwrap();
-        let hsm: Arc<dyn KeyWrapper> = Arc::new(hsm);
+        hsm.create_mac_key("ward-audit-1").unwrap();
+        let hsm = Arc::new(hsm);
+        let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let (keyring, index) = unseal(&store, &hsm, "m", clock.now_ms()).await.unwrap();
+        let (keyring, index) = unseal(&store, &wrapper, "m", clock.now_ms()).await.unwrap();
+        let audit = AuditLog::open(
+            store.clone(),
+            clock.clone(),
+            hsm,
+            crate::audit::AuditSettings::default(),
+        )
+        .unwrap();
         let settings = Settings {
             issuer: "ward".into(),
             environments: vec!["dev".into(), "prod".into()],
@@ -956,6 +976,7 @@ mod tests {
         };
         let vault = Vault::new(
             store,
+            audit,
             keyring,
             index,
             Policy::parse(POLICY).unwrap(),
@@ -1082,7 +1103,10 @@ mod tests {
         let records = f.vault.store.scan(Tree::Audit, b"", b"", 100).unwrap();
         let records: Vec<AuditRecord> = records
             .iter()
-            .map(|(_, v)| decode("audit", v).unwrap())
+            .map(|(_, v)| match crate::audit::decode(v).unwrap() {
+                crate::audit::Stored::Chained { record, .. } => *record,
+                crate::audit::Stored::Legacy => panic!("legacy record"),
+            })
             .collect();
         let summary: Vec<_> = records
             .iter()

@@ -27,11 +27,13 @@ pub enum Tree {
     Keyring,
     /// Named singletons (the wrapped index key).
     Meta,
+    /// `name 0x00 version(u64 BE)` → `UsageFact` (last use, derived from the audit log).
+    Usage,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 7] = [
+    pub const ALL: [Tree; 8] = [
         Tree::Secrets,
         Tree::Versions,
         Tree::Requests,
@@ -39,6 +41,7 @@ impl Tree {
         Tree::Audit,
         Tree::Keyring,
         Tree::Meta,
+        Tree::Usage,
     ];
 
     /// The tree's name on disk.
@@ -51,6 +54,7 @@ impl Tree {
             Tree::Audit => "audit",
             Tree::Keyring => "keyring",
             Tree::Meta => "meta",
+            Tree::Usage => "usage",
         }
     }
 
@@ -67,6 +71,7 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 pub struct Batch {
     guards: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)>,
     writes: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)>,
+    generation: Option<u64>,
 }
 
 impl Batch {
@@ -88,6 +93,12 @@ impl Batch {
     /// Removes `key`.
     pub fn remove(&mut self, tree: Tree, key: impl Into<Vec<u8>>) {
         self.writes.push((tree, key.into(), None));
+    }
+
+    /// Applies only if the store is still at [`Store::generation`] `generation` (UNAVAILABLE
+    /// otherwise): a batch prepared from what one generation held must not land in the next.
+    pub fn require_generation(&mut self, generation: u64) {
+        self.generation = Some(generation);
     }
 }
 
@@ -130,6 +141,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError>;
 
+    /// The entry with the greatest key, if the tree is not empty.
+    fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError>;
+
     /// Applies the batch atomically if every guard holds; [`StoreError::Conflict`] otherwise.
     /// Visible at once; durable only after [`Store::sync`].
     fn commit(&self, batch: Batch) -> Result<(), StoreError>;
@@ -138,8 +152,14 @@ pub trait Store: Send + Sync + 'static {
     /// share one fsync (group commit).
     fn sync(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 
-    /// A unique, increasing number (for audit sequence numbers).
+    /// A unique, increasing number.
     fn next_id(&self) -> Result<u64, StoreError>;
+
+    /// Changes whenever the backend had to be reopened after a failure (a full disk, an I/O
+    /// error). Commits made before a change that no [`Store::sync`] confirmed before it are
+    /// lost: a caller that compares the generation of its commit with the one after its sync
+    /// never acknowledges such a write.
+    fn generation(&self) -> u64;
 }
 
 /// Key of a version's sealed value: `name 0x00 version(u64 BE)`. Names never contain 0x00.
