@@ -10,11 +10,13 @@ use tonic::Code;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::transport_causes;
+use crate::proto::audit_client::AuditClient;
 use crate::proto::secrets_client::SecretsClient;
 use crate::proto::{
     batch_fetch_result, BatchFetchSecretsRequest, BatchFetchSecretsResponse, DescribeSecretRequest,
     FetchSecretRequest, FetchSecretResponse, IssueKeyRequest, IssueKeyResponse, ItemError,
     ListSecretsRequest, ListSecretsResponse, PutSecretRequest, PutSecretResponse, SecretMetadata,
+    StreamAuditRequest, StreamAuditResponse, VerifyAuditLogRequest, VerifyAuditLogResponse,
 };
 use crate::retry::{is_retryable, CallKind};
 use crate::{ClientConfig, Error, RetryPolicy, DEFAULT_TIMEOUT};
@@ -37,6 +39,7 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: SecretsClient<Channel>,
+    audit: AuditClient<Channel>,
     timeout: Duration,
     retry: RetryPolicy,
 }
@@ -112,7 +115,9 @@ impl Client {
     /// Wraps an existing channel (e.g. to an in-process server) with default timeout and retries.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            inner: SecretsClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
+            inner: SecretsClient::new(channel.clone())
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            audit: AuditClient::new(channel),
             timeout: DEFAULT_TIMEOUT,
             retry: RetryPolicy::default(),
         }
@@ -134,6 +139,39 @@ impl Client {
     /// (no timeout or retry is added).
     pub fn raw(&self) -> SecretsClient<Channel> {
         self.inner.clone()
+    }
+
+    /// The generated `ward.v1.Audit` client on the same channel (no timeout or retry added).
+    pub fn audit_raw(&self) -> AuditClient<Channel> {
+        self.audit.clone()
+    }
+
+    /// Opens an audit stream (`ward.v1.Audit/StreamAudit`). The timeout and retries apply to
+    /// opening it only; the stream then runs until the server ends it (not following) or the
+    /// caller drops it. To resume after a disconnect, open another with `from_seq` = the last
+    /// `seq` received + 1: every later record arrives exactly once.
+    pub async fn stream_audit(
+        &self,
+        req: StreamAuditRequest,
+    ) -> Result<tonic::Streaming<StreamAuditResponse>, Error> {
+        self.call_on(&self.audit, CallKind::Read, req, |mut c, r| async move {
+            c.stream_audit(r).await
+        })
+        .await
+    }
+
+    /// Verifies the audit log from `from_seq` to `to_seq` (0, 0: all of it). A broken log is a
+    /// successful answer with `ok` false and `first_broken` set.
+    pub async fn verify_audit_log(
+        &self,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<VerifyAuditLogResponse, Error> {
+        let req = VerifyAuditLogRequest { from_seq, to_seq };
+        self.call_on(&self.audit, CallKind::Read, req, |mut c, r| async move {
+            c.verify_audit_log(r).await
+        })
+        .await
     }
 
     /// Stores a new PRIMARY version of a STATIC secret. Retried only if `request_id` is set.
@@ -271,15 +309,27 @@ impl Client {
 
     /// Runs one RPC under the timeout and retry policy. The request is cloned only when another
     /// attempt may follow, so a value in a non-retryable write exists in one copy.
-    async fn call<Req, Resp, F, Fut>(
+    async fn call<Req, Resp, F, Fut>(&self, kind: CallKind, req: Req, rpc: F) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: FnMut(SecretsClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        self.call_on(&self.inner, kind, req, rpc).await
+    }
+
+    /// [`Client::call`] on any of the generated clients sharing the channel.
+    async fn call_on<C, Req, Resp, F, Fut>(
         &self,
+        client: &C,
         kind: CallKind,
         req: Req,
         mut rpc: F,
     ) -> Result<Resp, Error>
     where
+        C: Clone,
         Req: Clone,
-        F: FnMut(SecretsClient<Channel>, tonic::Request<Req>) -> Fut,
+        F: FnMut(C, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let max = if kind.may_repeat() {
@@ -290,9 +340,9 @@ impl Client {
         let mut attempt = 1;
         loop {
             if attempt >= max {
-                return self.attempt(&mut rpc, req).await;
+                return self.attempt(client, &mut rpc, req).await;
             }
-            match self.attempt(&mut rpc, req.clone()).await {
+            match self.attempt(client, &mut rpc, req.clone()).await {
                 Err(e) if is_retryable(kind, &e) => {
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                     attempt += 1;
@@ -308,13 +358,19 @@ impl Client {
     /// an expired `grpc-timeout` with CANCELLED, which would race with the local timer and make
     /// the code (and so the retry decision) depend on timing. Dropping the call on timeout
     /// resets its HTTP/2 stream, which stops the handler on the server all the same.
-    async fn attempt<Req, Resp, F, Fut>(&self, rpc: &mut F, msg: Req) -> Result<Resp, Error>
+    async fn attempt<C, Req, Resp, F, Fut>(
+        &self,
+        client: &C,
+        rpc: &mut F,
+        msg: Req,
+    ) -> Result<Resp, Error>
     where
-        F: FnMut(SecretsClient<Channel>, tonic::Request<Req>) -> Fut,
+        C: Clone,
+        F: FnMut(C, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
         let request = tonic::Request::new(msg);
-        match tokio::time::timeout(self.timeout, rpc(self.inner.clone(), request)).await {
+        match tokio::time::timeout(self.timeout, rpc(client.clone(), request)).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(Error::from(status)),
             Err(_) => Err(Error::Status {

@@ -1,6 +1,7 @@
 //! The tonic service `ward.v1.Secrets`: converts between wire types and the vault's, takes the
 //! caller from the verified connection, and maps errors through `status.rs`. No decisions here.
 
+use crate::audit::UsageFact;
 use crate::clock::to_timestamp;
 use crate::model::{Kind, SecretRecord, VersionState};
 use crate::status::to_status;
@@ -145,7 +146,12 @@ impl Secrets for SecretsService {
             .describe(&peer, &req.into_inner().name)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(metadata(s, true)))
+        // Last-use facts are extra information: without them the description still stands.
+        let usage = self.vault.audit().usage(&s.name).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "usage facts unreadable");
+            Vec::new()
+        });
+        Ok(Response::new(metadata(s, true, &usage)))
     }
 
     async fn list_secrets(
@@ -167,7 +173,7 @@ impl Secrets for SecretsService {
             secrets: page
                 .secrets
                 .into_iter()
-                .map(|s| metadata(s, false))
+                .map(|s| metadata(s, false, &[]))
                 .collect(),
             next_page_token: page.next_page_token,
         }))
@@ -205,7 +211,22 @@ fn state(s: VersionState) -> pb::VersionState {
     }
 }
 
-fn metadata(s: SecretRecord, with_versions: bool) -> pb::SecretMetadata {
+fn metadata(
+    s: SecretRecord,
+    with_versions: bool,
+    usage: &[(u64, UsageFact)],
+) -> pb::SecretMetadata {
+    let used = |version: u64| {
+        usage
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, f)| to_timestamp(f.last_used_ms))
+    };
+    let last_used_time = usage
+        .iter()
+        .map(|(_, f)| f.last_used_ms)
+        .max()
+        .map(to_timestamp);
     let versions = if with_versions {
         s.versions
             .iter()
@@ -216,6 +237,7 @@ fn metadata(s: SecretRecord, with_versions: bool) -> pb::SecretMetadata {
                 checksum: v.checksum,
                 keyring_term: v.term,
                 key_id: v.key_id.clone().unwrap_or_default(),
+                last_used_time: used(v.version),
             })
             .collect()
     } else {
@@ -234,5 +256,6 @@ fn metadata(s: SecretRecord, with_versions: bool) -> pb::SecretMetadata {
         primary_version: s.primary,
         versions,
         created_by: s.created_by,
+        last_used_time,
     }
 }

@@ -73,6 +73,8 @@
 
 mod access;
 mod log;
+#[cfg(test)]
+mod tests;
 mod verify;
 
 pub use access::{code_name, AuditAccess, Outcome, StreamItem, StreamQuery, StreamReader};
@@ -442,7 +444,7 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+mod encoding_tests {
     use super::*;
 
     fn sample() -> AuditRecord {
