@@ -113,7 +113,7 @@ struct TailArgs {
     /// Start at this sequence number (0: the oldest record kept)
     #[arg(long, value_name = "SEQ", conflicts_with = "last")]
     from: Option<u64>,
-    /// Start this many records before the end [default: 10]
+    /// Print the last N records, this call's own included [default: 10]
     #[arg(long, value_name = "N")]
     last: Option<u32>,
     /// Keep printing new records as they happen

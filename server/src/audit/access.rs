@@ -102,7 +102,8 @@ impl Outcome {
 pub struct StreamQuery {
     /// First sequence number wanted (0: see `last`).
     pub from_seq: u64,
-    /// With `from_seq` 0: start this many records before the end (0: at the oldest kept).
+    /// With `from_seq` 0: the last this many records, the call's own record included (0: from
+    /// the oldest kept).
     pub last: u32,
     /// Keep streaming records as they become durable.
     pub follow: bool,
@@ -200,10 +201,8 @@ impl AuditAccess {
         let oldest = self.log.oldest().max(1);
         let next = match (q.from_seq, q.last) {
             (0, 0) => oldest,
-            (0, n) => head
-                .saturating_sub(u64::from(n))
-                .saturating_add(1)
-                .max(oldest),
+            // The last `n` records, this call's own (head + 1) included.
+            (0, n) => (head + 2).saturating_sub(u64::from(n)).max(oldest),
             (from, _) => from,
         };
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
