@@ -101,6 +101,15 @@ softhsm_conf = "softhsm/softhsm2.conf"
 max_value_bytes = 65536
 max_batch = 100
 default_grace_seconds = 86400
+
+# The audit log keeps these defaults unless an [audit] table says otherwise:
+# [audit]
+# checkpoint_every = 10000          # records between HSM-signed checkpoints…
+# checkpoint_interval = "60s"       # …or this long, whichever comes first
+# checkpoint_key_label = "ward-audit-1"
+# retention = "90d"
+# prune_interval = "1h"
+# max_streams = 64
 "#,
             config = config.display(),
             module = module.display(),

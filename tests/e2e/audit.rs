@@ -1037,3 +1037,68 @@ async fn wardctl_and_grpcurl_read_the_log() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_to_a_signed_record_and_tells_a_late_reader() {
+    let mut s = TestServer::start();
+    s.append_config(
+        "[audit]\nretention = \"1s\"\nprune_interval = \"200ms\"\ncheckpoint_interval = \"100ms\"",
+    );
+    s.restart();
+    let mut c = s.raw_client("admin").await;
+    for i in 0..5 {
+        put(&mut c, &format!("old/{i}"), b"v").await;
+    }
+    let client = s.client("admin").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        let v = client.verify_audit_log(0, 0).await.unwrap();
+        if v.oldest_seq > 1 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "nothing pruned: {v:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(v.ok, "a pruned log must still verify: {v:?}");
+    let (records, gaps) = read_stream(
+        &mut s.audit_client("admin").await,
+        stream_req(1, false),
+        usize::MAX,
+    )
+    .await;
+    assert!(gaps[0].pruned && gaps[0].from_seq == 1, "{gaps:?}");
+    assert_eq!(records[0].seq, gaps[0].to_seq + 1);
+    assert!(records
+        .iter()
+        .any(|r| r.kind == pb::AuditRecordKind::Prune as i32 && r.pruned_below_seq > 1));
+    // Secrets are not the log: they stay.
+    assert_value(&mut c, "old/0", 0, b"v").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_the_audit_key_fails_until_init_creates_it() {
+    let mut s = TestServer::start();
+    s.stop();
+    s.append_config("[audit]\ncheckpoint_key_label = \"ward-audit-other\"");
+    let f = s.serve_expect_failure(&s.config_path(), &[]);
+    assert_eq!(f.code, Some(3), "{}", f.stderr);
+    assert!(
+        f.stderr.contains("ward-audit-other") && f.stderr.contains("init"),
+        "{}",
+        f.stderr
+    );
+    let mut init = Command::new(ward_tests::server_bin());
+    init.args(["init", "--config"]).arg(s.config_path());
+    let o = ward_tests::run_tool(init, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout)
+        .contains("created audit checkpoint key \"ward-audit-other\""));
+    s.restart();
+    let v = s
+        .client("admin")
+        .await
+        .verify_audit_log(0, 0)
+        .await
+        .unwrap();
+    assert!(v.ok);
+}
