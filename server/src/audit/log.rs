@@ -9,6 +9,7 @@ use crate::clock::{Clock, Millis};
 use crate::error::{Code, Error, Result};
 use crate::store::{version_key, Batch, Store, StoreError, Tree};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
@@ -17,6 +18,11 @@ use ward_hsm::MacSigner;
 
 /// Records read per storage scan.
 const CHUNK: usize = 512;
+/// Usage facts are rewritten at most this often per secret version: a stale-key report counts
+/// in days, and a hot secret would otherwise cost a second write on every fetch.
+const USAGE_RESOLUTION_MS: u64 = 60_000;
+/// Versions whose last usage write is remembered before the memory is cleared.
+const USAGE_MEMORY: usize = 100_000;
 /// Pause after a failed checkpoint before the next attempt.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(5);
 
@@ -82,6 +88,8 @@ pub struct AuditLog {
     checkpoint_due: Notify,
     /// Lowest sequence number kept (0 while the log is empty).
     oldest: AtomicU64,
+    /// When each version's usage fact was last written by this process.
+    usage_written: Mutex<HashMap<Vec<u8>, Millis>>,
 }
 
 struct Chain {
@@ -124,6 +132,7 @@ impl AuditLog {
             durable,
             checkpoint_due: Notify::new(),
             oldest: AtomicU64::new(oldest),
+            usage_written: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -445,9 +454,9 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Sets the last-use facts of a successful read. Derived data: written beside the record
-    /// (same fsync, no transaction, so no global lock on the fetch path); if it fails the
-    /// record still stands and the fact is one read behind.
+    /// Sets the last-use facts of a successful read, to within [`USAGE_RESOLUTION_MS`].
+    /// Derived data: written beside the record (same fsync, no transaction, so no global lock
+    /// on the fetch path); if it fails the record still stands and the fact lags.
     fn record_usage(&self, rec: &AuditRecord) {
         if !USE_METHODS.contains(&rec.method.as_str()) {
             return;
@@ -456,15 +465,34 @@ impl AuditLog {
             last_used_ms: rec.time_ms,
             seq: rec.seq,
         });
-        let mut seen = std::collections::HashSet::new();
-        for (i, (name, version)) in rec.targets.iter().enumerate() {
-            if rec.target_code(i) != Code::Ok.as_i32() || *version == 0 {
-                continue;
+        let due: Vec<Vec<u8>> = {
+            let mut written = self
+                .usage_written
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if written.len() > USAGE_MEMORY {
+                written.clear();
             }
-            let key = version_key(name, *version);
-            if !seen.insert(key.clone()) {
-                continue;
-            }
+            rec.targets
+                .iter()
+                .enumerate()
+                .filter(|(i, (_, version))| {
+                    rec.target_code(*i) == Code::Ok.as_i32() && *version != 0
+                })
+                .map(|(_, (name, version))| version_key(name, *version))
+                .filter(|key| {
+                    let last = written.get(key).copied();
+                    let due = last.is_none_or(|t| {
+                        rec.time_ms >= t.saturating_add(USAGE_RESOLUTION_MS) || rec.time_ms < t
+                    });
+                    if due {
+                        written.insert(key.clone(), rec.time_ms);
+                    }
+                    due
+                })
+                .collect()
+        };
+        for key in due {
             let mut batch = Batch::new();
             batch.put(Tree::Usage, key, fact.clone());
             if let Err(e) = self.store.commit(batch) {

@@ -558,6 +558,18 @@ async fn successful_reads_leave_usage_facts() {
         .append(call(&fx, "app", "FetchSecret", "other", 7))
         .await
         .unwrap();
+    // Within a minute of the last write a use is not written again; after it, it is.
+    fx.clock.advance(30_000);
+    fx.log
+        .append(call(&fx, "app", "FetchSecret", "db", 0))
+        .await
+        .unwrap();
+    assert_eq!(fx.log.usage("db").unwrap()[0].1.seq, 2);
+    fx.clock.advance(30_000);
+    fx.log
+        .append(call(&fx, "app", "FetchSecret", "db", 0))
+        .await
+        .unwrap();
     let now = fx.clock.now_ms();
     let usage = fx.log.usage("db").unwrap();
     assert_eq!(
@@ -567,13 +579,13 @@ async fn successful_reads_leave_usage_facts() {
                 1,
                 UsageFact {
                     last_used_ms: now,
-                    seq: 2
+                    seq: 6
                 }
             ),
             (
                 2,
                 UsageFact {
-                    last_used_ms: now - 1000,
+                    last_used_ms: now - 61_000,
                     seq: 1
                 }
             ),
