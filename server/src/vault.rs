@@ -860,6 +860,11 @@ impl Vault {
     /// for durability; on failure record the refusal.
     async fn finish_write<T>(&self, mut rec: AuditRecord, result: Result<T>) -> Result<T> {
         match result {
+            // An idempotent replay committed nothing: the call still gets its own record.
+            Ok(v) if rec.seq == 0 => {
+                self.audit.append(rec).await?;
+                Ok(v)
+            }
             Ok(v) => {
                 self.audit.synced(&rec).await.map_err(|e| {
                     tracing::error!(error = %e, "write not durable");
@@ -1124,5 +1129,35 @@ mod tests {
         for (_, v) in f.vault.store.scan(Tree::Audit, b"", b"", 100).unwrap() {
             assert!(!v.windows(18).any(|w| w == b"super-secret-value"));
         }
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_replay_is_audited_too() {
+        let f = fixture().await;
+        let admin = peer("admin");
+        let mut p = put("db", b"v");
+        p.request_id = "once".into();
+        let first = f.vault.put(&admin, p).await.unwrap();
+        let mut p = put("db", b"v");
+        p.request_id = "once".into();
+        let again = f.vault.put(&admin, p).await.unwrap();
+        assert_eq!(first.version, again.version);
+        let records: Vec<AuditRecord> = f
+            .vault
+            .store
+            .scan(Tree::Audit, b"", b"", 100)
+            .unwrap()
+            .iter()
+            .map(|(_, v)| match crate::audit::decode(v).unwrap() {
+                crate::audit::Stored::Chained { record, .. } => *record,
+                crate::audit::Stored::Legacy => panic!("legacy record"),
+            })
+            .collect();
+        let puts: Vec<_> = records
+            .iter()
+            .map(|r| (r.method.as_str(), r.request_id.as_str(), r.targets[0].1))
+            .collect();
+        assert_eq!(puts, [("PutSecret", "once", 1), ("PutSecret", "once", 1)]);
+        assert_eq!(f.vault.audit().durable_head(), 2);
     }
 }
