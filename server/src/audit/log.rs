@@ -516,9 +516,12 @@ fn read_head(store: &dyn Store) -> Result<(u64, [u8; 32], bool)> {
         Ok(Stored::Chained { record, hash, .. }) => {
             Ok((seq, hash, matches!(record.event, Event::Checkpoint(_))))
         }
-        Err(e) => Err(Error::DataLoss(format!(
-            "the audit log's last record ({seq}) does not decode: {e}"
-        ))),
+        // Refusing to start would let anyone who can write the database stop the vault; chain
+        // on instead, and leave it to verification to report the record.
+        Err(e) => {
+            tracing::error!(seq, error = %e, "the audit log's last record does not decode; VerifyAuditLog will report it");
+            Ok((seq, GENESIS, false))
+        }
     }
 }
 

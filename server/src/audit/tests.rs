@@ -636,3 +636,24 @@ async fn the_head_survives_a_restart_and_legacy_records_start_the_chain() {
     );
     assert_eq!(record_at(&fx, 2).prev_hash, GENESIS);
 }
+
+#[tokio::test]
+async fn a_garbled_last_record_is_reported_not_fatal() {
+    let fx = setup(5).await;
+    calls(&fx, 3, 0).await;
+    put_raw(&fx, 3, Some(b"garbage".to_vec()));
+    let log = AuditLog::open(
+        fx.store.clone(),
+        fx.clock.clone(),
+        fx.log.signer().clone(),
+        fx.log.settings().clone(),
+    )
+    .unwrap();
+    log.append(call(&fx, "admin", "FetchSecret", "a", 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        broken(&log.verify(0, 0).await.unwrap()),
+        (3, Problem::Undecodable)
+    );
+}
