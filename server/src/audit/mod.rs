@@ -58,7 +58,8 @@
 //! non-extractable key; the result is appended to the chain as a checkpoint record. Whoever can
 //! write the database but not use the HSM can rewrite and re-chain records, but not produce a
 //! checkpoint over the new hashes, nor remove checkpoints without leaving more than
-//! `3 × every` records unsigned, which verification reports.
+//! `3 × every + 1024` records unsigned, which verification reports (an HSM outage that long
+//! looks the same).
 //!
 //! # Retention
 //!
