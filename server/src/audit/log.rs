@@ -168,7 +168,8 @@ impl AuditLog {
 
     /// Stages `rec` as the next record and commits it with `batch`, atomically, under the
     /// chain lock: either both apply and the head advances, or neither does (a guard did not
-    /// hold: [`StoreError::Conflict`]). Durable only after [`AuditLog::synced`].
+    /// hold: [`StoreError::Conflict`]; `rec.seq` is then 0). Durable only after
+    /// [`AuditLog::synced`].
     pub fn commit(&self, batch: Batch, rec: &mut AuditRecord) -> Result<(), StoreError> {
         let mut chain = self.lock();
         self.refresh(&mut chain)?;
@@ -439,7 +440,11 @@ impl AuditLog {
         let (stored, hash) = rec.encode();
         batch.put(Tree::Audit, record_key(rec.seq).to_vec(), stored);
         batch.require_generation(chain.generation);
-        self.store.commit(batch)?;
+        if let Err(e) = self.store.commit(batch) {
+            // Not in the log: the caller must not take this number for its record.
+            rec.seq = 0;
+            return Err(e);
+        }
         chain.seq = rec.seq;
         chain.hash = hash;
         if matches!(rec.event, Event::Checkpoint(_)) {

@@ -117,6 +117,7 @@ async fn concurrent_appends_and_conflicts_form_one_gapless_chain() {
                     fx.log.commit(b, &mut rec),
                     Err(StoreError::Conflict)
                 ));
+                assert_eq!(rec.seq, 0, "a record that is not in the log has no number");
             }
         }));
     }
