@@ -183,6 +183,8 @@ pub fn banner(dir: &Path, addr: SocketAddr) -> String {
     wardctl get demo/db-password
     wardctl issue demo/api-key --scope read:users
     wardctl ls
+    wardctl audit tail
+    wardctl audit verify
 
   identities: admin (every verb), app (read, verify) — edit {d}/policy.toml to change.
 "#
