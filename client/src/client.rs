@@ -11,6 +11,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::transport_causes;
 use crate::proto::admin_client::AdminClient;
+use crate::proto::audit_client::AuditClient;
 use crate::proto::keys_client::KeysClient;
 use crate::proto::secrets_client::SecretsClient;
 use crate::proto::{
@@ -21,8 +22,9 @@ use crate::proto::{
     ListSecretsResponse, PutSecretRequest, PutSecretResponse, RevokeSecretRequest,
     RevokeSecretResponse, RotateKeyringRequest, RotateKeyringResponse, RotateMasterKeyRequest,
     RotateMasterKeyResponse, RotateSecretRequest, RotateSecretResponse, SecretMetadata,
-    SetVersionStateRequest, SetVersionStateResponse, UpdateKeyPolicyRequest,
-    UpdateKeyPolicyResponse, VerifyKeyRequest, VerifyKeyResponse, WatchEvent, WatchSecretsRequest,
+    SetVersionStateRequest, SetVersionStateResponse, StreamAuditRequest, StreamAuditResponse,
+    UpdateKeyPolicyRequest, UpdateKeyPolicyResponse, VerifyAuditLogRequest, VerifyAuditLogResponse,
+    VerifyKeyRequest, VerifyKeyResponse, WatchEvent, WatchSecretsRequest,
 };
 use crate::retry::{is_retryable, CallKind};
 use crate::{ClientConfig, Error, RetryPolicy, DEFAULT_TIMEOUT};
@@ -48,6 +50,7 @@ pub struct Client {
     inner: SecretsClient<Channel>,
     admin: AdminClient<Channel>,
     keys: KeysClient<Channel>,
+    audit: AuditClient<Channel>,
     timeout: Duration,
     retry: RetryPolicy,
 }
@@ -127,6 +130,7 @@ impl Client {
             inner: SecretsClient::new(channel.clone())
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
             admin: AdminClient::new(channel.clone()),
+            audit: AuditClient::new(channel.clone()),
             keys: KeysClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
             timeout: DEFAULT_TIMEOUT,
             retry: RetryPolicy::default(),
@@ -191,6 +195,25 @@ impl Client {
         .await
     }
 
+    /// The generated `ward.v1.Audit` client on the same channel (no timeout or retry added).
+    pub fn audit_raw(&self) -> AuditClient<Channel> {
+        self.audit.clone()
+    }
+
+    /// Opens an audit stream (`ward.v1.Audit/StreamAudit`). The timeout and retries apply to
+    /// opening it only; the stream then runs until the server ends it (not following) or the
+    /// caller drops it. To resume after a disconnect, open another with `from_seq` = the last
+    /// `seq` received + 1: every later record arrives exactly once.
+    pub async fn stream_audit(
+        &self,
+        req: StreamAuditRequest,
+    ) -> Result<tonic::Streaming<StreamAuditResponse>, Error> {
+        self.call_on(&self.audit, CallKind::Read, req, |mut c, r| async move {
+            c.stream_audit(r).await
+        })
+        .await
+    }
+
     /// Usage counters of an API key (`version` 0: every version).
     pub async fn get_key_usage(
         &self,
@@ -203,6 +226,20 @@ impl Client {
         };
         self.call_on(&self.keys, CallKind::Read, req, |mut c, r| async move {
             c.get_key_usage(r).await
+        })
+        .await
+    }
+
+    /// Verifies the audit log from `from_seq` to `to_seq` (0, 0: all of it). A broken log is a
+    /// successful answer with `ok` false and `first_broken` set.
+    pub async fn verify_audit_log(
+        &self,
+        from_seq: u64,
+        to_seq: u64,
+    ) -> Result<VerifyAuditLogResponse, Error> {
+        let req = VerifyAuditLogRequest { from_seq, to_seq };
+        self.call_on(&self.audit, CallKind::Read, req, |mut c, r| async move {
+            c.verify_audit_log(r).await
         })
         .await
     }

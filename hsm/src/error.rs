@@ -42,6 +42,18 @@ pub enum HsmError {
         /// The master-key label that is taken.
         label: String,
     },
+    /// No audit MAC key with this label exists on the token.
+    #[error("MAC key {label:?} not found on the token")]
+    MacKeyMissing {
+        /// The MAC-key label that was looked for.
+        label: String,
+    },
+    /// A MAC key with this label already exists.
+    #[error("MAC key {label:?} already exists")]
+    MacKeyExists {
+        /// The MAC-key label that is taken.
+        label: String,
+    },
     /// Authentication of a wrapped key failed (wrong key, wrong AAD, or modified blob).
     #[error("integrity check failed: wrapped key does not match its master key or context")]
     Integrity,

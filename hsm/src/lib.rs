@@ -68,3 +68,32 @@ pub trait KeyWrapper: Send + Sync + 'static {
     /// The mechanism new wraps use.
     fn mechanism(&self) -> Mechanism;
 }
+
+/// Authenticates data with HMAC-SHA256 (CKM_SHA256_HMAC) under secret keys that stay inside the
+/// HSM: whoever can read and write the server's database but not use the HSM cannot produce a
+/// tag that verifies. The audit log signs its checkpoints with it.
+///
+/// Calls block, like [`KeyWrapper`]'s; the server makes them from a background task (signing)
+/// and from VerifyAuditLog (checking), never on the fetch path.
+pub trait MacSigner: Send + Sync + 'static {
+    /// Whether a MAC key with this label exists on the token.
+    fn has_mac_key(&self, label: &str) -> Result<bool, HsmError>;
+
+    /// Creates a 256-bit HMAC key: token object, sensitive, never extractable, usable only to
+    /// sign and verify. Fails with [`HsmError::MacKeyExists`] if the label is taken.
+    fn create_mac_key(&self, label: &str) -> Result<(), HsmError>;
+
+    /// The HMAC-SHA256 tag (32 bytes) of `data` under the key `label`
+    /// ([`HsmError::MacKeyMissing`] if there is none).
+    fn mac(&self, label: &str, data: &[u8]) -> Result<Vec<u8>, HsmError>;
+
+    /// Whether `tag` is the HMAC-SHA256 of `data` under the key `label` (checked by the HSM, in
+    /// constant time). A wrong tag is `Ok(false)`, not an error.
+    fn verify_mac(&self, label: &str, data: &[u8], tag: &[u8]) -> Result<bool, HsmError>;
+}
+
+/// Everything the server needs from its HSM: wrapping key material and signing audit
+/// checkpoints.
+pub trait Hsm: KeyWrapper + MacSigner {}
+
+impl<T: KeyWrapper + MacSigner> Hsm for T {}

@@ -1,4 +1,5 @@
-//! An in-process, software-only [`KeyWrapper`] for unit tests of the envelope layer.
+//! An in-process, software-only [`KeyWrapper`] and [`MacSigner`] for unit tests of the envelope
+//! and audit layers.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -9,7 +10,10 @@ use rand::rngs::OsRng;
 use rand::RngCore;
 use zeroize::Zeroizing;
 
-use crate::{HsmError, KeyWrapper, Mechanism};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::{HsmError, KeyWrapper, MacSigner, Mechanism};
 
 /// Blob tag shared with the PKCS#11 AES-GCM format.
 const TAG_GCM: u8 = 0x01;
@@ -26,6 +30,7 @@ const TAG_LEN: usize = 16;
 #[derive(Default)]
 pub struct InMemoryWrapper {
     keys: Mutex<HashMap<String, Zeroizing<[u8; 32]>>>,
+    mac_keys: Mutex<HashMap<String, Zeroizing<[u8; 32]>>>,
 }
 
 impl std::fmt::Debug for InMemoryWrapper {
@@ -118,6 +123,48 @@ impl KeyWrapper for InMemoryWrapper {
     }
 }
 
+impl InMemoryWrapper {
+    fn hmac(&self, label: &str, data: &[u8]) -> Result<Hmac<Sha256>, HsmError> {
+        // The map is only ever inserted into, so a poisoned lock still guards consistent data.
+        let keys = self.mac_keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = keys.get(label).ok_or_else(|| HsmError::MacKeyMissing {
+            label: label.to_owned(),
+        })?;
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_ref())
+            .map_err(|_| HsmError::Unavailable("software HMAC key rejected".into()))?;
+        mac.update(data);
+        Ok(mac)
+    }
+}
+
+impl MacSigner for InMemoryWrapper {
+    fn has_mac_key(&self, label: &str) -> Result<bool, HsmError> {
+        let keys = self.mac_keys.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(keys.contains_key(label))
+    }
+
+    fn create_mac_key(&self, label: &str) -> Result<(), HsmError> {
+        let mut keys = self.mac_keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if keys.contains_key(label) {
+            return Err(HsmError::MacKeyExists {
+                label: label.to_owned(),
+            });
+        }
+        let mut raw = Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(raw.as_mut());
+        keys.insert(label.to_owned(), raw);
+        Ok(())
+    }
+
+    fn mac(&self, label: &str, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+        Ok(self.hmac(label, data)?.finalize().into_bytes().to_vec())
+    }
+
+    fn verify_mac(&self, label: &str, data: &[u8], tag: &[u8]) -> Result<bool, HsmError> {
+        Ok(self.hmac(label, data)?.verify_slice(tag).is_ok())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -160,5 +207,21 @@ mod tests {
             w.unwrap("n", b"aad", &blob),
             Err(HsmError::Integrity)
         ));
+    }
+
+    #[test]
+    fn macs() {
+        let w = InMemoryWrapper::new();
+        assert!(matches!(
+            w.mac("a", b"x"),
+            Err(HsmError::MacKeyMissing { .. })
+        ));
+        w.create_mac_key("a").unwrap();
+        assert!(w.has_mac_key("a").unwrap() && !w.has_master_key("a").unwrap());
+        let tag = w.mac("a", b"x").unwrap();
+        assert_eq!(tag.len(), 32);
+        assert!(w.verify_mac("a", b"x", &tag).unwrap());
+        assert!(!w.verify_mac("a", b"y", &tag).unwrap());
+        assert!(!w.verify_mac("a", b"x", &tag[..31]).unwrap());
     }
 }

@@ -21,9 +21,13 @@
 //! second [`Pkcs11Wrapper::open`] of the same token shares that pool; its PIN is checked
 //! against the one that opened the token without calling C_Login again.
 //!
-//! Concurrency: wraps and unwraps run in parallel, one pooled session each. Creating a master
-//! key, opening a token and initialising one exclude every other call of the process for their
-//! (short) duration, because SoftHSM 2.6 mishandles token-object creation under concurrency.
+//! Concurrency: wraps, unwraps and MACs run in parallel, one pooled session each. Creating a
+//! master or MAC key, opening a token and initialising one exclude every other call of the
+//! process for their (short) duration, because SoftHSM 2.6 mishandles token-object creation
+//! under concurrency.
+//!
+//! Besides master keys the token holds HMAC keys ([`MacSigner`]): CKK_GENERIC_SECRET, 256 bits,
+//! made with CKM_GENERIC_SECRET_KEY_GEN, used with CKM_SHA256_HMAC through C_Sign/C_Verify.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -47,7 +51,7 @@ use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{map_err, module_load, rv_of, Op};
-use crate::{HsmError, KeyWrapper, Mechanism};
+use crate::{HsmError, KeyWrapper, MacSigner, Mechanism};
 
 /// Blob tag of the AES-GCM format.
 const TAG_GCM: u8 = 0x01;
@@ -610,6 +614,88 @@ fn master_key_query(label: &str) -> [Attribute; 3] {
     ]
 }
 
+/// Template of a new audit MAC key (256-bit generic secret for CKM_SHA256_HMAC: token object,
+/// private, sensitive, not extractable, good for signing and verifying only).
+fn mac_key_template(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
+/// The kinds of long-lived key this crate keeps on a token. Their handles share one cache, so
+/// each kind has its own cache key space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    /// AES-256 master key (wraps key material).
+    Master,
+    /// Generic-secret HMAC key (signs audit checkpoints).
+    Mac,
+}
+
+impl KeyKind {
+    fn query(self, label: &str) -> Vec<Attribute> {
+        match self {
+            KeyKind::Master => master_key_query(label).to_vec(),
+            KeyKind::Mac => vec![
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ],
+        }
+    }
+
+    fn template(self, label: &str) -> Vec<Attribute> {
+        match self {
+            KeyKind::Master => master_key_template(label),
+            KeyKind::Mac => mac_key_template(label),
+        }
+    }
+
+    /// Key of the handle cache. Master keys keep their bare label (as before MAC keys existed).
+    fn cache_key(self, label: &str) -> String {
+        match self {
+            KeyKind::Master => label.to_owned(),
+            KeyKind::Mac => format!("\0mac\0{label}"),
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            KeyKind::Master => "master key",
+            KeyKind::Mac => "MAC key",
+        }
+    }
+
+    fn missing(self, label: &str) -> HsmError {
+        let label = label.to_owned();
+        match self {
+            KeyKind::Master => HsmError::MasterKeyMissing { label },
+            KeyKind::Mac => HsmError::MacKeyMissing { label },
+        }
+    }
+
+    fn exists(self, label: &str) -> HsmError {
+        let label = label.to_owned();
+        match self {
+            KeyKind::Master => HsmError::MasterKeyExists { label },
+            KeyKind::Mac => HsmError::MacKeyExists { label },
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The wrapper
 // ---------------------------------------------------------------------------------------------
@@ -772,12 +858,25 @@ impl Pkcs11Wrapper {
         label: &str,
         use_cache: bool,
     ) -> Result<Option<ObjectHandle>, HsmError> {
+        self.lookup_kind(s, KeyKind::Master, label, use_cache)
+    }
+
+    /// Finds the key of `kind` labelled `label`, from the cache or the token. `Ok(None)` if
+    /// absent.
+    fn lookup_kind(
+        &self,
+        s: &mut Pooled<'_>,
+        kind: KeyKind,
+        label: &str,
+        use_cache: bool,
+    ) -> Result<Option<ObjectHandle>, HsmError> {
+        let cache_key = kind.cache_key(label);
         if use_cache {
-            if let Some(h) = self.token.cached(label) {
+            if let Some(h) = self.token.cached(&cache_key) {
                 return Ok(Some(h));
             }
         }
-        let query = master_key_query(label);
+        let query = kind.query(label);
         let mut found = match s.session()?.find_objects(&query) {
             Ok(f) => f,
             Err(e) => return Err(s.fail(e, Op::General)),
@@ -792,15 +891,16 @@ impl Pkcs11Wrapper {
         }
         match found.as_slice() {
             [] => {
-                self.token.forget(label);
+                self.token.forget(&cache_key);
                 Ok(None)
             }
             [h] => {
-                self.token.remember(label, *h);
+                self.token.remember(&cache_key, *h);
                 Ok(Some(*h))
             }
             _ => Err(HsmError::Config(format!(
-                "more than one master key is labelled {label:?}"
+                "more than one {} is labelled {label:?}",
+                kind.noun()
             ))),
         }
     }
@@ -811,15 +911,26 @@ impl Pkcs11Wrapper {
         &self,
         label: &str,
         op: Op,
+        f: impl FnMut(&Session, ObjectHandle) -> Result<T, CkError>,
+    ) -> Result<T, HsmError> {
+        self.with_kind(KeyKind::Master, label, op, f)
+    }
+
+    /// Runs `f` with a pooled session and the handle of the key of `kind` labelled `label`,
+    /// refreshing a stale cached handle once.
+    fn with_kind<T>(
+        &self,
+        kind: KeyKind,
+        label: &str,
+        op: Op,
         mut f: impl FnMut(&Session, ObjectHandle) -> Result<T, CkError>,
     ) -> Result<T, HsmError> {
         check_key_label(label)?;
         let mut s = self.token.acquire()?;
-        let missing = || HsmError::MasterKeyMissing {
-            label: label.to_owned(),
-        };
-        let from_cache = self.token.cached(label).is_some();
-        let handle = self.lookup(&mut s, label, true)?.ok_or_else(missing)?;
+        let from_cache = self.token.cached(&kind.cache_key(label)).is_some();
+        let handle = self
+            .lookup_kind(&mut s, kind, label, true)?
+            .ok_or_else(|| kind.missing(label))?;
         match f(s.session()?, handle) {
             Ok(v) => Ok(v),
             Err(e)
@@ -829,9 +940,11 @@ impl Pkcs11Wrapper {
                         Some(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid)
                     ) =>
             {
-                tracing::debug!(token = %self.token.label, key = label, "stale master-key handle; looking it up again");
-                self.token.forget(label);
-                let handle = self.lookup(&mut s, label, false)?.ok_or_else(missing)?;
+                tracing::debug!(token = %self.token.label, key = label, "stale key handle; looking it up again");
+                self.token.forget(&kind.cache_key(label));
+                let handle = self
+                    .lookup_kind(&mut s, kind, label, false)?
+                    .ok_or_else(|| kind.missing(label))?;
                 let r = f(s.session()?, handle);
                 r.map_err(|e| s.fail(e, op))
             }
@@ -974,43 +1087,89 @@ impl KeyWrapper for Pkcs11Wrapper {
     }
 
     fn create_master_key(&self, label: &str) -> Result<(), HsmError> {
+        self.create_key(KeyKind::Master, label)
+    }
+
+    fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+}
+
+impl Pkcs11Wrapper {
+    /// Generates a token key of `kind` labelled `label`, with every other PKCS#11 call of the
+    /// process excluded (see [`OPS`]), and reads its attributes back.
+    fn create_key(&self, kind: KeyKind, label: &str) -> Result<(), HsmError> {
         check_key_label(label)?;
         let mut s = self.token.acquire_exclusive()?;
-        if self.lookup(&mut s, label, false)?.is_some() {
-            return Err(HsmError::MasterKeyExists {
-                label: label.to_owned(),
-            });
+        if self.lookup_kind(&mut s, kind, label, false)?.is_some() {
+            return Err(kind.exists(label));
         }
-        let generated = s
-            .session()?
-            .generate_key(&CkMechanism::AesKeyGen, &master_key_template(label));
+        let mechanism = match kind {
+            KeyKind::Master => CkMechanism::AesKeyGen,
+            KeyKind::Mac => CkMechanism::GenericSecretKeyGen,
+        };
+        let generated = s.session()?.generate_key(&mechanism, &kind.template(label));
         let handle = generated.map_err(|e| s.fail(e, Op::General))?;
-        // Read the policy back: a key that is not sensitive and non-extractable (or cannot
-        // wrap) must not be used, whatever the token did with the template.
-        let wanted = master_key_template(label);
+        // Read the policy back: a key that is not sensitive and non-extractable (or cannot do
+        // its job) must not be used, whatever the token did with the template.
+        let wanted = kind.template(label);
         let types: Vec<AttributeType> = wanted.iter().map(Attribute::attribute_type).collect();
         let stored = s.session()?.get_attributes(handle, &types);
         let stored = match stored {
             Ok(a) => a,
             Err(e) => return Err(s.fail(e, Op::General)),
         };
+        let noun = kind.noun();
         if let Some(bad) = wanted.iter().find(|w| !stored.contains(w)) {
-            tracing::warn!(token = %self.token.label, key = label, attribute = ?bad.attribute_type(), "new master key lacks a required attribute; destroying it");
+            tracing::warn!(token = %self.token.label, key = label, attribute = ?bad.attribute_type(), "new {noun} lacks a required attribute; destroying it");
             if let Err(e) = s.session()?.destroy_object(handle) {
-                tracing::warn!(token = %self.token.label, key = label, error = %e, "cannot destroy the faulty master key");
+                tracing::warn!(token = %self.token.label, key = label, error = %e, "cannot destroy the faulty {noun}");
             }
             return Err(HsmError::Unavailable(format!(
-                "the token stored master key {label:?} without {:?}; it was destroyed, try again",
+                "the token stored {noun} {label:?} without {:?}; it was destroyed, try again",
                 bad.attribute_type()
             )));
         }
-        self.token.remember(label, handle);
-        tracing::info!(token = %self.token.label, key = label, "master key created");
+        self.token.remember(&kind.cache_key(label), handle);
+        tracing::info!(token = %self.token.label, key = label, "{noun} created");
         Ok(())
     }
+}
 
-    fn mechanism(&self) -> Mechanism {
-        self.mechanism
+impl MacSigner for Pkcs11Wrapper {
+    fn has_mac_key(&self, label: &str) -> Result<bool, HsmError> {
+        check_key_label(label)?;
+        let mut s = self.token.acquire()?;
+        Ok(self
+            .lookup_kind(&mut s, KeyKind::Mac, label, false)?
+            .is_some())
+    }
+
+    fn create_mac_key(&self, label: &str) -> Result<(), HsmError> {
+        self.create_key(KeyKind::Mac, label)
+    }
+
+    fn mac(&self, label: &str, data: &[u8]) -> Result<Vec<u8>, HsmError> {
+        self.with_kind(KeyKind::Mac, label, Op::General, |s, h| {
+            s.sign(&CkMechanism::Sha256Hmac, h, data)
+        })
+    }
+
+    fn verify_mac(&self, label: &str, data: &[u8], tag: &[u8]) -> Result<bool, HsmError> {
+        self.with_kind(KeyKind::Mac, label, Op::General, |s, h| {
+            match s.verify(&CkMechanism::Sha256Hmac, h, data, tag) {
+                Ok(()) => Ok(true),
+                Err(e)
+                    if matches!(
+                        rv_of(&e),
+                        Some(RvError::SignatureInvalid | RvError::SignatureLenRange)
+                    ) =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            }
+        })
     }
 }
 
@@ -1375,6 +1534,67 @@ mod tests {
                 });
             }
         });
+    }
+
+    #[test]
+    fn mac_keys_sign_and_verify_inside_the_token() {
+        let f = fixture();
+        assert!(!f.gcm.has_mac_key("t-mac").unwrap());
+        let err = f.gcm.mac("t-mac", b"data").unwrap_err();
+        assert!(matches!(err, HsmError::MacKeyMissing { ref label } if label == "t-mac"));
+        f.gcm.create_mac_key("t-mac").unwrap();
+        assert!(f.kwp.has_mac_key("t-mac").unwrap());
+        let err = f.kwp.create_mac_key("t-mac").unwrap_err();
+        assert!(matches!(err, HsmError::MacKeyExists { .. }), "{err:?}");
+        // A master key of the same label is a different object.
+        assert!(!f.gcm.has_master_key("t-mac").unwrap());
+
+        let tag = f.gcm.mac("t-mac", b"checkpoint 7").unwrap();
+        assert_eq!(tag.len(), 32);
+        assert_eq!(
+            f.kwp.mac("t-mac", b"checkpoint 7").unwrap(),
+            tag,
+            "HMAC is deterministic"
+        );
+        assert!(f.gcm.verify_mac("t-mac", b"checkpoint 7", &tag).unwrap());
+        assert!(!f.gcm.verify_mac("t-mac", b"checkpoint 8", &tag).unwrap());
+        let mut bad = tag.clone();
+        bad[0] ^= 1;
+        assert!(!f.gcm.verify_mac("t-mac", b"checkpoint 7", &bad).unwrap());
+        assert!(!f
+            .gcm
+            .verify_mac("t-mac", b"checkpoint 7", &tag[..16])
+            .unwrap());
+        // Another key gives another tag.
+        f.gcm.create_mac_key("t-mac-2").unwrap();
+        assert!(!f.gcm.verify_mac("t-mac-2", b"checkpoint 7", &tag).unwrap());
+
+        // The key never leaves the token.
+        let mut s = f.gcm.token.acquire().unwrap();
+        let h = f
+            .gcm
+            .lookup_kind(&mut s, KeyKind::Mac, "t-mac", false)
+            .unwrap()
+            .unwrap();
+        let session = s.session().unwrap();
+        let attrs = session
+            .get_attributes(
+                h,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::NeverExtractable,
+                    AttributeType::Token,
+                    AttributeType::Value,
+                ],
+            )
+            .unwrap();
+        let has = |a: &Attribute| attrs.iter().any(|b| b == a);
+        assert!(has(&Attribute::Sensitive(true)), "{attrs:?}");
+        assert!(has(&Attribute::Extractable(false)), "{attrs:?}");
+        assert!(has(&Attribute::NeverExtractable(true)), "{attrs:?}");
+        assert!(has(&Attribute::Token(true)), "{attrs:?}");
+        assert!(!attrs.iter().any(|a| matches!(a, Attribute::Value(_))));
     }
 
     #[test]

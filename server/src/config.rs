@@ -5,6 +5,7 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use zeroize::Zeroizing;
 
 /// Environment variable that overrides the PIN file.
@@ -48,6 +49,9 @@ pub struct Config {
     /// TEST ONLY: absent in every real deployment. See [`TestingConfig`].
     #[serde(default)]
     pub testing: Option<TestingConfig>,
+    /// Audit log.
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// The plain-HTTP listener serving `/metrics` (Prometheus text) and `/healthz`. It carries no
@@ -181,6 +185,87 @@ impl Default for Limits {
     }
 }
 
+/// Audit log settings (`[audit]`). Durations are strings with a unit: `500ms`, `30s`, `15m`,
+/// `12h`, `90d`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// A checkpoint signed in the HSM after this many records…
+    pub checkpoint_every: u64,
+    /// …or this long after the last one, whichever comes first.
+    #[serde(deserialize_with = "de_duration")]
+    pub checkpoint_interval: Duration,
+    /// Label of the HSM key (HMAC-SHA256, non-extractable) that signs checkpoints.
+    pub checkpoint_key_label: String,
+    /// Records are kept at least this long.
+    #[serde(deserialize_with = "de_duration")]
+    pub retention: Duration,
+    /// How often records older than `retention` are pruned.
+    #[serde(deserialize_with = "de_duration")]
+    pub prune_interval: Duration,
+    /// Most StreamAudit calls open at once.
+    pub max_streams: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        let s = crate::audit::AuditSettings::default();
+        Self {
+            checkpoint_every: s.checkpoint_every,
+            checkpoint_interval: s.checkpoint_interval,
+            checkpoint_key_label: s.key_label,
+            retention: s.retention,
+            prune_interval: s.prune_interval,
+            max_streams: 64,
+        }
+    }
+}
+
+impl AuditConfig {
+    /// The audit log's settings.
+    pub fn settings(&self) -> crate::audit::AuditSettings {
+        crate::audit::AuditSettings {
+            checkpoint_every: self.checkpoint_every,
+            checkpoint_interval: self.checkpoint_interval,
+            key_label: self.checkpoint_key_label.clone(),
+            retention: self.retention,
+            prune_interval: self.prune_interval,
+        }
+    }
+}
+
+/// Parses a duration with a unit: `500ms`, `30s`, `15m`, `12h`, `90d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration {text:?} needs a unit (ms, s, m, h or d)"))?;
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("duration {text:?} must start with a whole number"))?;
+    let ms_per = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "duration {text:?}: unknown unit {unit:?} (ms, s, m, h or d)"
+            ))
+        }
+    };
+    n.checked_mul(ms_per)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration {text:?} is too long"))
+}
+
+fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
 fn default_issuer() -> String {
     "ward".into()
 }
@@ -287,6 +372,29 @@ impl Config {
         if !(10..=3_600_000).contains(&sweep) {
             return Err("lifecycle.sweep_interval_ms must be between 10 and 3600000".into());
         }
+        let a = &self.audit;
+        if a.checkpoint_every == 0 || a.checkpoint_every > 10_000_000 {
+            return Err("audit.checkpoint_every must be between 1 and 10000000".into());
+        }
+        let (short, day) = (Duration::from_millis(100), Duration::from_secs(86_400));
+        if a.checkpoint_interval < short || a.checkpoint_interval > day {
+            return Err("audit.checkpoint_interval must be between 100ms and 1d".into());
+        }
+        if a.prune_interval < short || a.prune_interval > day {
+            return Err("audit.prune_interval must be between 100ms and 1d".into());
+        }
+        if a.retention < Duration::from_secs(1) {
+            return Err("audit.retention must be at least 1s".into());
+        }
+        if a.checkpoint_key_label.is_empty() || a.checkpoint_key_label.len() > 128 {
+            return Err("audit.checkpoint_key_label must be 1 to 128 bytes".into());
+        }
+        if a.checkpoint_key_label == self.hsm.master_key_label {
+            return Err("audit.checkpoint_key_label must differ from hsm.master_key_label".into());
+        }
+        if a.max_streams == 0 || a.max_streams > 10_000 {
+            return Err("audit.max_streams must be between 1 and 10000".into());
+        }
         Ok(())
     }
 
@@ -346,6 +454,9 @@ mod tests {
         assert_eq!(cfg.data_dir, dir.path().join("data"));
         assert_eq!(cfg.limits.max_value_bytes, 65536);
         assert_eq!(cfg.default_environment(), "dev");
+        assert_eq!(cfg.audit.retention, Duration::from_secs(90 * 86_400));
+        assert_eq!(cfg.audit.checkpoint_every, 10_000);
+        assert_eq!(cfg.audit.checkpoint_key_label, "ward-audit-1");
         assert!(cfg.metrics.enabled);
         assert!(cfg.metrics.listen.ip().is_loopback());
         assert_eq!(cfg.keys.unknown_key_burst, 100);
@@ -364,6 +475,41 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let cfg = Config::load(&path).unwrap();
         assert_eq!(cfg.testing.unwrap().clock_file, dir.path().join("clock"));
+    }
+
+    #[test]
+    fn audit_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ward.toml");
+        let text = format!(
+            "{MINIMAL}\n[audit]\ncheckpoint_every = 5\ncheckpoint_interval = \"250ms\"\n\
+             retention = \"30d\"\nprune_interval = \"2h\"\nmax_streams = 3\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        let a = Config::load(&path).unwrap().audit;
+        assert_eq!(a.checkpoint_every, 5);
+        assert_eq!(a.checkpoint_interval, Duration::from_millis(250));
+        assert_eq!(a.retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(a.prune_interval, Duration::from_secs(7200));
+        assert_eq!(a.max_streams, 3);
+        for bad in [
+            "checkpoint_every = 0",
+            "retention = \"90\"",
+            "retention = \"5y\"",
+            "retention = \"500ms\"",
+            "checkpoint_interval = \"10ms\"",
+            "checkpoint_key_label = \"ward-master-1\"",
+            "surprise = true",
+        ] {
+            std::fs::write(&path, format!("{MINIMAL}\n[audit]\n{bad}\n")).unwrap();
+            let err = Config::load(&path).unwrap_err();
+            assert!(err.contains("config"), "{bad}: {err}");
+        }
+        assert_eq!(
+            parse_duration("1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert!(parse_duration("ms").is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use ward_hsm::{HsmError, KeyWrapper, Pkcs11Wrapper};
+use ward_hsm::{Hsm, HsmError, KeyWrapper, MacSigner, Pkcs11Wrapper};
 use zeroize::Zeroizing;
 
 /// Token label of the dev SoftHSM token.
@@ -112,6 +112,14 @@ listen = "127.0.0.1:0"
 unknown_key_burst = 100          # unknown keys a caller may present back to back …
 unknown_keys_per_minute = 600    # … and per minute in the long run (per client IP)
 usage_flush_seconds = 5
+# The audit log keeps these defaults unless an [audit] table says otherwise:
+# [audit]
+# checkpoint_every = 10000          # records between HSM-signed checkpoints…
+# checkpoint_interval = "60s"       # …or this long, whichever comes first
+# checkpoint_key_label = "ward-audit-1"
+# retention = "90d"
+# prune_interval = "1h"
+# max_streams = 64
 "#,
             config = config.display(),
             module = module.display(),
@@ -121,9 +129,9 @@ usage_flush_seconds = 5
     Ok(config)
 }
 
-/// Opens the dev token, creating the token and the master key if they do not exist yet.
-/// Blocking (PKCS#11).
-pub fn prepare_hsm(cfg: &Config) -> Result<Arc<dyn KeyWrapper>, StartError> {
+/// Opens the dev token, creating the token, the master key and the audit checkpoint key if
+/// they do not exist yet. Blocking (PKCS#11).
+pub fn prepare_hsm(cfg: &Config) -> Result<Arc<dyn Hsm>, StartError> {
     let hsm = match crate::server::open_hsm(cfg) {
         Err(StartError::Hsm(_)) if !token_exists(cfg)? => {
             let pin = cfg.pin().map_err(StartError::Config)?;
@@ -138,6 +146,13 @@ pub fn prepare_hsm(cfg: &Config) -> Result<Arc<dyn KeyWrapper>, StartError> {
     match hsm.create_master_key(&cfg.hsm.master_key_label) {
         Ok(()) => tracing::info!(label = %cfg.hsm.master_key_label, "created master key"),
         Err(HsmError::MasterKeyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match hsm.create_mac_key(&cfg.audit.checkpoint_key_label) {
+        Ok(()) => {
+            tracing::info!(label = %cfg.audit.checkpoint_key_label, "created audit checkpoint key")
+        }
+        Err(HsmError::MacKeyExists { .. }) => {}
         Err(e) => return Err(e.into()),
     }
     Ok(Arc::new(hsm))
@@ -180,6 +195,8 @@ pub fn banner(dir: &Path, addr: SocketAddr, metrics: Option<SocketAddr>) -> Stri
     wardctl issue demo/api-key --scope read:users
     wardctl ls
     wardctl keys stale --days 90
+    wardctl audit tail
+    wardctl audit verify
 
   metrics (plain HTTP, no certificate): curl http://{metrics}/metrics
 

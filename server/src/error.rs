@@ -27,6 +27,8 @@ pub enum Code {
     FailedPrecondition = 9,
     /// Compare-and-set conflict.
     Aborted = 10,
+    /// A position past the end (e.g. an audit resume point beyond the last record).
+    OutOfRange = 11,
     /// A bug.
     Internal = 13,
     /// HSM, storage or audit log unavailable: the call failed closed.
@@ -54,6 +56,7 @@ impl Code {
             Self::ResourceExhausted => "RESOURCE_EXHAUSTED",
             Self::FailedPrecondition => "FAILED_PRECONDITION",
             Self::Aborted => "ABORTED",
+            Self::OutOfRange => "OUT_OF_RANGE",
             Self::Internal => "INTERNAL",
             Self::Unavailable => "UNAVAILABLE",
             Self::DataLoss => "DATA_LOSS",
@@ -103,6 +106,9 @@ pub enum Error {
     /// A size or usage limit was hit.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A position past the end of what exists.
+    #[error("{0}")]
+    OutOfRange(String),
     /// HSM, storage or audit log unavailable.
     #[error("{0}")]
     Unavailable(String),
@@ -126,6 +132,7 @@ impl Error {
             Self::PermissionDenied { .. } => Code::PermissionDenied,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::OutOfRange(_) => Code::OutOfRange,
             Self::Unavailable(_) => Code::Unavailable,
             Self::DataLoss(_) => Code::DataLoss,
             Self::Internal(_) => Code::Internal,

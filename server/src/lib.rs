@@ -1,13 +1,15 @@
 //! Ward server: a gRPC secrets vault over mutual TLS. Secrets are envelope-encrypted under a
 //! master key that never leaves a PKCS#11 HSM and kept in an embedded sled database.
 //!
-//! The data path reads top to bottom: transport (`service`, `keys_service`, `extauthz`, `tls`)
-//! → `policy` → domain (`keys` above `vault`, `lifecycle`, `model`, `keypolicy`) → `envelope`
-//! → `store`, with `audit` and `metrics` alongside.
+//! The data path reads top to bottom: transport (`service`, `keys_service`, `extauthz`,
+//! `admin_service`, `audit_service`, `tls`) → `policy` → domain (`keys` above `vault`,
+//! `lifecycle`, `model`, `keypolicy`) → `envelope` → `store`, with `audit` and `metrics`
+//! alongside.
 #![deny(missing_docs)]
 
 pub mod admin_service;
 pub mod audit;
+pub mod audit_service;
 pub mod clock;
 pub mod config;
 pub mod dev;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use ward_hsm::{HsmError, KeyWrapper};
+use ward_hsm::{Hsm, HsmError, KeyWrapper, MacSigner};
 use ward_server::config::Config;
 use ward_server::server::{self, StartError};
 
@@ -36,7 +36,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
     },
-    /// Creates the master key named by the config on its token, if it does not exist yet.
+    /// Creates the master key and the audit checkpoint key named by the config on its token,
+    /// if they do not exist yet.
     Init {
         /// Config file (TOML).
         #[arg(long)]
@@ -95,7 +96,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
         .build()
         .map_err(|e| StartError::Other(format!("runtime: {e}")))?;
     runtime.block_on(async move {
-        let hsm: Arc<dyn KeyWrapper> = match (&cli.command, &dev_dir) {
+        let hsm: Arc<dyn Hsm> = match (&cli.command, &dev_dir) {
             (Command::Dev { .. }, _) => {
                 let cfg = cfg.clone();
                 blocking(move || ward_server::dev::prepare_hsm(&cfg)).await?
@@ -131,6 +132,14 @@ fn init(cfg: &Config) -> Result<(), StartError> {
         Ok(()) => println!("created master key {:?}", cfg.hsm.master_key_label),
         Err(HsmError::MasterKeyExists { .. }) => {
             println!("master key {:?} already exists", cfg.hsm.master_key_label)
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let audit_label = &cfg.audit.checkpoint_key_label;
+    match hsm.create_mac_key(audit_label) {
+        Ok(()) => println!("created audit checkpoint key {audit_label:?}"),
+        Err(HsmError::MacKeyExists { .. }) => {
+            println!("audit checkpoint key {audit_label:?} already exists")
         }
         Err(e) => return Err(e.into()),
     }

@@ -168,6 +168,17 @@ impl Policy {
         })
     }
 
+    /// Whether `identity` holds `verb` on every secret in every environment (a rule granting
+    /// it on `*` without an environment list): what reading the whole audit log takes.
+    pub fn grants_everywhere(&self, identity: &str, verb: Verb) -> bool {
+        self.rules.iter().any(|r| {
+            r.verbs.contains(&verb)
+                && r.environments.is_none()
+                && r.secrets.iter().any(|g| g == "*")
+                && r.identities.iter().any(|g| glob(g, identity))
+        })
+    }
+
     /// Whether `identity` holds `verb` on anything at all.
     pub fn grants_any(&self, identity: &str, verb: Verb) -> bool {
         self.rules
@@ -255,6 +266,8 @@ mod tests {
         assert!(!Policy::default().allows("admin", Verb::Read, "x", None));
         assert!(p.grants_any(app, Verb::Verify));
         assert!(!p.grants_any(app, Verb::List));
+        assert!(p.grants_everywhere("admin", Verb::Audit));
+        assert!(!p.grants_everywhere(app, Verb::Read));
     }
 
     #[test]

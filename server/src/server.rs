@@ -1,9 +1,13 @@
-//! Assembly and serving: opens the store (with the key directory in step), unseals, and serves
-//! `ward.v1.Secrets`, `ward.v1.Keys`, Envoy's ext_authz `Authorization`, gRPC health and server
-//! reflection (v1 and v1alpha; grpcurl 1.8.6 speaks only v1alpha) on one mutual-TLS listener,
-//! and `/metrics` and `/healthz` on a plain-HTTP one, until SIGTERM or SIGINT.
+//! Assembly and serving: opens the store (with the key directory in step), unseals, opens the
+//! audit log (and starts its checkpointing and pruning), and serves `ward.v1.Secrets`,
+//! `ward.v1.Keys`, `ward.v1.Admin`, `ward.v1.Audit`, Envoy's ext_authz `Authorization`, gRPC
+//! health and server reflection (v1 and v1alpha; grpcurl 1.8.6 speaks only v1alpha) on one
+//! mutual-TLS listener, and `/metrics` and `/healthz` on a plain-HTTP one, until SIGTERM or
+//! SIGINT.
 
 use crate::admin_service::AdminService;
+use crate::audit::{AuditAccess, AuditLog};
+use crate::audit_service::AuditService;
 use crate::clock::{Clock, FileOffsetClock, SystemClock};
 use crate::config::Config;
 use crate::extauthz::ExtAuthzService;
@@ -26,9 +30,10 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use ward::v1::admin_server::AdminServer;
+use ward::v1::audit_server::AuditServer;
 use ward::v1::keys_server::KeysServer;
 use ward::v1::secrets_server::SecretsServer;
-use ward_hsm::{HsmError, KeyWrapper, Mechanism, Pkcs11Config, Pkcs11Wrapper};
+use ward_hsm::{Hsm, HsmError, KeyWrapper, MacSigner, Mechanism, Pkcs11Config, Pkcs11Wrapper};
 
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,9 +106,10 @@ pub fn open_hsm(cfg: &Config) -> Result<Pkcs11Wrapper, StartError> {
 /// listeners accept connections.
 pub async fn serve(
     cfg: Config,
-    hsm: Arc<dyn KeyWrapper>,
+    hsm: Arc<dyn Hsm>,
     ready: impl FnOnce(Listening),
 ) -> Result<(), StartError> {
+    let mac: Arc<dyn MacSigner> = hsm.clone();
     let hsm: Arc<dyn KeyWrapper> = Arc::new(MeteredWrapper(hsm));
     // One crypto provider, chosen explicitly (rustls is built without defaults).
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -145,6 +151,20 @@ pub async fn serve(
             )));
         }
     }
+    let audit_label = cfg.audit.checkpoint_key_label.clone();
+    let has_audit_key = {
+        let (mac, audit_label) = (mac.clone(), audit_label.clone());
+        tokio::task::spawn_blocking(move || mac.has_mac_key(&audit_label))
+            .await
+            .map_err(|e| StartError::Other(e.to_string()))??
+    };
+    if !has_audit_key {
+        return Err(StartError::Hsm(format!(
+            "audit checkpoint key {audit_label:?} not found on token {:?}; create it with \
+             `ward-server init --config FILE`",
+            cfg.hsm.token_label
+        )));
+    }
     let sled = match store {
         Some(s) => s,
         None => open_store()?,
@@ -167,13 +187,13 @@ pub async fn serve(
             Arc::new(c)
         }
     };
-    let (keyring, index) =
-        unseal(&store, &hsm, &label, clock.now_ms())
-            .await
-            .map_err(|e| match e {
-                crate::error::Error::Unavailable(m) => StartError::Hsm(m),
-                other => StartError::Storage(other.to_string()),
-            })?;
+    let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
+    let (keyring, index) = unseal(&store, &wrapper, &label, clock.now_ms())
+        .await
+        .map_err(|e| match e {
+            crate::error::Error::Unavailable(m) => StartError::Hsm(m),
+            other => StartError::Storage(other.to_string()),
+        })?;
     tracing::info!(term = keyring.current_term(), master_key = %label, "unsealed");
 
     let settings = Settings {
@@ -184,15 +204,26 @@ pub async fn serve(
         max_batch: cfg.limits.max_batch,
         grace_ms: cfg.limits.default_grace_seconds.saturating_mul(1000),
     };
+    let signer = mac.clone();
+    let audit = AuditLog::open(store.clone(), clock.clone(), signer, cfg.audit.settings())
+        .map_err(|e| StartError::Storage(format!("audit log: {e}")))?;
+    audit.start_background();
+    let access = Arc::new(AuditAccess::new(
+        audit.clone(),
+        policy.clone(),
+        clock.clone(),
+        cfg.audit.max_streams,
+    ));
     let vault = Arc::new(Vault::new(
         store.clone(),
+        audit,
         keyring,
         index,
         policy,
         clock,
         settings,
     ));
-    let admin = AdminServer::new(AdminService::new(vault.clone(), hsm.clone()));
+    let admin = AdminServer::new(AdminService::new(vault.clone(), wrapper.clone()));
     vault
         .usage()
         .load(&*store)
@@ -215,6 +246,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SecretsServer<SecretsService>>().await;
     health.set_serving::<KeysServer<KeysService>>().await;
+    health.set_serving::<AuditServer<AuditService>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ward::FILE_DESCRIPTOR_SET)
@@ -257,6 +289,7 @@ pub async fn serve(
         vault.clone(),
         Duration::from_secs(cfg.keys.usage_flush_seconds),
     ));
+    let audit_server = AuditServer::new(AuditService::new(access));
 
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -279,6 +312,7 @@ pub async fn serve(
         .add_service(admin)
         .add_service(keys_service)
         .add_service(ext_authz)
+        .add_service(audit_server)
         .serve_with_incoming_shutdown(incoming, async {
             shutdown_signal().await;
             // Watch streams never end on their own; end them (clients reconnect elsewhere or

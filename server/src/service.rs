@@ -1,6 +1,7 @@
 //! The tonic service `ward.v1.Secrets`: converts between wire types and the vault's, takes the
 //! caller from the verified connection, and maps errors through `status.rs`. No decisions here.
 
+use crate::audit::UsageFact;
 use crate::clock::{to_timestamp, Millis};
 use crate::keys_service::{policy_input, quota_out, rate_limit_out};
 use crate::lifecycle::input::{LifecycleInput, RawDuration, RawExpiration};
@@ -174,7 +175,12 @@ impl Secrets for SecretsService {
             .await
             .map_err(to_status)?;
         let last_used = self.vault.usage().last_used(&s.name);
-        Ok(Response::new(metadata(s, true, last_used)))
+        // Last-read facts are extra information: without them the description still stands.
+        let usage = self.vault.audit().usage(&s.name).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "usage facts unreadable");
+            Vec::new()
+        });
+        Ok(Response::new(metadata(s, true, last_used, &usage)))
     }
 
     async fn list_secrets(
@@ -200,7 +206,7 @@ impl Secrets for SecretsService {
                 .into_iter()
                 .map(|s| {
                     let last_used = usage.last_used(&s.name);
-                    metadata(s, false, last_used)
+                    metadata(s, false, last_used, &[])
                 })
                 .collect(),
             next_page_token: page.next_page_token,
@@ -398,7 +404,7 @@ fn watch_event(e: WatchEvent) -> pb::WatchEvent {
         state: e.state.map_or(pb::VersionState::Unspecified, state) as i32,
         reason: e.reason,
         time: Some(to_timestamp(e.time_ms)),
-        secret: e.secret.map(|s| metadata(s, true, None)),
+        secret: e.secret.map(|s| metadata(s, true, None, &[])),
     }
 }
 
@@ -435,7 +441,23 @@ fn state(s: VersionState) -> pb::VersionState {
     }
 }
 
-fn metadata(s: SecretRecord, with_versions: bool, last_used: Option<Millis>) -> pb::SecretMetadata {
+fn metadata(
+    s: SecretRecord,
+    with_versions: bool,
+    last_used: Option<Millis>,
+    usage: &[(u64, UsageFact)],
+) -> pb::SecretMetadata {
+    let read = |version: u64| {
+        usage
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, f)| to_timestamp(f.last_used_ms))
+    };
+    let last_read_time = usage
+        .iter()
+        .map(|(_, f)| f.last_used_ms)
+        .max()
+        .map(to_timestamp);
     let versions = if with_versions {
         s.versions
             .iter()
@@ -458,6 +480,7 @@ fn metadata(s: SecretRecord, with_versions: bool, last_used: Option<Millis>) -> 
                     .map(ToString::to_string)
                     .unwrap_or_default(),
                 state_change_time: v.life.changed_ms.map(to_timestamp),
+                last_read_time: read(v.version),
             })
             .collect()
     } else {
@@ -498,5 +521,6 @@ fn metadata(s: SecretRecord, with_versions: bool, last_used: Option<Millis>) -> 
             .map(|r| format!("revoked by {}: {}", r.by, r.reason))
             .unwrap_or_default(),
         revoke_time: s.life.revoked.as_ref().map(|r| r.time_ms).map(to_timestamp),
+        last_read_time,
     }
 }

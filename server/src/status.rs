@@ -27,6 +27,7 @@ pub fn to_code(code: Code) -> tonic::Code {
         Code::ResourceExhausted => tonic::Code::ResourceExhausted,
         Code::FailedPrecondition => tonic::Code::FailedPrecondition,
         Code::Aborted => tonic::Code::Aborted,
+        Code::OutOfRange => tonic::Code::OutOfRange,
         Code::Internal => tonic::Code::Internal,
         Code::Unavailable => tonic::Code::Unavailable,
         Code::DataLoss => tonic::Code::DataLoss,
@@ -67,6 +68,10 @@ mod tests {
                 tonic::Code::ResourceExhausted,
             ),
             (Error::Unavailable("audit".into()), tonic::Code::Unavailable),
+            (
+                Error::OutOfRange("past the end".into()),
+                tonic::Code::OutOfRange,
+            ),
             (Error::DataLoss("tag".into()), tonic::Code::DataLoss),
             (Error::Internal("detail".into()), tonic::Code::Internal),
             (Error::from(HsmError::Integrity), tonic::Code::DataLoss),

@@ -5,7 +5,7 @@ mod admin;
 
 pub use admin::{KeyringInfo, MasterKeyRotation, TermInfo};
 
-use crate::audit::{self, AuditRecord};
+use crate::audit::{AuditLog, AuditRecord};
 use crate::clock::{Clock, Millis};
 use crate::envelope::{IndexKey, Keyring, SealedValue};
 use crate::error::{Code, Error, Result};
@@ -59,6 +59,7 @@ pub struct Settings {
 /// The vault: everything a call needs, shared by all calls.
 pub struct Vault {
     pub(crate) store: Arc<dyn Store>,
+    pub(crate) audit: Arc<AuditLog>,
     /// Swapped whole when a keyring term is added; readers clone the Arc and never wait on a
     /// rotation.
     pub(crate) keyring: RwLock<Arc<Keyring>>,
@@ -206,9 +207,10 @@ pub struct Page {
 }
 
 impl Vault {
-    /// Assembles a vault from its parts.
+    /// Assembles a vault from its parts. `audit` must live in `store`.
     pub fn new(
         store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
         keyring: Keyring,
         index: IndexKey,
         policy: Policy,
@@ -217,6 +219,7 @@ impl Vault {
     ) -> Self {
         Self {
             store,
+            audit,
             keyring: RwLock::new(Arc::new(keyring)),
             admin_lock: tokio::sync::Mutex::new(()),
             index,
@@ -262,6 +265,11 @@ impl Vault {
     /// the sweeper (at shutdown).
     pub fn watch_hub(&self) -> &WatchHub {
         &self.watch
+    }
+
+    /// The audit log every call is recorded in.
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
     }
 
     /// The vault's clock reading.
@@ -631,6 +639,10 @@ impl Vault {
                 .iter()
                 .zip(&results)
                 .map(|((n, v), r)| (n.clone(), r.as_ref().map_or(*v, |f| f.version)))
+                .collect();
+            rec.target_codes = results
+                .iter()
+                .map(|r| r.as_ref().map_or_else(|e| e.code().as_i32(), |_| 0))
                 .collect();
             Ok(results)
         };
@@ -1085,11 +1097,10 @@ impl Vault {
     }
 
     /// Commits a batch together with the call's audit record (outcome OK).
-    pub(crate) fn commit_with_audit(&self, mut batch: Batch, rec: &mut AuditRecord) -> Result<()> {
+    pub(crate) fn commit_with_audit(&self, batch: Batch, rec: &mut AuditRecord) -> Result<()> {
         rec.code = Code::Ok.as_i32();
         rec.time_ms = self.now();
-        audit::stage(&*self.store, &mut batch, rec)?;
-        match self.store.commit(batch) {
+        match self.audit.commit(batch, rec) {
             Ok(()) => Ok(()),
             Err(StoreError::Conflict) => Err(Error::Conflict("concurrent change".into())),
             Err(e) => Err(e.into()),
@@ -1104,8 +1115,13 @@ impl Vault {
         result: Result<T>,
     ) -> Result<T> {
         match result {
+            // An idempotent replay committed nothing: the call still gets its own record.
+            Ok(v) if rec.seq == 0 => {
+                self.audit.append(rec).await?;
+                Ok(v)
+            }
             Ok(v) => {
-                self.store.sync().await.map_err(|e| {
+                self.audit.synced(&rec).await.map_err(|e| {
                     tracing::error!(error = %e, "write not durable");
                     Error::Unavailable("storage unavailable: write not confirmed durable".into())
                 })?;
@@ -1114,7 +1130,7 @@ impl Vault {
             Err(e) => {
                 rec.code = e.code().as_i32();
                 log_refusal(&rec, &e);
-                audit::append(&*self.store, rec).await?;
+                self.audit.append(rec).await?;
                 Err(e)
             }
         }
@@ -1133,7 +1149,7 @@ impl Vault {
                 e.code().as_i32()
             }
         };
-        audit::append(&*self.store, rec).await?;
+        self.audit.append(rec).await?;
         result
     }
 }
@@ -1205,7 +1221,7 @@ mod tests {
     use crate::store::sled_store::SledStore;
     use crate::unseal::unseal;
     use ward_hsm::memory::InMemoryWrapper;
-    use ward_hsm::KeyWrapper;
+    use ward_hsm::{KeyWrapper, MacSigner};
 
     const POLICY: &str = r#"
         [[rule]]
@@ -1230,9 +1246,18 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
         let hsm = InMemoryWrapper::new();
         hsm.create_master_key("m").unwrap();
-        let hsm: Arc<dyn KeyWrapper> = Arc::new(hsm);
+        hsm.create_mac_key("ward-audit-1").unwrap();
+        let hsm = Arc::new(hsm);
+        let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let (keyring, index) = unseal(&store, &hsm, "m", clock.now_ms()).await.unwrap();
+        let (keyring, index) = unseal(&store, &wrapper, "m", clock.now_ms()).await.unwrap();
+        let audit = AuditLog::open(
+            store.clone(),
+            clock.clone(),
+            hsm,
+            crate::audit::AuditSettings::default(),
+        )
+        .unwrap();
         let settings = Settings {
             issuer: "ward".into(),
             environments: vec!["dev".into(), "prod".into()],
@@ -1243,6 +1268,7 @@ mod tests {
         };
         let vault = Vault::new(
             store,
+            audit,
             keyring,
             index,
             Policy::parse(POLICY).unwrap(),
@@ -1371,7 +1397,10 @@ mod tests {
         let records = f.vault.store.scan(Tree::Audit, b"", b"", 100).unwrap();
         let records: Vec<AuditRecord> = records
             .iter()
-            .map(|(_, v)| decode("audit", v).unwrap())
+            .map(|(_, v)| match crate::audit::decode(v).unwrap() {
+                crate::audit::Stored::Chained { record, .. } => *record,
+                crate::audit::Stored::Legacy => panic!("legacy record"),
+            })
             .collect();
         let summary: Vec<_> = records
             .iter()
@@ -1389,5 +1418,35 @@ mod tests {
         for (_, v) in f.vault.store.scan(Tree::Audit, b"", b"", 100).unwrap() {
             assert!(!v.windows(18).any(|w| w == b"super-secret-value"));
         }
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_replay_is_audited_too() {
+        let f = fixture().await;
+        let admin = peer("admin");
+        let mut p = put("db", b"v");
+        p.request_id = "once".into();
+        let first = f.vault.put(&admin, p).await.unwrap();
+        let mut p = put("db", b"v");
+        p.request_id = "once".into();
+        let again = f.vault.put(&admin, p).await.unwrap();
+        assert_eq!(first.version, again.version);
+        let records: Vec<AuditRecord> = f
+            .vault
+            .store
+            .scan(Tree::Audit, b"", b"", 100)
+            .unwrap()
+            .iter()
+            .map(|(_, v)| match crate::audit::decode(v).unwrap() {
+                crate::audit::Stored::Chained { record, .. } => *record,
+                crate::audit::Stored::Legacy => panic!("legacy record"),
+            })
+            .collect();
+        let puts: Vec<_> = records
+            .iter()
+            .map(|r| (r.method.as_str(), r.request_id.as_str(), r.targets[0].1))
+            .collect();
+        assert_eq!(puts, [("PutSecret", "once", 1), ("PutSecret", "once", 1)]);
+        assert_eq!(f.vault.audit().durable_head(), 2);
     }
 }

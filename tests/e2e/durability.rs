@@ -90,7 +90,14 @@ async fn restart_reuses_token_keyring_and_data() {
         fetch(&mut c, "keep/key", 0).await.unwrap().value,
         key.api_key.as_bytes()
     );
-    let meta_after = describe(&mut c, "keep/a").await.unwrap();
+    let mut meta_after = describe(&mut c, "keep/a").await.unwrap();
+    // The fetches above are new uses; everything else about the versions is as it was.
+    for v in &mut meta_after.versions {
+        assert!(
+            v.last_read_time.take().is_some(),
+            "fetch not recorded as a use"
+        );
+    }
     assert_eq!(
         meta_after.versions, meta_before.versions,
         "version metadata changed"

@@ -6,6 +6,7 @@
 // Tests state their expectations with unwrap/expect and a message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod authz;
 mod disk;
 mod durability;

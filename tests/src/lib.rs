@@ -31,6 +31,9 @@ pub type KeysClient = pb::keys_client::KeysClient<Channel>;
 pub type AuthzClient =
     envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient<Channel>;
 
+/// The generated `ward.v1.Audit` client over an mTLS channel.
+pub type AuditClient = pb::audit_client::AuditClient<Channel>;
+
 /// How long a server may take from spawn to its ready line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a server may take to exit after SIGTERM.
@@ -726,6 +729,30 @@ impl TestServer {
     ) -> Result<RawClient, tonic::transport::Error> {
         let channel = self.channel_with(files).await?;
         Ok(pb::secrets_client::SecretsClient::new(channel))
+    }
+
+    /// The generated `ward.v1.Audit` client connected as `identity`.
+    pub async fn audit_client(&self, identity: &str) -> AuditClient {
+        pb::audit_client::AuditClient::new(self.channel(identity).await)
+    }
+
+    /// Appends `text` (e.g. an `[audit]` table) to DIR/ward.toml; it takes effect at the next
+    /// [`restart`](Self::restart).
+    pub fn append_config(&self, text: &str) {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.config_path())
+            .unwrap();
+        writeln!(f, "\n{text}").unwrap();
+    }
+
+    /// Whether the server process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.proc.as_mut() {
+            Some(p) => p.child.try_wait().unwrap().is_none(),
+            None => false,
+        }
     }
 
     /// An mTLS channel as `identity`, for the other services on the port (health, reflection).

@@ -15,11 +15,12 @@ use zeroize::{Zeroize, Zeroizing};
 use ward_client::cli::ConnArgs;
 use ward_client::proto::{
     batch_fetch_result, issue_key_request, put_secret_request, rotate_secret_request,
-    BatchFetchResult, DestroyVersionRequest, FetchSecretResponse, GetKeyUsageResponse, HeldSecret,
-    HeldVersion, IssueKeyRequest, KeyPolicy, ListSecretsRequest, PutSecretRequest, Quota,
-    RateLimit, RevokeSecretRequest, RotateSecretRequest, SecretKind, SecretMetadata,
-    SetVersionStateRequest, UpdateKeyPolicyRequest, VerifyKeyRequest, VerifyKeyResponse,
-    VerifyResult, VersionState, WatchEvent, WatchEventType, WatchSecretsRequest,
+    stream_audit_response, AuditProblem, AuditRecord, AuditRecordKind, BatchFetchResult,
+    DestroyVersionRequest, FetchSecretResponse, GetKeyUsageResponse, HeldSecret, HeldVersion,
+    IssueKeyRequest, KeyPolicy, ListSecretsRequest, PutSecretRequest, Quota, RateLimit,
+    RevokeSecretRequest, RotateSecretRequest, SecretKind, SecretMetadata, SetVersionStateRequest,
+    StreamAuditRequest, UpdateKeyPolicyRequest, VerifyAuditLogResponse, VerifyKeyRequest,
+    VerifyKeyResponse, VerifyResult, VersionState, WatchEvent, WatchEventType, WatchSecretsRequest,
 };
 use ward_client::{code_name, parse_duration, Client, Code, Error};
 
@@ -128,6 +129,9 @@ enum Command {
     /// compact JSON object per line). Runs until interrupted or the server ends the stream
     /// (exit 1); with --once, exits after SYNCED.
     Watch(WatchArgs),
+    /// Read and verify the audit log
+    #[command(subcommand)]
+    Audit(AuditCommand),
 }
 
 /// `wardctl admin …`
@@ -425,6 +429,61 @@ struct WatchArgs {
     /// Exit after SYNCED instead of streaming live changes
     #[arg(long)]
     once: bool,
+}
+
+/// The `audit` subcommands.
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Print audit records, one line each
+    ///
+    /// Prints the last 10 records (or --last N, or from --from SEQ on) and, with --follow, new
+    /// ones as they happen until interrupted. Each line: seq, time, identity, peer, method,
+    /// targets (`name@version`, with `:CODE` when an item's outcome differs from the call's),
+    /// outcome, then `request_id=` and `key_id=` when set; checkpoint and prune records show
+    /// what they cover. Records that retention deleted before they were read are reported on
+    /// stderr. With --json: one JSON object per line (`{"gap": ...}` for such a gap).
+    Tail(TailArgs),
+    /// Verify the audit log's hash chain and HSM-signed checkpoints
+    ///
+    /// Prints `ok: ...` or `BROKEN at record N (PROBLEM): why`, and exits 1 when broken.
+    Verify(AuditVerifyArgs),
+}
+
+/// Arguments of `audit tail`.
+#[derive(Debug, Args)]
+struct TailArgs {
+    /// Start at this sequence number (0: the oldest record kept)
+    #[arg(long, value_name = "SEQ", conflicts_with = "last")]
+    from: Option<u64>,
+    /// Print the last N records, this call's own included [default: 10]
+    #[arg(long, value_name = "N")]
+    last: Option<u32>,
+    /// Keep printing new records as they happen
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Only callers whose identity matches this glob
+    #[arg(long, value_name = "GLOB")]
+    identity: Option<String>,
+    /// Only records touching a secret whose name starts with this
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// Only this method, e.g. FetchSecret
+    #[arg(long, value_name = "METHOD")]
+    method: Option<String>,
+    /// Only these outcomes: OK, ERROR or a code name such as PERMISSION_DENIED
+    #[arg(long, value_name = "OUTCOME")]
+    outcome: Option<String>,
+}
+
+/// Arguments of `audit verify`.
+#[derive(Debug, Args)]
+struct AuditVerifyArgs {
+    /// First record to check (default: the oldest kept)
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    from: u64,
+    /// Last record to check (default: the newest)
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    to: u64,
 }
 
 /// Metadata flags shared by `put` and `issue`.
@@ -952,6 +1011,216 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }))
             }
         }
+        Command::Audit(AuditCommand::Tail(args)) => {
+            let (from_seq, last) = match args.from {
+                Some(from) => (from, 0),
+                None => (0, args.last.unwrap_or(10)),
+            };
+            let req = StreamAuditRequest {
+                from_seq,
+                follow: args.follow,
+                last,
+                identity: args.identity.unwrap_or_default(),
+                name_prefix: args.prefix.unwrap_or_default(),
+                method: args.method.unwrap_or_default(),
+                outcome: args.outcome.unwrap_or_default(),
+            };
+            let client = Client::connect(cfg).await?;
+            let mut stream = client.stream_audit(req).await?;
+            while let Some(msg) = stream.message().await.map_err(Error::from)? {
+                print_audit_item(msg.item, json)?;
+            }
+            Ok(())
+        }
+        Command::Audit(AuditCommand::Verify(args)) => {
+            let client = Client::connect(cfg).await?;
+            let v = client.verify_audit_log(args.from, args.to).await?;
+            if json {
+                print_json(&verification_json(&v))?;
+            } else {
+                print_verification(&v)?;
+            }
+            if v.ok {
+                Ok(())
+            } else {
+                Err(Failure::Reported)
+            }
+        }
+    }
+}
+
+/// Prints one stream item: a record line on stdout, or a gap (stderr; a JSON line with --json).
+fn print_audit_item(item: Option<stream_audit_response::Item>, json: bool) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    match item {
+        Some(stream_audit_response::Item::Record(r)) if json => {
+            writeln!(out, "{}", audit_record_json(&r))?
+        }
+        Some(stream_audit_response::Item::Record(r)) => writeln!(out, "{}", audit_line(&r))?,
+        Some(stream_audit_response::Item::Gap(g)) if json => writeln!(
+            out,
+            "{}",
+            json!({"gap": {"from_seq": g.from_seq, "to_seq": g.to_seq, "pruned": g.pruned}})
+        )?,
+        Some(stream_audit_response::Item::Gap(g)) => {
+            let why = if g.pruned {
+                "were deleted by retention before they were read"
+            } else {
+                "are missing or unreadable (run `wardctl audit verify`)"
+            };
+            eprintln!("warning: records {}..{} {why}", g.from_seq, g.to_seq);
+        }
+        None => {}
+    }
+    // Followers read this live: one line at a time.
+    out.flush()?;
+    Ok(())
+}
+
+/// The one-line form of an audit record.
+fn audit_line(r: &AuditRecord) -> String {
+    let mut cols = vec![
+        r.seq.to_string(),
+        timestamp_text(r.time.as_ref()),
+        or_dash(&r.identity),
+        or_dash(&r.peer),
+        r.method.clone(),
+    ];
+    match AuditRecordKind::try_from(r.kind) {
+        Ok(AuditRecordKind::Checkpoint) => cols.push(format!("covers={}", r.checkpoint_covers_seq)),
+        Ok(AuditRecordKind::Prune) => cols.push(format!("below={}", r.pruned_below_seq)),
+        _ => {
+            let targets: Vec<String> = r
+                .targets
+                .iter()
+                .map(|t| {
+                    let mut s = format!("{}@{}", t.name, t.version);
+                    if t.code != r.code {
+                        s.push(':');
+                        s.push_str(code_name(Code::from_i32(t.code)));
+                    }
+                    s
+                })
+                .collect();
+            cols.push(or_dash(&targets.join(",")));
+        }
+    }
+    cols.push(r.code_name.clone());
+    if !r.request_id.is_empty() {
+        cols.push(format!("request_id={}", r.request_id));
+    }
+    if !r.key_id.is_empty() {
+        cols.push(format!("key_id={}", r.key_id));
+    }
+    one_line(&cols.join(" "))
+}
+
+/// The JSON form of an audit record.
+fn audit_record_json(r: &AuditRecord) -> Value {
+    let kind = AuditRecordKind::try_from(r.kind)
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("AUDIT_RECORD_KIND_")
+                .to_owned()
+        })
+        .unwrap_or_else(|_| format!("UNKNOWN({})", r.kind));
+    let targets: Vec<Value> = r
+        .targets
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "version": t.version,
+                "code": code_name(Code::from_i32(t.code)),
+            })
+        })
+        .collect();
+    json!({
+        "seq": r.seq,
+        "time": timestamp_json(r.time.as_ref()),
+        "kind": kind,
+        "identity": r.identity,
+        "peer": r.peer,
+        "method": r.method,
+        "targets": targets,
+        "code": r.code_name,
+        "request_id": r.request_id,
+        "key_id": r.key_id,
+        "prev_hash": hex(&r.prev_hash),
+        "hash": hex(&r.hash),
+        "checkpoint_covers_seq": r.checkpoint_covers_seq,
+        "pruned_below_seq": r.pruned_below_seq,
+    })
+}
+
+/// The JSON form of a verification.
+fn verification_json(v: &VerifyAuditLogResponse) -> Value {
+    json!({
+        "ok": v.ok,
+        "from_seq": v.from_seq,
+        "to_seq": v.to_seq,
+        "records_checked": v.records_checked,
+        "checkpoints_verified": v.checkpoints_verified,
+        "signed_through_seq": v.signed_through_seq,
+        "oldest_seq": v.oldest_seq,
+        "head_seq": v.head_seq,
+        "legacy_records": v.legacy_records,
+        "first_broken": v.first_broken.as_ref().map(|b| json!({
+            "seq": b.seq,
+            "problem": problem_name(b.problem),
+            "reason": b.reason,
+        })),
+    })
+}
+
+/// Prints the human form of a verification.
+fn print_verification(v: &VerifyAuditLogResponse) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    match &v.first_broken {
+        None => writeln!(
+            out,
+            "ok: records {}..{} ({} chained, {} checkpoints verified, signed through {}); oldest {}, head {}",
+            v.from_seq,
+            v.to_seq,
+            v.records_checked,
+            v.checkpoints_verified,
+            v.signed_through_seq,
+            v.oldest_seq,
+            v.head_seq
+        )?,
+        Some(b) => writeln!(
+            out,
+            "BROKEN at record {} ({}): {}",
+            b.seq,
+            problem_name(b.problem),
+            one_line(&b.reason)
+        )?,
+    }
+    Ok(())
+}
+
+/// An audit problem without its `AUDIT_PROBLEM_` prefix, e.g. `ALTERED`.
+fn problem_name(p: i32) -> String {
+    match AuditProblem::try_from(p) {
+        Ok(p) => p
+            .as_str_name()
+            .trim_start_matches("AUDIT_PROBLEM_")
+            .to_owned(),
+        Err(_) => format!("UNKNOWN({p})"),
+    }
+}
+
+/// Lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The text itself, or "-" when empty.
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.to_owned()
     }
 }
 
@@ -1879,6 +2148,7 @@ fn metadata_json(m: &SecretMetadata) -> Value {
                 "expire_time": timestamp_json(v.expire_time.as_ref()),
                 "state_reason": v.state_reason,
                 "state_change_time": timestamp_json(v.state_change_time.as_ref()),
+                "last_read_time": timestamp_json(v.last_read_time.as_ref()),
             })
         })
         .collect();
@@ -1915,6 +2185,7 @@ fn metadata_json(m: &SecretMetadata) -> Value {
         "revoked": m.revoked,
         "revoke_reason": m.revoke_reason,
         "revoke_time": timestamp_json(m.revoke_time.as_ref()),
+        "last_read_time": timestamp_json(m.last_read_time.as_ref()),
     })
 }
 
@@ -1982,13 +2253,6 @@ fn print_batch(results: &[BatchFetchResult], json: bool) -> Result<usize, Failur
 fn print_describe(m: &SecretMetadata) -> Result<(), Failure> {
     let mut labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     labels.sort();
-    let or_dash = |s: &str| {
-        if s.is_empty() {
-            "-".to_owned()
-        } else {
-            s.to_owned()
-        }
-    };
     let mut fields = vec![
         ("name", m.name.clone()),
         ("kind", kind_name(m.kind)),
@@ -2019,6 +2283,7 @@ fn print_describe(m: &SecretMetadata) -> Result<(), Failure> {
     }
     fields.push(("created", timestamp_text(m.create_time.as_ref())));
     fields.push(("updated", timestamp_text(m.update_time.as_ref())));
+    fields.push(("last read", timestamp_text(m.last_read_time.as_ref())));
     fields.push(("primary", m.primary_version.to_string()));
     if let Some(d) = &m.rotation_period {
         let due = if m.rotation_due { " (DUE)" } else { "" };
@@ -2061,6 +2326,7 @@ fn print_describe(m: &SecretMetadata) -> Result<(), Failure> {
         "TERM".to_owned(),
         "KEY ID".to_owned(),
         "NOTE".to_owned(),
+        "LAST READ".to_owned(),
     ]];
     rows.extend(m.versions.iter().map(|v| {
         let mut note = Vec::new();
@@ -2081,6 +2347,7 @@ fn print_describe(m: &SecretMetadata) -> Result<(), Failure> {
             v.keyring_term.to_string(),
             or_dash(&v.key_id),
             note.join("; "),
+            timestamp_text(v.last_read_time.as_ref()),
         ]
     }));
     write_table(&mut out, &rows)
@@ -2183,6 +2450,40 @@ mod tests {
     }
 
     #[test]
+    fn audit_lines() {
+        let r = AuditRecord {
+            seq: 12,
+            identity: "admin".into(),
+            peer: "127.0.0.1:5000".into(),
+            method: "BatchFetchSecrets".into(),
+            kind: AuditRecordKind::Call as i32,
+            targets: vec![
+                ward_client::proto::AuditTarget {
+                    name: "db".into(),
+                    version: 3,
+                    code: 0,
+                },
+                ward_client::proto::AuditTarget {
+                    name: "gone".into(),
+                    version: 0,
+                    code: 5,
+                },
+            ],
+            code: 0,
+            code_name: "OK".into(),
+            request_id: "r1".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            audit_line(&r),
+            "12 - admin 127.0.0.1:5000 BatchFetchSecrets db@3,gone@0:NOT_FOUND OK request_id=r1"
+        );
+        let j = audit_record_json(&r);
+        assert_eq!(j["kind"], "CALL");
+        assert_eq!(j["targets"][1]["code"], "NOT_FOUND");
+    }
+
+    #[test]
     fn table_alignment() {
         let rows = vec![
             ["a".to_owned(), "bb".to_owned(), "c".to_owned()],
@@ -2233,6 +2534,34 @@ mod tests {
         assert_eq!(b.items, vec![("a".into(), 0), ("b".into(), 2)]);
 
         assert!(Cli::try_parse_from(["wardctl", "batch-get"]).is_err());
+
+        let cli = Cli::try_parse_from([
+            "wardctl",
+            "audit",
+            "tail",
+            "-f",
+            "--from",
+            "7",
+            "--outcome",
+            "ERROR",
+        ])
+        .unwrap();
+        let Command::Audit(AuditCommand::Tail(t)) = cli.command else {
+            panic!("not audit tail")
+        };
+        assert_eq!(
+            (t.from, t.follow, t.outcome.as_deref()),
+            (Some(7), true, Some("ERROR"))
+        );
+        assert!(
+            Cli::try_parse_from(["wardctl", "audit", "tail", "--from", "1", "--last", "2"])
+                .is_err()
+        );
+        let cli = Cli::try_parse_from(["wardctl", "audit", "verify", "--to", "9"]).unwrap();
+        let Command::Audit(AuditCommand::Verify(v)) = cli.command else {
+            panic!("not audit verify")
+        };
+        assert_eq!((v.from, v.to), (0, 9));
         assert!(Cli::try_parse_from(["wardctl", "put", "a", "--value", "x"]).is_err());
     }
 

@@ -252,4 +252,12 @@ impl Store for DirectoryStore {
     fn next_id(&self) -> Result<u64, StoreError> {
         self.inner.next_id()
     }
+
+    fn last(&self, tree: Tree) -> Result<Option<crate::store::Entry>, StoreError> {
+        self.inner.last(tree)
+    }
+
+    fn generation(&self) -> u64 {
+        self.inner.generation()
+    }
 }

@@ -18,7 +18,7 @@ pub mod gcra;
 pub mod quota;
 pub mod usage;
 
-use crate::audit::{self, AuditRecord};
+use crate::audit::AuditRecord;
 use crate::clock::Millis;
 use crate::error::{Code, Error, Result};
 use crate::keypolicy::{parse_client_ip, RateLimit};
@@ -262,9 +262,7 @@ impl Keys {
         match &outcome {
             Ok(v) => {
                 rec.key_id = v.key_id.clone();
-                if rec.detail.is_empty() {
-                    rec.detail = v.result.name().to_owned();
-                }
+                tracing::debug!(method, identity = %peer.identity, result = v.result.name(), "verified");
                 m.count_verification(v.result);
                 if v.result == VerifyResult::NotFound {
                     m.count_unknown_key(&peer.identity);
@@ -275,7 +273,7 @@ impl Keys {
                 tracing::info!(method, identity = %peer.identity, code = %e.code(), error = %e, "call refused");
             }
         }
-        audit::append(&**self.vault.store(), rec).await?;
+        self.vault.audit().append(rec).await?;
         outcome
     }
 
@@ -330,7 +328,7 @@ impl Keys {
             self.guard
                 .peek(&guard_key, self.settings.unknown_key_limit, 1, now)
         {
-            rec.detail = "RATE_LIMITED (too many unknown keys)".into();
+            tracing::info!(identity = %rec.identity, "verification refused: too many unknown keys");
             metrics::global().count_lockout();
             let mut v = Verdict::bare(VerifyResult::RateLimited, key_id);
             v.retry_after_ms = retry_after_ms;
@@ -350,7 +348,8 @@ impl Keys {
             this.guard
                 .check(&guard_key, this.settings.unknown_key_limit, 1, now);
             if !why.is_empty() {
-                rec.detail = format!("NOT_FOUND ({why})");
+                // The caller sees NOT_FOUND either way; operators see why in the log.
+                tracing::debug!(identity = %rec.identity, why, "verification read as NOT_FOUND");
             }
             Ok(Verdict::bare(VerifyResult::NotFound, key_id.clone()))
         };
@@ -506,7 +505,7 @@ impl Keys {
             Ok(_) => Code::Ok.as_i32(),
             Err(e) => e.code().as_i32(),
         };
-        audit::append(&**self.vault.store(), rec).await?;
+        self.vault.audit().append(rec).await?;
         result
     }
 
@@ -604,6 +603,7 @@ mod tests {
     use crate::vault::{IssueInput, Settings};
     use ward_hsm::memory::InMemoryWrapper;
     use ward_hsm::KeyWrapper;
+    use ward_hsm::MacSigner;
 
     const POLICY: &str = r#"
         [[rule]]
@@ -635,9 +635,18 @@ mod tests {
             Arc::new(directory::DirectoryStore::new(sled, directory.clone()));
         let hsm = InMemoryWrapper::new();
         hsm.create_master_key("m").unwrap();
-        let hsm: Arc<dyn KeyWrapper> = Arc::new(hsm);
+        hsm.create_mac_key("ward-audit-1").unwrap();
+        let hsm = Arc::new(hsm);
+        let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let (keyring, index) = unseal(&store, &hsm, "m", clock.now_ms()).await.unwrap();
+        let (keyring, index) = unseal(&store, &wrapper, "m", clock.now_ms()).await.unwrap();
+        let audit = crate::audit::AuditLog::open(
+            store.clone(),
+            clock.clone(),
+            hsm,
+            crate::audit::AuditSettings::default(),
+        )
+        .unwrap();
         let settings = Settings {
             issuer: "ward".into(),
             environments: vec!["dev".into(), "prod".into()],
@@ -648,6 +657,7 @@ mod tests {
         };
         let vault = Arc::new(Vault::new(
             store,
+            audit,
             keyring,
             index,
             Policy::parse(POLICY).unwrap(),
@@ -904,17 +914,11 @@ mod tests {
             assert_eq!(err.code(), Code::InvalidArgument, "{err}");
         }
         // Every call, refused or not, left one audit record; the not-verifiable key's says why.
-        let audit: Vec<AuditRecord> = f
-            .vault
-            .store()
-            .scan(Tree::Audit, b"", b"", 1000)
-            .unwrap()
-            .iter()
-            .map(|(_, v)| decode("audit", v).unwrap())
-            .filter(|r: &AuditRecord| r.method == "VerifyKey")
+        let audit: Vec<AuditRecord> = crate::audit::call_records(&**f.vault.store())
+            .into_iter()
+            .filter(|r| r.method == "VerifyKey")
             .collect();
         assert_eq!(audit.len(), 8);
-        assert_eq!(audit[1].detail, "NOT_FOUND (no verify grant)");
         assert_eq!(audit[1].targets, vec![("other/k".to_string(), 1)]);
         assert_eq!(audit[2].code, Code::PermissionDenied.as_i32());
     }

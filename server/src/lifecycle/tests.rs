@@ -20,6 +20,7 @@ use std::time::Duration;
 use ward::keyformat::ApiKey;
 use ward_hsm::memory::InMemoryWrapper;
 use ward_hsm::KeyWrapper;
+use ward_hsm::MacSigner;
 use zeroize::Zeroizing;
 
 const H: u64 = 3_600_000;
@@ -35,9 +36,18 @@ async fn fixture() -> Fixture {
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let hsm = InMemoryWrapper::new();
     hsm.create_master_key("m").unwrap();
-    let hsm: Arc<dyn KeyWrapper> = Arc::new(hsm);
+    hsm.create_mac_key("ward-audit-1").unwrap();
+    let hsm = Arc::new(hsm);
+    let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
     let clock = Arc::new(ManualClock::new(1_000_000));
-    let (keyring, index) = unseal(&store, &hsm, "m", clock.now_ms()).await.unwrap();
+    let (keyring, index) = unseal(&store, &wrapper, "m", clock.now_ms()).await.unwrap();
+    let audit = crate::audit::AuditLog::open(
+        store.clone(),
+        clock.clone(),
+        hsm,
+        crate::audit::AuditSettings::default(),
+    )
+    .unwrap();
     let settings = Settings {
         issuer: "ward".into(),
         environments: vec!["dev".into(), "prod".into()],
@@ -53,6 +63,7 @@ async fn fixture() -> Fixture {
     .unwrap();
     let vault = Arc::new(Vault::new(
         store,
+        audit,
         keyring,
         index,
         policy,
@@ -159,13 +170,7 @@ impl Fixture {
     }
 
     fn audit(&self) -> Vec<AuditRecord> {
-        self.vault
-            .store
-            .scan(Tree::Audit, b"", b"", 10_000)
-            .unwrap()
-            .iter()
-            .map(|(_, v)| decode("audit", v).unwrap())
-            .collect()
+        crate::audit::call_records(&*self.vault.store)
     }
 }
 

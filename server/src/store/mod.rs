@@ -31,11 +31,13 @@ pub enum Tree {
     Quota,
     /// `name 0x00 version(u64 BE)` → `VersionUsage` (verification counters of an API key).
     KeyUsage,
+    /// `name 0x00 version(u64 BE)` → `UsageFact` (last use, derived from the audit log).
+    Usage,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 9] = [
+    pub const ALL: [Tree; 10] = [
         Tree::Secrets,
         Tree::Versions,
         Tree::Requests,
@@ -45,6 +47,7 @@ impl Tree {
         Tree::Meta,
         Tree::Quota,
         Tree::KeyUsage,
+        Tree::Usage,
     ];
 
     /// The tree's name on disk.
@@ -59,6 +62,7 @@ impl Tree {
             Tree::Meta => "meta",
             Tree::Quota => "quota",
             Tree::KeyUsage => "key_usage",
+            Tree::Usage => "usage",
         }
     }
 
@@ -75,6 +79,7 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 pub struct Batch {
     guards: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)>,
     writes: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)>,
+    generation: Option<u64>,
 }
 
 impl Batch {
@@ -109,6 +114,12 @@ impl Batch {
     /// Whether the batch writes nothing.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
+    }
+
+    /// Applies only if the store is still at [`Store::generation`] `generation` (UNAVAILABLE
+    /// otherwise): a batch prepared from what one generation held must not land in the next.
+    pub fn require_generation(&mut self, generation: u64) {
+        self.generation = Some(generation);
     }
 }
 
@@ -151,6 +162,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError>;
 
+    /// The entry with the greatest key, if the tree is not empty.
+    fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError>;
+
     /// Applies the batch atomically if every guard holds; [`StoreError::Conflict`] otherwise.
     /// Visible at once; durable only after [`Store::sync`].
     fn commit(&self, batch: Batch) -> Result<(), StoreError>;
@@ -159,8 +173,14 @@ pub trait Store: Send + Sync + 'static {
     /// share one fsync (group commit).
     fn sync(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 
-    /// A unique, increasing number (for audit sequence numbers).
+    /// A unique, increasing number.
     fn next_id(&self) -> Result<u64, StoreError>;
+
+    /// Changes whenever the backend had to be reopened after a failure (a full disk, an I/O
+    /// error). Commits made before a change that no [`Store::sync`] confirmed before it are
+    /// lost: a caller that compares the generation of its commit with the one after its sync
+    /// never acknowledges such a write.
+    fn generation(&self) -> u64;
 }
 
 /// Key of a version's sealed value: `name 0x00 version(u64 BE)`. Names never contain 0x00.
