@@ -13,6 +13,7 @@ mod durability;
 mod extauthz;
 mod keyring;
 mod keys;
+mod keys_lifecycle;
 mod lifecycle;
 mod lifecycle_tools;
 mod metrics;

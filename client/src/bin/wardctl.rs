@@ -1389,8 +1389,9 @@ async fn run_scan(
     let check = args.check || args.revoke;
     // One verification per distinct key (a key pasted in ten places is asked about once).
     let mut verdicts: HashMap<String, Result<VerifyKeyResponse, String>> = HashMap::new();
+    let mut client = None;
     if check && !findings.is_empty() {
-        let client = Client::connect(cfg).await?;
+        let client = client.insert(Client::connect(cfg).await?);
         for f in &findings {
             if verdicts.contains_key(f.key.expose()) {
                 continue;
@@ -1466,19 +1467,76 @@ async fn run_scan(
         }
     );
     if args.revoke && live > 0 {
-        // RevokeSecret arrives with the key-lifecycle work; until then nothing can be revoked
-        // from here, and saying so is better than pretending.
-        eprintln!(
-            "error: --revoke: this server API has no RevokeSecret yet (it comes with the key \
-             lifecycle feature); revoke the keys listed above once it is available"
-        );
-        return Err(Failure::Found);
+        if let Some(client) = &client {
+            revoke_found(client, &findings, &verdicts, args.yes).await?;
+        }
     }
     if live > 0 {
         Err(Failure::Found)
     } else {
         Ok(())
     }
+}
+
+/// Revokes, after confirmation, the version behind each live key found (each once). A key that
+/// is its secret's PRIMARY is left alone with a hint: revoking it needs a successor, which only
+/// a rotation can make, and choosing to rotate is the owner's call.
+async fn revoke_found(
+    client: &Client,
+    findings: &[ward_client::scan::Finding],
+    verdicts: &HashMap<String, Result<VerifyKeyResponse, String>>,
+    yes: bool,
+) -> Result<(), Failure> {
+    if !yes && !io::stdin().is_terminal() {
+        return Err(Failure::Usage(
+            "--revoke asks before each revocation; without a terminal, pass --yes".into(),
+        ));
+    }
+    let mut done = std::collections::HashSet::new();
+    for f in findings {
+        let Some(Ok(v)) = verdicts.get(f.key.expose()) else {
+            continue;
+        };
+        if !is_live(v) || v.name.is_empty() || !done.insert((v.name.clone(), v.version)) {
+            continue;
+        }
+        let at = format!("{}:{}", f.path.display(), f.line);
+        if !yes {
+            eprint!("revoke {}@{} (found at {at})? [y/N] ", v.name, v.version);
+            let mut answer = String::new();
+            io::stdin().read_line(&mut answer)?;
+            if !answer.trim().eq_ignore_ascii_case("y") {
+                eprintln!("skipped {}@{}", v.name, v.version);
+                continue;
+            }
+        }
+        let req = RevokeSecretRequest {
+            name: v.name.clone(),
+            version: v.version,
+            reason: format!("leaked: found by wardctl scan at {at}"),
+            ..Default::default()
+        };
+        match client.revoke_secret(req).await {
+            Ok(_) => eprintln!("revoked {}@{}", v.name, v.version),
+            Err(e) if e.code() == Code::FailedPrecondition => eprintln!(
+                "not revoked {}@{}: {}; rotate it first (wardctl rotate {}), then revoke \
+                 version {}",
+                v.name,
+                v.version,
+                e.message(),
+                v.name,
+                v.version
+            ),
+            Err(e) => eprintln!(
+                "not revoked {}@{}: {}: {}",
+                v.name,
+                v.version,
+                code_name(e.code()),
+                e.message()
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// Whether a verification says the key still works somewhere: any result but the dead ones.
