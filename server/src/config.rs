@@ -48,6 +48,13 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// CA bundle that client certificates must chain to.
     pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM or DER) of the client CAs. When any is given, a client
+    /// certificate whose issuer has no CRL here is refused (fail closed).
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
+    /// How often the TLS files are checked for changes, in milliseconds (0: only on SIGHUP).
+    #[serde(default = "default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
 }
 
 /// HSM settings.
@@ -105,6 +112,9 @@ fn default_issuer() -> String {
 fn default_environments() -> Vec<String> {
     vec!["dev".into(), "staging".into(), "prod".into()]
 }
+fn default_reload_interval_ms() -> u64 {
+    1000
+}
 fn default_mechanism() -> String {
     "aes-gcm".into()
 }
@@ -137,6 +147,9 @@ impl Config {
         fix(&mut self.tls.cert);
         fix(&mut self.tls.key);
         fix(&mut self.tls.client_ca);
+        for p in &mut self.tls.crl {
+            fix(p);
+        }
         if let Some(p) = self.hsm.pin_file.as_mut() {
             fix(p);
         }
@@ -209,6 +222,7 @@ impl Config {
             .pin_file
             .as_ref()
             .ok_or_else(|| format!("no HSM PIN: set {PIN_ENV} or hsm.pin_file"))?;
+        crate::harden::check_private_file(path, "PIN file")?;
         let text = Zeroizing::new(
             std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read PIN file {}: {e}", path.display()))?,

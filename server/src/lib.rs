@@ -12,6 +12,7 @@ pub mod config;
 pub mod dev;
 pub mod envelope;
 pub mod error;
+pub mod harden;
 pub mod model;
 pub mod policy;
 pub mod server;

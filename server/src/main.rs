@@ -49,6 +49,9 @@ enum Command {
 const DEFAULT_LOG: &str = "info,cryptoki::mechanism=off";
 
 fn main() -> ExitCode {
+    // Before anything else: a private umask (sled creates its files with the default mode) and
+    // no core dumps (a dump would hold the unsealed keyring).
+    let hardening = ward_server::harden::harden_process();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WARD_LOG")
@@ -56,6 +59,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    for failure in hardening {
+        tracing::warn!("{failure}");
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::policy::Policy;
 use crate::service::SecretsService;
 use crate::store::{sled_store::SledStore, Store};
-use crate::tls::{server_config, TlsConn};
+use crate::tls::{TlsConn, TlsFiles, TlsReloader};
 use crate::unseal::unseal;
 use crate::vault::{Settings, Vault};
 use std::net::SocketAddr;
@@ -86,8 +86,7 @@ pub async fn serve(
     // One crypto provider, chosen explicitly (rustls is built without defaults).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let policy = Policy::load(&cfg.policy).map_err(StartError::Config)?;
-    let tls = server_config(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)
-        .map_err(StartError::Config)?;
+    let tls = TlsReloader::load(TlsFiles::from_config(&cfg.tls)).map_err(StartError::Config)?;
 
     // The keyring names the master keys it is wrapped under (they change with rotation); the
     // config's label is used only to create the keyring of a new store. A new store is not
@@ -170,7 +169,10 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Other(e.to_string()))?;
-    let incoming = accept_loop(listener, tokio_rustls::TlsAcceptor::from(tls));
+    let poll =
+        (cfg.tls.reload_interval_ms > 0).then(|| Duration::from_millis(cfg.tls.reload_interval_ms));
+    tls.spawn_watcher(poll);
+    let incoming = accept_loop(listener, tls);
     ready(addr);
 
     tonic::transport::Server::builder()
@@ -187,10 +189,11 @@ pub async fn serve(
 }
 
 /// Accepts TCP connections and completes TLS handshakes off the accept path, so one slow or
-/// hostile client cannot hold up the others. Failed handshakes are logged and dropped.
+/// hostile client cannot hold up the others. Failed handshakes are logged and dropped. Each
+/// connection uses the TLS configuration in force when it arrives (see [`TlsReloader`]).
 fn accept_loop(
     listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: Arc<TlsReloader>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
@@ -203,7 +206,7 @@ fn accept_loop(
                     continue;
                 }
             };
-            let (conn_tx, acceptor) = (tx.clone(), acceptor.clone());
+            let (conn_tx, acceptor) = (tx.clone(), tls.acceptor());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConn::accept(&acceptor, tcp, addr))
                     .await

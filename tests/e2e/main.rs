@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod authz;
+mod certs;
 mod disk;
 mod durability;
 mod keyring;
