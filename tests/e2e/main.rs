@@ -10,6 +10,7 @@ mod authz;
 mod certs;
 mod disk;
 mod durability;
+mod hardening;
 mod keyring;
 mod keys;
 mod pagination;
