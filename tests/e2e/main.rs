@@ -8,6 +8,7 @@
 
 mod authz;
 mod certs;
+mod crash;
 mod disk;
 mod durability;
 mod hardening;
