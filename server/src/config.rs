@@ -93,6 +93,12 @@ pub struct Limits {
     pub default_grace_seconds: u64,
     /// Largest request message, in bytes (larger ones get RESOURCE_EXHAUSTED).
     pub max_request_bytes: usize,
+    /// Calls that write are refused (UNAVAILABLE) while the data dir's file system has less
+    /// free space than this; they succeed again once space returns.
+    pub min_free_bytes: u64,
+    /// A flush to disk slower than this means the storage has stalled: the server fails every
+    /// call and exits (code 4) so that its supervisor restarts it.
+    pub flush_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -102,6 +108,8 @@ impl Default for Limits {
             max_batch: 100,
             default_grace_seconds: 24 * 3600,
             max_request_bytes: 4 * 1024 * 1024,
+            min_free_bytes: 64 * 1024 * 1024,
+            flush_timeout_ms: 10_000,
         }
     }
 }
@@ -197,6 +205,9 @@ impl Config {
         }
         if l.default_grace_seconds > 365 * 24 * 3600 {
             return Err("limits.default_grace_seconds must be at most a year".into());
+        }
+        if l.flush_timeout_ms < 100 {
+            return Err("limits.flush_timeout_ms must be at least 100".into());
         }
         if self.hsm.sessions == 0 || self.hsm.sessions > 64 {
             return Err("hsm.sessions must be between 1 and 64".into());

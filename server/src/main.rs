@@ -94,7 +94,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
         .enable_all()
         .build()
         .map_err(|e| StartError::Other(format!("runtime: {e}")))?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let hsm: Arc<dyn KeyWrapper> = match (&cli.command, &dev_dir) {
             (Command::Dev { .. }, _) => {
                 let cfg = cfg.clone();
@@ -117,7 +117,11 @@ fn run(cli: Cli) -> Result<(), StartError> {
             println!("ward-server ready addr={addr}");
         })
         .await
-    })
+    });
+    // A blocking task stuck in the storage engine (a stalled disk) must not keep the process
+    // from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }
 
 fn init(cfg: &Config) -> Result<(), StartError> {

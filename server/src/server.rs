@@ -7,7 +7,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::policy::Policy;
 use crate::service::SecretsService;
-use crate::store::{sled_store::SledStore, Store};
+use crate::store::sled_store::{SledStore, StoreOptions};
+use crate::store::Store;
 use crate::tls::{TlsConn, TlsFiles, TlsReloader};
 use crate::unseal::unseal;
 use crate::vault::{Settings, Vault};
@@ -92,11 +93,17 @@ pub async fn serve(
     // config's label is used only to create the keyring of a new store. A new store is not
     // even created until its master key is known to exist.
     let label = cfg.hsm.master_key_label.clone();
-    let open_store = || -> Result<Arc<dyn Store>, StartError> {
+    let options = StoreOptions {
+        min_free_bytes: cfg.limits.min_free_bytes,
+        flush_timeout: Duration::from_millis(cfg.limits.flush_timeout_ms),
+    };
+    let mut stalled = None;
+    let mut open_store = || -> Result<Arc<dyn Store>, StartError> {
         create_private_dir(&cfg.data_dir).map_err(StartError::Storage)?;
-        Ok(Arc::new(
-            SledStore::open(&cfg.data_dir).map_err(|e| StartError::Storage(e.to_string()))?,
-        ))
+        let store = SledStore::open_with(&cfg.data_dir, options.clone())
+            .map_err(|e| StartError::Storage(e.to_string()))?;
+        stalled = Some(store.stalled());
+        Ok(Arc::new(store))
     };
     let (store, needed) = if cfg.data_dir.exists() {
         let store = open_store()?;
@@ -181,9 +188,16 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(secrets)
         .add_service(admin)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, shutdown_or_stall(stalled.clone()))
         .await
         .map_err(|e| StartError::Other(format!("server: {e}")))?;
+    if stalled.is_some_and(|s| *s.borrow()) {
+        return Err(StartError::Storage(
+            "the storage stalled (a flush to disk never finished: full disk or failing \
+             device?); exiting so that the supervisor restarts the server once it is fixed"
+                .into(),
+        ));
+    }
     tracing::info!("shut down");
     Ok(())
 }
@@ -224,6 +238,22 @@ fn accept_loop(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Resolves on SIGTERM or SIGINT, or when the store has stalled.
+async fn shutdown_or_stall(stalled: Option<tokio::sync::watch::Receiver<bool>>) {
+    let stall = async {
+        match stalled {
+            Some(mut rx) => {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = stall => tracing::error!("storage stalled; shutting down"),
+    }
 }
 
 async fn shutdown_signal() {

@@ -98,9 +98,12 @@ pub enum StoreError {
     /// A guard did not hold: someone else changed the key first.
     #[error("concurrent change")]
     Conflict,
-    /// The storage failed (I/O, full disk, corruption detected by the engine).
+    /// The storage failed (I/O, full disk, stalled device).
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The engine found corrupt data (a checksum failed) where it read.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
 }
 
 impl From<StoreError> for crate::error::Error {
@@ -110,6 +113,10 @@ impl From<StoreError> for crate::error::Error {
             StoreError::Unavailable(detail) => {
                 tracing::error!(%detail, "storage failure");
                 crate::error::Error::Unavailable("storage unavailable".into())
+            }
+            StoreError::Corrupt(detail) => {
+                tracing::error!(%detail, "storage engine found corrupt data");
+                crate::error::Error::DataLoss("stored data is corrupt".into())
             }
         }
     }
