@@ -19,6 +19,7 @@ mod roundtrip;
 mod sdk;
 mod semantics;
 mod startup;
+mod storage;
 mod tools;
 mod validation;
 

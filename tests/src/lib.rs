@@ -607,6 +607,39 @@ impl TestServer {
         }
     }
 
+    /// Starts `serve --config DIR/ward.toml` (stopping the running server first) and reports
+    /// whether it became ready; if it exited instead, its exit code and the stderr it wrote.
+    /// Panics if it neither gets ready nor exits within [`START_TIMEOUT`].
+    pub fn try_restart(&mut self) -> Result<(), FailedStart> {
+        if self.proc.is_some() {
+            self.stop();
+        }
+        let from = self.logs.lock().unwrap().stderr.len();
+        let mut proc = Proc::spawn(&self.serve_args(), &[], &self.logs);
+        let result = proc.wait_ready();
+        let stderr = || {
+            let l = self.logs.lock().unwrap();
+            l.stderr
+                .iter()
+                .skip(from + 1)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        match result {
+            Ok(addr) => {
+                self.proc = Some(proc);
+                self.addr = addr;
+                Ok(())
+            }
+            Err(StartFailure::Exited(status)) => Err(FailedStart {
+                code: status.code(),
+                stderr: stderr(),
+            }),
+            Err(other) => panic!("serve neither got ready nor exited: {other}\n{}", stderr()),
+        }
+    }
+
     /// The data directory (`--data-dir`).
     pub fn data_dir(&self) -> &Path {
         &self.path
@@ -796,6 +829,16 @@ impl TestServer {
         ward_client::Client::connect(cfg)
             .await
             .unwrap_or_else(|e| panic!("SDK connect as {identity} to {}: {e}", self.addr))
+    }
+
+    /// If the server process has exited by itself: `Some(exit code)` (`Some(None)` if a signal
+    /// ended it), with its output drained; `None` while it runs.
+    pub fn exit_code(&mut self) -> Option<Option<i32>> {
+        let p = self.proc.as_mut()?;
+        let status = p.child.try_wait().unwrap()?;
+        let mut p = self.proc.take().unwrap();
+        p.drain();
+        Some(status.code())
     }
 
     /// SIGKILLs the server (no chance to flush or clean up) and reaps it.
