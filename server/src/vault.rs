@@ -713,7 +713,8 @@ impl Vault {
             Ok(())
         } else {
             Err(Error::invalid(format!(
-                "unknown environment {env:?} (configured: {})",
+                "unknown environment {} (configured: {})",
+                crate::model::excerpt(env),
                 self.settings.environments.join(", ")
             )))
         }
