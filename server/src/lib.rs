@@ -15,6 +15,8 @@ pub mod error;
 pub mod harden;
 pub mod model;
 pub mod policy;
+#[cfg(test)]
+mod proptests;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -183,6 +183,9 @@ pub async fn serve(
     ready(addr);
 
     tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            crate::status::size_limit_status as fn(_) -> _,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

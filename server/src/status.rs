@@ -34,6 +34,35 @@ pub fn to_code(code: Code) -> tonic::Code {
     }
 }
 
+/// Rewrites tonic's OUT_OF_RANGE for a request larger than the decoding limit into the
+/// RESOURCE_EXHAUSTED that gRPC specifies and README documents. Ward itself never answers
+/// OUT_OF_RANGE, so any such status on a response comes from the size limit. Applied to every
+/// service as a tower layer on the response head (errors are trailers-only responses).
+pub fn size_limit_status(
+    mut resp: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    use tonic::codegen::http::HeaderValue;
+    let out_of_range = tonic::Code::OutOfRange as i32;
+    let is_oor = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        == Some(out_of_range);
+    if is_oor {
+        let h = resp.headers_mut();
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(tonic::Code::ResourceExhausted as i32),
+        );
+        h.insert(
+            "grpc-message",
+            HeaderValue::from_static("request%20larger%20than%20limits.max_request_bytes"),
+        );
+    }
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

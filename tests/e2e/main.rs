@@ -22,6 +22,7 @@ mod startup;
 mod storage;
 mod tools;
 mod validation;
+mod wire;
 
 use std::collections::HashMap;
 
