@@ -11,6 +11,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::transport_causes;
 use crate::proto::admin_client::AdminClient;
+use crate::proto::backup_client::BackupClient;
 use crate::proto::secrets_client::SecretsClient;
 use crate::proto::{
     batch_fetch_result, BatchFetchSecretsRequest, BatchFetchSecretsResponse,
@@ -41,6 +42,7 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 pub struct Client {
     inner: SecretsClient<Channel>,
     admin: AdminClient<Channel>,
+    backup: BackupClient<Channel>,
     timeout: Duration,
     retry: RetryPolicy,
 }
@@ -118,7 +120,8 @@ impl Client {
         Self {
             inner: SecretsClient::new(channel.clone())
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
-            admin: AdminClient::new(channel),
+            admin: AdminClient::new(channel.clone()),
+            backup: BackupClient::new(channel),
             timeout: DEFAULT_TIMEOUT,
             retry: RetryPolicy::default(),
         }
@@ -265,6 +268,21 @@ impl Client {
     pub async fn describe_keyring(&self) -> Result<KeyringStatus, Error> {
         self.admin_once(|mut c| async move { c.describe_keyring(DescribeKeyringRequest {}).await })
             .await
+    }
+
+    /// Starts a backup of the whole vault (`admin` verb): the stream's chunks, concatenated,
+    /// are the backup file (`ward-server restore --from FILE`). Never retried, and not limited
+    /// by the per-call timeout (a large store takes as long as it takes; the connection's
+    /// keep-alive notices a dead server).
+    pub async fn backup_stream(
+        &self,
+    ) -> Result<tonic::Streaming<crate::proto::BackupChunk>, Error> {
+        let mut c = self.backup.clone();
+        let resp = c
+            .stream_backup(crate::proto::StreamBackupRequest {})
+            .await
+            .map_err(Error::from)?;
+        Ok(resp.into_inner())
     }
 
     /// One admin call, limited by the per-call timeout, never repeated.

@@ -7,6 +7,7 @@
 
 pub mod admin_service;
 pub mod audit;
+pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod dev;

@@ -42,6 +42,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Restores a backup (`wardctl admin backup FILE`) into the config's data_dir, which must
+    /// not exist yet or be empty. Serving it needs the same HSM master key(s).
+    Restore {
+        /// Config file (TOML) naming the data_dir to create.
+        #[arg(long)]
+        config: PathBuf,
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 /// Default log filter. cryptoki logs every mechanism number it has no name for at ERROR level
@@ -73,6 +83,18 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), StartError> {
     // Everything that touches the process environment happens here, before any thread starts.
+    if let Command::Restore { config, from } = &cli.command {
+        let cfg = Config::load(config).map_err(StartError::Config)?;
+        let r = ward_server::backup::restore(from, &cfg.data_dir).map_err(StartError::Storage)?;
+        println!(
+            "restored {} entries into {}; serving it needs master key(s) {} on token {:?}",
+            r.entries,
+            cfg.data_dir.display(),
+            r.master_keys.join(", "),
+            cfg.hsm.token_label
+        );
+        return Ok(());
+    }
     let (cfg, dev_dir) = match &cli.command {
         Command::Serve { config } | Command::Init { config } => {
             let cfg = Config::load(config).map_err(StartError::Config)?;
@@ -81,6 +103,8 @@ fn run(cli: Cli) -> Result<(), StartError> {
             }
             (cfg, None)
         }
+        // Handled above; nothing to serve.
+        Command::Restore { .. } => return Ok(()),
         Command::Dev { data_dir, listen } => {
             let dir = std::path::absolute(data_dir)
                 .map_err(|e| StartError::Config(format!("{}: {e}", data_dir.display())))?;

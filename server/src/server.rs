@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use ward::v1::admin_server::AdminServer;
+use ward::v1::backup_server::BackupServer;
 use ward::v1::secrets_server::SecretsServer;
 use ward_hsm::{HsmError, KeyWrapper, Mechanism, Pkcs11Config, Pkcs11Wrapper};
 
@@ -153,6 +154,7 @@ pub async fn serve(
     };
     let vault = Arc::new(Vault::new(store, keyring, index, policy, clock, settings));
     let admin = AdminServer::new(AdminService::new(vault.clone(), hsm.clone()));
+    let backup = BackupServer::new(crate::backup::BackupService::new(vault.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SecretsServer<SecretsService>>().await;
@@ -191,6 +193,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(secrets)
         .add_service(admin)
+        .add_service(backup)
         .serve_with_incoming_shutdown(incoming, shutdown_or_stall(stalled.clone()))
         .await
         .map_err(|e| StartError::Other(format!("server: {e}")))?;

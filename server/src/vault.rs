@@ -2,6 +2,7 @@
 //! commits and audit, in that order. Below the service layer: no tonic types here.
 
 mod admin;
+mod backup;
 
 pub use admin::{KeyringInfo, MasterKeyRotation, TermInfo};
 

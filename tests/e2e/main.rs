@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod authz;
+mod backup;
 mod certs;
 mod crash;
 mod disk;

@@ -147,6 +147,30 @@ pub trait Store: Send + Sync + 'static {
 
     /// A unique, increasing number (for audit sequence numbers).
     fn next_id(&self) -> Result<u64, StoreError>;
+
+    /// Every entry of every tree as of one instant (no commit is half in it), and a number
+    /// above every id handed out so far. Blocking; writes wait while it copies.
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        Err(StoreError::Unavailable(
+            "this store cannot take snapshots".into(),
+        ))
+    }
+}
+
+/// A point-in-time copy of the whole store (see [`Store::snapshot`]).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Each tree's entries, in key order.
+    pub trees: Vec<(Tree, Vec<Entry>)>,
+    /// Greater than every id [`Store::next_id`] has returned: a restored store continues here.
+    pub next_id: u64,
+}
+
+impl Tree {
+    /// The tree with this on-disk name.
+    pub fn from_name(name: &str) -> Option<Tree> {
+        Tree::ALL.iter().copied().find(|t| t.name() == name)
+    }
 }
 
 /// Key of a version's sealed value: `name 0x00 version(u64 BE)`. Names never contain 0x00.

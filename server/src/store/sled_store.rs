@@ -37,6 +37,7 @@ use tokio::sync::{watch, Notify};
 /// sled tree private to this file: the flush mark.
 const MARK_TREE: &str = "__ward_store";
 const MARK_KEY: &[u8] = b"flush_mark";
+const ID_OFFSET_KEY: &[u8] = b"id_offset";
 /// File beside the database holding the last flush mark known durable.
 pub const MARK_FILE: &str = "ward-flush-mark";
 
@@ -65,6 +66,10 @@ pub struct SledStore {
     group: Arc<GroupCommit>,
     path: PathBuf,
     min_free_bytes: u64,
+    /// Commits hold it shared; a snapshot holds it exclusively, so it sees whole batches.
+    gate: std::sync::RwLock<()>,
+    /// Added to sled's id generator: a restored store continues above the ids of its source.
+    id_offset: u64,
 }
 
 struct GroupCommit {
@@ -111,6 +116,11 @@ impl SledStore {
             .map_err(engine_error)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map_or(0, u64::from_be_bytes);
+        let id_offset = marks
+            .get(ID_OFFSET_KEY)
+            .map_err(engine_error)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
         let mark_path = path.join(MARK_FILE);
         if let Some(durable) = read_mark_file(&mark_path) {
             if stored < durable {
@@ -154,7 +164,38 @@ impl SledStore {
             group,
             path: path.to_path_buf(),
             min_free_bytes: options.min_free_bytes,
+            gate: std::sync::RwLock::new(()),
+            id_offset,
         })
+    }
+
+    /// Creates a new database at `path` (which must not hold one) from a snapshot, durably.
+    /// Blocking; no runtime needed.
+    pub fn restore_into(path: &Path, snapshot: &super::Snapshot) -> Result<u64, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(engine_error)?;
+        if db.tree_names().len() > 1 || !db.is_empty() {
+            return Err(StoreError::Unavailable(format!(
+                "{} already holds a database",
+                path.display()
+            )));
+        }
+        let mut entries = 0u64;
+        for (tree, items) in &snapshot.trees {
+            let t = db.open_tree(tree.name()).map_err(engine_error)?;
+            for (k, v) in items {
+                t.insert(k.as_slice(), v.as_slice()).map_err(engine_error)?;
+                entries += 1;
+            }
+        }
+        db.open_tree(MARK_TREE)
+            .and_then(|m| m.insert(ID_OFFSET_KEY, &snapshot.next_id.to_be_bytes()[..]))
+            .map_err(engine_error)?;
+        db.flush().map_err(engine_error)?;
+        Ok(entries)
     }
 
     /// Resolves to `true` once the store has stalled (a flush overran its timeout); the
@@ -191,6 +232,13 @@ impl SledStore {
             )));
         }
         Ok(())
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // Let the flusher see it is alone and exit, releasing sled (and its file lock).
+        self.group.wake.notify_one();
     }
 }
 
@@ -318,6 +366,8 @@ impl Store for SledStore {
 
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         self.check_writable()?;
+        // A poisoned gate only means a snapshot panicked; the data is sled's, unaffected.
+        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
         // A lone unconditional write (an audit record of a read) needs no transaction.
         if let ([], [(tree, key, Some(value))]) = (&batch.guards[..], &batch.writes[..]) {
             self.tree(*tree)
@@ -369,7 +419,24 @@ impl Store for SledStore {
     }
 
     fn next_id(&self) -> Result<u64, StoreError> {
-        self.db.generate_id().map_err(engine_error)
+        Ok(self.db.generate_id().map_err(engine_error)? + self.id_offset)
+    }
+
+    fn snapshot(&self) -> Result<super::Snapshot, StoreError> {
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut trees = Vec::with_capacity(Tree::ALL.len());
+        for t in Tree::ALL {
+            let mut items = Vec::new();
+            for item in self.tree(t).iter() {
+                let (k, v) = item.map_err(engine_error)?;
+                items.push((k.to_vec(), v.to_vec()));
+            }
+            trees.push((t, items));
+        }
+        Ok(super::Snapshot {
+            trees,
+            next_id: self.next_id()?,
+        })
     }
 }
 
@@ -398,6 +465,68 @@ mod tests {
         b.put(Tree::Versions, b"b".to_vec(), b"v".to_vec());
         assert!(matches!(s.commit(b), Err(StoreError::Conflict)));
         assert_eq!(s.get(Tree::Versions, b"b").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn restored_store_holds_the_snapshot_and_continues_its_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(&dir.path().join("a")).unwrap();
+        let mut used = 0;
+        for i in 0..50u32 {
+            used = s.next_id().unwrap();
+            let mut b = Batch::new();
+            b.put(
+                Tree::Audit,
+                used.to_be_bytes().to_vec(),
+                i.to_be_bytes().to_vec(),
+            );
+            s.commit(b).unwrap();
+        }
+        s.sync().await.unwrap();
+        let snap = s.snapshot().unwrap();
+        assert!(snap.next_id > used);
+        let to = dir.path().join("b");
+        assert_eq!(SledStore::restore_into(&to, &snap).unwrap(), 50);
+        // Not over an existing database.
+        assert!(SledStore::restore_into(&dir.path().join("a"), &snap).is_err());
+        let r = SledStore::open(&to).unwrap();
+        assert_eq!(r.scan(Tree::Audit, b"", b"", 1000).unwrap().len(), 50);
+        assert!(
+            r.next_id().unwrap() > used,
+            "ids would collide with restored records"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_database_behind_its_flush_mark_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = SledStore::open(&path).unwrap();
+            for i in 0..5u32 {
+                let mut b = Batch::new();
+                b.put(Tree::Secrets, i.to_be_bytes().to_vec(), vec![1]);
+                s.commit(b).unwrap();
+                s.sync().await.unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mark = std::fs::read(path.join(MARK_FILE)).unwrap();
+        // The same database with a mark file from the future: acknowledged writes are missing.
+        let mut ahead = 1000u64.to_be_bytes().to_vec();
+        ahead.extend_from_slice(&crc32c::crc32c(&1000u64.to_be_bytes()).to_be_bytes());
+        std::fs::write(path.join(MARK_FILE), &ahead).unwrap();
+        let err = SledStore::open(&path).err().expect("refused");
+        assert!(
+            err.to_string().contains("lost acknowledged writes"),
+            "{err}"
+        );
+        // Its own mark opens; an unreadable mark file is skipped with a warning.
+        std::fs::write(path.join(MARK_FILE), &mark).unwrap();
+        drop(SledStore::open(&path).unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::write(path.join(MARK_FILE), b"junk").unwrap();
+        assert!(SledStore::open(&path).is_ok());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
