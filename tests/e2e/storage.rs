@@ -206,3 +206,223 @@ async fn corrupted_or_truncated_database_never_yields_wrong_plaintext() {
         crate::assert_value(&mut c, name, 0, value).await;
     }
 }
+
+/// A tmpfs mounted over a directory for the life of the guard (unmounted on drop, even when the
+/// test fails).
+struct Tmpfs {
+    dir: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "16m") on `dir`, or says why this machine does not allow
+    /// it.
+    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
+        let o = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !o.status.success() {
+            return Err(String::from_utf8_lossy(&o.stderr).trim().to_owned());
+        }
+        Ok(Tmpfs {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// Free bytes on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let o = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Fills the file system holding `dir` with a ballast file until at most `leave` bytes are
+/// free; returns its path.
+fn fill_disk(dir: &Path, leave: u64) -> std::path::PathBuf {
+    use std::io::Write;
+    let p = dir.join("ballast");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    loop {
+        let avail = free_bytes(dir);
+        if avail <= leave {
+            break;
+        }
+        let n = ((avail - leave) as usize).min(chunk.len());
+        if f.write_all(&chunk[..n]).is_err() {
+            break;
+        }
+        f.flush().unwrap();
+    }
+    f.sync_all().unwrap();
+    p
+}
+
+/// Puts 16 KiB values round-robin over ten names until a put fails; returns the acknowledged
+/// (name, version, value) and the failure (name, status). A put that hangs fails the test.
+async fn fill(
+    c: &mut ward_tests::RawClient,
+    tag: &str,
+) -> (Vec<(String, u64, Vec<u8>)>, (String, tonic::Status)) {
+    let mut acked = Vec::new();
+    for i in 0..5000 {
+        let name = format!("full/s{}", i % 10);
+        let mut value = format!("{tag}-{i}-").into_bytes();
+        value.resize(16 * 1024, b'f');
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            c.put_secret(crate::put_req(&name, &value)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{tag}: put {i} hung for 20 s instead of failing"));
+        match r {
+            Ok(r) => acked.push((name, r.into_inner().version, value)),
+            Err(st) => return (acked, (name, st)),
+        }
+    }
+    panic!("{tag}: the disk never filled");
+}
+
+/// Every acknowledged write is there, and each name's newest version is its newest
+/// acknowledged one (the failed write left nothing).
+async fn check_acked(c: &mut ward_tests::RawClient, acked: &[(String, u64, Vec<u8>)], when: &str) {
+    let mut newest: HashMap<&str, u64> = HashMap::new();
+    for (name, v, value) in acked {
+        crate::assert_value(c, name, *v, value).await;
+        let e = newest.entry(name.as_str()).or_default();
+        *e = (*e).max(*v);
+    }
+    for (name, v) in newest {
+        let m = crate::describe(c, name).await.unwrap();
+        assert_eq!(
+            m.primary_version, v,
+            "{when}: {name} has a version nobody was told of"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_fails_calls_unavailable_and_recovers() {
+    let mut s = TestServer::start();
+    let mut c = s.raw_client("admin").await;
+    put(&mut c, "full/before", b"before the disk filled").await;
+    drop(c);
+    s.stop();
+    let data = s.data_dir().join("data");
+    let saved = s.scratch_dir().join("data-saved");
+    copy_dir(&data, &saved);
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::create_dir(&data).unwrap();
+    let _tmpfs = match Tmpfs::mount(&data, "16m") {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED disk_full_fails_calls_unavailable_and_recovers: cannot mount a tmpfs \
+                 here ({why}); run as root on Linux to exercise a full disk"
+            );
+            return;
+        }
+    };
+    copy_dir(&saved, &data);
+    s.edit_config(|t| format!("{t}\nmin_free_bytes = 4194304\nflush_timeout_ms = 2000\n"));
+    s.restart();
+
+    // 1. The free-space guard: writes stop with UNAVAILABLE before sled runs out of room, reads
+    //    too (their audit record cannot be promised), and both work again once space returns,
+    //    without a restart.
+    let ballast = fill_disk(&data, 6 * 1024 * 1024);
+    let mut c = s.raw_client("admin").await;
+    let (mut acked, (name, st)) = fill(&mut c, "guard").await;
+    assert_eq!(st.code(), Code::Unavailable, "full disk: {st:?}");
+    assert!(!acked.is_empty(), "nothing fitted before the guard");
+    let read = crate::fetch(&mut c, "full/before", 0).await;
+    assert_eq!(
+        read.map(|_| ()).unwrap_err().code(),
+        Code::Unavailable,
+        "read on a full disk"
+    );
+    std::fs::remove_file(&ballast).unwrap();
+    put(&mut c, "full/after", b"space is back").await;
+    check_acked(&mut c, &acked, "after space returned").await;
+    let m = crate::describe(&mut c, &name).await.unwrap();
+    assert!(
+        acked
+            .iter()
+            .any(|(n, v, _)| *n == name && *v == m.primary_version),
+        "the refused put left a version of {name}"
+    );
+    drop(c);
+
+    // 2. The backstop: with the guard off, sled itself hits ENOSPC and wedges; calls fail
+    //    UNAVAILABLE within the flush timeout (never hang), the server exits 4 so a supervisor
+    //    can restart it, and once space is back nothing acknowledged is lost.
+    s.edit_config(|t| t.replace("min_free_bytes = 4194304", "min_free_bytes = 0"));
+    s.restart();
+    let ballast = fill_disk(&data, 256 * 1024);
+    let mut c = s.raw_client("admin").await;
+    let (more, (_, st)) = fill(&mut c, "wedge").await;
+    acked.extend(more);
+    assert!(
+        matches!(
+            st.code(),
+            Code::Unavailable | Code::Cancelled | Code::Unknown
+        ),
+        "sled out of space: {st:?}"
+    );
+    drop(c);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(code) = s.exit_code() {
+            break code;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not exit after stalling\n{}",
+            s.stderr_tail(20)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(
+        status,
+        Some(4),
+        "exit code after a stall\n{}",
+        s.stderr_tail(20)
+    );
+    assert!(
+        s.stderr_tail(5).contains("storage stalled"),
+        "{}",
+        s.stderr_tail(20)
+    );
+    std::fs::remove_file(&ballast).unwrap();
+    s.restart();
+    let mut c = s.raw_client("admin").await;
+    check_acked(&mut c, &acked, "after the stall and a restart").await;
+    crate::assert_value(&mut c, "full/after", 1, b"space is back").await;
+    put(&mut c, "full/after", b"and writable").await;
+}
