@@ -84,25 +84,6 @@ fn corruptions() -> Vec<(&'static str, Corruption)> {
             "db removed",
             Box::new(move |d: &Path| std::fs::remove_file(db(d)).unwrap()),
         ),
-        (
-            "blob files flipped",
-            Box::new(|d: &Path| {
-                for f in ward_tests::files_under(&d.join("blobs")) {
-                    let mut b = std::fs::read(&f).unwrap();
-                    let i = b.len() / 2;
-                    b[i] ^= 0xff;
-                    std::fs::write(&f, b).unwrap();
-                }
-            }),
-        ),
-        (
-            "blob files removed",
-            Box::new(|d: &Path| {
-                for f in ward_tests::files_under(&d.join("blobs")) {
-                    std::fs::remove_file(f).unwrap();
-                }
-            }),
-        ),
     ]
 }
 
@@ -115,7 +96,8 @@ async fn corrupted_or_truncated_database_never_yields_wrong_plaintext() {
         let name = format!("corrupt/s{i:02}");
         let mut value = format!("value-{i}-{}", "z".repeat(i * 40)).into_bytes();
         if i % 20 == 7 {
-            // Values near the limit land in sled's blob files.
+            // Values at the limit: multi-page records (sled keeps them in its log too; no blob
+            // files remain after a clean stop, so the log cases cover them).
             value.resize(64 * 1024, b'b');
         }
         put(&mut c, &name, &value).await;
