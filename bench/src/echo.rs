@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use tonic::{Request, Response, Status};
 use ward::v1::{self as pb, secrets_server::Secrets, secrets_server::SecretsServer};
-use ward_server::tls::{server_config, Peer};
+use ward_server::tls::{Peer, TlsFiles, TlsReloader};
 
 /// Answers every FetchSecret with the same `value_size`-byte value.
 pub struct Echo {
@@ -145,13 +145,17 @@ pub struct EchoArgs {
 /// Serves the echo until the process is killed; prints `echo ready addr=…` once listening.
 pub async fn serve(args: EchoArgs) -> Result<(), String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let tls = server_config(&args.cert, &args.key, &args.client_ca)?;
+    let tls = TlsReloader::load(TlsFiles {
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+        client_ca: args.client_ca.clone(),
+        crl: Vec::new(),
+    })?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let incoming =
-        ward_server::server::tls_incoming(listener, tokio_rustls::TlsAcceptor::from(tls));
+    let incoming = ward_server::server::tls_incoming(listener, tls);
     println!("echo ready addr={addr}");
     tonic::transport::Server::builder()
         .add_service(SecretsServer::new(Echo::new(args.value_size)))

@@ -12,6 +12,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::error::transport_causes;
 use crate::proto::admin_client::AdminClient;
 use crate::proto::audit_client::AuditClient;
+use crate::proto::backup_client::BackupClient;
 use crate::proto::keys_client::KeysClient;
 use crate::proto::secrets_client::SecretsClient;
 use crate::proto::{
@@ -51,6 +52,7 @@ pub struct Client {
     admin: AdminClient<Channel>,
     keys: KeysClient<Channel>,
     audit: AuditClient<Channel>,
+    backup: BackupClient<Channel>,
     timeout: Duration,
     retry: RetryPolicy,
 }
@@ -131,6 +133,7 @@ impl Client {
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
             admin: AdminClient::new(channel.clone()),
             audit: AuditClient::new(channel.clone()),
+            backup: BackupClient::new(channel.clone()),
             keys: KeysClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
             timeout: DEFAULT_TIMEOUT,
             retry: RetryPolicy::default(),
@@ -367,6 +370,21 @@ impl Client {
     pub async fn describe_keyring(&self) -> Result<KeyringStatus, Error> {
         self.admin_once(|mut c| async move { c.describe_keyring(DescribeKeyringRequest {}).await })
             .await
+    }
+
+    /// Starts a backup of the whole vault (`admin` verb): the stream's chunks, concatenated,
+    /// are the backup file (`ward-server restore --from FILE`). Never retried, and not limited
+    /// by the per-call timeout (a large store takes as long as it takes; the connection's
+    /// keep-alive notices a dead server).
+    pub async fn backup_stream(
+        &self,
+    ) -> Result<tonic::Streaming<crate::proto::BackupChunk>, Error> {
+        let mut c = self.backup.clone();
+        let resp = c
+            .stream_backup(crate::proto::StreamBackupRequest {})
+            .await
+            .map_err(Error::from)?;
+        Ok(resp.into_inner())
     }
 
     /// One admin call, limited by the per-call timeout, never repeated.

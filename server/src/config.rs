@@ -134,6 +134,13 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// CA bundle that client certificates must chain to.
     pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM or DER) of the client CAs. When any is given, a client
+    /// certificate whose issuer has no CRL here is refused (fail closed).
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
+    /// How often the TLS files are checked for changes, in milliseconds (0: only on SIGHUP).
+    #[serde(default = "default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
 }
 
 /// HSM settings.
@@ -172,6 +179,12 @@ pub struct Limits {
     pub default_grace_seconds: u64,
     /// Largest request message, in bytes (larger ones get RESOURCE_EXHAUSTED).
     pub max_request_bytes: usize,
+    /// Calls that write are refused (UNAVAILABLE) while the data dir's file system has less
+    /// free space than this; they succeed again once space returns.
+    pub min_free_bytes: u64,
+    /// A flush to disk slower than this means the storage has stalled: the server fails every
+    /// call and exits (code 4) so that its supervisor restarts it.
+    pub flush_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -181,6 +194,8 @@ impl Default for Limits {
             max_batch: 100,
             default_grace_seconds: 24 * 3600,
             max_request_bytes: 4 * 1024 * 1024,
+            min_free_bytes: 64 * 1024 * 1024,
+            flush_timeout_ms: 10_000,
         }
     }
 }
@@ -272,6 +287,9 @@ fn default_issuer() -> String {
 fn default_environments() -> Vec<String> {
     vec!["dev".into(), "staging".into(), "prod".into()]
 }
+fn default_reload_interval_ms() -> u64 {
+    1000
+}
 fn default_mechanism() -> String {
     "aes-gcm".into()
 }
@@ -304,6 +322,9 @@ impl Config {
         fix(&mut self.tls.cert);
         fix(&mut self.tls.key);
         fix(&mut self.tls.client_ca);
+        for p in &mut self.tls.crl {
+            fix(p);
+        }
         if let Some(p) = self.hsm.pin_file.as_mut() {
             fix(p);
         }
@@ -365,6 +386,9 @@ impl Config {
         if k.usage_flush_seconds == 0 || k.usage_flush_seconds > 3600 {
             return Err("keys.usage_flush_seconds must be between 1 and 3600".into());
         }
+        if l.flush_timeout_ms < 100 {
+            return Err("limits.flush_timeout_ms must be at least 100".into());
+        }
         if self.hsm.sessions == 0 || self.hsm.sessions > 64 {
             return Err("hsm.sessions must be between 1 and 64".into());
         }
@@ -416,6 +440,7 @@ impl Config {
             .pin_file
             .as_ref()
             .ok_or_else(|| format!("no HSM PIN: set {PIN_ENV} or hsm.pin_file"))?;
+        crate::harden::check_private_file(path, "PIN file")?;
         let text = Zeroizing::new(
             std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read PIN file {}: {e}", path.display()))?,

@@ -10,12 +10,14 @@
 pub mod admin_service;
 pub mod audit;
 pub mod audit_service;
+pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod envelope;
 pub mod error;
 pub mod extauthz;
+pub mod harden;
 pub mod keypolicy;
 pub mod keys;
 pub mod keys_service;
@@ -23,6 +25,8 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+#[cfg(test)]
+mod proptests;
 pub mod server;
 pub mod service;
 pub mod status;

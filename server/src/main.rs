@@ -43,6 +43,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Restores a backup (`wardctl admin backup FILE`) into the config's data_dir, which must
+    /// not exist yet or be empty. Serving it needs the same HSM master key(s).
+    Restore {
+        /// Config file (TOML) naming the data_dir to create.
+        #[arg(long)]
+        config: PathBuf,
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 /// mimalloc instead of glibc malloc: the request path allocates many small, short-lived
@@ -56,6 +66,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const DEFAULT_LOG: &str = "info,cryptoki::mechanism=off";
 
 fn main() -> ExitCode {
+    // Before anything else: a private umask (sled creates its files with the default mode) and
+    // no core dumps (a dump would hold the unsealed keyring).
+    let hardening = ward_server::harden::harden_process();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WARD_LOG")
@@ -63,6 +76,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    for failure in hardening {
+        tracing::warn!("{failure}");
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -74,6 +90,18 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), StartError> {
     // Everything that touches the process environment happens here, before any thread starts.
+    if let Command::Restore { config, from } = &cli.command {
+        let cfg = Config::load(config).map_err(StartError::Config)?;
+        let r = ward_server::backup::restore(from, &cfg.data_dir).map_err(StartError::Storage)?;
+        println!(
+            "restored {} entries into {}; serving it needs master key(s) {} on token {:?}",
+            r.entries,
+            cfg.data_dir.display(),
+            r.master_keys.join(", "),
+            cfg.hsm.token_label
+        );
+        return Ok(());
+    }
     let (cfg, dev_dir) = match &cli.command {
         Command::Serve { config } | Command::Init { config } => {
             let cfg = Config::load(config).map_err(StartError::Config)?;
@@ -82,6 +110,8 @@ fn run(cli: Cli) -> Result<(), StartError> {
             }
             (cfg, None)
         }
+        // Handled above; nothing to serve.
+        Command::Restore { .. } => return Ok(()),
         Command::Dev { data_dir, listen } => {
             let dir = std::path::absolute(data_dir)
                 .map_err(|e| StartError::Config(format!("{}: {e}", data_dir.display())))?;
@@ -95,7 +125,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
         .enable_all()
         .build()
         .map_err(|e| StartError::Other(format!("runtime: {e}")))?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let hsm: Arc<dyn Hsm> = match (&cli.command, &dev_dir) {
             (Command::Dev { .. }, _) => {
                 let cfg = cfg.clone();
@@ -123,7 +153,11 @@ fn run(cli: Cli) -> Result<(), StartError> {
             println!("ward-server ready addr={addr}");
         })
         .await
-    })
+    });
+    // A blocking task stuck in the storage engine (a stalled disk) must not keep the process
+    // from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }
 
 fn init(cfg: &Config) -> Result<(), StartError> {

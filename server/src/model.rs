@@ -97,6 +97,21 @@ impl RequestId {
     }
 }
 
+/// A caller's input quoted in an error message, cut to a readable length: messages travel in
+/// the `grpc-message` header, and echoing a megabyte there breaks the reply (h2 refuses
+/// headers that large, so the caller saw RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT).
+pub fn excerpt(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return format!("{s:?}");
+    }
+    let mut end = 48;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &s[..end], s.len())
+}
+
 /// Checks labels: keys `[a-z0-9._/-]{1,63}`, values at most 256 bytes.
 pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     if labels.len() > MAX_LABELS {
@@ -112,7 +127,8 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
             });
         if !key_ok {
             return Err(Error::invalid(format!(
-                "invalid label key {k:?}: use 1 to 63 characters of a-z 0-9 . _ / -"
+                "invalid label key {}: use 1 to 63 characters of a-z 0-9 . _ / -",
+                excerpt(k)
             )));
         }
         if v.len() > 256 {
@@ -139,7 +155,8 @@ pub fn check_scopes(scopes: &[String]) -> Result<()> {
             });
         if !ok {
             return Err(Error::invalid(format!(
-                "invalid scope {s:?}: use 1 to 64 characters of a-z 0-9 : . _ -"
+                "invalid scope {}: use 1 to 64 characters of a-z 0-9 : . _ -",
+                excerpt(s)
             )));
         }
         if scopes[..i].contains(s) {

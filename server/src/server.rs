@@ -19,8 +19,9 @@ use crate::metrics::{MeteredWrapper, RpcMetricsLayer};
 use crate::model::{Kind, VersionState};
 use crate::policy::Policy;
 use crate::service::SecretsService;
-use crate::store::{sled_store::SledStore, Store};
-use crate::tls::{server_config, TlsConn};
+use crate::store::sled_store::{SledStore, StoreOptions};
+use crate::store::Store;
+use crate::tls::{TlsConn, TlsFiles, TlsReloader};
 use crate::unseal::unseal;
 use crate::vault::{Settings, Vault};
 use std::collections::{BTreeMap, HashSet};
@@ -31,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use ward::v1::admin_server::AdminServer;
 use ward::v1::audit_server::AuditServer;
+use ward::v1::backup_server::BackupServer;
 use ward::v1::keys_server::KeysServer;
 use ward::v1::secrets_server::SecretsServer;
 use ward_hsm::{Hsm, HsmError, KeyWrapper, MacSigner, Mechanism, Pkcs11Config, Pkcs11Wrapper};
@@ -114,18 +116,23 @@ pub async fn serve(
     // One crypto provider, chosen explicitly (rustls is built without defaults).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let policy = Policy::load(&cfg.policy).map_err(StartError::Config)?;
-    let tls = server_config(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)
-        .map_err(StartError::Config)?;
+    let tls = TlsReloader::load(TlsFiles::from_config(&cfg.tls)).map_err(StartError::Config)?;
 
     // The keyring names the master keys it is wrapped under (they change with rotation); the
     // config's label is used only to create the keyring of a new store. A new store is not
     // even created until its master key is known to exist.
     let label = cfg.hsm.master_key_label.clone();
-    let open_store = || -> Result<Arc<dyn Store>, StartError> {
+    let options = StoreOptions {
+        min_free_bytes: cfg.limits.min_free_bytes,
+        flush_timeout: Duration::from_millis(cfg.limits.flush_timeout_ms),
+    };
+    let mut stalled = None;
+    let mut open_store = || -> Result<Arc<dyn Store>, StartError> {
         create_private_dir(&cfg.data_dir).map_err(StartError::Storage)?;
-        Ok(Arc::new(
-            SledStore::open(&cfg.data_dir).map_err(|e| StartError::Storage(e.to_string()))?,
-        ))
+        let store = SledStore::open_with(&cfg.data_dir, options.clone())
+            .map_err(|e| StartError::Storage(e.to_string()))?;
+        stalled = Some(store.stalled());
+        Ok(Arc::new(store))
     };
     let (store, needed) = if cfg.data_dir.exists() {
         let store = open_store()?;
@@ -224,6 +231,7 @@ pub async fn serve(
         settings,
     ));
     let admin = AdminServer::new(AdminService::new(vault.clone(), wrapper.clone()));
+    let backup = BackupServer::new(crate::backup::BackupService::new(vault.clone()));
     vault
         .usage()
         .load(&*store)
@@ -297,7 +305,10 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Other(e.to_string()))?;
-    let incoming = tls_incoming(listener, tokio_rustls::TlsAcceptor::from(tls));
+    let poll =
+        (cfg.tls.reload_interval_ms > 0).then(|| Duration::from_millis(cfg.tls.reload_interval_ms));
+    tls.spawn_watcher(poll);
+    let incoming = tls_incoming(listener, tls);
     ready(Listening {
         grpc: addr,
         metrics: metrics_addr,
@@ -305,6 +316,9 @@ pub async fn serve(
 
     let served = tonic::transport::Server::builder()
         .layer(RpcMetricsLayer)
+        .layer(tower::util::MapResponseLayer::new(
+            crate::status::size_limit_status as fn(_) -> _,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -313,8 +327,9 @@ pub async fn serve(
         .add_service(keys_service)
         .add_service(ext_authz)
         .add_service(audit_server)
+        .add_service(backup)
         .serve_with_incoming_shutdown(incoming, async {
-            shutdown_signal().await;
+            shutdown_or_stall(stalled.clone()).await;
             // Watch streams never end on their own; end them (clients reconnect elsewhere or
             // later) so the graceful shutdown does not wait on them. Stops the sweeper too.
             vault.watch_hub().close();
@@ -333,6 +348,13 @@ pub async fn serve(
         tracing::warn!(error = %e, "final usage flush failed");
     }
     served?;
+    if stalled.is_some_and(|s| *s.borrow()) {
+        return Err(StartError::Storage(
+            "the storage stalled (a flush to disk never finished: full disk or failing \
+             device?); exiting so that the supervisor restarts the server once it is fixed"
+                .into(),
+        ));
+    }
     tracing::info!("shut down");
     Ok(())
 }
@@ -486,11 +508,12 @@ fn state_name(s: VersionState) -> &'static str {
 }
 
 /// Accepts TCP connections and completes TLS handshakes off the accept path, so one slow or
-/// hostile client cannot hold up the others. Failed handshakes are logged and dropped. The
+/// hostile client cannot hold up the others. Failed handshakes are logged and dropped. Each
+/// connection uses the TLS configuration in force when it arrives (see [`TlsReloader`]). The
 /// benchmark's echo server uses this too, so its transport is exactly Ward's.
 pub fn tls_incoming(
     listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: Arc<TlsReloader>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
@@ -503,7 +526,7 @@ pub fn tls_incoming(
                     continue;
                 }
             };
-            let (conn_tx, acceptor) = (tx.clone(), acceptor.clone());
+            let (conn_tx, acceptor) = (tx.clone(), tls.acceptor());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConn::accept(&acceptor, tcp, addr))
                     .await
@@ -521,6 +544,22 @@ pub fn tls_incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Resolves on SIGTERM or SIGINT, or when the store has stalled.
+async fn shutdown_or_stall(stalled: Option<tokio::sync::watch::Receiver<bool>>) {
+    let stall = async {
+        match stalled {
+            Some(mut rx) => {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = stall => tracing::error!("storage stalled; shutting down"),
+    }
 }
 
 async fn shutdown_signal() {

@@ -35,6 +35,41 @@ pub fn to_code(code: Code) -> tonic::Code {
     }
 }
 
+/// Rewrites tonic's OUT_OF_RANGE for a request larger than the decoding limit into the
+/// RESOURCE_EXHAUSTED that gRPC specifies and README documents. Only tonic's own size-limit
+/// error is rewritten (its message says the message is "too large"): Ward answers OUT_OF_RANGE
+/// itself for an audit resume point beyond the end of the log. Applied to every service as a
+/// tower layer on the response head (errors are trailers-only responses).
+pub fn size_limit_status(
+    mut resp: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    use tonic::codegen::http::HeaderValue;
+    let out_of_range = tonic::Code::OutOfRange as i32;
+    let is_oor = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        == Some(out_of_range);
+    let too_large = resp
+        .headers()
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if is_oor && too_large {
+        let h = resp.headers_mut();
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(tonic::Code::ResourceExhausted as i32),
+        );
+        h.insert(
+            "grpc-message",
+            HeaderValue::from_static("request%20larger%20than%20limits.max_request_bytes"),
+        );
+    }
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,7 @@
 //! commits and audit, in that order. Below the service layer: no tonic types here.
 
 mod admin;
+mod backup;
 
 pub use admin::{KeyringInfo, MasterKeyRotation, TermInfo};
 
@@ -971,7 +972,8 @@ impl Vault {
             Ok(())
         } else {
             Err(Error::invalid(format!(
-                "unknown environment {env:?} (configured: {})",
+                "unknown environment {} (configured: {})",
+                crate::model::excerpt(env),
                 self.settings.environments.join(", ")
             )))
         }

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use base64::Engine;
 use tonic::Code;
 use ward_tests::{files_containing, ok, pb, random_hex, TestServer};
 
@@ -21,13 +22,21 @@ fn assert_not_on_disk(dir: &Path, needles: &[(&str, &[u8])], when: &str) {
     }
 }
 
+/// The server's log filter for the leak test: everything at debug, Ward's own crates at trace.
+const VERBOSE: (&str, &str) = ("WARD_LOG", "debug,ward_server=trace,ward_hsm=trace");
+
+/// The middle line of a PEM file's base64 body: present in any copy of the key material.
+fn pem_body_line(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let body: Vec<&str> = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    body[body.len() / 2].to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
-    // Verbose logging makes a leak into a log line more likely to show.
-    let mut s = TestServer::start_with_env(&[(
-        "RUST_LOG",
-        "debug,h2=info,rustls=info,hyper=info,tower=info",
-    )]);
+    // Verbose logging (WARD_LOG, the variable the server reads) makes a leak into a log line
+    // more likely to show; every RPC runs, on the dev path and on the serve path.
+    let mut s = TestServer::start_with_env(&[VERBOSE]);
     let mut c = s.raw_client("admin").await;
 
     let value = format!("PLAINTEXT-CANARY-{}", random_hex(40));
@@ -50,36 +59,75 @@ async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
         c.issue_key(pb::IssueKeyRequest {
             name: "leak/key-prod".into(),
             environment: "prod".into(),
+            request_id: "leak-issue-1".into(),
             ..Default::default()
         })
         .await,
         "issue prod",
     )
     .api_key;
-    // Exercise the read paths too (they must not log values).
+    // Exercise the read paths too (they must not log values), and the refusals.
     assert_value(&mut c, "leak/a", 1, value.as_bytes()).await;
     assert_eq!(
         fetch(&mut c, "leak/key", 0).await.unwrap().value,
         key_dev.as_bytes()
     );
-    drop(c);
+    ok(
+        c.batch_fetch_secrets(pb::BatchFetchSecretsRequest {
+            items: ["leak/a", "leak/key-prod", "leak/missing"]
+                .iter()
+                .map(|n| pb::FetchSecretRequest {
+                    name: n.to_string(),
+                    version: 0,
+                })
+                .collect(),
+        })
+        .await,
+        "batch",
+    );
+    ok(
+        c.describe_secret(pb::DescribeSecretRequest {
+            name: "leak/key".into(),
+        })
+        .await,
+        "describe",
+    );
+    ok(
+        c.list_secrets(pb::ListSecretsRequest::default()).await,
+        "list",
+    );
+    let mut app = s.raw_client("app").await;
+    let denied = app
+        .put_secret(crate::put_req("leak/a", value.as_bytes()))
+        .await;
+    assert_eq!(denied.unwrap_err().code(), Code::PermissionDenied);
+    let admin = s.client("admin").await;
+    admin.rotate_keyring().await.unwrap();
+    admin.rotate_master_key("").await.unwrap();
+    admin.describe_keyring().await.unwrap();
+    put(&mut c, "leak/after-rotation", value2.as_bytes()).await;
+    drop((c, app, admin));
 
     let body = |k: &str| k[k.len() - ward::keyformat::BODY_LEN..].to_owned();
     let (body_dev, body_prod) = (body(&key_dev), body(&key_prod));
-    let needles: Vec<(&str, &[u8])> = vec![
-        ("plaintext value", value.as_bytes()),
-        ("second plaintext value", value2.as_bytes()),
-        ("dev API key", key_dev.as_bytes()),
-        ("prod API key", key_prod.as_bytes()),
-        ("dev API key body", body_dev.as_bytes()),
-        ("prod API key body", body_prod.as_bytes()),
+    let pin = std::fs::read_to_string(s.data_dir().join("hsm.pin")).unwrap();
+    let pin = pin.trim().to_owned();
+    let tls = s.data_dir().join("tls");
+    let needles: Vec<(&str, Vec<u8>)> = vec![
+        ("plaintext value", value.clone().into_bytes()),
+        ("second plaintext value", value2.clone().into_bytes()),
+        ("dev API key", key_dev.clone().into_bytes()),
+        ("prod API key", key_prod.clone().into_bytes()),
+        ("dev API key body", body_dev.clone().into_bytes()),
+        ("prod API key body", body_prod.clone().into_bytes()),
     ];
+    let needle_refs: Vec<(&str, &[u8])> = needles.iter().map(|(w, n)| (*w, &n[..])).collect();
 
     s.stop();
-    assert_not_on_disk(s.data_dir(), &needles, "after stop");
+    assert_not_on_disk(s.data_dir(), &needle_refs, "after stop");
 
     // sled may rewrite its files on start-up (recovery, compaction): scan again.
-    s.restart();
+    s.restart_with_env(&[VERBOSE]);
     let mut c = s.raw_client("admin").await;
     assert_value(&mut c, "leak/a", 0, value2.as_bytes()).await;
     assert_eq!(
@@ -88,15 +136,38 @@ async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
     );
     drop(c);
     s.stop();
-    assert_not_on_disk(s.data_dir(), &needles, "after restart");
+    assert_not_on_disk(s.data_dir(), &needle_refs, "after restart");
 
+    // The logs: the values and keys, in plain, hex and base64 (grpcurl's JSON form), the PIN
+    // and the private keys' material.
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let mut log_needles: Vec<(String, String)> = Vec::new();
+    for (what, n) in &needles {
+        let text = String::from_utf8(n.clone()).unwrap();
+        log_needles.push((format!("{what} (hex)"), hex_of(n)));
+        let encoded = b64(n);
+        log_needles.push((format!("{what} (base64)"), encoded[..40].to_owned()));
+        log_needles.push((what.to_string(), text));
+    }
+    log_needles.push(("HSM PIN".into(), pin));
+    for key in ["server.key", "admin.key", "app.key", "ca.key"] {
+        log_needles.push((format!("private key {key}"), pem_body_line(&tls.join(key))));
+    }
     let output = s.all_output();
-    for (what, needle) in &needles {
+    assert!(
+        output.contains("DEBUG"),
+        "the server did not log at debug level; the scan would prove nothing"
+    );
+    for (what, needle) in &log_needles {
         assert!(
-            !output.contains(std::str::from_utf8(needle).unwrap()),
+            !output.contains(needle.as_str()),
             "{what} appears in the server's output"
         );
     }
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The `versions` tree key for `name` at `version`.

@@ -8,9 +8,13 @@
 
 mod audit;
 mod authz;
+mod backup;
+mod certs;
+mod crash;
 mod disk;
 mod durability;
 mod extauthz;
+mod hardening;
 mod keyring;
 mod keys;
 mod keys_lifecycle;
@@ -23,9 +27,11 @@ mod scan;
 mod sdk;
 mod semantics;
 mod startup;
+mod storage;
 mod tools;
 mod validation;
 mod verify;
+mod wire;
 
 use std::collections::HashMap;
 

@@ -170,21 +170,112 @@ fn client_cert(
     uri_san: Option<&str>,
     issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
 ) -> (String, String) {
+    client_cert_with(cn, issuer, |params| {
+        if let Some(uri) = uri_san {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+        }
+    })
+}
+
+/// A client certificate for subject CN `cn` (clientAuth EKU, digitalSignature), adjusted by
+/// `customize` before signing (validity, EKU, serial number, …).
+fn client_cert_with(
+    cn: &str,
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    customize: impl FnOnce(&mut rcgen::CertificateParams),
+) -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, cn);
-    if let Some(uri) = uri_san {
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::URI(uri.try_into().unwrap()));
-    }
     params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    customize(&mut params);
     let cert = params.signed_by(&key, issuer).unwrap();
     (cert.pem(), key.serialize_pem())
+}
+
+/// A test certificate authority (for CA rotation tests): its certificate and signing key.
+pub struct TestCa {
+    /// The CA certificate (PEM).
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// A new self-signed CA named `cn`, allowed to sign certificates and CRLs.
+    pub fn new(cn: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A client certificate for CN `cn`: (cert PEM, key PEM).
+    pub fn client_cert(&self, cn: &str) -> (String, String) {
+        client_cert(cn, None, &self.issuer)
+    }
+
+    /// A server certificate for localhost / 127.0.0.1: (cert PEM, key PEM).
+    pub fn server_cert(&self) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "server");
+        p.subject_alt_names
+            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// A CRL (PEM) signed by `issuer` that revokes the certificates with the given serial numbers,
+/// valid from 2024 to 2099.
+fn crl_pem(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, number: u64, revoked: &[u64]) -> String {
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2024, 1, 1),
+        next_update: rcgen::date_time_ymd(2099, 1, 1),
+        crl_number: rcgen::SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|serial| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from(*serial),
+                revocation_time: rcgen::date_time_ymd(2025, 1, 1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    params.signed_by(issuer).unwrap().pem().unwrap()
+}
+
+/// Writes `bytes` to `path` atomically (a temporary file renamed over it), keeping `mode`, as a
+/// careful operator or a certificate agent replaces a file.
+pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp-replace");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// Rebuilds an rcgen issuer from an existing CA certificate and key (PEM): the issuer name must
@@ -606,6 +697,39 @@ impl TestServer {
         }
     }
 
+    /// Starts `serve --config DIR/ward.toml` (stopping the running server first) and reports
+    /// whether it became ready; if it exited instead, its exit code and the stderr it wrote.
+    /// Panics if it neither gets ready nor exits within [`START_TIMEOUT`].
+    pub fn try_restart(&mut self) -> Result<(), FailedStart> {
+        if self.proc.is_some() {
+            self.stop();
+        }
+        let from = self.logs.lock().unwrap().stderr.len();
+        let mut proc = Proc::spawn(&self.serve_args(), &[], &self.logs);
+        let result = proc.wait_ready();
+        let stderr = || {
+            let l = self.logs.lock().unwrap();
+            l.stderr
+                .iter()
+                .skip(from + 1)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        match result {
+            Ok(addr) => {
+                self.proc = Some(proc);
+                self.addr = addr;
+                Ok(())
+            }
+            Err(StartFailure::Exited(status)) => Err(FailedStart {
+                code: status.code(),
+                stderr: stderr(),
+            }),
+            Err(other) => panic!("serve neither got ready nor exited: {other}\n{}", stderr()),
+        }
+    }
+
     /// The data directory (`--data-dir`).
     pub fn data_dir(&self) -> &Path {
         &self.path
@@ -707,6 +831,95 @@ impl TestServer {
         files
     }
 
+    /// Like [`issue_dev_cert`](Self::issue_dev_cert) (no URI SAN), with the parameters adjusted
+    /// by `customize` before the dev CA signs (validity, EKU, serial number, …).
+    pub fn issue_dev_cert_with(
+        &self,
+        cn: &str,
+        customize: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> CertFiles {
+        let (cert, key) = client_cert_with(cn, &self.dev_issuer(), customize);
+        self.write_client_files(cn, &cert, &key)
+    }
+
+    /// A CRL (PEM) signed by the dev CA revoking the given serial numbers; `number` is its CRL
+    /// number (increase it with each new list).
+    pub fn dev_crl(&self, number: u64, revoked: &[u64]) -> String {
+        crl_pem(&self.dev_issuer(), number, revoked)
+    }
+
+    fn dev_issuer(&self) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+        let tls = self.path.join("tls");
+        let ca_pem = std::fs::read_to_string(tls.join("ca.pem")).unwrap();
+        let ca_key = std::fs::read_to_string(tls.join("ca.key")).unwrap();
+        issuer_from_pem(&ca_pem, &ca_key)
+    }
+
+    /// Writes a client certificate and key under the scratch dir, with the dev CA as trust.
+    pub fn write_client_files(&self, cn: &str, cert: &str, key: &str) -> CertFiles {
+        let out = self.scratch_dir();
+        let unique = random_hex(8);
+        let files = CertFiles {
+            ca: self.ca_path(),
+            cert: out.join(format!("{cn}-{unique}.pem")),
+            key: out.join(format!("{cn}-{unique}.key")),
+        };
+        std::fs::write(&files.cert, cert).unwrap();
+        std::fs::write(&files.key, key).unwrap();
+        files
+    }
+
+    /// The running server's process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("no server running").child.id()
+    }
+
+    /// Sends `signal` (a `kill` name such as `HUP`) to the running server.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
+    /// How many lines the server(s) wrote to stderr containing `needle`.
+    pub fn count_in_stderr(&self, needle: &str) -> usize {
+        let l = self.logs.lock().unwrap();
+        l.stderr.iter().filter(|line| line.contains(needle)).count()
+    }
+
+    /// Waits until at least `n` stderr lines contain `needle`; panics with the log tail after
+    /// `timeout`.
+    pub fn wait_for_stderr(&self, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.count_in_stderr(needle) < n {
+            assert!(
+                Instant::now() < deadline,
+                "no {n} stderr lines with {needle:?} within {timeout:?}\n--- stderr ---\n{}",
+                self.stderr_tail(30)
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Rewrites DIR/ward.toml (used by [`restart`](Self::restart)) with `edit`.
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, edit(text)).unwrap();
+    }
+
+    /// Sets `key = value` in the config's `[limits]` table (appending to the file would land in
+    /// whichever table comes last).
+    pub fn set_limit(&self, key: &str, value: &str) {
+        self.edit_config(|t| {
+            assert!(t.contains("[limits]\n"), "the config has no [limits] table");
+            t.replacen("[limits]\n", &format!("[limits]\n{key} = {value}\n"), 1)
+        });
+    }
+
     /// A directory for the test's own files (DIR/e2e-scratch), created on demand.
     pub fn scratch_dir(&self) -> PathBuf {
         let d = self.path.join("e2e-scratch");
@@ -790,6 +1003,16 @@ impl TestServer {
         ward_client::Client::connect(cfg)
             .await
             .unwrap_or_else(|e| panic!("SDK connect as {identity} to {}: {e}", self.addr))
+    }
+
+    /// If the server process has exited by itself: `Some(exit code)` (`Some(None)` if a signal
+    /// ended it), with its output drained; `None` while it runs.
+    pub fn exit_code(&mut self) -> Option<Option<i32>> {
+        let p = self.proc.as_mut()?;
+        let status = p.child.try_wait().unwrap()?;
+        let mut p = self.proc.take().unwrap();
+        p.drain();
+        Some(status.code())
     }
 
     /// SIGKILLs the server (no chance to flush or clean up) and reaps it.

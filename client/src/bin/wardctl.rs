@@ -147,6 +147,13 @@ enum AdminCommand {
     },
     /// Show the keyring's terms, master key and its wrap count
     Keyring,
+    /// Write a consistent backup of the whole vault to FILE (still encrypted: restoring it with
+    /// `ward-server restore` needs the same HSM master key). FILE must not exist; it is
+    /// created 0600 and appears only once complete
+    Backup {
+        /// Where to write the backup
+        file: std::path::PathBuf,
+    },
 }
 
 /// The `keys` commands.
@@ -806,6 +813,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         print_line(&format!(
                             "master key {} -> {} ({} keyring terms rewrapped)",
                             r.previous_label, r.master_key_label, r.terms_rewrapped
+                        ))
+                    }
+                }
+                AdminCommand::Backup { file } => {
+                    let bytes = write_backup(&client, &file).await?;
+                    if json {
+                        print_json(&json!({"file": file.display().to_string(), "bytes": bytes}))
+                    } else {
+                        print_line(&format!(
+                            "backup of {bytes} bytes written to {}",
+                            file.display()
                         ))
                     }
                 }
@@ -2249,6 +2267,43 @@ fn metadata_json(m: &SecretMetadata) -> Value {
 
 /// Prints a JSON value, pretty, with a final newline.
 /// Writes one line of human output.
+/// Streams a backup into `file` through a private temporary file beside it, renamed into
+/// place only once every chunk is on disk: an interrupted backup never looks complete.
+async fn write_backup(client: &Client, file: &std::path::Path) -> Result<u64, Failure> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if file.exists() {
+        return Err(Failure::Usage(format!(
+            "{} exists; choose a new file",
+            file.display()
+        )));
+    }
+    let mut partial = file.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| Failure::Usage(format!("cannot create {}: {e}", partial.display())))?;
+    let result = async {
+        let mut stream = client.backup_stream().await?;
+        let mut bytes = 0u64;
+        while let Some(chunk) = stream.message().await.map_err(Error::from)? {
+            out.write_all(&chunk.data)?;
+            bytes += chunk.data.len() as u64;
+        }
+        out.sync_all()?;
+        std::fs::rename(&partial, file)?;
+        Ok::<u64, Failure>(bytes)
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
 fn print_line(line: &str) -> Result<(), Failure> {
     writeln!(io::stdout().lock(), "{line}")?;
     Ok(())

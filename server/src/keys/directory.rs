@@ -260,4 +260,8 @@ impl Store for DirectoryStore {
     fn generation(&self) -> u64 {
         self.inner.generation()
     }
+
+    fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
+        self.inner.snapshot()
+    }
 }

@@ -130,9 +130,12 @@ pub enum StoreError {
     /// A guard did not hold: someone else changed the key first.
     #[error("concurrent change")]
     Conflict,
-    /// The storage failed (I/O, full disk, corruption detected by the engine).
+    /// The storage failed (I/O, full disk, stalled device).
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The engine found corrupt data (a checksum failed) where it read.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
 }
 
 impl From<StoreError> for crate::error::Error {
@@ -142,6 +145,10 @@ impl From<StoreError> for crate::error::Error {
             StoreError::Unavailable(detail) => {
                 tracing::error!(%detail, "storage failure");
                 crate::error::Error::Unavailable("storage unavailable".into())
+            }
+            StoreError::Corrupt(detail) => {
+                tracing::error!(%detail, "storage engine found corrupt data");
+                crate::error::Error::DataLoss("stored data is corrupt".into())
             }
         }
     }
@@ -181,6 +188,29 @@ pub trait Store: Send + Sync + 'static {
     /// lost: a caller that compares the generation of its commit with the one after its sync
     /// never acknowledges such a write.
     fn generation(&self) -> u64;
+    /// Every entry of every tree as of one instant (no commit is half in it), and a number
+    /// above every id handed out so far. Blocking; writes wait while it copies.
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        Err(StoreError::Unavailable(
+            "this store cannot take snapshots".into(),
+        ))
+    }
+}
+
+/// A point-in-time copy of the whole store (see [`Store::snapshot`]).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Each tree's entries, in key order.
+    pub trees: Vec<(Tree, Vec<Entry>)>,
+    /// Greater than every id [`Store::next_id`] has returned: a restored store continues here.
+    pub next_id: u64,
+}
+
+impl Tree {
+    /// The tree with this on-disk name.
+    pub fn from_name(name: &str) -> Option<Tree> {
+        Tree::ALL.iter().copied().find(|t| t.name() == name)
+    }
 }
 
 /// Key of a version's sealed value: `name 0x00 version(u64 BE)`. Names never contain 0x00.

@@ -13,11 +13,26 @@
 //! the database again, retrying with backoff until that works. Reopening loses what had been
 //! committed but not flushed; those commits were never acknowledged, because their syncs failed
 //! or [`Store::generation`] changed under them.
+//!
+//! Three more failure modes of sled 0.34, each reproduced here, are handled too:
+//! - **A flush that never returns** (a wedged or full device): a flush slower than
+//!   `flush_timeout` marks the store *stalled*; every later call fails fast with UNAVAILABLE and
+//!   [`SledStore::stalled`] tells the server to exit so that a supervisor restarts it (sled
+//!   cannot be reopened in-process while its stuck thread holds the file lock).
+//! - **A nearly full disk**: commits are refused (UNAVAILABLE) while free space is below
+//!   `min_free_bytes`, and succeed again as soon as space returns.
+//! - **A damaged log is silently cut short**: on open, sled stops at the first corrupt or
+//!   missing record and serves the prefix before it. So each flush first stores an increasing
+//!   *flush mark* in sled and, once the flush is durable, writes the mark to a small file beside
+//!   the database (not fsynced: after a power loss it may hold an older mark, which only weakens
+//!   the check). A database whose mark is behind the file's has lost acknowledged writes: it is
+//!   refused at open (exit 4), naming both numbers.
 
 use super::{Batch, Entry, Store, StoreError, Tree};
 use futures::future::BoxFuture;
 use sled::transaction::{abort, TransactionError};
 use sled::Transactional;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -28,6 +43,31 @@ use tokio::sync::{watch, Notify};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// First and largest pause between attempts to reopen the database.
 const REOPEN_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
+
+/// sled tree private to this file: the flush mark.
+const MARK_TREE: &str = "__ward_store";
+const MARK_KEY: &[u8] = b"flush_mark";
+const ID_OFFSET_KEY: &[u8] = b"id_offset";
+/// File beside the database holding the last flush mark known durable.
+pub const MARK_FILE: &str = "ward-flush-mark";
+
+/// Tuning of the sled store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Commits are refused (UNAVAILABLE) while the file system has less free space than this.
+    pub min_free_bytes: u64,
+    /// A flush slower than this marks the store stalled.
+    pub flush_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            min_free_bytes: 64 * 1024 * 1024,
+            flush_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// The sled-backed store.
 pub struct SledStore {
@@ -47,12 +87,23 @@ struct Shared {
     closed: AtomicBool,
     runtime: tokio::runtime::Handle,
     group: GroupCommit,
+    options: StoreOptions,
+    /// Set once a flush overran its timeout: nothing can be made durable any more.
+    stalled: watch::Sender<bool>,
+    /// Commits hold it shared; a snapshot holds it exclusively, so it sees whole batches.
+    gate: RwLock<()>,
+    /// The last flush mark staged, and the file that records the last one known durable.
+    marks: std::sync::Mutex<(u64, std::fs::File)>,
 }
 
 /// One open sled database and its trees.
 struct Engine {
     db: sled::Db,
     trees: Vec<sled::Tree>,
+    /// The flush mark's tree.
+    marks: sled::Tree,
+    /// Added to sled's id generator: a restored store continues above its source's ids.
+    id_offset: u64,
     /// [`Store::generation`] this engine serves.
     generation: u64,
 }
@@ -70,8 +121,24 @@ impl SledStore {
     /// Opens (creating if absent) the database at `path` and starts the flusher task. Must be
     /// called inside a tokio runtime.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, StoreOptions::default())
+    }
+
+    /// [`open`](Self::open) with explicit options. Refuses a database that lost acknowledged
+    /// writes (its flush mark is behind the one recorded beside it).
+    pub fn open_with(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let engine = Engine::open(path, 0)?;
+        let stored = engine.stored_mark()?;
+        let mark_path = path.join(MARK_FILE);
+        let mark_file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&mark_path)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", mark_path.display())))?;
         let (done, _) = watch::channel((0, true));
+        let (stalled, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
             engine: RwLock::new(Some(Arc::new(engine))),
@@ -84,9 +151,74 @@ impl SledStore {
                 wake: Notify::new(),
                 done,
             },
+            options,
+            stalled,
+            gate: RwLock::new(()),
+            marks: std::sync::Mutex::new((stored, mark_file)),
         });
         tokio::spawn(flusher(shared.clone()));
         Ok(Self { shared })
+    }
+
+    /// Creates a new database at `path` (which must not hold one) from a snapshot, durably.
+    /// Blocking; no runtime needed.
+    pub fn restore_into(path: &Path, snapshot: &super::Snapshot) -> Result<u64, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(engine_error)?;
+        if db.tree_names().len() > 1 || !db.is_empty() {
+            return Err(StoreError::Unavailable(format!(
+                "{} already holds a database",
+                path.display()
+            )));
+        }
+        let mut entries = 0u64;
+        for (tree, items) in &snapshot.trees {
+            let t = db.open_tree(tree.name()).map_err(engine_error)?;
+            for (k, v) in items {
+                t.insert(k.as_slice(), v.as_slice()).map_err(engine_error)?;
+                entries += 1;
+            }
+        }
+        db.open_tree(MARK_TREE)
+            .and_then(|m| m.insert(ID_OFFSET_KEY, &snapshot.next_id.to_be_bytes()[..]))
+            .map_err(engine_error)?;
+        db.flush().map_err(engine_error)?;
+        Ok(entries)
+    }
+
+    /// Resolves to `true` once the store has stalled (a flush overran its timeout); the
+    /// server should then stop so that a supervisor restarts it.
+    pub fn stalled(&self) -> watch::Receiver<bool> {
+        self.shared.stalled.subscribe()
+    }
+
+    /// Refuses to write when the store has stalled or the disk is nearly full: a write that
+    /// sled cannot complete wedges it for the life of the process.
+    fn check_writable(&self) -> Result<(), StoreError> {
+        if *self.shared.stalled.borrow() {
+            return Err(StoreError::Unavailable(
+                "the store stalled earlier (a flush never finished); restart the server".into(),
+            ));
+        }
+        let min = self.shared.options.min_free_bytes;
+        if min == 0 {
+            return Ok(());
+        }
+        let path = &self.shared.path;
+        let st = nix::sys::statvfs::statvfs(path)
+            .map_err(|e| StoreError::Unavailable(format!("statvfs {}: {e}", path.display())))?;
+        let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+        if free < min {
+            return Err(StoreError::Unavailable(format!(
+                "disk nearly full: {free} bytes free under {}, writes need {min} \
+                 (limits.min_free_bytes)",
+                path.display()
+            )));
+        }
+        Ok(())
     }
 
     /// The engine in service, or UNAVAILABLE while recovering.
@@ -114,17 +246,47 @@ impl Engine {
             .path(path)
             .mode(sled::Mode::HighThroughput)
             .open()
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+            .map_err(|e| {
+                let hint = if matches!(e, sled::Error::Corruption { .. }) {
+                    " (the database is damaged: restore the data directory from a backup)"
+                } else {
+                    ""
+                };
+                StoreError::Unavailable(format!("cannot open {}: {e}{hint}", path.display()))
+            })?;
         let trees = Tree::ALL
             .iter()
             .map(|t| db.open_tree(t.name()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(unavailable)?;
-        Ok(Self {
+            .map_err(engine_error)?;
+        let marks = db.open_tree(MARK_TREE).map_err(engine_error)?;
+        let id_offset = read_u64(&marks, ID_OFFSET_KEY)?;
+        let engine = Self {
             db,
             trees,
+            marks,
+            id_offset,
             generation,
-        })
+        };
+        let stored = engine.stored_mark()?;
+        let mark_path = path.join(MARK_FILE);
+        if let Some(durable) = read_mark_file(&mark_path) {
+            if stored < durable {
+                return Err(StoreError::Corrupt(format!(
+                    "{} has lost acknowledged writes: it ends at flush {stored}, but flush \
+                     {durable} had completed ({}). The database file was truncated or damaged; \
+                     Ward will not serve from it. Restore the data directory from a backup",
+                    path.display(),
+                    mark_path.display()
+                )));
+            }
+        }
+        Ok(engine)
+    }
+
+    /// The flush mark the database itself holds.
+    fn stored_mark(&self) -> Result<u64, StoreError> {
+        read_u64(&self.marks, MARK_KEY)
     }
 
     fn tree(&self, t: Tree) -> &sled::Tree {
@@ -157,7 +319,49 @@ impl Shared {
 }
 
 fn unavailable(e: sled::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    engine_error(e)
+}
+
+fn engine_error(e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
+    Ok(tree
+        .get(key)
+        .map_err(engine_error)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+/// Reads the mark file: 8 bytes big-endian mark, 4 bytes CRC32C of them. A missing file means
+/// no check (a new or pre-mark database); an unreadable one is reported and skipped.
+fn read_mark_file(path: &Path) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let parsed = (bytes.len() == 12)
+        .then(|| {
+            let (mark, crc) = bytes.split_at(8);
+            (crc32c::crc32c(mark).to_be_bytes() == crc)
+                .then(|| <[u8; 8]>::try_from(mark).ok().map(u64::from_be_bytes))
+                .flatten()
+        })
+        .flatten();
+    if parsed.is_none() && !bytes.is_empty() {
+        tracing::warn!(file = %path.display(), "flush mark file is unreadable; not checking the database against it");
+    }
+    parsed
+}
+
+/// Records `mark` as durable in the file beside the database (not fsynced; see the module doc).
+fn record_mark(shared: &Shared, mark: u64) {
+    let mut rec = mark.to_be_bytes().to_vec();
+    rec.extend_from_slice(&crc32c::crc32c(&mark.to_be_bytes()).to_be_bytes());
+    let m = shared.marks.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Err(e) = m.1.write_all_at(&rec, 0) {
+        tracing::warn!(error = %e, "cannot record the flush mark");
+    }
 }
 
 /// Drops the failed engine once no call holds it, then reopens the database until it opens.
@@ -219,10 +423,35 @@ async fn flusher(shared: Arc<Shared>) {
                     false
                 }
                 Ok(engine) => {
+                    // The mark goes into the log before the flush: if it is durable, so is
+                    // everything committed before it (sled recovers a prefix of its log).
+                    let mark = {
+                        let mut m = shared.marks.lock().unwrap_or_else(PoisonError::into_inner);
+                        m.0 += 1;
+                        m.0
+                    };
+                    if let Err(e) = engine.marks.insert(MARK_KEY, &mark.to_be_bytes()[..]) {
+                        tracing::error!(error = %e, "cannot stage the flush mark");
+                    }
                     let flushing = engine.clone();
-                    // sled's flush blocks on fsync: keep it off the async workers.
-                    match tokio::task::spawn_blocking(move || flushing.db.flush()).await {
-                        Ok(Ok(_)) => true,
+                    // sled's flush blocks on fsync: keep it off the async workers, and bound it.
+                    let flush = tokio::task::spawn_blocking(move || flushing.db.flush());
+                    let timeout = shared.options.flush_timeout;
+                    let Ok(flushed) = tokio::time::timeout(timeout, flush).await else {
+                        tracing::error!(
+                            ?timeout,
+                            "flush did not finish in time: the storage has stalled (full disk \
+                             or failing device?); failing every call from now on"
+                        );
+                        shared.stalled.send_replace(true);
+                        group.done.send_replace((u64::MAX, false));
+                        return;
+                    };
+                    match flushed {
+                        Ok(Ok(_)) => {
+                            record_mark(&shared, mark);
+                            true
+                        }
                         Ok(Err(e)) => {
                             tracing::error!(error = %e, "flush failed");
                             drop(engine);
@@ -278,6 +507,12 @@ impl Store for SledStore {
     }
 
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let _gate = self
+            .shared
+            .gate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let engine = self.engine()?;
         if batch.generation.is_some_and(|g| g != engine.generation) {
             return Err(StoreError::Unavailable(
@@ -350,7 +585,29 @@ impl Store for SledStore {
 
     fn next_id(&self) -> Result<u64, StoreError> {
         let engine = self.engine()?;
-        engine.db.generate_id().map_err(|e| self.failed(e))
+        Ok(engine.db.generate_id().map_err(|e| self.failed(e))? + engine.id_offset)
+    }
+
+    fn snapshot(&self) -> Result<super::Snapshot, StoreError> {
+        let _gate = self
+            .shared
+            .gate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let engine = self.engine()?;
+        let mut trees = Vec::with_capacity(Tree::ALL.len());
+        for t in Tree::ALL {
+            let mut items = Vec::new();
+            for item in engine.tree(t).iter() {
+                let (k, v) = item.map_err(engine_error)?;
+                items.push((k.to_vec(), v.to_vec()));
+            }
+            trees.push((t, items));
+        }
+        Ok(super::Snapshot {
+            trees,
+            next_id: self.next_id()?,
+        })
     }
 
     fn generation(&self) -> u64 {

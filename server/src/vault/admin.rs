@@ -234,7 +234,7 @@ impl Vault {
     }
 
     /// Admin calls need the `admin` verb on every secret: a rule whose globs match "*".
-    fn authorize_admin(&self, peer: &Peer) -> Result<()> {
+    pub(super) fn authorize_admin(&self, peer: &Peer) -> Result<()> {
         if self.policy.allows(&peer.identity, Verb::Admin, "*", None) {
             Ok(())
         } else {

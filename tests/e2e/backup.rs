@@ -1,0 +1,225 @@
+//! Backup and restore: `wardctl admin backup FILE` while writers keep writing, more writes,
+//! then `ward-server restore` into a fresh data dir finds exactly the backed-up state — a
+//! consistent cut (each writer's versions are a prefix of what it wrote), nothing written
+//! after the backup, the keyring as it was — and the restored vault takes writes again.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tonic::Code;
+use ward_tests::{files_containing, ok, pb, run_tool, server_bin, TestServer};
+
+use crate::{assert_value, describe, fetch, put};
+
+/// `ward-server restore --config DIR/ward.toml --from FILE`.
+fn restore(s: &TestServer, from: &std::path::Path) -> std::process::Output {
+    let mut cmd = Command::new(server_bin());
+    cmd.args(["restore", "--config"])
+        .arg(s.config_path())
+        .arg("--from")
+        .arg(from);
+    run_tool(cmd, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_during_writes_restores_exactly_the_snapshot() {
+    const WRITERS: usize = 3;
+    let mut s = TestServer::start();
+    let mut c = s.raw_client("admin").await;
+    let canary = format!("BACKUP-CANARY-{}", ward_tests::random_hex(24));
+    for i in 0..20 {
+        put(
+            &mut c,
+            &format!("pre/s{i}"),
+            format!("{canary}-{i}").as_bytes(),
+        )
+        .await;
+    }
+    put(&mut c, "pre/s0", b"pre-v2").await;
+    let key = ok(
+        c.issue_key(pb::IssueKeyRequest {
+            name: "pre/key".into(),
+            ..Default::default()
+        })
+        .await,
+        "issue",
+    )
+    .api_key;
+    let admin = s.client("admin").await;
+    admin.rotate_keyring().await.unwrap();
+    put(&mut c, "pre/after-rotation", b"sealed under term 2").await;
+    let ring_before = admin.describe_keyring().await.unwrap();
+
+    // Writers run through the backup, each on its own name, so what a consistent cut holds is
+    // known: a prefix of each writer's sequence.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent: Arc<Mutex<Vec<Vec<Vec<u8>>>>> = Arc::new(Mutex::new(vec![Vec::new(); WRITERS]));
+    let acked: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(vec![0; WRITERS]));
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let mut wc = s.raw_client("admin").await;
+        let (stop, sent, acked) = (stop.clone(), sent.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let value = format!("writer-{w}-{i}").into_bytes();
+                sent.lock().unwrap()[w].push(value.clone());
+                let r = wc
+                    .put_secret(crate::put_req(&format!("during/w{w}"), &value))
+                    .await;
+                let v = ok(r, "concurrent put").version;
+                assert_eq!(v as usize, i + 1, "writer {w}: versions in order");
+                acked.lock().unwrap()[w] = i + 1;
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let acked_before: Vec<usize> = acked.lock().unwrap().clone();
+    let file = s.scratch_dir().join("vault.backup");
+    let out = {
+        let cmd = s.wardctl_command();
+        let f = s.identity_files("admin");
+        let addr = s.addr().to_string();
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = cmd;
+            cmd.args(["--addr", &addr, "--ca"])
+                .arg(&f.ca)
+                .arg("--cert")
+                .arg(&f.cert)
+                .arg("--key")
+                .arg(&f.key)
+                .args(["admin", "backup"])
+                .arg(&file);
+            run_tool(cmd, None)
+        })
+        .await
+        .unwrap()
+    };
+    assert!(
+        out.status.success(),
+        "wardctl admin backup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Written after the backup finished: must not come back.
+    put(&mut c, "post/new", b"after the backup").await;
+    put(&mut c, "pre/s1", b"pre/s1 v2, after the backup").await;
+    admin.rotate_keyring().await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let sent = sent.lock().unwrap().clone();
+    assert!(
+        acked_before.iter().all(|n| *n > 0),
+        "writers had not started"
+    );
+
+    // The file: private, and sealed (no plaintext in it).
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "backup file mode {mode:o}");
+    assert!(
+        files_containing(&s.scratch_dir(), canary.as_bytes()).is_empty(),
+        "plaintext in the backup"
+    );
+    assert!(
+        files_containing(&s.scratch_dir(), key.as_bytes()).is_empty(),
+        "API key in the backup"
+    );
+    // wardctl refuses to overwrite it.
+    let again = s.wardctl(&["admin", "backup", file.to_str().unwrap()], None);
+    assert_eq!(again.status.code(), Some(2), "overwrote an existing backup");
+
+    // Restore into a fresh data dir.
+    drop((c, admin));
+    s.stop();
+    let data = s.data_dir().join("data");
+    std::fs::rename(&data, s.scratch_dir().join("data-before-restore")).unwrap();
+    // A damaged backup is refused and creates nothing.
+    let mut bad = std::fs::read(&file).unwrap();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x01;
+    let bad_file = s.scratch_dir().join("damaged.backup");
+    std::fs::write(&bad_file, bad).unwrap();
+    let o = restore(&s, &bad_file);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "damaged backup: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("SHA-256"));
+    assert!(!data.exists(), "a refused restore created the data dir");
+    let o = restore(&s, &file);
+    assert!(
+        o.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("ward-master-1"),
+        "restore names the master key it needs: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // Only into an empty data dir.
+    let o = restore(&s, &file);
+    assert_eq!(o.status.code(), Some(4), "restore over a data dir");
+
+    s.restart();
+    let mut c = s.raw_client("admin").await;
+    for i in 2..20 {
+        assert_value(
+            &mut c,
+            &format!("pre/s{i}"),
+            0,
+            format!("{canary}-{i}").as_bytes(),
+        )
+        .await;
+    }
+    assert_value(&mut c, "pre/s0", 2, b"pre-v2").await;
+    assert_value(&mut c, "pre/after-rotation", 1, b"sealed under term 2").await;
+    assert_eq!(
+        fetch(&mut c, "pre/key", 0).await.unwrap().value,
+        key.as_bytes()
+    );
+    // Nothing from after the backup.
+    assert_eq!(describe(&mut c, "pre/s1").await.unwrap().primary_version, 1);
+    let gone = describe(&mut c, "post/new").await;
+    assert_eq!(
+        gone.unwrap_err().code(),
+        Code::NotFound,
+        "post-backup secret restored"
+    );
+    // Each writer's versions are a prefix of what it sent, at least as long as what was
+    // acknowledged before the backup began.
+    for (w, values) in sent.iter().enumerate() {
+        let m = describe(&mut c, &format!("during/w{w}")).await.unwrap();
+        let n = m.primary_version as usize;
+        assert!(
+            n >= acked_before[w],
+            "writer {w}: {n} restored < {} acked before",
+            acked_before[w]
+        );
+        assert_eq!(m.versions.len(), n, "writer {w}: version gaps");
+        for v in 1..=n {
+            assert_value(&mut c, &format!("during/w{w}"), v as u64, &values[v - 1]).await;
+        }
+    }
+    let admin = s.client("admin").await;
+    let ring = admin.describe_keyring().await.unwrap();
+    assert_eq!(
+        ring.current_term, ring_before.current_term,
+        "keyring as backed up"
+    );
+    // The restored vault takes writes and continues the numbering.
+    assert_eq!(put(&mut c, "pre/s1", b"v2 after restore").await.version, 2);
+    put(&mut c, "post/restored", b"new").await;
+    admin.rotate_keyring().await.unwrap();
+    drop((c, admin));
+    s.restart();
+    let mut c = s.raw_client("admin").await;
+    assert_value(&mut c, "pre/s1", 2, b"v2 after restore").await;
+}
