@@ -698,4 +698,66 @@ mod tests {
         s.commit(b).unwrap();
         s.sync().await.unwrap();
     }
+
+    #[tokio::test]
+    async fn restored_store_holds_the_snapshot_and_continues_its_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(&dir.path().join("a")).unwrap();
+        let mut used = 0;
+        for i in 0..50u32 {
+            used = s.next_id().unwrap();
+            let mut b = Batch::new();
+            b.put(
+                Tree::Audit,
+                used.to_be_bytes().to_vec(),
+                i.to_be_bytes().to_vec(),
+            );
+            s.commit(b).unwrap();
+        }
+        s.sync().await.unwrap();
+        let snap = s.snapshot().unwrap();
+        assert!(snap.next_id > used);
+        let to = dir.path().join("b");
+        assert_eq!(SledStore::restore_into(&to, &snap).unwrap(), 50);
+        // Not over an existing database.
+        assert!(SledStore::restore_into(&dir.path().join("a"), &snap).is_err());
+        let r = SledStore::open(&to).unwrap();
+        assert_eq!(r.scan(Tree::Audit, b"", b"", 1000).unwrap().len(), 50);
+        assert!(
+            r.next_id().unwrap() > used,
+            "ids would collide with restored records"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_database_behind_its_flush_mark_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = SledStore::open(&path).unwrap();
+            for i in 0..5u32 {
+                let mut b = Batch::new();
+                b.put(Tree::Secrets, i.to_be_bytes().to_vec(), vec![1]);
+                s.commit(b).unwrap();
+                s.sync().await.unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mark = std::fs::read(path.join(MARK_FILE)).unwrap();
+        // The same database with a mark file from the future: acknowledged writes are missing.
+        let mut ahead = 1000u64.to_be_bytes().to_vec();
+        ahead.extend_from_slice(&crc32c::crc32c(&1000u64.to_be_bytes()).to_be_bytes());
+        std::fs::write(path.join(MARK_FILE), &ahead).unwrap();
+        let err = SledStore::open(&path).err().expect("refused");
+        assert!(
+            err.to_string().contains("lost acknowledged writes"),
+            "{err}"
+        );
+        // Its own mark opens; an unreadable mark file is skipped with a warning.
+        std::fs::write(path.join(MARK_FILE), &mark).unwrap();
+        drop(SledStore::open(&path).unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::write(path.join(MARK_FILE), b"junk").unwrap();
+        assert!(SledStore::open(&path).is_ok());
+    }
 }
