@@ -31,6 +31,8 @@ pub mod server;
 pub mod service;
 pub mod status;
 pub mod store;
+#[cfg(test)]
+mod testutil;
 pub mod tls;
 pub mod unseal;
 pub mod vault;

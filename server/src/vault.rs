@@ -1221,9 +1221,6 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::store::sled_store::SledStore;
-    use crate::unseal::unseal;
-    use ward_hsm::memory::InMemoryWrapper;
-    use ward_hsm::{KeyWrapper, MacSigner};
 
     const POLICY: &str = r#"
         [[rule]]
@@ -1238,7 +1235,7 @@ mod tests {
     "#;
 
     struct Fixture {
-        vault: Vault,
+        vault: Arc<Vault>,
         clock: Arc<ManualClock>,
         _dir: tempfile::TempDir,
     }
@@ -1246,37 +1243,7 @@ mod tests {
     async fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-        let hsm = InMemoryWrapper::new();
-        hsm.create_master_key("m").unwrap();
-        hsm.create_mac_key("ward-audit-1").unwrap();
-        let hsm = Arc::new(hsm);
-        let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
-        let clock = Arc::new(ManualClock::new(1_000_000));
-        let (keyring, index) = unseal(&store, &wrapper, "m", clock.now_ms()).await.unwrap();
-        let audit = AuditLog::open(
-            store.clone(),
-            clock.clone(),
-            hsm,
-            crate::audit::AuditSettings::default(),
-        )
-        .unwrap();
-        let settings = Settings {
-            issuer: "ward".into(),
-            environments: vec!["dev".into(), "prod".into()],
-            default_environment: "dev".into(),
-            max_value_bytes: 1024,
-            max_batch: 10,
-            grace_ms: 60_000,
-        };
-        let vault = Vault::new(
-            store,
-            audit,
-            keyring,
-            index,
-            Policy::parse(POLICY).unwrap(),
-            clock.clone(),
-            settings,
-        );
+        let (vault, clock) = crate::testutil::vault_over(store, POLICY, 60_000).await;
         Fixture {
             vault,
             clock,

@@ -596,14 +596,11 @@ mod tests {
     use crate::clock::{Clock, ManualClock};
     use crate::keypolicy::KeyPolicyInput;
     use crate::model::VersionMeta;
-    use crate::policy::Policy;
+
     use crate::store::sled_store::SledStore;
     use crate::store::{decode, encode, Batch, Store, Tree};
-    use crate::unseal::unseal;
-    use crate::vault::{IssueInput, Settings};
-    use ward_hsm::memory::InMemoryWrapper;
-    use ward_hsm::KeyWrapper;
-    use ward_hsm::MacSigner;
+
+    use crate::vault::IssueInput;
 
     const POLICY: &str = r#"
         [[rule]]
@@ -633,37 +630,7 @@ mod tests {
         let directory = Arc::new(KeyDirectory::load(&*sled).unwrap());
         let store: Arc<dyn Store> =
             Arc::new(directory::DirectoryStore::new(sled, directory.clone()));
-        let hsm = InMemoryWrapper::new();
-        hsm.create_master_key("m").unwrap();
-        hsm.create_mac_key("ward-audit-1").unwrap();
-        let hsm = Arc::new(hsm);
-        let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
-        let clock = Arc::new(ManualClock::new(1_000_000));
-        let (keyring, index) = unseal(&store, &wrapper, "m", clock.now_ms()).await.unwrap();
-        let audit = crate::audit::AuditLog::open(
-            store.clone(),
-            clock.clone(),
-            hsm,
-            crate::audit::AuditSettings::default(),
-        )
-        .unwrap();
-        let settings = Settings {
-            issuer: "ward".into(),
-            environments: vec!["dev".into(), "prod".into()],
-            default_environment: "dev".into(),
-            max_value_bytes: 1024,
-            max_batch: 10,
-            grace_ms: 60_000,
-        };
-        let vault = Arc::new(Vault::new(
-            store,
-            audit,
-            keyring,
-            index,
-            Policy::parse(POLICY).unwrap(),
-            clock.clone(),
-            settings,
-        ));
+        let (vault, clock) = crate::testutil::vault_over(store, POLICY, 60_000).await;
         let keys = Keys::new(
             vault.clone(),
             directory,

@@ -5,22 +5,17 @@ use super::input::{LifecycleInput, RawDuration};
 use super::ops::{DestroyInput, RevokeInput, RotateInput, SetStateInput};
 use super::watch::{EventKind, WatchInput};
 use crate::audit::AuditRecord;
-use crate::clock::{Clock, ManualClock};
+use crate::clock::ManualClock;
 use crate::error::Code;
 use crate::model::{KeyIndexEntry, SecretRecord, VersionState};
-use crate::policy::Policy;
 use crate::store::sled_store::SledStore;
 use crate::store::{decode, version_key, Store, Tree};
 use crate::tls::Peer;
-use crate::unseal::unseal;
-use crate::vault::{IssueInput, PutInput, Settings, Vault};
+use crate::vault::{IssueInput, PutInput, Vault};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use ward::keyformat::ApiKey;
-use ward_hsm::memory::InMemoryWrapper;
-use ward_hsm::KeyWrapper;
-use ward_hsm::MacSigner;
 use zeroize::Zeroizing;
 
 const H: u64 = 3_600_000;
@@ -34,42 +29,9 @@ struct Fixture {
 async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-    let hsm = InMemoryWrapper::new();
-    hsm.create_master_key("m").unwrap();
-    hsm.create_mac_key("ward-audit-1").unwrap();
-    let hsm = Arc::new(hsm);
-    let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
-    let clock = Arc::new(ManualClock::new(1_000_000));
-    let (keyring, index) = unseal(&store, &wrapper, "m", clock.now_ms()).await.unwrap();
-    let audit = crate::audit::AuditLog::open(
-        store.clone(),
-        clock.clone(),
-        hsm,
-        crate::audit::AuditSettings::default(),
-    )
-    .unwrap();
-    let settings = Settings {
-        issuer: "ward".into(),
-        environments: vec!["dev".into(), "prod".into()],
-        default_environment: "dev".into(),
-        max_value_bytes: 1024,
-        max_batch: 10,
-        grace_ms: 24 * H,
-    };
-    let policy = Policy::parse(
-        "[[rule]]\nidentities = [\"admin\"]\nverbs = [\"*\"]\nsecrets = [\"*\"]\n\
-         [[rule]]\nidentities = [\"app\"]\nverbs = [\"read\"]\nsecrets = [\"*\"]\n",
-    )
-    .unwrap();
-    let vault = Arc::new(Vault::new(
-        store,
-        audit,
-        keyring,
-        index,
-        policy,
-        clock.clone(),
-        settings,
-    ));
+    let policy = "[[rule]]\nidentities = [\"admin\"]\nverbs = [\"*\"]\nsecrets = [\"*\"]\n\
+                  [[rule]]\nidentities = [\"app\"]\nverbs = [\"read\"]\nsecrets = [\"*\"]\n";
+    let (vault, clock) = crate::testutil::vault_over(store, policy, 24 * H).await;
     Fixture {
         vault,
         clock,

@@ -1,0 +1,50 @@
+//! Fixtures shared by the unit tests: a vault over a real store, an in-memory key wrapper
+//! (for unit tests only; the server and the end-to-end suite always use PKCS#11) and a clock
+//! the test moves.
+
+use crate::audit::{AuditLog, AuditSettings};
+use crate::clock::{Clock, ManualClock};
+use crate::policy::Policy;
+use crate::store::Store;
+use crate::unseal::unseal;
+use crate::vault::{Settings, Vault};
+use std::sync::Arc;
+use ward_hsm::memory::InMemoryWrapper;
+use ward_hsm::{KeyWrapper, MacSigner};
+
+/// A vault over `store`: keyring unsealed by an in-memory master key, an audit log signed by
+/// an in-memory MAC key, environments dev and prod, `policy` (TOML) and a replaced PRIMARY's
+/// grace of `grace_ms`. The clock starts at 1,000,000 ms.
+pub(crate) async fn vault_over(
+    store: Arc<dyn Store>,
+    policy: &str,
+    grace_ms: u64,
+) -> (Arc<Vault>, Arc<ManualClock>) {
+    let hsm = InMemoryWrapper::new();
+    hsm.create_master_key("m").unwrap();
+    hsm.create_mac_key("ward-audit-1").unwrap();
+    let hsm = Arc::new(hsm);
+    let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let (keyring, index) = unseal(&store, &wrapper, "m", clock.now_ms()).await.unwrap();
+    let audit =
+        AuditLog::open(store.clone(), clock.clone(), hsm, AuditSettings::default()).unwrap();
+    let settings = Settings {
+        issuer: "ward".into(),
+        environments: vec!["dev".into(), "prod".into()],
+        default_environment: "dev".into(),
+        max_value_bytes: 1024,
+        max_batch: 10,
+        grace_ms,
+    };
+    let vault = Vault::new(
+        store,
+        audit,
+        keyring,
+        index,
+        Policy::parse(policy).unwrap(),
+        clock.clone(),
+        settings,
+    );
+    (Arc::new(vault), clock)
+}
