@@ -740,16 +740,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "create_time": timestamp_json(resp.create_time.as_ref()),
                 }))
             } else {
-                let mut out = io::stdout().lock();
-                writeln!(out, "{}", resp.api_key)
-                    .and_then(|()| out.flush())
-                    .map_err(Failure::from)
-                    .map(|()| {
-                        eprintln!(
-                            "issued {} version {} (key id {})",
-                            resp.name, resp.version, resp.key_id
-                        )
-                    })
+                print_new_key(
+                    &resp.api_key,
+                    &format!(
+                        "issued {} version {} (key id {})",
+                        resp.name, resp.version, resp.key_id
+                    ),
+                )
             };
             resp.api_key.zeroize();
             printed
@@ -1911,16 +1908,13 @@ async fn run_rotate(
         )
         .map_err(Failure::from)
     } else {
-        let mut out = io::stdout().lock();
-        writeln!(out, "{}", resp.api_key)
-            .and_then(|()| out.flush())
-            .map_err(Failure::from)
-            .map(|()| {
-                eprintln!(
-                    "rotated {} to version {} (key id {}); {previous}",
-                    resp.name, resp.version, resp.key_id
-                )
-            })
+        print_new_key(
+            &resp.api_key,
+            &format!(
+                "rotated {} to version {} (key id {}); {previous}",
+                resp.name, resp.version, resp.key_id
+            ),
+        )
     };
     resp.api_key.zeroize();
     printed
@@ -2266,6 +2260,15 @@ fn metadata_json(m: &SecretMetadata) -> Value {
 }
 
 /// Prints a JSON value, pretty, with a final newline.
+/// Prints a new API key alone on stdout (so `KEY=$(wardctl …)` works), then `note` on stderr.
+fn print_new_key(key: &str, note: &str) -> Result<(), Failure> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{key}")?;
+    out.flush()?;
+    eprintln!("{note}");
+    Ok(())
+}
+
 /// Writes one line of human output.
 /// Streams a backup into `file` through a private temporary file beside it, renamed into
 /// place only once every chunk is on disk: an interrupted backup never looks complete.
