@@ -105,11 +105,29 @@ async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
     admin.rotate_keyring().await.unwrap();
     admin.rotate_master_key("").await.unwrap();
     admin.describe_keyring().await.unwrap();
+    // A rotation returns a new key and verification receives keys: neither may log one.
+    let key_rotated = admin
+        .rotate_secret(pb::RotateSecretRequest {
+            name: "leak/key".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .api_key;
+    for k in [&key_rotated, &key_dev, &key_prod] {
+        admin
+            .verify_key(pb::VerifyKeyRequest {
+                api_key: k.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
     put(&mut c, "leak/after-rotation", value2.as_bytes()).await;
     drop((c, app, admin));
 
     let body = |k: &str| k[k.len() - ward::keyformat::BODY_LEN..].to_owned();
-    let (body_dev, body_prod) = (body(&key_dev), body(&key_prod));
+    let (body_dev, body_prod, body_rotated) = (body(&key_dev), body(&key_prod), body(&key_rotated));
     let pin = std::fs::read_to_string(s.data_dir().join("hsm.pin")).unwrap();
     let pin = pin.trim().to_owned();
     let tls = s.data_dir().join("tls");
@@ -120,6 +138,8 @@ async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
         ("prod API key", key_prod.clone().into_bytes()),
         ("dev API key body", body_dev.clone().into_bytes()),
         ("prod API key body", body_prod.clone().into_bytes()),
+        ("rotated API key", key_rotated.clone().into_bytes()),
+        ("rotated API key body", body_rotated.clone().into_bytes()),
     ];
     let needle_refs: Vec<(&str, &[u8])> = needles.iter().map(|(w, n)| (*w, &n[..])).collect();
 
