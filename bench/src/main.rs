@@ -174,6 +174,7 @@ async fn run(opts: &Opts) -> Result<Summary, Failure> {
     };
     let summary = match opts.workload {
         WorkloadKind::Fetch => run_on(Fetch::new(value_size), &spec, &clients).await,
+        WorkloadKind::Echo => run_on(Fetch::echo(value_size), &spec, &clients).await,
         WorkloadKind::Put => run_on(Put::new(value_size), &spec, &clients).await,
         WorkloadKind::Batch => run_on(BatchFetch::new(value_size), &spec, &clients).await,
         WorkloadKind::Issue => run_on(Issue::new(), &spec, &clients).await,

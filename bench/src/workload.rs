@@ -45,6 +45,9 @@ pub trait Workload: Send + Sync + 'static {
 pub enum WorkloadKind {
     /// Fetch `bench/fetch-0..99` (PRIMARY) round-robin, after writing them once.
     Fetch,
+    /// The fetch calls without writing anything first: for the echo floor
+    /// (`ward-bench echo-server`), which serves FetchSecret only.
+    Echo,
     /// Write `bench/put-<worker>-<n>`, a new secret per operation.
     Put,
     /// BatchFetchSecrets of 10 of the fetch secrets.
@@ -63,6 +66,7 @@ impl WorkloadKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::Fetch => "fetch",
+            Self::Echo => "echo",
             Self::Put => "put",
             Self::Batch => "batch10",
             Self::Issue => "issue",
