@@ -185,6 +185,9 @@ pub struct Limits {
     /// A flush to disk slower than this means the storage has stalled: the server fails every
     /// call and exits (code 4) so that its supervisor restarts it.
     pub flush_timeout_ms: u64,
+    /// Memory for the storage engine's page cache, in MiB. The main lever on resident memory;
+    /// reads of records outside it cost a disk read.
+    pub cache_mib: u64,
 }
 
 impl Default for Limits {
@@ -196,6 +199,7 @@ impl Default for Limits {
             max_request_bytes: 4 * 1024 * 1024,
             min_free_bytes: 64 * 1024 * 1024,
             flush_timeout_ms: 10_000,
+            cache_mib: crate::store::sled_store::DEFAULT_CACHE_BYTES / (1024 * 1024),
         }
     }
 }
@@ -385,6 +389,9 @@ impl Config {
         }
         if k.usage_flush_seconds == 0 || k.usage_flush_seconds > 3600 {
             return Err("keys.usage_flush_seconds must be between 1 and 3600".into());
+        }
+        if l.cache_mib < 8 || l.cache_mib > 1024 * 1024 {
+            return Err("limits.cache_mib must be between 8 and 1048576".into());
         }
         if l.flush_timeout_ms < 100 {
             return Err("limits.flush_timeout_ms must be at least 100".into());

@@ -125,6 +125,7 @@ pub async fn serve(
     let options = StoreOptions {
         min_free_bytes: cfg.limits.min_free_bytes,
         flush_timeout: Duration::from_millis(cfg.limits.flush_timeout_ms),
+        cache_bytes: cfg.limits.cache_mib * 1024 * 1024,
     };
     let mut stalled = None;
     let mut open_store = || -> Result<Arc<dyn Store>, StartError> {
