@@ -13,6 +13,7 @@ use crate::error::{Code, Error, Result};
 use crate::keypolicy::{parse_cidrs, KeyPolicy, KeyPolicyInput, PolicyMask, Quota, RateLimit};
 use crate::keys::usage::UsageBook;
 use crate::lifecycle::input::{LifecycleInput, LifecyclePolicy};
+use crate::lifecycle::sweeper::SweepIndex;
 use crate::lifecycle::watch::WatchHub;
 use crate::model::{
     check_labels, check_scopes, check_text, KeyIndexEntry, Kind, RequestId, RequestRecord,
@@ -73,6 +74,8 @@ pub struct Vault {
     usage: Arc<UsageBook>,
     /// Tells watchers which secrets changed (lifecycle/watch.rs).
     pub(crate) watch: WatchHub,
+    /// The sweeper's deadlines; every secret write marks its name here (lifecycle/sweeper.rs).
+    pub(crate) sweep_index: SweepIndex,
 }
 
 /// PutSecret's input, as received.
@@ -229,6 +232,7 @@ impl Vault {
             settings,
             usage: Arc::new(UsageBook::default()),
             watch: WatchHub::new(),
+            sweep_index: SweepIndex::default(),
         }
     }
 
@@ -1098,12 +1102,20 @@ impl Vault {
         }
     }
 
-    /// Commits a batch together with the call's audit record (outcome OK).
+    /// Commits a batch together with the call's audit record (outcome OK). Every write of a
+    /// secret record goes through here: the sweeper's index learns of it.
     pub(crate) fn commit_with_audit(&self, batch: Batch, rec: &mut AuditRecord) -> Result<()> {
         rec.code = Code::Ok.as_i32();
         rec.time_ms = self.now();
+        let written: Vec<Vec<u8>> = batch
+            .written_keys(Tree::Secrets)
+            .map(<[u8]>::to_vec)
+            .collect();
         match self.audit.commit(batch, rec) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.sweep_index.touch(written.iter().map(Vec::as_slice));
+                Ok(())
+            }
             Err(StoreError::Conflict) => Err(Error::Conflict("concurrent change".into())),
             Err(e) => Err(e.into()),
         }

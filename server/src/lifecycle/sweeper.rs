@@ -10,17 +10,28 @@
 //! Each change is its own guarded batch with an audit record (identity `ward/scheduler`);
 //! a batch that loses a race with a caller is simply retried at the next pass. One durable
 //! sync covers the whole pass, then watchers are told.
+//!
+//! A pass does not read every secret: a [`SweepIndex`] keeps each secret's next deadline (the
+//! earliest time at which a pass could have work for it, [`next_deadline`]) and a pass reads
+//! only the secrets whose deadline has come. The index is built by one full scan at the first
+//! pass, kept current by the write path (every commit that writes a secret record goes through
+//! `Vault::commit_with_audit`, which marks the name dirty; the next pass re-reads it), and
+//! rebuilt by a full scan every [`FULL_SCAN_EVERY`] as a backstop. Before, every pass decoded
+//! every secret: at a million secrets that was seconds of CPU every 5 s, and it pulled the
+//! whole store through the page cache (BENCHMARKS.md).
 
 use crate::audit::AuditRecord;
+use crate::clock::Millis;
 use crate::error::{Error, Result};
 use crate::lifecycle::ops::NewValue;
-use crate::model::{Kind, SecretRecord};
+use crate::model::{Kind, SecretRecord, VersionState};
 use crate::store::{decode, encode, Batch, Tree};
 use crate::tls::Peer;
 use crate::vault::Vault;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use ward::keyformat::ApiKey;
 
 /// The identity audit records of the sweeper's changes carry.
@@ -42,6 +53,93 @@ pub async fn run(vault: Arc<Vault>, interval: Duration) {
     }
 }
 
+/// How often a pass re-reads every secret anyway, in case a record changed without passing
+/// through the write path's hook (none is known to; this bounds the damage if one ever does).
+pub const FULL_SCAN_EVERY: Duration = Duration::from_secs(600);
+
+/// The earliest time at which a sweep could have work for `secret`, judged at `now`; `None`
+/// if no deadline is pending. Mirrors [`Vault::sweep_one`]'s decisions: a PRIMARY or ACTIVE
+/// version's expiry and an ACTIVE version's grace end (the moments [`SecretRecord::settle`]
+/// changes something), and a scheduled rotation the secret can still take.
+pub fn next_deadline(secret: &SecretRecord, now: Millis) -> Option<Millis> {
+    let versions = secret
+        .versions
+        .iter()
+        .filter(|v| matches!(v.state, VersionState::Primary | VersionState::Active))
+        .flat_map(|v| {
+            let grace = (v.state == VersionState::Active)
+                .then_some(v.grace_until_ms)
+                .flatten();
+            [secret.expiry_of(v), grace]
+        })
+        .flatten();
+    let rotation = secret.life.next_rotation_ms.filter(|_| {
+        let flagged = secret.kind == Kind::Static && secret.life.rotation_due_ms.is_some();
+        // Revoked and expired secrets take no new version, now or later.
+        !flagged && secret.check_accepts_versions(now).is_ok()
+    });
+    versions.chain(rotation).min()
+}
+
+/// Each secret's next deadline, and the names written since the last pass.
+#[derive(Default)]
+pub struct SweepIndex {
+    /// Names written since the last pass took them (by the write path).
+    dirty: Mutex<HashSet<Vec<u8>>>,
+    /// Deadlines, read and written by the pass only.
+    due: Mutex<Deadlines>,
+}
+
+#[derive(Default)]
+struct Deadlines {
+    /// (deadline, name), in deadline order.
+    queue: BTreeSet<(Millis, Vec<u8>)>,
+    /// name → its entry in `queue`.
+    by_name: HashMap<Vec<u8>, Millis>,
+    /// When the last full scan began (None: never).
+    scanned: Option<Instant>,
+}
+
+impl Deadlines {
+    fn set(&mut self, name: &[u8], deadline: Option<Millis>) {
+        if let Some(old) = self.by_name.remove(name) {
+            self.queue.remove(&(old, name.to_vec()));
+        }
+        if let Some(at) = deadline {
+            self.by_name.insert(name.to_vec(), at);
+            self.queue.insert((at, name.to_vec()));
+        }
+    }
+}
+
+impl SweepIndex {
+    /// Marks the secrets `names` as changed: the next pass re-reads them.
+    pub fn touch<'a>(&self, names: impl Iterator<Item = &'a [u8]>) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
+        for name in names {
+            dirty.insert(name.to_vec());
+        }
+    }
+
+    fn take_dirty(&self) -> HashSet<Vec<u8>> {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Secrets tracked (with a pending deadline).
+    pub fn len(&self) -> usize {
+        self.due
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_name
+            .len()
+    }
+
+    /// Whether no secret has a pending deadline.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What one secret needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Work {
@@ -54,24 +152,50 @@ enum Work {
 }
 
 impl Vault {
-    /// One pass over every secret. Returns the names it changed (watchers have been told).
+    /// One pass: every secret whose deadline has come. Returns the names it changed (watchers
+    /// have been told).
     pub async fn sweep(&self) -> Result<Vec<String>> {
-        let mut changed = Vec::new();
-        let mut start = Vec::new();
-        loop {
-            let chunk = self.store.scan(Tree::Secrets, b"", &start, 256)?;
-            let exhausted = chunk.len() < 256;
-            for (key, raw) in chunk {
-                start = key;
-                start.push(0);
-                match self.sweep_one(raw) {
-                    Ok(Some(name)) => changed.push(name),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "sweep of one secret failed"),
-                }
+        let now = self.now();
+        // Taken before reading: a write that lands during this pass is re-read by the next.
+        let dirty = self.sweep_index.take_dirty();
+        let full = self
+            .sweep_index
+            .due
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .scanned
+            .is_none_or(|at| at.elapsed() >= FULL_SCAN_EVERY);
+        if full {
+            self.index_every_secret(now)?;
+        } else {
+            for name in dirty {
+                let deadline = match self.store.get(Tree::Secrets, &name)? {
+                    Some(raw) => next_deadline(&decode("secret", &raw)?, now),
+                    None => None,
+                };
+                self.deadlines().set(&name, deadline);
             }
-            if exhausted {
-                break;
+        }
+        let due: Vec<Vec<u8>> = {
+            let d = self.deadlines();
+            d.queue
+                .iter()
+                .take_while(|(at, _)| *at <= now)
+                .map(|(_, name)| name.clone())
+                .collect()
+        };
+        let mut changed = Vec::new();
+        for name in due {
+            let Some(raw) = self.store.get(Tree::Secrets, &name)? else {
+                self.deadlines().set(&name, None);
+                continue;
+            };
+            match self.sweep_one(raw) {
+                // Written through commit_with_audit, so dirty: the next pass re-reads it.
+                Ok(Some(name)) => changed.push(name),
+                // Nothing to do, or a caller changed it first (dirty too): keep the entry.
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "sweep of one secret failed"),
             }
         }
         if !changed.is_empty() {
@@ -81,6 +205,43 @@ impl Vault {
             }
         }
         Ok(changed)
+    }
+
+    fn deadlines(&self) -> std::sync::MutexGuard<'_, Deadlines> {
+        self.sweep_index
+            .due
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Rebuilds the deadline index from every stored secret.
+    fn index_every_secret(&self, now: Millis) -> Result<()> {
+        let began = Instant::now();
+        let mut fresh = Deadlines::default();
+        let mut start = Vec::new();
+        loop {
+            let chunk = self.store.scan(Tree::Secrets, b"", &start, 256)?;
+            let exhausted = chunk.len() < 256;
+            for (key, raw) in chunk {
+                match decode::<SecretRecord>("secret", &raw) {
+                    Ok(secret) => fresh.set(&key, next_deadline(&secret, now)),
+                    Err(e) => tracing::warn!(error = %e, "sweep index: secret not readable"),
+                }
+                start = key;
+                start.push(0);
+            }
+            if exhausted {
+                break;
+            }
+        }
+        fresh.scanned = Some(began);
+        tracing::debug!(
+            pending = fresh.by_name.len(),
+            took_ms = began.elapsed().as_millis() as u64,
+            "sweep index rebuilt"
+        );
+        *self.deadlines() = fresh;
+        Ok(())
     }
 
     fn sweep_one(&self, raw: Vec<u8>) -> Result<Option<String>> {

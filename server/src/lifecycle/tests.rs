@@ -1,7 +1,7 @@
 //! The lifecycle operations against a real vault (sled in a temp dir, in-memory key wrapper,
 //! manual clock): the rules end to end inside one process, without the network.
 
-use super::input::{LifecycleInput, RawDuration};
+use super::input::{LifecycleInput, RawDuration, RawExpiration};
 use super::ops::{DestroyInput, RevokeInput, RotateInput, SetStateInput};
 use super::watch::{EventKind, WatchInput};
 use crate::audit::AuditRecord;
@@ -430,4 +430,134 @@ async fn watchers_get_the_difference_then_live_changes() {
         .map(|r| r.code)
         .collect();
     assert_eq!(watches, [0, 7]);
+}
+
+#[tokio::test]
+async fn sweeps_read_only_secrets_whose_deadline_came_and_learn_of_new_writes() {
+    let f = fixture().await;
+    let admin = peer("admin");
+    for i in 0..50 {
+        f.vault
+            .put(&admin, put(&format!("plain/{i}"), b"v"))
+            .await
+            .unwrap();
+    }
+    let mut p = put("svc/expiring", b"one");
+    p.lifecycle.expiration = secs(600).map(RawExpiration::Ttl);
+    f.vault.put(&admin, p).await.unwrap();
+    assert!(f.vault.sweep().await.unwrap().is_empty(), "nothing due yet");
+    assert_eq!(
+        f.vault.sweep_index.len(),
+        1,
+        "secrets without deadlines are not tracked"
+    );
+
+    // Written after the index was built: the write path tells the sweeper.
+    let mut p = put("svc/later", b"one");
+    p.lifecycle.expiration = secs(300).map(RawExpiration::Ttl);
+    f.vault.put(&admin, p).await.unwrap();
+    f.vault
+        .rotate(&admin, rotate("plain/7", b"w", secs(60)))
+        .await
+        .unwrap();
+    assert!(f.vault.sweep().await.unwrap().is_empty());
+    assert_eq!(
+        f.vault.sweep_index.len(),
+        3,
+        "new expiry and a grace period"
+    );
+
+    f.clock.advance(61_000);
+    assert_eq!(f.vault.sweep().await.unwrap(), ["plain/7"]);
+    f.clock.advance(240_000);
+    assert_eq!(f.vault.sweep().await.unwrap(), ["svc/later"]);
+    f.clock.advance(300_000);
+    assert_eq!(f.vault.sweep().await.unwrap(), ["svc/expiring"]);
+    assert_eq!(
+        f.record("svc/expiring").versions[0].state,
+        VersionState::Inactive
+    );
+    assert!(f.vault.sweep().await.unwrap().is_empty(), "settled once");
+    assert!(
+        f.vault.sweep_index.is_empty(),
+        "nothing is pending any more"
+    );
+}
+
+/// Whenever a pass would change a secret at some time, its indexed deadline is no later than
+/// that time: the index never hides work from the sweeper.
+#[test]
+fn the_deadline_is_never_after_the_settle_or_rotation_it_stands_for() {
+    use crate::lifecycle::sweeper::next_deadline;
+    use crate::model::{Kind, SecretLife, VersionLife, VersionMeta};
+    let base = 1_000_000;
+    let mut checked = 0;
+    for kind in [Kind::Static, Kind::ApiKey] {
+        for secret_expiry in [None, Some(base + 50)] {
+            for rotation in [None, Some(base + 30)] {
+                for flagged in [false, true] {
+                    for (state, grace) in [
+                        (VersionState::Primary, None),
+                        (VersionState::Active, Some(base + 20)),
+                        (VersionState::Active, None),
+                        (VersionState::Inactive, None),
+                    ] {
+                        for version_expiry in [None, Some(base + 40)] {
+                            let s = SecretRecord {
+                                name: "a/b".into(),
+                                kind,
+                                environment: "prod".into(),
+                                owner: String::new(),
+                                labels: BTreeMap::new(),
+                                description: String::new(),
+                                scopes: Vec::new(),
+                                created_by: "admin".into(),
+                                create_ms: base,
+                                update_ms: base,
+                                primary: 1,
+                                versions: vec![VersionMeta {
+                                    version: 1,
+                                    state,
+                                    create_ms: base,
+                                    grace_until_ms: grace,
+                                    checksum: 0,
+                                    term: 1,
+                                    key_id: None,
+                                    life: VersionLife {
+                                        expire_ms: version_expiry,
+                                        ..Default::default()
+                                    },
+                                }],
+                                key_policy: Default::default(),
+                                life: SecretLife {
+                                    expire_ms: secret_expiry,
+                                    next_rotation_ms: rotation,
+                                    rotation_due_ms: flagged.then_some(base),
+                                    ..Default::default()
+                                },
+                            };
+                            let deadline = next_deadline(&s, base);
+                            for t in (base..base + 100).step_by(5) {
+                                let mut settled = s.clone();
+                                let would_settle = settled.settle(t);
+                                let would_rotate = rotation.is_some_and(|at| t >= at)
+                                    && s.check_accepts_versions(t).is_ok()
+                                    && !(kind == Kind::Static && flagged);
+                                if would_settle || would_rotate {
+                                    assert!(
+                                        deadline.is_some_and(|d| d <= t),
+                                        "{kind:?} {secret_expiry:?} {rotation:?} {flagged} \
+                                         {state:?} {grace:?} {version_expiry:?}: work at {t}, \
+                                         deadline {deadline:?}"
+                                    );
+                                    checked += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 100);
 }
