@@ -17,7 +17,7 @@ use ward_tests::{ok, pb, AuditClient, TestServer};
 use crate::{assert_code, assert_value, fetch, put, put_req};
 
 /// Every record of the log, in order, as `admin` sees them (the reading call adds its own).
-async fn all_records(a: &mut AuditClient) -> Vec<pb::AuditRecord> {
+pub(crate) async fn all_records(a: &mut AuditClient) -> Vec<pb::AuditRecord> {
     read_stream(a, stream_req(0, false), usize::MAX).await.0
 }
 
@@ -30,7 +30,7 @@ fn stream_req(from_seq: u64, follow: bool) -> pb::StreamAuditRequest {
 }
 
 /// Reads up to `max` records (and any gaps) from a stream opened with `req`.
-async fn read_stream(
+pub(crate) async fn read_stream(
     a: &mut AuditClient,
     req: pb::StreamAuditRequest,
     max: usize,

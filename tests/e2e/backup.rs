@@ -1,7 +1,8 @@
 //! Backup and restore: `wardctl admin backup FILE` while writers keep writing, more writes,
 //! then `ward-server restore` into a fresh data dir finds exactly the backed-up state — a
 //! consistent cut (each writer's versions are a prefix of what it wrote), nothing written
-//! after the backup, the keyring as it was — and the restored vault takes writes again.
+//! after the backup, the keyring as it was, the audit log up to the same cut with its chain
+//! intact — and the restored vault takes writes again, continuing the chain.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -11,7 +12,24 @@ use std::sync::{Arc, Mutex};
 use tonic::Code;
 use ward_tests::{files_containing, ok, pb, run_tool, server_bin, TestServer};
 
+use crate::audit::all_records;
 use crate::{assert_value, describe, fetch, put};
+
+/// The successful `method` record of `name`@`version` in `records`.
+fn record_of<'a>(
+    records: &'a [pb::AuditRecord],
+    method: &str,
+    name: &str,
+    version: u64,
+) -> Option<&'a pb::AuditRecord> {
+    records.iter().find(|r| {
+        r.method == method
+            && r.code == Code::Ok as i32
+            && r.targets
+                .iter()
+                .any(|t| t.name == name && t.version == version)
+    })
+}
 
 /// `ward-server restore --config DIR/ward.toml --from FILE`.
 fn restore(s: &TestServer, from: &std::path::Path) -> std::process::Output {
@@ -78,6 +96,8 @@ async fn backup_during_writes_restores_exactly_the_snapshot() {
     }
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     let acked_before: Vec<usize> = acked.lock().unwrap().clone();
+    // Every record up to here is durable before the backup begins, so it is in the backup.
+    let head_before = admin.verify_audit_log(0, 0).await.unwrap().head_seq;
     let file = s.scratch_dir().join("vault.backup");
     let out = {
         let cmd = s.wardctl_command();
@@ -117,6 +137,21 @@ async fn backup_during_writes_restores_exactly_the_snapshot() {
         acked_before.iter().all(|n| *n > 0),
         "writers had not started"
     );
+    // The log as it was before the restore: whole, and holding the backup's own record.
+    let mut a = s.audit_client("admin").await;
+    let v = ok(
+        a.verify_audit_log(pb::VerifyAuditLogRequest::default())
+            .await,
+        "VerifyAuditLog",
+    );
+    assert!(v.ok, "audit log before the restore: {v:?}");
+    let before = all_records(&mut a).await;
+    let backup_seq = before
+        .iter()
+        .find(|r| r.method == "StreamBackup" && r.code == Code::Ok as i32)
+        .expect("the backup's audit record")
+        .seq;
+    drop(a);
 
     // The file: private, and sealed (no plaintext in it).
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
@@ -214,12 +249,115 @@ async fn backup_during_writes_restores_exactly_the_snapshot() {
         ring.current_term, ring_before.current_term,
         "keyring as backed up"
     );
-    // The restored vault takes writes and continues the numbering.
+
+    // The audit log: intact, and exactly the backed-up prefix of the old one.
+    let mut a = s.audit_client("admin").await;
+    let v = ok(
+        a.verify_audit_log(pb::VerifyAuditLogRequest::default())
+            .await,
+        "VerifyAuditLog",
+    );
+    assert!(v.ok && v.oldest_seq == 1, "restored audit log: {v:?}");
+    let restored = all_records(&mut a).await;
+    let seqs: Vec<u64> = restored.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "seqs");
+    // The backup's audit head: the last record the restored log shares with the old one.
+    let head = restored
+        .iter()
+        .zip(&before)
+        .take_while(|(r, b)| r.hash == b.hash)
+        .count();
+    assert!(
+        head > 0 && head < restored.len() && head as u64 >= head_before,
+        "restored audit head {head}: the log before the backup began ended at {head_before}"
+    );
+    assert!(
+        (head as u64) < backup_seq,
+        "the restored log holds the backup's own record or later ones (head {head}, backup \
+         record {backup_seq})"
+    );
+    eprintln!(
+        "backup test: log at {head_before} when the backup began, backup cut at record \
+         {head}, the backup's own record {backup_seq}, {} records in the old log",
+        before.len()
+    );
+    // Every record after the head is the restored server's own, chained onto the head.
+    let first_new = &restored[head];
+    assert_eq!(first_new.prev_hash, restored[head - 1].hash);
+    let old_hashes: std::collections::HashSet<&[u8]> =
+        before.iter().map(|r| r.hash.as_slice()).collect();
+    assert!(
+        restored[head..]
+            .iter()
+            .all(|r| !old_hashes.contains(r.hash.as_slice())),
+        "a record from after the backup came back"
+    );
+    // Everything written before the backup has its record, and the data is the same cut as the
+    // log: each writer's restored version is the last one the log up to the head records.
+    let (cut, _) = restored.split_at(head);
+    for i in 0..20 {
+        assert!(record_of(cut, "PutSecret", &format!("pre/s{i}"), 1).is_some());
+    }
+    assert!(record_of(cut, "PutSecret", "pre/s0", 2).is_some());
+    assert!(record_of(cut, "IssueKey", "pre/key", 1).is_some());
+    assert!(record_of(cut, "PutSecret", "pre/after-rotation", 1).is_some());
+    assert!(record_of(cut, "PutSecret", "pre/s1", 2).is_none());
+    assert!(
+        cut.iter()
+            .all(|r| r.targets.iter().all(|t| t.name != "post/new")),
+        "post/new is in the restored log"
+    );
+    for w in 0..WRITERS {
+        let name = format!("during/w{w}");
+        let n = describe(&mut c, &name).await.unwrap().primary_version;
+        assert!(
+            record_of(cut, "PutSecret", &name, n).is_some(),
+            "{name}@{n}"
+        );
+        assert!(
+            record_of(cut, "PutSecret", &name, n + 1).is_none(),
+            "{name}@{}: in the log, not in the data",
+            n + 1
+        );
+    }
+
+    // The restored vault takes writes, continues the numbering and the chain.
     assert_eq!(put(&mut c, "pre/s1", b"v2 after restore").await.version, 2);
     put(&mut c, "post/restored", b"new").await;
     admin.rotate_keyring().await.unwrap();
-    drop((c, admin));
+    drop((c, admin, a));
     s.restart();
     let mut c = s.raw_client("admin").await;
     assert_value(&mut c, "pre/s1", 2, b"v2 after restore").await;
+    let mut a = s.audit_client("admin").await;
+    let after = all_records(&mut a).await;
+    assert!(
+        after[..restored.len()]
+            .iter()
+            .zip(&restored)
+            .all(|(x, r)| x.hash == r.hash),
+        "the restored log changed"
+    );
+    let put_seq = record_of(&after, "PutSecret", "pre/s1", 2)
+        .expect("the put after the restore is audited")
+        .seq;
+    assert!(put_seq > head as u64);
+    // A checkpoint (made at start-up, over the log as the restored server left it) signs it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let v = ok(
+            a.verify_audit_log(pb::VerifyAuditLogRequest::default())
+                .await,
+            "VerifyAuditLog",
+        );
+        assert!(v.ok, "audit log after the restore: {v:?}");
+        if v.signed_through_seq >= put_seq {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint over record {put_seq}: {v:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
