@@ -256,6 +256,7 @@ impl Keys {
         method: &'static str,
     ) -> Result<Verdict> {
         let now = self.vault.now();
+        let generation = self.vault.store().generation();
         let mut rec = AuditRecord::new(peer, method, now);
         let outcome = self.decide(peer, &input, now, &mut rec);
         let m = metrics::global();
@@ -274,6 +275,17 @@ impl Keys {
             }
         }
         self.vault.audit().append(rec).await?;
+        // A quota charge is committed before the audit record, not with it. The record's sync
+        // covers the charge unless the store was reopened in between (after an I/O error),
+        // which may have lost it: then a VALID answer could exceed the quota after a crash.
+        if matches!(&outcome, Ok(v) if v.result == VerifyResult::Valid)
+            && self.vault.store().generation() != generation
+        {
+            return Err(Error::Unavailable(
+                "storage was reopened during the call; the quota charge is not confirmed durable"
+                    .into(),
+            ));
+        }
         outcome
     }
 
