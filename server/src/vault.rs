@@ -416,7 +416,7 @@ impl Vault {
                 fingerprint,
                 &written,
             );
-            match self.commit_with_audit(batch, rec) {
+            match self.commit_with_audit(batch, rec).await {
                 Err(Error::Conflict(_)) => continue,
                 other => other?,
             }
@@ -590,7 +590,7 @@ impl Vault {
                 fingerprint,
                 &written,
             );
-            match self.commit_with_audit(batch, rec) {
+            match self.commit_with_audit(batch, rec).await {
                 Err(Error::Conflict(_)) => continue,
                 other => other?,
             }
@@ -840,11 +840,11 @@ impl Vault {
         let mut rec = AuditRecord::new(peer, "UpdateKeyPolicy", self.now());
         rec.targets.push((input.name.clone(), 0));
         rec.request_id = input.request_id.clone();
-        let result = self.update_policy_inner(peer, &input, &mut rec);
+        let result = self.update_policy_inner(peer, &input, &mut rec).await;
         self.finish_write(rec, result).await
     }
 
-    fn update_policy_inner(
+    async fn update_policy_inner(
         &self,
         peer: &Peer,
         input: &PolicyUpdate,
@@ -921,7 +921,7 @@ impl Vault {
                 fingerprint,
                 &written,
             );
-            match self.commit_with_audit(batch, rec) {
+            match self.commit_with_audit(batch, rec).await {
                 Err(Error::Conflict(_)) => continue,
                 other => other?,
             }
@@ -1104,14 +1104,18 @@ impl Vault {
 
     /// Commits a batch together with the call's audit record (outcome OK). Every write of a
     /// secret record goes through here: the sweeper's index learns of it.
-    pub(crate) fn commit_with_audit(&self, batch: Batch, rec: &mut AuditRecord) -> Result<()> {
+    pub(crate) async fn commit_with_audit(
+        &self,
+        batch: Batch,
+        rec: &mut AuditRecord,
+    ) -> Result<()> {
         rec.code = Code::Ok.as_i32();
         rec.time_ms = self.now();
         let written: Vec<Vec<u8>> = batch
             .written_keys(Tree::Secrets)
             .map(<[u8]>::to_vec)
             .collect();
-        match self.audit.commit(batch, rec) {
+        match self.audit.commit(batch, rec).await {
             Ok(()) => {
                 self.sweep_index.touch(written.iter().map(Vec::as_slice));
                 Ok(())

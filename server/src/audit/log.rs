@@ -90,6 +90,39 @@ pub struct AuditLog {
     oldest: AtomicU64,
     /// When each version's usage fact was last written by this process.
     usage_written: Mutex<HashMap<Vec<u8>, Millis>>,
+    /// Writes waiting to be committed; the caller that is [`Leader`] commits them together.
+    waiting: Mutex<Vec<Arc<Mutex<Waiting>>>>,
+    /// A caller is committing the queue.
+    committing: std::sync::atomic::AtomicBool,
+    /// Counts finished commit rounds: waiting callers wake to look for their outcome.
+    rounds: watch::Sender<u64>,
+}
+
+/// The one caller committing the waiting writes. Dropped (also when its call is cancelled),
+/// it lets the next caller lead and wakes the waiting ones.
+struct Leader<'a>(&'a AuditLog);
+
+impl<'a> Leader<'a> {
+    fn elect(log: &'a AuditLog) -> Option<Self> {
+        log.committing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            .then_some(Leader(log))
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        self.0.committing.store(false, Ordering::Release);
+        self.0.rounds.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// A write waiting to be committed with its record, then its outcome.
+struct Waiting {
+    batch: Option<Batch>,
+    rec: AuditRecord,
+    outcome: Option<Result<(), StoreError>>,
 }
 
 struct Chain {
@@ -133,6 +166,9 @@ impl AuditLog {
             checkpoint_due: Notify::new(),
             oldest: AtomicU64::new(oldest),
             usage_written: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(Vec::new()),
+            committing: std::sync::atomic::AtomicBool::new(false),
+            rounds: watch::channel(0).0,
         }))
     }
 
@@ -170,10 +206,102 @@ impl AuditLog {
     /// chain lock: either both apply and the head advances, or neither does (a guard did not
     /// hold: [`StoreError::Conflict`]; `rec.seq` is then 0). Durable only after
     /// [`AuditLog::synced`].
-    pub fn commit(&self, batch: Batch, rec: &mut AuditRecord) -> Result<(), StoreError> {
-        let mut chain = self.lock();
-        self.refresh(&mut chain)?;
-        self.commit_locked(&mut chain, batch, rec)
+    ///
+    /// Concurrent writes are combined: each queues itself, and one caller at a time (the
+    /// [`Leader`]) commits every queued write in one storage transaction (sled 0.34 pays two
+    /// synchronous log writes per transaction, whatever its size). Parts apply in queue order
+    /// with their own guards, exactly as one after another; if any guard fails, each is
+    /// committed alone so that only that one fails.
+    pub async fn commit(&self, batch: Batch, rec: &mut AuditRecord) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            // A read's record: a lone insert, with no transaction to share.
+            let mut chain = self.lock();
+            self.refresh(&mut chain)?;
+            return self.commit_locked(&mut chain, batch, rec);
+        }
+        let mine = Arc::new(Mutex::new(Waiting {
+            batch: Some(batch),
+            rec: rec.clone(),
+            outcome: None,
+        }));
+        lock(&self.waiting).push(mine.clone());
+        let mut rounds = self.rounds.subscribe();
+        loop {
+            let outcome = {
+                let mut w = lock(&mine);
+                let outcome = w.outcome.take();
+                if outcome.is_some() {
+                    std::mem::swap(rec, &mut w.rec);
+                }
+                outcome
+            };
+            if let Some(outcome) = outcome {
+                return outcome;
+            }
+            if let Some(_leader) = Leader::elect(self) {
+                // Let the writers that are already runnable queue up first: they share this
+                // commit. No timer, so a lone write is committed at once.
+                tokio::task::yield_now().await;
+                let queued = std::mem::take(&mut *lock(&self.waiting));
+                if !queued.is_empty() {
+                    let mut chain = self.lock();
+                    self.commit_queued(&mut chain, &queued);
+                }
+                continue;
+            }
+            // Another caller is committing the queue; its round may or may not include this
+            // write (it may have taken the queue before this write joined it).
+            if rounds.changed().await.is_err() {
+                return Err(StoreError::Unavailable("audit log closed".into()));
+            }
+        }
+    }
+
+    /// Commits the queued writes, in order, as one transaction if their guards allow.
+    fn commit_queued(&self, chain: &mut Chain, queued: &[Arc<Mutex<Waiting>>]) {
+        let mut waiting: Vec<_> = queued.iter().map(|w| lock(w)).collect();
+        if let Err(e) = self.refresh(chain) {
+            for w in &mut waiting {
+                w.outcome = Some(Err(e.clone()));
+            }
+            return;
+        }
+        if let [w] = &mut waiting[..] {
+            let batch = w.batch.take().unwrap_or_default();
+            w.outcome = Some(self.commit_locked(chain, batch, &mut w.rec));
+            return;
+        }
+        let mut all = Batch::new();
+        let (mut seq, mut hash) = (chain.seq, chain.hash);
+        let mut hashes = Vec::with_capacity(waiting.len());
+        for w in &mut waiting {
+            let mut batch = w.batch.clone().unwrap_or_default();
+            hash = stage(&mut batch, &mut w.rec, seq, hash, chain.generation);
+            seq = w.rec.seq;
+            hashes.push(hash);
+            all.merge(batch);
+        }
+        all.require_generation(chain.generation);
+        match self.store.commit(all) {
+            Ok(()) => {
+                for (w, hash) in waiting.iter_mut().zip(hashes) {
+                    self.advance(chain, &w.rec, hash);
+                    w.outcome = Some(Ok(()));
+                }
+            }
+            Err(StoreError::Conflict) => {
+                for w in &mut waiting {
+                    let batch = w.batch.take().unwrap_or_default();
+                    w.outcome = Some(self.commit_locked(chain, batch, &mut w.rec));
+                }
+            }
+            Err(e) => {
+                for w in &mut waiting {
+                    w.rec.seq = 0;
+                    w.outcome = Some(Err(e.clone()));
+                }
+            }
+        }
     }
 
     /// Waits until `rec` (committed by [`AuditLog::commit`]) is durable, then lets readers see
@@ -200,7 +328,9 @@ impl AuditLog {
     /// caller must then release nothing.
     pub async fn append(&self, mut rec: AuditRecord) -> Result<()> {
         let started = std::time::Instant::now();
-        self.commit(Batch::new(), &mut rec).map_err(audit_down)?;
+        self.commit(Batch::new(), &mut rec)
+            .await
+            .map_err(audit_down)?;
         self.record_usage(&rec);
         let result = self.synced(&rec).await.map_err(audit_down);
         crate::metrics::global().observe_audit_write(started.elapsed());
@@ -332,7 +462,9 @@ impl AuditLog {
         };
         let mut rec =
             AuditRecord::system(PRUNE_METHOD, self.clock.now_ms(), Event::Prune { below });
-        self.commit(Batch::new(), &mut rec).map_err(audit_down)?;
+        self.commit(Batch::new(), &mut rec)
+            .await
+            .map_err(audit_down)?;
         self.synced(&rec).await.map_err(audit_down)?;
         let mut deleted = 0;
         loop {
@@ -437,17 +569,19 @@ impl AuditLog {
         mut batch: Batch,
         rec: &mut AuditRecord,
     ) -> Result<(), StoreError> {
-        rec.seq = chain.seq + 1;
-        rec.prev_hash = chain.hash;
-        rec.generation = chain.generation;
-        let (stored, hash) = rec.encode();
-        batch.put(Tree::Audit, record_key(rec.seq).to_vec(), stored);
+        let hash = stage(&mut batch, rec, chain.seq, chain.hash, chain.generation);
         batch.require_generation(chain.generation);
         if let Err(e) = self.store.commit(batch) {
             // Not in the log: the caller must not take this number for its record.
             rec.seq = 0;
             return Err(e);
         }
+        self.advance(chain, rec, hash);
+        Ok(())
+    }
+
+    /// Moves the head to `rec`, just committed, whose hash is `hash`.
+    fn advance(&self, chain: &mut Chain, rec: &AuditRecord, hash: [u8; 32]) {
         chain.seq = rec.seq;
         chain.hash = hash;
         if matches!(rec.event, Event::Checkpoint(_)) {
@@ -459,7 +593,6 @@ impl AuditLog {
         if chain.seq.saturating_sub(chain.last_checkpoint) >= self.settings.checkpoint_every {
             self.checkpoint_due.notify_one();
         }
-        Ok(())
     }
 
     /// Sets the last-use facts of a successful read, to within [`USAGE_RESOLUTION_MS`].
@@ -508,6 +641,27 @@ impl AuditLog {
             }
         }
     }
+}
+
+/// Makes `rec` the record after (`seq`, `hash`) and adds it to `batch`; returns its hash.
+fn stage(
+    batch: &mut Batch,
+    rec: &mut AuditRecord,
+    seq: u64,
+    hash: [u8; 32],
+    generation: u64,
+) -> [u8; 32] {
+    rec.seq = seq + 1;
+    rec.prev_hash = hash;
+    rec.generation = generation;
+    let (stored, hash) = rec.encode();
+    batch.put(Tree::Audit, record_key(rec.seq).to_vec(), stored);
+    hash
+}
+
+/// Locks `m`, poisoned or not: every critical section here leaves its data whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The head of the stored chain: (seq, hash, whether it is a checkpoint).

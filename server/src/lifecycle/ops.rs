@@ -234,7 +234,7 @@ impl Vault {
                 fingerprint,
                 &rotated.written,
             );
-            match self.commit_with_audit(batch, rec) {
+            match self.commit_with_audit(batch, rec).await {
                 Err(Error::Conflict(_)) => continue,
                 other => other?,
             }
@@ -465,7 +465,7 @@ impl Vault {
                 fingerprint,
                 input.version,
             );
-            match self.commit_with_audit(batch, rec) {
+            match self.commit_with_audit(batch, rec).await {
                 Err(Error::Conflict(_)) => continue,
                 other => other?,
             }
@@ -577,7 +577,7 @@ impl Vault {
                 fingerprint,
                 input.version,
             );
-            match self.commit_with_audit(batch, rec) {
+            match self.commit_with_audit(batch, rec).await {
                 Err(Error::Conflict(_)) => continue,
                 other => other?,
             }
@@ -659,7 +659,7 @@ impl Vault {
             );
             // Crypto-shredding: the wrapped data key goes with the ciphertext.
             batch.remove(Tree::Versions, version_key(name.as_str(), input.version));
-            match self.commit_with_audit(batch, rec) {
+            match self.commit_with_audit(batch, rec).await {
                 Err(Error::Conflict(_)) => continue,
                 other => other?,
             }

@@ -190,7 +190,7 @@ impl Vault {
                 self.deadlines().set(&name, None);
                 continue;
             };
-            match self.sweep_one(raw) {
+            match self.sweep_one(raw).await {
                 // Written through commit_with_audit, so dirty: the next pass re-reads it.
                 Ok(Some(name)) => changed.push(name),
                 // Nothing to do, or a caller changed it first (dirty too): keep the entry.
@@ -244,7 +244,7 @@ impl Vault {
         Ok(())
     }
 
-    fn sweep_one(&self, raw: Vec<u8>) -> Result<Option<String>> {
+    async fn sweep_one(&self, raw: Vec<u8>) -> Result<Option<String>> {
         let mut secret: SecretRecord = decode("secret", &raw)?;
         let now = self.now();
         let settled = secret.settle(now);
@@ -291,7 +291,7 @@ impl Vault {
                 batch
             }
         };
-        match self.commit_with_audit(batch, &mut rec) {
+        match self.commit_with_audit(batch, &mut rec).await {
             Ok(()) => Ok(Some(secret.name)),
             // A caller changed it first; the next pass looks again.
             Err(Error::Conflict(_)) => Ok(None),

@@ -74,12 +74,26 @@ impl Tree {
 /// A key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
+/// A guard or a write: a tree, a key, and the value expected or to set (None: absent).
+type Op = (Tree, Vec<u8>, Option<Vec<u8>>);
+
 /// A set of writes applied atomically, only if every guard holds.
-#[derive(Debug, Default)]
+///
+/// A batch may be several callers' batches [merged](Batch::merge) into one commit (the audit
+/// log combines concurrent writes so that they share one storage transaction). The parts apply
+/// in order, each part's guards checked against what the parts before it wrote: the same as
+/// committing them one after another, except that all or none apply.
+#[derive(Debug, Default, Clone)]
 pub struct Batch {
-    guards: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)>,
-    writes: Vec<(Tree, Vec<u8>, Option<Vec<u8>>)>,
+    parts: Vec<Part>,
     generation: Option<u64>,
+}
+
+/// One caller's guards and writes.
+#[derive(Debug, Default, Clone)]
+struct Part {
+    guards: Vec<Op>,
+    writes: Vec<Op>,
 }
 
 impl Batch {
@@ -88,32 +102,44 @@ impl Batch {
         Self::default()
     }
 
+    fn part(&mut self) -> &mut Part {
+        if self.parts.is_empty() {
+            self.parts.push(Part::default());
+        }
+        let last = self.parts.len() - 1;
+        &mut self.parts[last]
+    }
+
     /// Requires `key` to hold exactly `expected` (None: absent) when the batch applies.
     pub fn guard(&mut self, tree: Tree, key: impl Into<Vec<u8>>, expected: Option<Vec<u8>>) {
-        self.guards.push((tree, key.into(), expected));
+        self.part().guards.push((tree, key.into(), expected));
     }
 
     /// Sets `key` to `value`.
     pub fn put(&mut self, tree: Tree, key: impl Into<Vec<u8>>, value: Vec<u8>) {
-        self.writes.push((tree, key.into(), Some(value)));
+        self.part().writes.push((tree, key.into(), Some(value)));
     }
 
     /// Removes `key`.
     pub fn remove(&mut self, tree: Tree, key: impl Into<Vec<u8>>) {
-        self.writes.push((tree, key.into(), None));
+        self.part().writes.push((tree, key.into(), None));
+    }
+
+    /// Appends `other` as a later part: its guards are checked after this batch's writes.
+    pub fn merge(&mut self, other: Batch) {
+        self.parts.extend(other.parts);
     }
 
     /// The keys this batch writes or removes in `tree`.
     pub fn written_keys(&self, tree: Tree) -> impl Iterator<Item = &[u8]> + '_ {
-        self.writes
-            .iter()
+        self.writes()
             .filter(move |(t, _, _)| *t == tree)
             .map(|(_, k, _)| k.as_slice())
     }
 
     /// Whether the batch writes nothing.
     pub fn is_empty(&self) -> bool {
-        self.writes.is_empty()
+        self.writes().next().is_none()
     }
 
     /// Applies only if the store is still at [`Store::generation`] `generation` (UNAVAILABLE
@@ -121,10 +147,18 @@ impl Batch {
     pub fn require_generation(&mut self, generation: u64) {
         self.generation = Some(generation);
     }
+
+    fn writes(&self) -> impl Iterator<Item = &Op> + '_ {
+        self.parts.iter().flat_map(|p| &p.writes)
+    }
+
+    fn guards(&self) -> impl Iterator<Item = &Op> + '_ {
+        self.parts.iter().flat_map(|p| &p.guards)
+    }
 }
 
 /// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// A guard did not hold: someone else changed the key first.

@@ -106,9 +106,10 @@ struct Shared {
     free: FreeSpace,
 }
 
-/// Free space on the store's file system, read at most once per [`FREE_SPACE_TTL`]: a
-/// `statvfs` on every commit cost 2.5% of the server's CPU under a read load, and the margin
-/// (`min_free_bytes`, 64 MiB by default) is far more than the writes of one interval.
+/// Free space on the store's file system, read at most once per [`FREE_SPACE_TTL`] while far
+/// above the minimum: a `statvfs` on every commit cost 2.5% of the server's CPU under a read
+/// load, and the margin (`min_free_bytes`, 64 MiB by default) is far more than the writes of
+/// one interval.
 struct FreeSpace {
     /// Microseconds since `epoch` of the last reading (0: never read).
     read_at_us: AtomicU64,
@@ -236,7 +237,7 @@ impl SledStore {
         if min == 0 {
             return Ok(());
         }
-        let free = self.shared.free_bytes()?;
+        let free = self.shared.free_bytes(min)?;
         if free < min {
             return Err(StoreError::Unavailable(format!(
                 "disk nearly full: {free} bytes free under {}, writes need {min} \
@@ -322,14 +323,19 @@ impl Engine {
 }
 
 impl Shared {
-    /// Free bytes on the store's file system, re-read once the last reading is older than
-    /// [`FREE_SPACE_TTL`].
-    fn free_bytes(&self) -> Result<u64, StoreError> {
+    /// Free bytes on the store's file system. A reading is reused for [`FREE_SPACE_TTL`] while
+    /// it shows at least twice `min` free; near or below `min` every call reads afresh, so a
+    /// refusal ends as soon as space returns.
+    fn free_bytes(&self, min: u64) -> Result<u64, StoreError> {
         let f = &self.free;
         let now = (f.epoch.elapsed().as_micros() as u64).max(1);
         let at = f.read_at_us.load(Ordering::Acquire);
-        if at != 0 && now.saturating_sub(at) < FREE_SPACE_TTL.as_micros() as u64 {
-            return Ok(f.bytes.load(Ordering::Acquire));
+        let bytes = f.bytes.load(Ordering::Acquire);
+        if at != 0
+            && now.saturating_sub(at) < FREE_SPACE_TTL.as_micros() as u64
+            && bytes >= min.saturating_mul(2)
+        {
+            return Ok(bytes);
         }
         let st = nix::sys::statvfs::statvfs(&self.path).map_err(|e| {
             StoreError::Unavailable(format!("statvfs {}: {e}", self.path.display()))
@@ -570,37 +576,44 @@ impl Store for SledStore {
             ));
         }
         // A lone unconditional write (an audit record of a read) needs no transaction.
-        if let ([], [(tree, key, Some(value))]) = (&batch.guards[..], &batch.writes[..]) {
-            engine
-                .tree(*tree)
-                .insert(key.as_slice(), value.as_slice())
-                .map_err(|e| self.failed(e))?;
-            return Ok(());
+        if let ([part], 0) = (&batch.parts[..], batch.guards().count()) {
+            if let [(tree, key, Some(value))] = &part.writes[..] {
+                engine
+                    .tree(*tree)
+                    .insert(key.as_slice(), value.as_slice())
+                    .map_err(|e| self.failed(e))?;
+                return Ok(());
+            }
         }
         // Transact over the trees this batch touches only: sled locks and overlays every tree
         // in a transaction, so naming all of them would serialise unrelated writers.
         let mut used: Vec<Tree> = batch
-            .guards
-            .iter()
-            .chain(&batch.writes)
+            .guards()
+            .chain(batch.writes())
             .map(|(t, _, _)| *t)
             .collect();
         used.sort_by_key(|t| t.index());
         used.dedup();
         let trees: Vec<sled::Tree> = used.iter().map(|t| engine.tree(*t).clone()).collect();
         let slot = |t: &Tree| used.iter().position(|u| u == t).unwrap_or(0);
+        // Each sled 0.34 transaction costs two synchronous log-buffer writes (`pin_log`), which
+        // is why the audit log merges concurrent batches into one.
         let result = trees[..].transaction(|txs| {
-            for (tree, key, expected) in &batch.guards {
-                let current = txs[slot(tree)].get(key)?;
-                if current.as_deref() != expected.as_deref() {
-                    return abort(());
+            for part in &batch.parts {
+                // A transaction's reads see its own earlier writes: a part's guards are checked
+                // against what the parts before it left.
+                for (tree, key, expected) in &part.guards {
+                    let current = txs[slot(tree)].get(key)?;
+                    if current.as_deref() != expected.as_deref() {
+                        return abort(());
+                    }
                 }
-            }
-            for (tree, key, value) in &batch.writes {
-                match value {
-                    Some(v) => txs[slot(tree)].insert(key.as_slice(), v.as_slice())?,
-                    None => txs[slot(tree)].remove(key.as_slice())?,
-                };
+                for (tree, key, value) in &part.writes {
+                    match value {
+                        Some(v) => txs[slot(tree)].insert(key.as_slice(), v.as_slice())?,
+                        None => txs[slot(tree)].remove(key.as_slice())?,
+                    };
+                }
             }
             Ok(())
         });
@@ -697,6 +710,36 @@ mod tests {
             Some((b"a\0x".to_vec(), b"v".to_vec()))
         );
         assert_eq!(s.generation(), 0);
+    }
+
+    #[tokio::test]
+    async fn merged_parts_apply_in_order_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let part = |expected: Option<&[u8]>, value: &[u8], other: &[u8]| {
+            let mut b = Batch::new();
+            b.guard(Tree::Secrets, b"k".to_vec(), expected.map(<[u8]>::to_vec));
+            b.put(Tree::Secrets, b"k".to_vec(), value.to_vec());
+            b.put(Tree::Versions, other.to_vec(), value.to_vec());
+            b
+        };
+        // The second part's guard sees the first part's write.
+        let mut b = part(None, b"1", b"x1");
+        b.merge(part(Some(b"1"), b"2", b"x2"));
+        s.commit(b).unwrap();
+        assert_eq!(
+            s.get(Tree::Secrets, b"k").unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
+        // A later part guarding on what was there before the earlier part: nothing applies.
+        let mut b = part(Some(b"2"), b"3", b"x3");
+        b.merge(part(Some(b"2"), b"4", b"x4"));
+        assert!(matches!(s.commit(b), Err(StoreError::Conflict)));
+        assert_eq!(
+            s.get(Tree::Secrets, b"k").unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
+        assert_eq!(s.get(Tree::Versions, b"x3").unwrap(), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

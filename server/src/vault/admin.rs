@@ -87,7 +87,7 @@ impl Vault {
         batch.guard(Tree::Keyring, term.to_be_bytes().to_vec(), None);
         batch.put(Tree::Keyring, term.to_be_bytes().to_vec(), encode(&entry));
         let mut rec = AuditRecord::new(peer, "RotateKeyring", self.now());
-        self.commit_with_audit(batch, &mut rec)?;
+        self.commit_with_audit(batch, &mut rec).await?;
         self.store.sync().await.map_err(|e| {
             tracing::error!(error = %e, "keyring term not durable");
             Error::Unavailable("storage unavailable: new keyring term not confirmed durable".into())
@@ -194,7 +194,7 @@ impl Vault {
         batch.put(Tree::Meta, INDEX_KEY, encode(&new_index));
 
         let mut rec = AuditRecord::new(peer, "RotateMasterKey", self.now());
-        self.commit_with_audit(batch, &mut rec)?;
+        self.commit_with_audit(batch, &mut rec).await?;
         self.store.sync().await.map_err(|e| {
             tracing::error!(error = %e, "master-key rotation not durable");
             Error::Unavailable("storage unavailable: rotation not confirmed durable".into())
