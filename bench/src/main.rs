@@ -21,7 +21,7 @@ use ward_client::cli::ConnArgs;
 use ward_client::{parse_duration, Client, RetryPolicy};
 
 use stats::{Summary, WorkerStats};
-use workload::{BatchFetch, Fetch, Health, Issue, Put, Verify, Workload, WorkloadKind};
+use workload::{BatchFetch, Fetch, Health, Issue, Put, Rotate, Verify, Workload, WorkloadKind};
 
 /// Time allowed after the window closes, beyond one call timeout, before workers are aborted.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -178,6 +178,14 @@ async fn run(opts: &Opts) -> Result<Summary, Failure> {
         WorkloadKind::Put => run_on(Put::new(value_size), &spec, &clients).await,
         WorkloadKind::Batch => run_on(BatchFetch::new(value_size), &spec, &clients).await,
         WorkloadKind::Issue => run_on(Issue::new(), &spec, &clients).await,
+        WorkloadKind::Rotate => {
+            run_on(
+                Rotate::new(value_size, opts.concurrency as usize),
+                &spec,
+                &clients,
+            )
+            .await
+        }
         WorkloadKind::Verify => run_on(Verify::default(), &spec, &clients).await,
         WorkloadKind::Health => run_on(Health, &spec, &clients).await,
     }

@@ -6,7 +6,7 @@
 
 use crate::stats::Summary;
 use crate::workload::{
-    BatchFetch, EtcdKv, EtcdPut, EtcdRange, Fetch, Issue, Put, Verify, Workload,
+    BatchFetch, EtcdKv, EtcdPut, EtcdRange, Fetch, Issue, Put, Rotate, Verify, Workload,
 };
 use crate::{drive, Spec};
 use serde_json::{json, Value};
@@ -181,6 +181,8 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
         rows.push(measure("verify", c, Verify::default(), &ward, &spec).await?);
         rows.push(measure("put", c, Put::new(v), &ward, &spec).await?);
         rows.push(measure("issue", c, Issue::new(), &ward, &spec).await?);
+        let rotate = Rotate::new(v, c as usize);
+        rows.push(measure("rotate", c, rotate, &ward, &spec).await?);
         if let Some(etcd) = &etcd_clients {
             rows.push(measure("etcd-range", c, EtcdRange::new(v), etcd, &spec).await?);
             rows.push(measure("etcd-put", c, EtcdPut::new(v), etcd, &spec).await?);

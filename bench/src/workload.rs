@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use ward_client::proto::{IssueKeyRequest, PutSecretRequest, VerifyKeyRequest, VerifyResult};
+use ward_client::proto::{
+    IssueKeyRequest, PutSecretRequest, RotateSecretRequest, VerifyKeyRequest, VerifyResult,
+};
 use ward_client::{code_name, Client};
 
 /// Generated client of etcd's KV API subset (bench/proto/etcd_kv.proto).
@@ -54,6 +56,9 @@ pub enum WorkloadKind {
     Batch,
     /// IssueKey, a new API key per operation.
     Issue,
+    /// RotateSecret of `bench/rotate-<run>-<worker>-0..9`, each worker its own secrets
+    /// (a new PRIMARY per call, the old one ACTIVE for the default grace).
+    Rotate,
     /// Verify `bench/verify-0..99` (API keys without limits) round-robin, after issuing them.
     Verify,
     /// `grpc.health.v1.Health/Check`: a bare tonic RPC over the same mTLS connection, the
@@ -70,6 +75,7 @@ impl WorkloadKind {
             Self::Put => "put",
             Self::Batch => "batch10",
             Self::Issue => "issue",
+            Self::Rotate => "rotate",
             Self::Verify => "verify",
             Self::Health => "health",
         }
@@ -175,6 +181,64 @@ impl Workload for Put {
         client
             .put_secret(PutSecretRequest {
                 name: format!("bench/put-{}-{worker}-{seq}", self.prefix),
+                value: self.value.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+            .map_err(|e| code_name(e.code()))
+    }
+}
+
+/// Secrets each rotate worker owns: its calls never contend with another worker's.
+const ROTATE_SET: u64 = 10;
+
+/// Rotates secrets to a new value, each worker its own set.
+pub struct Rotate {
+    value: Vec<u8>,
+    prefix: String,
+    workers: usize,
+}
+
+impl Rotate {
+    /// A rotation workload for `workers` workers, writing `value_size`-byte values.
+    pub fn new(value_size: usize, workers: usize) -> Self {
+        Self {
+            value: bench_value(value_size),
+            prefix: run_prefix(),
+            workers,
+        }
+    }
+
+    fn name(&self, worker: usize, i: u64) -> String {
+        format!("bench/rotate-{}-{worker}-{i}", self.prefix)
+    }
+}
+
+impl Workload for Rotate {
+    type Client = Client;
+
+    async fn setup(&self, client: &Client) -> Result<(), String> {
+        for worker in 0..self.workers {
+            for i in 0..ROTATE_SET {
+                let name = self.name(worker, i);
+                client
+                    .put_secret(PutSecretRequest {
+                        name: name.clone(),
+                        value: self.value.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| format!("writing {name}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn op(&self, client: &Client, worker: usize, seq: u64) -> Result<(), ErrorLabel> {
+        client
+            .rotate_secret(RotateSecretRequest {
+                name: self.name(worker, seq % ROTATE_SET),
                 value: self.value.clone(),
                 ..Default::default()
             })
