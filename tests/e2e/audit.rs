@@ -17,7 +17,7 @@ use ward_tests::{ok, pb, AuditClient, TestServer};
 use crate::{assert_code, assert_value, fetch, put, put_req};
 
 /// Every record of the log, in order, as `admin` sees them (the reading call adds its own).
-async fn all_records(a: &mut AuditClient) -> Vec<pb::AuditRecord> {
+pub(crate) async fn all_records(a: &mut AuditClient) -> Vec<pb::AuditRecord> {
     read_stream(a, stream_req(0, false), usize::MAX).await.0
 }
 
