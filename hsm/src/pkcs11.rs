@@ -21,10 +21,15 @@
 //! second [`Pkcs11Wrapper::open`] of the same token shares that pool; its PIN is checked
 //! against the one that opened the token without calling C_Login again.
 //!
+//! Faults at runtime: a call that fails because the HSM could not serve it marks its token
+//! faulted, and the next call reconnects — every session closed, the library finalised and
+//! initialised again, every open token's pool reopened and logged in — before it runs (see
+//! `reconnect`). So a server survives its HSM going away and coming back without a restart.
+//!
 //! Concurrency: wraps, unwraps and MACs run in parallel, one pooled session each. Creating a
-//! master or MAC key, opening a token and initialising one exclude every other call of the
-//! process for their (short) duration, because SoftHSM 2.6 mishandles token-object creation
-//! under concurrency.
+//! master or MAC key, opening a token, initialising one and reconnecting exclude every other
+//! call of the process for their (short) duration, because SoftHSM 2.6 mishandles token-object
+//! creation under concurrency (and a reconnect closes every session).
 //!
 //! Besides master keys the token holds HMAC keys ([`MacSigner`]): CKK_GENERIC_SECRET, 256 bits,
 //! made with CKM_GENERIC_SECRET_KEY_GEN, used with CKM_SHA256_HMAC through C_Sign/C_Verify.
