@@ -1,5 +1,6 @@
 //! The crate's one error type, and the one place where PKCS#11 return codes become it.
 
+use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
 
 /// Everything that can go wrong at the key-encryption boundary. Messages never carry key
@@ -121,7 +122,7 @@ pub(crate) fn map_err(err: CkError, token: &str, op: Op) -> HsmError {
                 | RvError::EncryptedDataLenRange
                 | RvError::WrappedKeyInvalid
                 | RvError::WrappedKeyLenRange
-                    if op == Op::Unwrap =>
+                    if op == Op::Unwrap && reads_the_blob(func) =>
                 {
                     tracing::debug!(token, code = %name, function = ?func, "unwrap rejected the blob");
                     HsmError::Integrity
@@ -159,6 +160,16 @@ pub(crate) fn map_err(err: CkError, token: &str, op: Op) -> HsmError {
     }
 }
 
+/// Whether `func` is the step of a decryption or unwrap that reads the stored blob, the one
+/// whose failure speaks about the data. A failure to start the operation (C_DecryptInit: the
+/// key handle, the session) is the HSM's, and must not read as a damaged blob.
+fn reads_the_blob(func: Function) -> bool {
+    matches!(
+        func,
+        Function::Decrypt | Function::DecryptUpdate | Function::DecryptFinal | Function::UnwrapKey
+    )
+}
+
 /// Translates a failure to load or initialise the module at `path`.
 pub(crate) fn module_load(path: &std::path::Path, err: CkError) -> HsmError {
     let detail = match &err {
@@ -176,7 +187,6 @@ pub(crate) fn module_load(path: &std::path::Path, err: CkError) -> HsmError {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use cryptoki::context::Function;
 
     #[test]
     fn ckr_names() {
@@ -215,5 +225,22 @@ mod tests {
             HsmError::Unavailable(m) => assert!(m.contains("CKR_DEVICE_REMOVED"), "{m}"),
             other => panic!("{other:?}"),
         }
+        // A general error while starting a decryption is the HSM failing, not a bad blob.
+        match map_err(
+            CkError::Pkcs11(RvError::GeneralError, Function::DecryptInit),
+            "t",
+            Op::Unwrap,
+        ) {
+            HsmError::Unavailable(m) => assert!(m.contains("C_DecryptInit"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            map_err(
+                CkError::Pkcs11(RvError::WrappedKeyInvalid, Function::UnwrapKey),
+                "t",
+                Op::Unwrap
+            ),
+            HsmError::Integrity
+        ));
     }
 }

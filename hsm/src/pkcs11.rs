@@ -21,10 +21,15 @@
 //! second [`Pkcs11Wrapper::open`] of the same token shares that pool; its PIN is checked
 //! against the one that opened the token without calling C_Login again.
 //!
+//! Faults at runtime: a call that fails because the HSM could not serve it marks its token
+//! faulted, and the next call reconnects — every session closed, the library finalised and
+//! initialised again, every open token's pool reopened and logged in — before it runs (see
+//! `reconnect`). So a server survives its HSM going away and coming back without a restart.
+//!
 //! Concurrency: wraps, unwraps and MACs run in parallel, one pooled session each. Creating a
-//! master or MAC key, opening a token and initialising one exclude every other call of the
-//! process for their (short) duration, because SoftHSM 2.6 mishandles token-object creation
-//! under concurrency.
+//! master or MAC key, opening a token, initialising one and reconnecting exclude every other
+//! call of the process for their (short) duration, because SoftHSM 2.6 mishandles token-object
+//! creation under concurrency (and a reconnect closes every session).
 //!
 //! Besides master keys the token holds HMAC keys ([`MacSigner`]): CKK_GENERIC_SECRET, 256 bits,
 //! made with CKM_GENERIC_SECRET_KEY_GEN, used with CKM_SHA256_HMAC through C_Sign/C_Verify.
@@ -287,21 +292,6 @@ fn find_slot(pkcs11: &Pkcs11, label: &str) -> Result<Option<Slot>, HsmError> {
     Ok(found)
 }
 
-/// Whether an error means the session itself is unusable and should be replaced.
-fn session_is_dead(err: &CkError) -> bool {
-    matches!(
-        rv_of(err),
-        Some(
-            RvError::SessionHandleInvalid
-                | RvError::SessionClosed
-                | RvError::DeviceRemoved
-                | RvError::DeviceError
-                | RvError::TokenNotPresent
-                | RvError::UserNotLoggedIn
-        )
-    )
-}
-
 /// Digest used to compare PINs in constant time.
 fn pin_digest(pin: &str) -> Zeroizing<[u8; 32]> {
     Zeroizing::new(Sha256::digest(pin.as_bytes()).into())
@@ -316,7 +306,17 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// Whether an error means the HSM could not serve the call (as opposed to an answer about the
+/// input: integrity, PIN, missing key, unsupported mechanism). Such a failure leaves the
+/// connection suspect, so the token is reconnected before its next use.
+fn is_fault(e: &HsmError) -> bool {
+    matches!(e, HsmError::Unavailable(_))
+}
+
 /// A fixed set of sessions handed out one caller at a time (Session is Send, not Sync).
+///
+/// The set is empty while the token is unreachable: [`Pool::take`] then fails at once instead
+/// of waiting for a session that will never come back.
 struct Pool {
     state: Mutex<PoolState>,
     available: Condvar,
@@ -324,14 +324,17 @@ struct Pool {
 
 struct PoolState {
     idle: Vec<Session>,
+    /// Sessions handed out and not yet returned.
+    lent: usize,
     closed: bool,
 }
 
 impl Pool {
-    fn new(sessions: Vec<Session>) -> Self {
+    fn new() -> Self {
         Self {
             state: Mutex::new(PoolState {
-                idle: sessions,
+                idle: Vec::new(),
+                lent: 0,
                 closed: false,
             }),
             available: Condvar::new(),
@@ -339,7 +342,7 @@ impl Pool {
     }
 
     /// Takes a session, waiting for one to come back if all are in use.
-    fn take(&self) -> Result<Session, HsmError> {
+    fn take(&self, token: &str) -> Result<Session, HsmError> {
         let mut st = lock(&self.state);
         loop {
             if st.closed {
@@ -348,7 +351,13 @@ impl Pool {
                 ));
             }
             if let Some(s) = st.idle.pop() {
+                st.lent += 1;
                 return Ok(s);
+            }
+            if st.lent == 0 {
+                return Err(HsmError::Unavailable(format!(
+                    "no open session on token {token:?} (the HSM is unreachable)"
+                )));
             }
             st = self
                 .available
@@ -360,6 +369,7 @@ impl Pool {
     /// Returns a session to the pool (or closes it if the pool has been closed).
     fn put(&self, session: Session) {
         let mut st = lock(&self.state);
+        st.lent = st.lent.saturating_sub(1);
         if st.closed {
             drop(st);
             drop(session);
@@ -368,6 +378,23 @@ impl Pool {
         st.idle.push(session);
         drop(st);
         self.available.notify_one();
+    }
+
+    /// Takes every idle session out (to close them). Called with [`OPS`] held exclusively, when
+    /// none is lent.
+    fn drain(&self) -> Vec<Session> {
+        std::mem::take(&mut lock(&self.state).idle)
+    }
+
+    /// Hands freshly opened sessions to the pool.
+    fn refill(&self, sessions: Vec<Session>) {
+        let mut st = lock(&self.state);
+        if st.closed {
+            return;
+        }
+        st.idle.extend(sessions);
+        drop(st);
+        self.available.notify_all();
     }
 
     /// Closes the idle sessions and refuses further use.
@@ -382,16 +409,35 @@ impl Pool {
     }
 }
 
+/// Whether a token's connection can be used as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    /// Sessions open and logged in.
+    Up,
+    /// A call failed for lack of the HSM: reconnect before the next use.
+    Faulted,
+    /// Reconnecting was refused for the PIN. Not retried: a real HSM counts failed logins and
+    /// may lock the token; the PIN only changes with a restart anyway.
+    PinRejected,
+}
+
 /// An opened, logged-in token of this process.
 struct Token {
     label: String,
     pkcs11: Pkcs11,
-    /// The PIN that logged this process in; used to log a replacement session back in and to
-    /// check the PIN of later `open`s of the same token.
+    /// The PIN that logged this process in; used to log in again after a reconnect and to check
+    /// the PIN of later `open`s of the same token.
     pin: Zeroizing<String>,
+    /// How many sessions the pool holds when the token is up.
+    sessions: usize,
     pool: Pool,
-    /// Master-key handles by label (valid in every session of this process).
+    health: Mutex<Health>,
+    /// Key handles by cache key (valid in every session of this process until a reconnect).
     handles: Mutex<Vec<(String, ObjectHandle)>>,
+    /// Keys this process has found or created on the token. Ward never deletes one, so one of
+    /// these going missing means the token lost its storage or is unreachable (SoftHSM then
+    /// answers C_FindObjects with an empty list), not that the key never existed.
+    seen: Mutex<Vec<(KeyKind, String)>>,
 }
 
 impl Token {
@@ -402,27 +448,78 @@ impl Token {
         pin: &Zeroizing<String>,
         sessions: usize,
     ) -> Result<Self, HsmError> {
-        let slot = find_slot(pkcs11, label)?.ok_or_else(|| HsmError::TokenNotFound {
+        let token = Self {
             label: label.to_owned(),
+            pkcs11: pkcs11.clone(),
+            pin: pin.clone(),
+            sessions,
+            pool: Pool::new(),
+            health: Mutex::new(Health::Faulted),
+            handles: Mutex::new(Vec::new()),
+            seen: Mutex::new(Vec::new()),
+        };
+        token.connect()?;
+        tracing::info!(token = label, sessions, "PKCS#11 token opened");
+        Ok(token)
+    }
+
+    /// Finds the token, opens its sessions, logs in and fills the pool; records the outcome in
+    /// `health`. Called with [`OPS`] held exclusively (or before the token is shared).
+    fn connect(&self) -> Result<(), HsmError> {
+        match self.open_sessions() {
+            Ok(sessions) => {
+                self.pool.refill(sessions);
+                *lock(&self.health) = Health::Up;
+                Ok(())
+            }
+            Err(e) => {
+                *lock(&self.health) = if matches!(e, HsmError::BadPin { .. }) {
+                    Health::PinRejected
+                } else {
+                    Health::Faulted
+                };
+                Err(e)
+            }
+        }
+    }
+
+    fn open_sessions(&self) -> Result<Vec<Session>, HsmError> {
+        let label = &self.label;
+        let slot = find_slot(&self.pkcs11, label)?.ok_or_else(|| HsmError::TokenNotFound {
+            label: label.clone(),
         })?;
-        let mut opened = Vec::with_capacity(sessions);
-        for _ in 0..sessions {
+        let mut opened = Vec::with_capacity(self.sessions);
+        for _ in 0..self.sessions.max(1) {
             opened.push(
-                pkcs11
+                self.pkcs11
                     .open_rw_session(slot)
                     .map_err(|e| map_err(e, label, Op::General))?,
             );
         }
         // Login state belongs to the application, not the session: once is enough.
-        login_user(&opened[0], label, pin)?;
-        tracing::info!(token = label, sessions, "PKCS#11 token opened");
-        Ok(Self {
-            label: label.to_owned(),
-            pkcs11: pkcs11.clone(),
-            pin: pin.clone(),
-            pool: Pool::new(opened),
-            handles: Mutex::new(Vec::new()),
-        })
+        login_user(&opened[0], label, &self.pin)?;
+        Ok(opened)
+    }
+
+    /// Makes sure the token can be used: reconnects first if an earlier call faulted.
+    fn ready(&self) -> Result<(), HsmError> {
+        let health = *lock(&self.health);
+        match health {
+            Health::Up => Ok(()),
+            Health::PinRejected => Err(HsmError::BadPin {
+                label: self.label.clone(),
+            }),
+            Health::Faulted => reconnect(self),
+        }
+    }
+
+    /// Marks the token for reconnection before its next use.
+    fn fault(&self, why: &HsmError) {
+        let mut health = lock(&self.health);
+        if *health == Health::Up {
+            *health = Health::Faulted;
+            tracing::warn!(token = %self.label, error = %why, "HSM fault; the token will be reconnected before its next use");
+        }
     }
 
     /// Borrows a session for an ordinary call (shared hold on [`OPS`]).
@@ -440,24 +537,9 @@ impl Token {
         // shared holders to return their sessions, never the other way round.
         Ok(Pooled {
             token: self,
-            session: Some(self.pool.take()?),
-            dead: false,
+            session: Some(self.pool.take(&self.label)?),
             _ops: ops,
         })
-    }
-
-    /// A fresh logged-in session, to replace one that died.
-    fn reopen(&self) -> Result<Session, HsmError> {
-        let slot =
-            find_slot(&self.pkcs11, &self.label)?.ok_or_else(|| HsmError::TokenNotFound {
-                label: self.label.clone(),
-            })?;
-        let s = self
-            .pkcs11
-            .open_rw_session(slot)
-            .map_err(|e| map_err(e, &self.label, Op::General))?;
-        ensure_logged_in(&s, &self.label, &self.pin)?;
-        Ok(s)
     }
 
     fn cached(&self, key: &str) -> Option<ObjectHandle> {
@@ -467,15 +549,111 @@ impl Token {
             .map(|(_, h)| *h)
     }
 
-    fn remember(&self, key: &str, handle: ObjectHandle) {
+    fn remember(&self, kind: KeyKind, label: &str, handle: ObjectHandle) {
+        let key = kind.cache_key(label);
         let mut handles = lock(&self.handles);
-        handles.retain(|(l, _)| l != key);
-        handles.push((key.to_owned(), handle));
+        handles.retain(|(l, _)| *l != key);
+        handles.push((key, handle));
+        drop(handles);
+        let mut seen = lock(&self.seen);
+        if !seen.iter().any(|(k, l)| *k == kind && l == label) {
+            seen.push((kind, label.to_owned()));
+        }
     }
 
     fn forget(&self, key: &str) {
         lock(&self.handles).retain(|(l, _)| l != key);
     }
+
+    fn has_seen(&self, kind: KeyKind, label: &str) -> bool {
+        lock(&self.seen)
+            .iter()
+            .any(|(k, l)| *k == kind && l == label)
+    }
+}
+
+/// Rebuilds the PKCS#11 connection of the process after `token` faulted: closes every session,
+/// finalises and re-initialises the library, then reopens and logs in the pool of every open
+/// token. A lighter repair is not enough for SoftHSM 2.6: once a token's files go missing it
+/// marks the token and its objects invalid for good, and only C_Initialize reads the token
+/// directory afresh (measured; see RELIABILITY.md). A hardware HSM whose link dropped needs
+/// new sessions and object handles, which this gives it too.
+///
+/// Excludes every other PKCS#11 call of the process meanwhile. Returns how `token` fared.
+fn reconnect(token: &Token) -> Result<(), HsmError> {
+    let _ops = ops_exclusive();
+    if FINALIZED.load(Ordering::Acquire) {
+        return Err(HsmError::Unavailable(
+            "the PKCS#11 library has been finalised".into(),
+        ));
+    }
+    // Another caller may have reconnected while this one waited for OPS.
+    let health = *lock(&token.health);
+    match health {
+        Health::Up => return Ok(()),
+        Health::PinRejected => {
+            return Err(HsmError::BadPin {
+                label: token.label.clone(),
+            })
+        }
+        Health::Faulted => {}
+    }
+    let Some(ctx) = CONTEXT.get() else {
+        return Err(HsmError::Unavailable(
+            "the PKCS#11 library is not loaded".into(),
+        ));
+    };
+    let tokens: Vec<Arc<Token>> = lock(&TOKENS).clone();
+    // Close every session before C_Finalize: session handle numbers start over after
+    // C_Initialize, and dropping a stale Session later would close whichever new session got
+    // its number. Every session is idle here (lent ones hold OPS shared).
+    for t in &tokens {
+        for s in t.pool.drain() {
+            if let Err(e) = s.close() {
+                tracing::debug!(token = %t.label, error = %e, "closing a session before reconnecting");
+            }
+        }
+        lock(&t.handles).clear();
+        let mut health = lock(&t.health);
+        if *health == Health::Up {
+            *health = Health::Faulted;
+        }
+    }
+    match ctx.pkcs11.clone().finalize() {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "C_Finalize failed while reconnecting; initialising anyway")
+        }
+    }
+    match ctx
+        .pkcs11
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+    {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(map_err(e, &token.label, Op::General)),
+    }
+    let mut outcome = Ok(());
+    for t in &tokens {
+        if *lock(&t.health) == Health::PinRejected {
+            continue;
+        }
+        let r = t.connect().map_err(|e| match e {
+            HsmError::TokenNotFound { label } => HsmError::Unavailable(format!(
+                "token {label:?} is not present (the HSM is unreachable or lost its storage)"
+            )),
+            other => other,
+        });
+        match &r {
+            Ok(()) => tracing::info!(token = %t.label, "PKCS#11 token reconnected"),
+            Err(e) => {
+                tracing::warn!(token = %t.label, error = %e, "cannot reconnect the PKCS#11 token")
+            }
+        }
+        if std::ptr::eq(Arc::as_ptr(t), token) {
+            outcome = r;
+        }
+    }
+    outcome
 }
 
 /// Logs the application in as User on `s`'s token; already logged in is fine.
@@ -501,11 +679,10 @@ fn ensure_logged_in(s: &Session, token: &str, pin: &Zeroizing<String>) -> Result
     login_user(s, token, pin)
 }
 
-/// A session borrowed from a token's pool; returned (or replaced, if it died) on drop.
+/// A session borrowed from a token's pool; returned on drop.
 struct Pooled<'t> {
     token: &'t Token,
     session: Option<Session>,
-    dead: bool,
     /// Released after `drop` has returned the session to the pool.
     _ops: OpsGuard,
 }
@@ -517,38 +694,17 @@ impl Pooled<'_> {
             .ok_or_else(|| HsmError::Unavailable("pooled session already returned".into()))
     }
 
-    /// Maps an error from this session, marking the session for replacement if it died.
-    fn fail(&mut self, err: CkError, op: Op) -> HsmError {
-        if session_is_dead(&err) {
-            self.dead = true;
-        }
+    /// Maps an error from this session.
+    fn fail(&self, err: CkError, op: Op) -> HsmError {
         map_err(err, &self.token.label, op)
     }
 }
 
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
-        let Some(session) = self.session.take() else {
-            return;
-        };
-        let session = if self.dead {
-            // Open the replacement before closing the dead one, so the process never drops
-            // to zero sessions (that would log it out).
-            match self.token.reopen() {
-                Ok(fresh) => {
-                    tracing::warn!(token = %self.token.label, "replaced a dead PKCS#11 session");
-                    drop(session);
-                    fresh
-                }
-                Err(e) => {
-                    tracing::warn!(token = %self.token.label, error = %e, "cannot replace a dead PKCS#11 session");
-                    session
-                }
-            }
-        } else {
-            session
-        };
-        self.token.pool.put(session);
+        if let Some(session) = self.session.take() {
+            self.token.pool.put(session);
+        }
     }
 }
 
@@ -892,10 +1048,11 @@ impl Pkcs11Wrapper {
         match found.as_slice() {
             [] => {
                 self.token.forget(&cache_key);
+                self.confirm_absent(s, kind, label)?;
                 Ok(None)
             }
             [h] => {
-                self.token.remember(&cache_key, *h);
+                self.token.remember(kind, label, *h);
                 Ok(Some(*h))
             }
             _ => Err(HsmError::Config(format!(
@@ -903,6 +1060,44 @@ impl Pkcs11Wrapper {
                 kind.noun()
             ))),
         }
+    }
+
+    /// Decides whether an empty C_FindObjects means the key is absent or the token is failing.
+    /// SoftHSM 2.6 answers a search with an empty list (not an error) once its token files are
+    /// gone, so "absent" is believed only if the key was never seen here, the token still
+    /// answers C_GetTokenInfo, and every key seen so far is still found. Otherwise the HSM is
+    /// unavailable, which matters: a missing audit key would read as a forged checkpoint.
+    fn confirm_absent(&self, s: &Pooled<'_>, kind: KeyKind, label: &str) -> Result<(), HsmError> {
+        let token = &self.token.label;
+        let lost = |kind: KeyKind, label: &str| {
+            HsmError::Unavailable(format!(
+                "{} {label:?}, found earlier, is no longer visible on token {token:?} (the HSM \
+                 is unreachable or lost its storage)",
+                kind.noun()
+            ))
+        };
+        if self.token.has_seen(kind, label) {
+            return Err(lost(kind, label));
+        }
+        let session = s.session()?;
+        let slot = session
+            .get_session_info()
+            .map_err(|e| s.fail(e, Op::General))?
+            .slot_id();
+        self.token
+            .pkcs11
+            .get_token_info(slot)
+            .map_err(|e| s.fail(e, Op::General))?;
+        let seen = lock(&self.token.seen).clone();
+        for (k, l) in seen {
+            let found = session
+                .find_objects(&k.query(&l))
+                .map_err(|e| s.fail(e, Op::General))?;
+            if found.is_empty() {
+                return Err(lost(k, &l));
+            }
+        }
+        Ok(())
     }
 
     /// Runs `f` with a pooled session and the handle of master key `label`, refreshing a
@@ -917,7 +1112,7 @@ impl Pkcs11Wrapper {
     }
 
     /// Runs `f` with a pooled session and the handle of the key of `kind` labelled `label`,
-    /// refreshing a stale cached handle once.
+    /// refreshing a stale cached handle once, and reconnecting once if the HSM failed.
     fn with_kind<T>(
         &self,
         kind: KeyKind,
@@ -926,29 +1121,61 @@ impl Pkcs11Wrapper {
         mut f: impl FnMut(&Session, ObjectHandle) -> Result<T, CkError>,
     ) -> Result<T, HsmError> {
         check_key_label(label)?;
-        let mut s = self.token.acquire()?;
-        let from_cache = self.token.cached(&kind.cache_key(label)).is_some();
-        let handle = self
-            .lookup_kind(&mut s, kind, label, true)?
-            .ok_or_else(|| kind.missing(label))?;
-        match f(s.session()?, handle) {
-            Ok(v) => Ok(v),
-            Err(e)
-                if from_cache
-                    && matches!(
-                        rv_of(&e),
-                        Some(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid)
-                    ) =>
-            {
-                tracing::debug!(token = %self.token.label, key = label, "stale key handle; looking it up again");
-                self.token.forget(&kind.cache_key(label));
-                let handle = self
-                    .lookup_kind(&mut s, kind, label, false)?
-                    .ok_or_else(|| kind.missing(label))?;
-                let r = f(s.session()?, handle);
-                r.map_err(|e| s.fail(e, op))
+        self.call(true, || {
+            let mut s = self.token.acquire()?;
+            let from_cache = self.token.cached(&kind.cache_key(label)).is_some();
+            let handle = self
+                .lookup_kind(&mut s, kind, label, true)?
+                .ok_or_else(|| kind.missing(label))?;
+            match f(s.session()?, handle) {
+                Ok(v) => Ok(v),
+                Err(e)
+                    if from_cache
+                        && matches!(
+                            rv_of(&e),
+                            Some(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid)
+                        ) =>
+                {
+                    tracing::debug!(token = %self.token.label, key = label, "stale key handle; looking it up again");
+                    self.token.forget(&kind.cache_key(label));
+                    let handle = self
+                        .lookup_kind(&mut s, kind, label, false)?
+                        .ok_or_else(|| kind.missing(label))?;
+                    let r = f(s.session()?, handle);
+                    r.map_err(|e| s.fail(e, op))
+                }
+                Err(e) => Err(s.fail(e, op)),
             }
-            Err(e) => Err(s.fail(e, op)),
+        })
+    }
+
+    /// Runs one HSM operation. If an earlier call left the token faulted, reconnects first. If
+    /// this one fails for lack of the HSM, marks the token faulted and, when `retry` is set
+    /// (operations that are safe to repeat), reconnects and tries once more: after the HSM
+    /// comes back, the first call is the one that finds the old connection dead, and it should
+    /// not fail for that.
+    fn call<T>(
+        &self,
+        retry: bool,
+        mut op: impl FnMut() -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        self.token.ready()?;
+        match op() {
+            Err(e) if is_fault(&e) => {
+                self.token.fault(&e);
+                if !retry {
+                    return Err(e);
+                }
+                self.token.ready()?;
+                let again = op();
+                if let Err(e) = &again {
+                    if is_fault(e) {
+                        self.token.fault(e);
+                    }
+                }
+                again
+            }
+            other => other,
         }
     }
 
@@ -1082,8 +1309,10 @@ impl KeyWrapper for Pkcs11Wrapper {
 
     fn has_master_key(&self, label: &str) -> Result<bool, HsmError> {
         check_key_label(label)?;
-        let mut s = self.token.acquire()?;
-        Ok(self.lookup(&mut s, label, false)?.is_some())
+        self.call(true, || {
+            let mut s = self.token.acquire()?;
+            Ok(self.lookup(&mut s, label, false)?.is_some())
+        })
     }
 
     fn create_master_key(&self, label: &str) -> Result<(), HsmError> {
@@ -1097,9 +1326,14 @@ impl KeyWrapper for Pkcs11Wrapper {
 
 impl Pkcs11Wrapper {
     /// Generates a token key of `kind` labelled `label`, with every other PKCS#11 call of the
-    /// process excluded (see [`OPS`]), and reads its attributes back.
+    /// process excluded (see [`OPS`]), and reads its attributes back. Not retried after a
+    /// fault: the key may have been made before the failure.
     fn create_key(&self, kind: KeyKind, label: &str) -> Result<(), HsmError> {
         check_key_label(label)?;
+        self.call(false, || self.create_key_once(kind, label))
+    }
+
+    fn create_key_once(&self, kind: KeyKind, label: &str) -> Result<(), HsmError> {
         let mut s = self.token.acquire_exclusive()?;
         if self.lookup_kind(&mut s, kind, label, false)?.is_some() {
             return Err(kind.exists(label));
@@ -1130,7 +1364,7 @@ impl Pkcs11Wrapper {
                 bad.attribute_type()
             )));
         }
-        self.token.remember(&kind.cache_key(label), handle);
+        self.token.remember(kind, label, handle);
         tracing::info!(token = %self.token.label, key = label, "{noun} created");
         Ok(())
     }
@@ -1139,10 +1373,12 @@ impl Pkcs11Wrapper {
 impl MacSigner for Pkcs11Wrapper {
     fn has_mac_key(&self, label: &str) -> Result<bool, HsmError> {
         check_key_label(label)?;
-        let mut s = self.token.acquire()?;
-        Ok(self
-            .lookup_kind(&mut s, KeyKind::Mac, label, false)?
-            .is_some())
+        self.call(true, || {
+            let mut s = self.token.acquire()?;
+            Ok(self
+                .lookup_kind(&mut s, KeyKind::Mac, label, false)?
+                .is_some())
+        })
     }
 
     fn create_mac_key(&self, label: &str) -> Result<(), HsmError> {
@@ -1187,11 +1423,15 @@ mod tests {
     const TOKEN: &str = "ward-test";
     /// A second token, only touched by the bad-PIN test.
     const PIN_TOKEN: &str = "ward-pin-test";
+    /// Tokens the fault tests break (each its own, so the others' keys stay put).
+    const FAULT_TOKENS: [&str; 2] = ["ward-fault-dir", "ward-fault-objects"];
     const SO_PIN: &str = "so-secret-1234";
     const USER_PIN: &str = "user-secret-5678";
 
     struct Fixture {
         module: PathBuf,
+        /// SoftHSM's token directory (one subdirectory per token).
+        tokens: PathBuf,
         gcm: Pkcs11Wrapper,
         kwp: Pkcs11Wrapper,
     }
@@ -1241,7 +1481,13 @@ mod tests {
                 Pkcs11Wrapper::open(cfg(&module, TOKEN, USER_PIN, Mechanism::AesGcm)).unwrap();
             let kwp = Pkcs11Wrapper::open(cfg(&module, TOKEN, USER_PIN, Mechanism::AesKeyWrapPad))
                 .unwrap();
-            Fixture { module, gcm, kwp }
+            let tokens = dir.canonicalize().unwrap().join("tokens");
+            Fixture {
+                module,
+                tokens,
+                gcm,
+                kwp,
+            }
         })
     }
 
@@ -1603,5 +1849,136 @@ mod tests {
         let s = format!("{c:?}");
         assert!(!s.contains("hunter2"), "{s}");
         assert!(s.contains("<redacted>"));
+    }
+
+    /// Creates token `label` and returns a wrapper on it and its directory under `tokens` (the
+    /// one whose token.object holds the label; tests in one process create tokens at once).
+    fn fault_token(f: &Fixture, label: &str) -> (Pkcs11Wrapper, PathBuf) {
+        Pkcs11Wrapper::init_token(&f.module, label, SO_PIN, USER_PIN).unwrap();
+        let dir = std::fs::read_dir(&f.tokens)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                std::fs::read(p.join("token.object"))
+                    .is_ok_and(|b| b.windows(label.len()).any(|w| w == label.as_bytes()))
+            })
+            .expect("init_token made a token directory");
+        let w = Pkcs11Wrapper::open(cfg(&f.module, label, USER_PIN, Mechanism::AesGcm)).unwrap();
+        (w, dir)
+    }
+
+    /// Every operation on `w` fails UNAVAILABLE: none reports a missing key, a forged tag or a
+    /// damaged blob, and no message shows the PIN.
+    fn assert_all_unavailable(w: &Pkcs11Wrapper, blob: &[u8], tag: &[u8], what: &str) {
+        let results: Vec<(&str, Result<(), HsmError>)> = vec![
+            ("wrap", w.wrap("t-fault", b"aad", &[1; 32]).map(drop)),
+            ("unwrap", w.unwrap("t-fault", b"aad", blob).map(drop)),
+            ("mac", w.mac("t-fault-mac", b"cp").map(drop)),
+            (
+                "verify_mac",
+                w.verify_mac("t-fault-mac", b"cp", tag).map(drop),
+            ),
+            ("has_master_key", w.has_master_key("t-fault").map(drop)),
+            (
+                "has_master_key(new)",
+                w.has_master_key("t-fault-new").map(drop),
+            ),
+            (
+                "has_mac_key(new)",
+                w.has_mac_key("t-fault-mac-new").map(drop),
+            ),
+            ("create_master_key", w.create_master_key("t-fault-new")),
+        ];
+        for (op, r) in results {
+            match r {
+                Err(HsmError::Unavailable(m)) => {
+                    assert!(!m.contains(USER_PIN), "{what} {op}: {m}")
+                }
+                other => panic!("{what} {op}: expected Unavailable, got {other:?}"),
+            }
+        }
+    }
+
+    /// The token is back: every operation works on the same wrapper, old blobs and tags too,
+    /// and an integrity failure is still one.
+    fn assert_recovered(w: &Pkcs11Wrapper, blob: &[u8], tag: &[u8], what: &str) {
+        assert_eq!(
+            w.unwrap("t-fault", b"aad", blob).unwrap().as_slice(),
+            &[9; 32],
+            "{what}"
+        );
+        assert!(w.verify_mac("t-fault-mac", b"cp", tag).unwrap(), "{what}");
+        assert_eq!(w.mac("t-fault-mac", b"cp").unwrap(), tag, "{what}");
+        let fresh = w.wrap("t-fault", b"aad", &[2; 32]).unwrap();
+        assert_eq!(
+            w.unwrap("t-fault", b"aad", &fresh).unwrap().as_slice(),
+            &[2; 32]
+        );
+        let err = w.unwrap("t-fault", b"other aad", blob).unwrap_err();
+        assert!(matches!(err, HsmError::Integrity), "{what}: {err:?}");
+        assert!(w.has_master_key("t-fault").unwrap(), "{what}");
+        assert!(!w.has_master_key("t-fault-never").unwrap(), "{what}");
+    }
+
+    #[test]
+    fn a_token_whose_directory_goes_away_fails_unavailable_and_recovers() {
+        let f = fixture();
+        let (w, dir) = fault_token(f, FAULT_TOKENS[0]);
+        w.create_master_key("t-fault").unwrap();
+        w.create_mac_key("t-fault-mac").unwrap();
+        let blob = w.wrap("t-fault", b"aad", &[9; 32]).unwrap();
+        let tag = w.mac("t-fault-mac", b"cp").unwrap();
+
+        // SoftHSM then fails C_GetTokenInfo (CKR_GENERAL_ERROR), finds nothing, and calls the
+        // cached handles invalid; a reconnect no longer lists the token.
+        let aside = f
+            .tokens
+            .with_file_name(format!("aside-{}", FAULT_TOKENS[0]));
+        std::fs::rename(&dir, &aside).unwrap();
+        assert_all_unavailable(&w, &blob, &tag, "token directory gone");
+        assert_all_unavailable(&w, &blob, &tag, "token directory still gone");
+        std::fs::rename(&aside, &dir).unwrap();
+        assert_recovered(&w, &blob, &tag, "token directory back");
+        w.create_master_key("t-fault-new").unwrap();
+
+        // The fixture's token was reconnected along the way; its wrappers notice nothing.
+        let f = with_key("t-fault-bystander");
+        for u in both(f) {
+            let b = u.wrap("t-fault-bystander", b"x", &[4; 32]).unwrap();
+            assert_eq!(
+                u.unwrap("t-fault-bystander", b"x", &b).unwrap().as_slice(),
+                &[4; 32]
+            );
+        }
+    }
+
+    #[test]
+    fn a_token_whose_key_files_go_away_fails_unavailable_and_recovers() {
+        let f = fixture();
+        let (w, dir) = fault_token(f, FAULT_TOKENS[1]);
+        w.create_master_key("t-fault").unwrap();
+        w.create_mac_key("t-fault-mac").unwrap();
+        let blob = w.wrap("t-fault", b"aad", &[9; 32]).unwrap();
+        let tag = w.mac("t-fault-mac", b"cp").unwrap();
+
+        // The token itself stays (token.object): it opens and logs in, but finds no key. Keys
+        // seen before must then read as the HSM failing, not as absent.
+        let aside = f
+            .tokens
+            .with_file_name(format!("aside-{}", FAULT_TOKENS[1]));
+        std::fs::create_dir_all(&aside).unwrap();
+        let keep = ["token.object", "token.lock", "generation"];
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            if !keep.iter().any(|k| e.file_name() == *k) {
+                std::fs::rename(e.path(), aside.join(e.file_name())).unwrap();
+            }
+        }
+        assert_all_unavailable(&w, &blob, &tag, "key files gone");
+        for e in std::fs::read_dir(&aside).unwrap() {
+            let e = e.unwrap();
+            std::fs::rename(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        assert_recovered(&w, &blob, &tag, "key files back");
     }
 }

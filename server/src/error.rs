@@ -150,6 +150,11 @@ impl From<ward_hsm::HsmError> for Error {
         use ward_hsm::HsmError as H;
         match e {
             H::Integrity => Error::DataLoss(e.to_string()),
+            // Already reads "HSM unavailable: …".
+            H::Unavailable(_) => {
+                tracing::warn!(error = %e, "HSM call failed");
+                Error::Unavailable(e.to_string())
+            }
             other => {
                 tracing::warn!(error = %other, "HSM call failed");
                 Error::Unavailable(format!("HSM unavailable: {other}"))

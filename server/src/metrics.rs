@@ -12,7 +12,7 @@ use crate::error::Code;
 use crate::keys::VerifyResult;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,7 @@ pub struct Metrics {
     lockouts: AtomicU64,
     unknown_keys: Mutex<BTreeMap<String, u64>>,
     hsm: Mutex<BTreeMap<&'static str, Histogram>>,
+    hsm_up: AtomicBool,
     audit_write: Mutex<Histogram>,
     methods: OnceLock<HashSet<String>>,
 }
@@ -90,6 +91,8 @@ pub fn global() -> &'static Metrics {
         lockouts: AtomicU64::new(0),
         unknown_keys: Mutex::default(),
         hsm: Mutex::default(),
+        // The server starts only with its HSM reachable.
+        hsm_up: AtomicBool::new(true),
         audit_write: Mutex::default(),
         methods: OnceLock::new(),
     })
@@ -167,6 +170,11 @@ impl Metrics {
         lock(&self.hsm).entry(op).or_default().observe(took);
     }
 
+    /// Records whether the last HSM call found the HSM able to serve it.
+    pub fn set_hsm_up(&self, up: bool) {
+        self.hsm_up.store(up, Ordering::Relaxed);
+    }
+
     /// Records one audit write (commit and flush).
     pub fn observe_audit_write(&self, took: Duration) {
         lock(&self.audit_write).observe(took);
@@ -238,6 +246,13 @@ impl Metrics {
                 &format!("op=\"{op}\""),
             );
         }
+        out.push_str("# HELP ward_hsm_up 1 if the last HSM call was served (or refused for its input), 0 if the HSM could not serve it.\n");
+        out.push_str("# TYPE ward_hsm_up gauge\n");
+        let _ = writeln!(
+            out,
+            "ward_hsm_up {}",
+            u8::from(self.hsm_up.load(Ordering::Relaxed))
+        );
         out.push_str(
             "# HELP ward_audit_write_duration_seconds Audit record writes, commit to durable.\n",
         );
@@ -338,14 +353,27 @@ where
     }
 }
 
-/// Times every call of a [`ward_hsm::KeyWrapper`].
-pub struct MeteredWrapper(pub std::sync::Arc<dyn ward_hsm::KeyWrapper>);
+/// Times every call of the HSM, and records in `ward_hsm_up` whether the HSM could serve it.
+pub struct MeteredWrapper(pub std::sync::Arc<dyn ward_hsm::Hsm>);
 
 impl MeteredWrapper {
-    fn timed<T>(op: &'static str, f: impl FnOnce() -> T) -> T {
+    fn timed<T>(
+        op: &'static str,
+        f: impl FnOnce() -> Result<T, ward_hsm::HsmError>,
+    ) -> Result<T, ward_hsm::HsmError> {
+        use ward_hsm::HsmError as H;
         let started = Instant::now();
         let out = f();
         global().observe_hsm(op, started.elapsed());
+        // An answer about the input (integrity, a missing key) means the HSM is there.
+        let up = !matches!(
+            out,
+            Err(H::Unavailable(_)
+                | H::BadPin { .. }
+                | H::TokenNotFound { .. }
+                | H::ModuleLoad { .. })
+        );
+        global().set_hsm_up(up);
         out
     }
 }
@@ -370,6 +398,21 @@ impl ward_hsm::KeyWrapper for MeteredWrapper {
     }
     fn mechanism(&self) -> ward_hsm::Mechanism {
         self.0.mechanism()
+    }
+}
+
+impl ward_hsm::MacSigner for MeteredWrapper {
+    fn has_mac_key(&self, label: &str) -> Result<bool, ward_hsm::HsmError> {
+        Self::timed("find_mac_key", || self.0.has_mac_key(label))
+    }
+    fn create_mac_key(&self, label: &str) -> Result<(), ward_hsm::HsmError> {
+        Self::timed("create_mac_key", || self.0.create_mac_key(label))
+    }
+    fn mac(&self, label: &str, data: &[u8]) -> Result<Vec<u8>, ward_hsm::HsmError> {
+        Self::timed("mac", || self.0.mac(label, data))
+    }
+    fn verify_mac(&self, label: &str, data: &[u8], tag: &[u8]) -> Result<bool, ward_hsm::HsmError> {
+        Self::timed("verify_mac", || self.0.verify_mac(label, data, tag))
     }
 }
 

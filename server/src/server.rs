@@ -111,8 +111,9 @@ pub async fn serve(
     hsm: Arc<dyn Hsm>,
     ready: impl FnOnce(Listening),
 ) -> Result<(), StartError> {
-    let mac: Arc<dyn MacSigner> = hsm.clone();
-    let hsm: Arc<dyn KeyWrapper> = Arc::new(MeteredWrapper(hsm));
+    let metered = Arc::new(MeteredWrapper(hsm));
+    let mac: Arc<dyn MacSigner> = metered.clone();
+    let hsm: Arc<dyn KeyWrapper> = metered;
     // One crypto provider, chosen explicitly (rustls is built without defaults).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let policy = Policy::load(&cfg.policy).map_err(StartError::Config)?;

@@ -127,6 +127,30 @@ mod tests {
     }
 
     #[test]
+    fn hsm_failures_name_the_hsm_once_and_integrity_stays_data_loss() {
+        let s = to_status(Error::from(HsmError::Unavailable(
+            "token \"ward\" is not present".into(),
+        )));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            s.message(),
+            "HSM unavailable: token \"ward\" is not present"
+        );
+        let s = to_status(Error::from(HsmError::BadPin {
+            label: "ward".into(),
+        }));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(
+            s.message().starts_with("HSM unavailable: "),
+            "{}",
+            s.message()
+        );
+        let s = to_status(Error::from(HsmError::Integrity));
+        assert_eq!(s.code(), tonic::Code::DataLoss);
+        assert!(s.message().contains("integrity"), "{}", s.message());
+    }
+
+    #[test]
     fn internal_details_stay_off_the_wire() {
         let s = to_status(Error::Internal("stack detail".into()));
         assert_eq!(s.message(), "internal error");

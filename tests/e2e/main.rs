@@ -15,6 +15,7 @@ mod disk;
 mod durability;
 mod extauthz;
 mod hardening;
+mod hsm_faults;
 mod keyring;
 mod keys;
 mod keys_lifecycle;

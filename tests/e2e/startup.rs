@@ -1,10 +1,9 @@
 //! `serve` start-up failures: a clear message on stderr and the documented exit code (2 config
 //! or usage, 3 HSM, 4 storage), and no master key is ever created outside dev mode.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ward_tests::{run_tool, server_bin, FailedStart, TestServer};
+use ward_tests::{move_entries, run_tool, server_bin, FailedStart, TestServer};
 
 use crate::{assert_value, put};
 
@@ -83,33 +82,11 @@ async fn config_errors_and_wrong_pin() {
     assert_still_works(&mut s).await;
 }
 
-/// The softhsm2.conf dev mode wrote, and the token directory it names.
-fn softhsm_paths(dir: &Path) -> (PathBuf, PathBuf) {
-    let conf = dir.join("softhsm").join("softhsm2.conf");
-    let text = std::fs::read_to_string(&conf).unwrap_or_else(|e| panic!("read {conf:?}: {e}"));
-    let tokendir = text
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .find(|(k, _)| k.trim() == "directories.tokendir")
-        .map(|(_, v)| PathBuf::from(v.trim()))
-        .unwrap_or_else(|| panic!("no directories.tokendir in {conf:?}"));
-    (conf, tokendir)
-}
-
-/// Moves every entry of `from` into `to` (created).
-fn move_entries(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::rename(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_token_or_master_key_fails_closed() {
     let mut s = stopped_server_with_data().await;
     let dir = s.data_dir().to_path_buf();
-    let (conf, tokendir) = softhsm_paths(&dir);
+    let (conf, tokendir) = s.softhsm_paths();
     let backup = s.scratch_dir().join("tokens-backup");
 
     // The token's label, from SoftHSM itself.

@@ -920,6 +920,20 @@ impl TestServer {
         });
     }
 
+    /// The softhsm2.conf dev mode wrote (DIR/softhsm/softhsm2.conf), and the token directory
+    /// it names (one subdirectory per token).
+    pub fn softhsm_paths(&self) -> (PathBuf, PathBuf) {
+        let conf = self.path.join("softhsm").join("softhsm2.conf");
+        let text = std::fs::read_to_string(&conf).unwrap_or_else(|e| panic!("read {conf:?}: {e}"));
+        let tokendir = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .find(|(k, _)| k.trim() == "directories.tokendir")
+            .map(|(_, v)| PathBuf::from(v.trim()))
+            .unwrap_or_else(|| panic!("no directories.tokendir in {conf:?}"));
+        (conf, tokendir)
+    }
+
     /// A directory for the test's own files (DIR/e2e-scratch), created on demand.
     pub fn scratch_dir(&self) -> PathBuf {
         let d = self.path.join("e2e-scratch");
@@ -1236,6 +1250,16 @@ pub async fn until_synced(stream: &mut tonic::Streaming<pb::WatchEvent>) -> Vec<
         if synced {
             return out;
         }
+    }
+}
+
+/// Moves every entry of `from` into `to` (created). Renames, so both must be on one file
+/// system: tests use it to take a SoftHSM token away and give it back.
+pub fn move_entries(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::rename(e.path(), to.join(e.file_name())).unwrap();
     }
 }
 
