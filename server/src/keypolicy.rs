@@ -3,6 +3,7 @@
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
+use crate::model::excerpt;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -31,7 +32,12 @@ impl Cidr {
     /// Parses `a.b.c.d/n`, `x::y/n` or a bare address (a single host). Host bits set below the
     /// prefix are refused: `10.1.2.3/8` is almost always a typo for something else.
     pub fn parse(s: &str) -> Result<Self> {
-        let bad = |why: &str| Err(Error::invalid(format!("invalid CIDR {s:?}: {why}")));
+        let bad = |why: &str| {
+            Err(Error::invalid(format!(
+                "invalid CIDR {}: {why}",
+                excerpt(s)
+            )))
+        };
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
@@ -124,7 +130,12 @@ pub fn parse_client_ip(s: &str) -> Result<Option<IpAddr>> {
     }
     s.parse::<IpAddr>()
         .map(|ip| Some(canonical(ip)))
-        .map_err(|_| Error::invalid(format!("invalid client_ip {s:?}: not an IP address")))
+        .map_err(|_| {
+            Error::invalid(format!(
+                "invalid client_ip {}: not an IP address",
+                excerpt(s)
+            ))
+        })
 }
 
 /// A GCRA rate limit: `requests` per `period_ms` sustained, `burst` at once.
@@ -286,8 +297,9 @@ impl PolicyMask {
                 "expire_time" | "expireTime" => m.expire_time = true,
                 other => {
                     return Err(Error::invalid(format!(
-                        "unknown update_mask path {other:?} (expected scopes, allowed_cidrs, \
-                         rate_limit, quota, expire_time)"
+                        "unknown update_mask path {} (expected scopes, allowed_cidrs, \
+                         rate_limit, quota, expire_time)",
+                        excerpt(other)
                     )))
                 }
             }
@@ -364,6 +376,22 @@ mod tests {
             assert!(Cidr::parse(bad).is_err(), "{bad:?}");
         }
         assert!(parse_cidrs(&["10.0.0.0/8".into(), "10.0.0.0/8".into()]).is_err());
+    }
+
+    #[test]
+    fn refusals_quote_only_an_excerpt_of_the_input() {
+        // Found by the fuzz target `policy`: the whole input was quoted, escaped, into the
+        // status message, and a large one broke the reply's headers.
+        let huge = "\u{1b}".repeat(100_000);
+        let errors = [
+            Cidr::parse(&huge).unwrap_err(),
+            parse_client_ip(&huge).unwrap_err(),
+            PolicyMask::parse(&[huge.clone()]).unwrap_err(),
+        ];
+        for e in errors {
+            let shown = e.to_string();
+            assert!(shown.len() < 512, "{} bytes: {:.80}", shown.len(), shown);
+        }
     }
 
     #[test]
