@@ -63,20 +63,35 @@ impl Cidr {
                 cidr.network()
             ));
         }
-        Ok(cidr)
+        Ok(cidr.canonical())
+    }
+
+    /// An IPv4-mapped IPv6 range (`::ffff:10.0.0.0/104`) as the IPv4 range it names
+    /// (`10.0.0.0/8`). Client addresses are matched in canonical form (see [`Cidr::contains`]),
+    /// so a range kept in the mapped form would never match anyone. Any mapped network with a
+    /// prefix below 96 has host bits set and is refused before this.
+    fn canonical(self) -> Self {
+        match self.addr {
+            IpAddr::V6(v6) if self.prefix >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => Self {
+                    addr: IpAddr::V4(v4),
+                    prefix: self.prefix - 96,
+                },
+                None => self,
+            },
+            _ => self,
+        }
     }
 
     /// Whether `ip` lies in the range. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is
     /// matched as the IPv4 address it carries, so a dual-stack listener cannot slip past an
     /// IPv4 rule.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, canonical(ip)) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                mask_v4(u32::from(ip), self.prefix) == u32::from(net)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                mask_v6(u128::from(ip), self.prefix) == u128::from(net)
-            }
+        // Ranges stored before parsing made them canonical are matched canonically too.
+        let Self { addr, prefix } = self.canonical();
+        match (addr, canonical(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => mask_v4(u32::from(ip), prefix) == u32::from(net),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => mask_v6(u128::from(ip), prefix) == u128::from(net),
             _ => false,
         }
     }
@@ -355,6 +370,25 @@ mod tests {
         let odd = Cidr::parse("172.16.0.0/12").unwrap();
         assert!(odd.contains(ip("172.31.255.255")));
         assert!(!odd.contains(ip("172.32.0.0")));
+    }
+
+    #[test]
+    fn ipv4_mapped_ranges_match_the_ipv4_clients_they_name() {
+        // Found by the fuzz target `policy`: `::ffff:10.1.2.3` parsed as an IPv6 host that no
+        // client could ever match (clients are compared as IPv4), so a key allowed only there
+        // was refused FORBIDDEN_IP from everywhere, including from 10.1.2.3.
+        let host = Cidr::parse("::ffff:10.1.2.3").unwrap();
+        assert_eq!(host, Cidr::parse("10.1.2.3").unwrap());
+        assert_eq!(host.to_string(), "10.1.2.3/32");
+        assert!(host.contains(ip("10.1.2.3")));
+        assert!(host.contains(ip("::ffff:10.1.2.3")));
+        let net = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert_eq!(net.to_string(), "10.0.0.0/8");
+        assert!(net.contains(ip("10.200.0.1")) && !net.contains(ip("11.0.0.1")));
+        assert!(parse_cidrs(&["10.0.0.0/8".into(), "::ffff:10.0.0.0/104".into()]).is_err());
+        // Mapped networks shorter than /96 have host bits set; plain IPv6 stays IPv6.
+        assert!(Cidr::parse("::ffff:0.0.0.0/95").is_err());
+        assert_eq!(Cidr::parse("::/0").unwrap().to_string(), "::/0");
     }
 
     #[test]
