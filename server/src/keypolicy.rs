@@ -3,6 +3,7 @@
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
+use crate::model::excerpt;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -31,7 +32,12 @@ impl Cidr {
     /// Parses `a.b.c.d/n`, `x::y/n` or a bare address (a single host). Host bits set below the
     /// prefix are refused: `10.1.2.3/8` is almost always a typo for something else.
     pub fn parse(s: &str) -> Result<Self> {
-        let bad = |why: &str| Err(Error::invalid(format!("invalid CIDR {s:?}: {why}")));
+        let bad = |why: &str| {
+            Err(Error::invalid(format!(
+                "invalid CIDR {}: {why}",
+                excerpt(s)
+            )))
+        };
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
@@ -57,20 +63,35 @@ impl Cidr {
                 cidr.network()
             ));
         }
-        Ok(cidr)
+        Ok(cidr.canonical())
+    }
+
+    /// An IPv4-mapped IPv6 range (`::ffff:10.0.0.0/104`) as the IPv4 range it names
+    /// (`10.0.0.0/8`). Client addresses are matched in canonical form (see [`Cidr::contains`]),
+    /// so a range kept in the mapped form would never match anyone. Any mapped network with a
+    /// prefix below 96 has host bits set and is refused before this.
+    fn canonical(self) -> Self {
+        match self.addr {
+            IpAddr::V6(v6) if self.prefix >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => Self {
+                    addr: IpAddr::V4(v4),
+                    prefix: self.prefix - 96,
+                },
+                None => self,
+            },
+            _ => self,
+        }
     }
 
     /// Whether `ip` lies in the range. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is
     /// matched as the IPv4 address it carries, so a dual-stack listener cannot slip past an
     /// IPv4 rule.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, canonical(ip)) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                mask_v4(u32::from(ip), self.prefix) == u32::from(net)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                mask_v6(u128::from(ip), self.prefix) == u128::from(net)
-            }
+        // Ranges stored before parsing made them canonical are matched canonically too.
+        let Self { addr, prefix } = self.canonical();
+        match (addr, canonical(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => mask_v4(u32::from(ip), prefix) == u32::from(net),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => mask_v6(u128::from(ip), prefix) == u128::from(net),
             _ => false,
         }
     }
@@ -124,7 +145,12 @@ pub fn parse_client_ip(s: &str) -> Result<Option<IpAddr>> {
     }
     s.parse::<IpAddr>()
         .map(|ip| Some(canonical(ip)))
-        .map_err(|_| Error::invalid(format!("invalid client_ip {s:?}: not an IP address")))
+        .map_err(|_| {
+            Error::invalid(format!(
+                "invalid client_ip {}: not an IP address",
+                excerpt(s)
+            ))
+        })
 }
 
 /// A GCRA rate limit: `requests` per `period_ms` sustained, `burst` at once.
@@ -286,8 +312,9 @@ impl PolicyMask {
                 "expire_time" | "expireTime" => m.expire_time = true,
                 other => {
                     return Err(Error::invalid(format!(
-                        "unknown update_mask path {other:?} (expected scopes, allowed_cidrs, \
-                         rate_limit, quota, expire_time)"
+                        "unknown update_mask path {} (expected scopes, allowed_cidrs, \
+                         rate_limit, quota, expire_time)",
+                        excerpt(other)
                     )))
                 }
             }
@@ -346,6 +373,25 @@ mod tests {
     }
 
     #[test]
+    fn ipv4_mapped_ranges_match_the_ipv4_clients_they_name() {
+        // Found by the fuzz target `policy`: `::ffff:10.1.2.3` parsed as an IPv6 host that no
+        // client could ever match (clients are compared as IPv4), so a key allowed only there
+        // was refused FORBIDDEN_IP from everywhere, including from 10.1.2.3.
+        let host = Cidr::parse("::ffff:10.1.2.3").unwrap();
+        assert_eq!(host, Cidr::parse("10.1.2.3").unwrap());
+        assert_eq!(host.to_string(), "10.1.2.3/32");
+        assert!(host.contains(ip("10.1.2.3")));
+        assert!(host.contains(ip("::ffff:10.1.2.3")));
+        let net = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert_eq!(net.to_string(), "10.0.0.0/8");
+        assert!(net.contains(ip("10.200.0.1")) && !net.contains(ip("11.0.0.1")));
+        assert!(parse_cidrs(&["10.0.0.0/8".into(), "::ffff:10.0.0.0/104".into()]).is_err());
+        // Mapped networks shorter than /96 have host bits set; plain IPv6 stays IPv6.
+        assert!(Cidr::parse("::ffff:0.0.0.0/95").is_err());
+        assert_eq!(Cidr::parse("::/0").unwrap().to_string(), "::/0");
+    }
+
+    #[test]
     fn bad_cidrs_are_refused() {
         for bad in [
             "",
@@ -364,6 +410,22 @@ mod tests {
             assert!(Cidr::parse(bad).is_err(), "{bad:?}");
         }
         assert!(parse_cidrs(&["10.0.0.0/8".into(), "10.0.0.0/8".into()]).is_err());
+    }
+
+    #[test]
+    fn refusals_quote_only_an_excerpt_of_the_input() {
+        // Found by the fuzz target `policy`: the whole input was quoted, escaped, into the
+        // status message, and a large one broke the reply's headers.
+        let huge = "\u{1b}".repeat(100_000);
+        let errors = [
+            Cidr::parse(&huge).unwrap_err(),
+            parse_client_ip(&huge).unwrap_err(),
+            PolicyMask::parse(&[huge.clone()]).unwrap_err(),
+        ];
+        for e in errors {
+            let shown = e.to_string();
+            assert!(shown.len() < 512, "{} bytes: {:.80}", shown.len(), shown);
+        }
     }
 
     #[test]

@@ -354,14 +354,16 @@ impl Secrets for SecretsService {
     }
 }
 
-fn duration(d: prost_types::Duration) -> RawDuration {
+/// A wire duration as the lifecycle layer receives it (checked there, not here).
+pub fn duration(d: prost_types::Duration) -> RawDuration {
     RawDuration {
         seconds: d.seconds,
         nanos: d.nanos,
     }
 }
 
-fn at(t: prost_types::Timestamp) -> RawExpiration {
+/// A wire timestamp as an absolute expiry, as the lifecycle layer receives it.
+pub fn at(t: prost_types::Timestamp) -> RawExpiration {
     RawExpiration::At {
         seconds: t.seconds,
         nanos: t.nanos,
@@ -376,7 +378,7 @@ fn to_duration(ms: u64) -> prost_types::Duration {
 }
 
 /// A wire state as the domain's; unspecified or unknown numbers are None.
-fn from_state(n: i32) -> Option<VersionState> {
+pub fn from_state(n: i32) -> Option<VersionState> {
     match pb::VersionState::try_from(n).ok()? {
         pb::VersionState::Unspecified => None,
         pb::VersionState::Primary => Some(VersionState::Primary),

@@ -4,15 +4,29 @@
 
 use crate::error::{Code, Error};
 
+/// Longest status message sent. Messages travel in the `grpc-message` header, which h2
+/// limits: one that echoed a large input broke the reply (the caller saw RESOURCE_EXHAUSTED or
+/// CANCELLED instead of the real code). Each message quotes caller input only as an excerpt
+/// (`model::excerpt`); this cap is the safety net for any that does not.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
 /// The wire status for an error.
 pub fn to_status(e: Error) -> tonic::Status {
-    let message = match &e {
+    let mut message = match &e {
         Error::Internal(detail) => {
             tracing::error!(%detail, "internal error");
             e.to_string()
         }
         _ => e.to_string(),
     };
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES - "… (cut)".len();
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("… (cut)");
+    }
     tonic::Status::new(to_code(e.code()), message)
 }
 
@@ -154,6 +168,20 @@ mod tests {
     fn internal_details_stay_off_the_wire() {
         let s = to_status(Error::Internal("stack detail".into()));
         assert_eq!(s.message(), "internal error");
+    }
+
+    #[test]
+    fn long_messages_are_cut_to_fit_a_header() {
+        let s = to_status(Error::invalid(format!("bad {}", "é".repeat(4000))));
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(
+            s.message().len() <= MAX_MESSAGE_BYTES,
+            "{}",
+            s.message().len()
+        );
+        assert!(s.message().starts_with("bad éé") && s.message().ends_with("… (cut)"));
+        let short = to_status(Error::invalid("short"));
+        assert_eq!(short.message(), "short");
     }
 
     #[test]

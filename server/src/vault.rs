@@ -768,15 +768,9 @@ impl Vault {
                 Some(self.now().saturating_sub(u64::from(days) * DAY_MS))
             }
         };
-        let mut start = match input.page_token.as_str() {
-            "" => Vec::new(),
-            token => {
-                let last = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .decode(token)
-                    .ok()
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .and_then(|s| SecretName::parse(&s).ok())
-                    .ok_or_else(|| Error::invalid("invalid page_token"))?;
+        let mut start = match parse_page_token(&input.page_token)? {
+            None => Vec::new(),
+            Some(last) => {
                 let mut k = last.as_str().as_bytes().to_vec();
                 k.push(0); // strictly after the last name returned
                 k
@@ -817,9 +811,7 @@ impl Vault {
             }
         }
         let next_page_token = match (more, secrets.last()) {
-            (true, Some(last)) => {
-                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last.name.as_bytes())
-            }
+            (true, Some(last)) => page_token(&last.name),
             _ => String::new(),
         };
         Ok(Page {
@@ -1170,6 +1162,27 @@ impl Vault {
         self.audit.append(rec).await?;
         result
     }
+}
+
+/// The ListSecrets page token that continues after `last_name`: the name, base64url.
+pub fn page_token(last_name: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last_name.as_bytes())
+}
+
+/// Parses a ListSecrets page token: empty is the first page, anything else must be a token
+/// [`page_token`] made from a valid name (INVALID_ARGUMENT otherwise). The base64 decoder is
+/// strict (no padding, no stray trailing bits), so each name has exactly one token.
+pub fn parse_page_token(token: &str) -> Result<Option<SecretName>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| SecretName::parse(&s).ok())
+        .map(Some)
+        .ok_or_else(|| Error::invalid("invalid page_token"))
 }
 
 /// Builds a key policy: the fields `mask` names from `input`, the others from `current`.

@@ -76,6 +76,9 @@ const LIST: &str = "/ward.v1.Secrets/ListSecrets";
 const ROTATE_KEYRING: &str = "/ward.v1.Admin/RotateKeyring";
 const ROTATE_MASTER: &str = "/ward.v1.Admin/RotateMasterKey";
 const DESCRIBE_KEYRING: &str = "/ward.v1.Admin/DescribeKeyring";
+const VERIFY: &str = "/ward.v1.Keys/VerifyKey";
+const UPDATE_POLICY: &str = "/ward.v1.Keys/UpdateKeyPolicy";
+const STREAM_AUDIT: &str = "/ward.v1.Audit/StreamAudit";
 
 fn b64(s: &str) -> String {
     use base64::Engine;
@@ -254,6 +257,72 @@ async fn malformed_requests_get_their_documented_status() {
             pb::IssueKeyRequest {
                 name: "wire/key".into(),
                 environment: big(1 << 20),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        // Found by the fuzz target `request`/`policy`: each of these was echoed whole into the
+        // status message, so a large one broke the reply (RESOURCE_EXHAUSTED or a reset).
+        (
+            "allowed_cidr of 1 MiB",
+            ISSUE,
+            pb::IssueKeyRequest {
+                name: "wire/key".into(),
+                allowed_cidrs: vec![big(1 << 20)],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "client_ip of 1 MiB",
+            VERIFY,
+            pb::VerifyKeyRequest {
+                client_ip: big(1 << 20),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "endpoint of 1 MiB",
+            VERIFY,
+            pb::VerifyKeyRequest {
+                endpoint: big(1 << 20),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "environment of 1 MiB",
+            VERIFY,
+            pb::VerifyKeyRequest {
+                environment: big(1 << 20),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "update_mask path of 1 MiB",
+            UPDATE_POLICY,
+            pb::UpdateKeyPolicyRequest {
+                name: "wire/a".into(),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec![big(1 << 20)],
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "outcome filter of 1 MiB",
+            STREAM_AUDIT,
+            pb::StreamAuditRequest {
+                outcome: big(1 << 20),
                 ..Default::default()
             }
             .encode_to_vec(),

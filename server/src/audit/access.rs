@@ -81,7 +81,9 @@ impl Outcome {
                 .map(Outcome::Code)
                 .ok_or_else(|| {
                     Error::invalid(format!(
-                        "outcome {s:?}: expected OK, ERROR or a gRPC code name such as PERMISSION_DENIED"
+                        "outcome {}: expected OK, ERROR or a gRPC code name such as \
+                         PERMISSION_DENIED",
+                        crate::model::excerpt(s)
                     ))
                 }),
         }

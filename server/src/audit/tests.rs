@@ -723,3 +723,18 @@ async fn combined_writes_keep_compare_and_set_and_the_chain() {
     assert!(v.ok(), "{v:?}");
     assert_eq!(v.records_checked, 241);
 }
+
+#[test]
+fn outcome_filters_parse_and_refusals_quote_only_an_excerpt() {
+    assert_eq!(Outcome::parse("").unwrap(), Outcome::Any);
+    assert_eq!(Outcome::parse(" error ").unwrap(), Outcome::Error);
+    assert_eq!(
+        Outcome::parse("permission_denied").unwrap(),
+        Outcome::Code(7)
+    );
+    // Found by the fuzz target `request`: the filter was quoted whole into the message, and a
+    // large one broke the reply's headers.
+    let e = Outcome::parse(&"\u{7}".repeat(100_000)).unwrap_err();
+    assert_eq!(e.code(), crate::error::Code::InvalidArgument);
+    assert!(e.to_string().len() < 512, "{:.80}", e.to_string());
+}
