@@ -420,7 +420,7 @@ mod tests {
         let errors = [
             Cidr::parse(&huge).unwrap_err(),
             parse_client_ip(&huge).unwrap_err(),
-            PolicyMask::parse(&[huge.clone()]).unwrap_err(),
+            PolicyMask::parse(std::slice::from_ref(&huge)).unwrap_err(),
         ];
         for e in errors {
             let shown = e.to_string();
