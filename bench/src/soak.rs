@@ -74,6 +74,10 @@ pub struct SoakArgs {
     /// Verdict: largest allowed growth of the open-fd count, last third against the first
     #[arg(long, default_value_t = 8)]
     max_fd_growth: u64,
+    /// The server's storage page cache, MiB (`limits.cache_mib`; default: the server's own).
+    /// A small cache tells cache growth from a leak: the cache stops growing at its size
+    #[arg(long)]
+    cache_mib: Option<u64>,
     /// The ward-server binary (default: next to ward-bench)
     #[arg(long)]
     server_bin: Option<PathBuf>,
@@ -239,7 +243,17 @@ pub async fn run(args: SoakArgs) -> Result<bool, String> {
     let bin = server_bin(args.server_bin.as_deref())?;
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
     let log = tmp.path().join("ward.log");
-    let server = DevServer::start(&bin, &tmp.path().join("ward"), Some(&log))?;
+    let dir = tmp.path().join("ward");
+    let mut server = DevServer::start(&bin, &dir, Some(&log))?;
+    if let Some(mib) = args.cache_mib {
+        // The dev server wrote its config on first start; restart it with the cache size set.
+        drop(server);
+        let path = dir.join("ward.toml");
+        let config = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+        let config = config.replacen("[limits]\n", &format!("[limits]\ncache_mib = {mib}\n"), 1);
+        std::fs::write(&path, config).map_err(|e| e.to_string())?;
+        server = DevServer::serve_existing(&bin, &dir)?;
+    }
     let pid = server.proc.pid();
     eprintln!(
         "ward-bench soak: server pid {pid} at {} (log {}), {} workers at {} ops/s for {:?}",
