@@ -148,6 +148,18 @@ struct Slot {
 }
 
 impl Slot {
+    /// Slot `index` before its first write: generation 0, nothing live yet.
+    fn first(index: u64) -> Self {
+        Self {
+            index,
+            generation: 0,
+            primary: 0,
+            revoked_below: 1,
+            checksum: 0,
+            key: String::new(),
+        }
+    }
+
     fn name(&self, kind: &str) -> String {
         format!("soak/{kind}-{}-g{}", self.index, self.generation)
     }
@@ -398,14 +410,7 @@ pub async fn run(args: SoakArgs) -> Result<bool, String> {
 async fn setup(args: &SoakArgs, client: &Client) -> Result<Shared, String> {
     let mut statics = Vec::new();
     for index in 0..args.secrets {
-        let mut slot = Slot {
-            index,
-            generation: 0,
-            primary: 0,
-            revoked_below: 1,
-            checksum: 0,
-            key: String::new(),
-        };
+        let mut slot = Slot::first(index);
         let name = slot.name("s");
         let w = client
             .put_secret(PutSecretRequest {
@@ -420,14 +425,7 @@ async fn setup(args: &SoakArgs, client: &Client) -> Result<Shared, String> {
     }
     let mut keys = Vec::new();
     for index in 0..args.keys {
-        let mut slot = Slot {
-            index,
-            generation: 0,
-            primary: 0,
-            revoked_below: 1,
-            checksum: 0,
-            key: String::new(),
-        };
+        let mut slot = Slot::first(index);
         let name = slot.name("k");
         let k = client
             .issue_key(IssueKeyRequest {
