@@ -10,6 +10,11 @@
 //! ```
 //!
 //! Globs: `*` matches any run of characters (including `/`), `?` any one character.
+//!
+//! `admin` and `audit` are vault-wide: a backup, a master-key rotation or the audit log covers
+//! every environment, so no environment list can narrow them. A rule that lists environments
+//! may not name them (the loader refuses it), and `*` in such a rule means every other verb.
+//! Without this, `verbs = ["*"], environments = ["dev"]` granted backups of prod.
 
 use serde::Deserialize;
 use std::path::Path;
@@ -41,6 +46,10 @@ pub enum Verb {
 }
 
 impl Verb {
+    /// Verbs that act on the whole vault, whatever the environment: never granted by a rule
+    /// that lists environments.
+    pub const VAULT_WIDE: [Verb; 2] = [Verb::Audit, Verb::Admin];
+
     /// Every verb.
     pub const ALL: [Verb; 10] = [
         Verb::Read,
@@ -122,7 +131,21 @@ impl Policy {
         for (i, r) in file.rule.into_iter().enumerate() {
             let mut verbs = Vec::new();
             for v in &r.verbs {
-                verbs.extend(Verb::parse(v).map_err(|e| format!("rule {}: {e}", i + 1))?);
+                let mut named = Verb::parse(v).map_err(|e| format!("rule {}: {e}", i + 1))?;
+                if r.environments.is_some() {
+                    if v == "*" {
+                        named.retain(|v| !Verb::VAULT_WIDE.contains(v));
+                    } else if let Some(wide) = named.iter().find(|v| Verb::VAULT_WIDE.contains(v)) {
+                        return Err(format!(
+                            "rule {}: {:?} is vault-wide (it covers every environment), so a rule \
+                             granting it cannot list environments; grant it in a rule without \
+                             `environments`",
+                            i + 1,
+                            wide.name()
+                        ));
+                    }
+                }
+                verbs.extend(named);
             }
             if r.identities.is_empty() || verbs.is_empty() || r.secrets.is_empty() {
                 return Err(format!(
@@ -165,6 +188,21 @@ impl Policy {
                     (None, _) | (_, None) => true,
                     (Some(envs), Some(env)) => envs.iter().any(|g| glob(g, env)),
                 }
+        })
+    }
+
+    /// Whether `identity` holds `verb` on `name` whatever its environment (a rule without an
+    /// environment list, or with `*` in it). Only such a caller may learn that `name` does not
+    /// exist: to one whose grant stops at some environments, a missing secret and one in an
+    /// environment it may not see must look the same.
+    pub fn allows_in_every_environment(&self, identity: &str, verb: Verb, name: &str) -> bool {
+        self.rules.iter().any(|r| {
+            r.verbs.contains(&verb)
+                && r.identities.iter().any(|g| glob(g, identity))
+                && r.secrets.iter().any(|g| glob(g, name))
+                && r.environments
+                    .as_ref()
+                    .is_none_or(|envs| envs.iter().any(|g| g == "*"))
         })
     }
 
@@ -268,6 +306,40 @@ mod tests {
         assert!(!p.grants_any(app, Verb::List));
         assert!(p.grants_everywhere("admin", Verb::Audit));
         assert!(!p.grants_everywhere(app, Verb::Read));
+    }
+
+    #[test]
+    fn environment_rules_never_grant_vault_wide_verbs() {
+        let p = Policy::parse(
+            "[[rule]]\nidentities=['team-dev/*']\nverbs=['*']\nsecrets=['*']\n\
+             environments=['dev']",
+        )
+        .unwrap();
+        let dev = "team-dev/ci";
+        assert!(p.allows(dev, Verb::Destroy, "x", Some("dev")));
+        assert!(!p.allows(dev, Verb::Read, "x", Some("prod")));
+        for verb in Verb::VAULT_WIDE {
+            assert!(!p.grants_any(dev, verb), "{verb:?}");
+            assert!(!p.allows(dev, verb, "*", None), "{verb:?}");
+            assert!(!p.grants_everywhere(dev, verb), "{verb:?}");
+        }
+        assert!(!p.allows_in_every_environment(dev, Verb::Read, "x"));
+        for verb in ["admin", "audit"] {
+            let e = Policy::parse(&format!(
+                "[[rule]]\nidentities=['a']\nverbs=['read','{verb}']\nsecrets=['*']\n\
+                 environments=['dev']"
+            ))
+            .unwrap_err();
+            assert!(e.contains("rule 1") && e.contains("vault-wide"), "{e}");
+        }
+        let all = Policy::parse(POLICY).unwrap();
+        assert!(all.allows_in_every_environment("admin", Verb::Read, "x"));
+        assert!(!all.allows_in_every_environment("spiffe://ward/app/web", Verb::Read, "app/x"));
+        let star = Policy::parse(
+            "[[rule]]\nidentities=['a']\nverbs=['read']\nsecrets=['*']\nenvironments=['*']",
+        )
+        .unwrap();
+        assert!(star.allows_in_every_environment("a", Verb::Read, "x"));
     }
 
     #[test]

@@ -250,7 +250,9 @@ fn denied(peer: &Peer) -> Error {
 }
 
 /// Which records a caller may see: all with `audit` on `*`, otherwise those whose every
-/// target its `audit` grants cover (records without a secret need `audit` on `*`).
+/// target its `audit` grants cover in every environment (records do not carry the targets'
+/// environments, and `audit` is never granted per environment; records without a secret need
+/// `audit` on `*`).
 struct Visibility {
     policy: Policy,
     identity: String,
@@ -261,9 +263,10 @@ impl Visibility {
     fn shows(&self, r: &AuditRecord) -> bool {
         self.everything
             || (!r.targets.is_empty()
-                && r.targets
-                    .iter()
-                    .all(|(name, _)| self.policy.allows(&self.identity, Verb::Audit, name, None)))
+                && r.targets.iter().all(|(name, _)| {
+                    self.policy
+                        .allows_in_every_environment(&self.identity, Verb::Audit, name)
+                }))
     }
 }
 
