@@ -316,7 +316,7 @@ impl Vault {
         }
         check_labels(&input.labels)?;
         check_text("description", &input.description, MAX_DESCRIPTION)?;
-        check_text("owner", &input.owner, MAX_OWNER)?;
+        self.check_owner(peer, &name, &input.owner)?;
         if !input.environment.is_empty() {
             self.check_environment(&input.environment)?;
         }
@@ -345,6 +345,11 @@ impl Vault {
             let raw = self.store.get(Tree::Secrets, name.as_str().as_bytes())?;
             let existing: Option<SecretRecord> =
                 raw.as_deref().map(|b| decode("secret", b)).transpose()?;
+            if let Some(s) = &existing {
+                // Before anything about the secret is told (its version, kind, environment):
+                // those are for callers that may write it.
+                self.authorize(peer, Verb::Write, &name, Some(&s.environment))?;
+            }
             check_cas(&name, existing.as_ref(), input.expected_version)?;
             let now = self.now();
             let mut secret = match existing {
@@ -473,7 +478,7 @@ impl Vault {
         )?;
         check_labels(&input.labels)?;
         check_text("description", &input.description, MAX_DESCRIPTION)?;
-        check_text("owner", &input.owner, MAX_OWNER)?;
+        self.check_owner(peer, &name, &input.owner)?;
         let environment = if input.environment.is_empty() {
             self.settings.default_environment.clone()
         } else {
@@ -519,11 +524,11 @@ impl Vault {
                     });
                 }
             }
-            if self
-                .store
-                .get(Tree::Secrets, name.as_str().as_bytes())?
-                .is_some()
-            {
+            if let Some(raw) = self.store.get(Tree::Secrets, name.as_str().as_bytes())? {
+                // Names are vault-wide: the name is taken either way, but only a caller that
+                // may issue in the taken name's environment learns that it exists there.
+                let taken: SecretRecord = decode("secret", &raw)?;
+                self.authorize(peer, Verb::Issue, &name, Some(&taken.environment))?;
                 return Err(Error::AlreadyExists(format!(
                     "{name} already exists (rotate it to get a new key)"
                 )));
@@ -656,9 +661,7 @@ impl Vault {
 
     fn fetch_one(&self, peer: &Peer, name: &str, version: u64) -> Result<Fetched> {
         let name = SecretName::parse(name)?;
-        self.authorize(peer, Verb::Read, &name, None)?;
-        let secret = self.load(&name)?;
-        self.authorize(peer, Verb::Read, &name, Some(&secret.environment))?;
+        let (_, secret) = self.load_for(peer, Verb::Read, &name)?;
         let (_, fetched) = self.read_version_of(&secret, &name, version)?;
         Ok(fetched)
     }
@@ -721,9 +724,7 @@ impl Vault {
         rec.targets.push((name.to_owned(), 0));
         let result = (|| {
             let name = SecretName::parse(name)?;
-            self.authorize(peer, Verb::List, &name, None)?;
-            let secret = self.load(&name)?;
-            self.authorize(peer, Verb::List, &name, Some(&secret.environment))?;
+            let (_, secret) = self.load_for(peer, Verb::List, &name)?;
             Ok(self.as_of_now(secret))
         })();
         self.finish_read(rec, result).await
@@ -872,12 +873,7 @@ impl Vault {
                     return Ok(self.as_of_now(self.load(&name)?));
                 }
             }
-            let raw = self
-                .store
-                .get(Tree::Secrets, name.as_str().as_bytes())?
-                .ok_or_else(|| Error::NotFound(format!("secret {name}")))?;
-            let mut secret: SecretRecord = decode("secret", &raw)?;
-            self.authorize(peer, Verb::Issue, &name, Some(&secret.environment))?;
+            let (raw, mut secret) = self.load_for(peer, Verb::Issue, &name)?;
             if secret.kind != Kind::ApiKey {
                 return Err(Error::FailedPrecondition(format!(
                     "{name} is not an API key; only API keys have a key policy"
@@ -955,12 +951,64 @@ impl Vault {
         if self.policy.allows(&peer.identity, verb, name.as_str(), env) {
             Ok(())
         } else {
-            Err(Error::PermissionDenied {
-                identity: peer.identity.to_string(),
-                verb: verb.name(),
-                target: name.to_string(),
-            })
+            Err(denied(peer, verb, name))
         }
+    }
+
+    /// Checks an owner a caller asks for. It goes out as the `x-ward-key-owner` header on
+    /// every request a key authorizes, so it is one line of text; and it names who answers for
+    /// the secret, so only an admin may name someone other than itself.
+    fn check_owner(&self, peer: &Peer, name: &SecretName, owner: &str) -> Result<()> {
+        if owner.is_empty() {
+            return Ok(());
+        }
+        check_text("owner", owner, MAX_OWNER)?;
+        if owner.chars().any(char::is_control) {
+            return Err(Error::invalid(format!(
+                "owner {} contains a control character",
+                crate::model::excerpt(owner)
+            )));
+        }
+        if owner != &*peer.identity && !self.policy.grants_everywhere(&peer.identity, Verb::Admin) {
+            return Err(Error::PermissionDenied {
+                identity: peer.identity.to_string(),
+                verb: Verb::Admin.name(),
+                target: format!(
+                    "{name} (naming an owner other than the caller, {}, takes admin)",
+                    crate::model::excerpt(owner)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Loads `name` (stored bytes and record) for a caller that needs `verb` on it, answering
+    /// so that a caller learns nothing it may not see: without a grant on the name anywhere,
+    /// PERMISSION_DENIED before the store is read; with a grant limited to some environments,
+    /// the same PERMISSION_DENIED whether the secret is missing or lives in another
+    /// environment; NOT_FOUND only to a caller whose grant covers every environment.
+    pub(crate) fn load_for(
+        &self,
+        peer: &Peer,
+        verb: Verb,
+        name: &SecretName,
+    ) -> Result<(Vec<u8>, SecretRecord)> {
+        self.authorize(peer, verb, name, None)?;
+        let Some(raw) = self.store.get(Tree::Secrets, name.as_str().as_bytes())? else {
+            return Err(
+                if self
+                    .policy
+                    .allows_in_every_environment(&peer.identity, verb, name.as_str())
+                {
+                    Error::NotFound(format!("secret {name}"))
+                } else {
+                    denied(peer, verb, name)
+                },
+            );
+        };
+        let secret: SecretRecord = decode("secret", &raw)?;
+        self.authorize(peer, verb, name, Some(&secret.environment))?;
+        Ok((raw, secret))
     }
 
     pub(crate) fn check_environment(&self, env: &str) -> Result<()> {
@@ -1211,6 +1259,15 @@ fn parse_policy(
             .transpose()?;
     }
     Ok(p)
+}
+
+/// The one refusal for a caller without `verb` on `name` (in the environment concerned).
+pub(crate) fn denied(peer: &Peer, verb: Verb, name: &SecretName) -> Error {
+    Error::PermissionDenied {
+        identity: peer.identity.to_string(),
+        verb: verb.name(),
+        target: name.to_string(),
+    }
 }
 
 fn log_refusal(rec: &AuditRecord, e: &Error) {

@@ -26,7 +26,7 @@ use crate::metrics;
 use crate::model::{check_scopes, excerpt, SecretName, SecretRecord, VersionState};
 use crate::policy::Verb;
 use crate::tls::Peer;
-use crate::vault::Vault;
+use crate::vault::{denied, Vault};
 use directory::KeyDirectory;
 use gcra::{Decision, Limiters, RateState};
 use quota::{Charge, QuotaLedger};
@@ -520,29 +520,20 @@ impl Keys {
         now: Millis,
     ) -> Result<KeyUsageReport> {
         let name = SecretName::parse(name)?;
-        let deny = || Error::PermissionDenied {
-            identity: peer.identity.to_string(),
-            verb: Verb::List.name(),
-            target: name.to_string(),
-        };
         let policy = self.vault.policy();
         if !policy.allows(&peer.identity, Verb::List, name.as_str(), None) {
-            return Err(deny());
+            return Err(denied(peer, Verb::List, &name));
         }
         let store = &**self.vault.store();
         let record = match self.dir.record(store, name.as_str())? {
             Some(r) => r,
             None => {
-                return Err(
-                    if store
-                        .get(crate::store::Tree::Secrets, name.as_str().as_bytes())?
-                        .is_some()
-                    {
-                        Error::FailedPrecondition(format!("{name} is not an API key"))
-                    } else {
-                        Error::NotFound(format!("secret {name}"))
-                    },
-                )
+                // Missing, or a STATIC secret: answered as the vault answers any lookup, so
+                // that only a caller that may see the secret learns which.
+                self.vault.load_for(peer, Verb::List, &name)?;
+                return Err(Error::FailedPrecondition(format!(
+                    "{name} is not an API key"
+                )));
             }
         };
         if !policy.allows(
@@ -551,7 +542,7 @@ impl Keys {
             name.as_str(),
             Some(&record.environment),
         ) {
-            return Err(deny());
+            return Err(denied(peer, Verb::List, &name));
         }
         if version != 0 && record.version(version).is_none() {
             return Err(Error::NotFound(format!("version {version} of {name}")));

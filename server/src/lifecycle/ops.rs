@@ -13,7 +13,7 @@ use crate::model::{
     VersionState,
 };
 use crate::policy::Verb;
-use crate::store::{decode, encode, version_key, Batch, Tree};
+use crate::store::{encode, version_key, Batch, Tree};
 use crate::tls::Peer;
 use crate::vault::{check_cas, Vault, Written, MAX_ATTEMPTS};
 use ward::keyformat::ApiKey;
@@ -198,8 +198,7 @@ impl Vault {
                     return self.rotation_replayed(&name, done, rec);
                 }
             }
-            let (raw, mut secret) = self.load_raw(&name)?;
-            self.authorize(peer, Verb::Rotate, &name, Some(&secret.environment))?;
+            let (raw, mut secret) = self.load_for(peer, Verb::Rotate, &name)?;
             check_cas(&name, Some(&secret), input.expected_version)?;
             let now = self.now();
             secret.check_accepts_versions(now)?;
@@ -432,8 +431,7 @@ impl Vault {
                     });
                 }
             }
-            let (raw, mut secret) = self.load_raw(&name)?;
-            self.authorize(peer, Verb::Revoke, &name, Some(&secret.environment))?;
+            let (raw, mut secret) = self.load_for(peer, Verb::Revoke, &name)?;
             check_cas(&name, Some(&secret), input.expected_version)?;
             let now = self.now();
             let by = peer.identity.to_string();
@@ -550,8 +548,7 @@ impl Vault {
                     return state_set(&secret, input.version, self.now());
                 }
             }
-            let (raw, mut secret) = self.load_raw(&name)?;
-            self.authorize(peer, Verb::Rotate, &name, Some(&secret.environment))?;
+            let (raw, mut secret) = self.load_for(peer, Verb::Rotate, &name)?;
             check_cas(&name, Some(&secret), input.expected_version)?;
             let now = self.now();
             if let Some(r) = &secret.life.revoked {
@@ -642,8 +639,7 @@ impl Vault {
                     });
                 }
             }
-            let (raw, mut secret) = self.load_raw(&name)?;
-            self.authorize(peer, Verb::Destroy, &name, Some(&secret.environment))?;
+            let (raw, mut secret) = self.load_for(peer, Verb::Destroy, &name)?;
             check_cas(&name, Some(&secret), input.expected_version)?;
             let now = self.now();
             let by = peer.identity.to_string();
@@ -681,16 +677,6 @@ impl Vault {
         rec.targets.push((name.to_owned(), 0));
         rec.request_id = request_id.to_owned();
         rec
-    }
-
-    /// The secret as stored (for the batch guard) and decoded; NOT_FOUND if absent.
-    pub(crate) fn load_raw(&self, name: &SecretName) -> Result<(Vec<u8>, SecretRecord)> {
-        let raw = self
-            .store
-            .get(Tree::Secrets, name.as_str().as_bytes())?
-            .ok_or_else(|| Error::NotFound(format!("secret {name}")))?;
-        let secret = decode("secret", &raw)?;
-        Ok((raw, secret))
     }
 
     /// Grace period for a replaced PRIMARY when the call names none.
