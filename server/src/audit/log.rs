@@ -654,6 +654,7 @@ fn stage(
     rec.seq = seq + 1;
     rec.prev_hash = hash;
     rec.generation = generation;
+    rec.bound_input();
     let (stored, hash) = rec.encode();
     batch.put(Tree::Audit, record_key(rec.seq).to_vec(), stored);
     hash

@@ -8,6 +8,13 @@
 //! answers per item, the outcome (gRPC code), the client's request id and, for API keys, the
 //! non-reversible key id — never a value, a data key or an API key.
 //!
+//! Caller input is recorded before it is validated (a refusal is audited too), so it is bounded
+//! where records are written ([`AuditRecord::bound_input`]): a name, request id or identity is
+//! kept as received only if it is short, printable text; anything else is kept as a short
+//! excerpt and the first 16 hex digits of its SHA-256. The targets of a refused call take at
+//! most 4 KiB, those of an answered call at most 64 KiB; the rest are summed up in one last
+//! target. A caller with no grant cannot make the log keep (and fsync, and retain) its input.
+//!
 //! # Fail closed
 //!
 //! A mutation's record is committed in the same guarded batch as the change
@@ -228,6 +235,54 @@ impl AuditRecord {
         self.target_codes.get(i).copied().unwrap_or(self.code)
     }
 
+    /// Bounds what the caller supplied (see the module documentation). Runs on every record
+    /// as it is written, so no path can store unbounded input.
+    pub(crate) fn bound_input(&mut self) {
+        self.identity = as_received(&self.identity, MAX_IDENTITY_FIELD);
+        self.method = as_received(&self.method, MAX_METHOD_FIELD);
+        self.request_id = as_received(&self.request_id, MAX_REQUEST_ID_FIELD);
+        let budget = if self.code == Code::Ok.as_i32() {
+            MAX_TARGET_BYTES
+        } else {
+            MAX_REFUSED_TARGET_BYTES
+        };
+        let mut used = 0;
+        let mut kept = self.targets.len();
+        for (i, (name, _)) in self.targets.iter_mut().enumerate() {
+            *name = as_received(name, crate::model::MAX_NAME_LEN + 1);
+            used += name.len() + 12;
+            if used > budget {
+                kept = i;
+                break;
+            }
+        }
+        if kept < self.targets.len() {
+            let dropped = self.targets.split_off(kept);
+            let mut h = Sha256::new();
+            for (name, version) in &dropped {
+                h.update((name.len() as u64).to_be_bytes());
+                h.update(name.as_bytes());
+                h.update(version.to_be_bytes());
+            }
+            let digest: [u8; 32] = h.finalize().into();
+            self.targets.push((
+                format!(
+                    "… {} more targets, sha256:{}",
+                    dropped.len(),
+                    hex::encode(&digest[..8])
+                ),
+                0,
+            ));
+            if !self.target_codes.is_empty() {
+                let rest = self
+                    .target_codes
+                    .split_off(kept.min(self.target_codes.len()));
+                self.target_codes
+                    .push(rest.into_iter().find(|c| *c != 0).unwrap_or(0));
+            }
+        }
+    }
+
     /// The canonical body (see the module documentation).
     pub fn body(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(160 + 32 * self.targets.len());
@@ -276,6 +331,31 @@ impl AuditRecord {
         stored.extend_from_slice(&hash);
         (stored, hash)
     }
+}
+
+/// Longest identity kept as received (a certificate's URI SAN can be long).
+const MAX_IDENTITY_FIELD: usize = 1024;
+/// Longest method kept as received.
+const MAX_METHOD_FIELD: usize = 128;
+/// Longest request id kept as received (a valid one is at most 128 bytes).
+const MAX_REQUEST_ID_FIELD: usize = 128;
+/// Bytes of targets an answered call may record.
+const MAX_TARGET_BYTES: usize = 64 * 1024;
+/// Bytes of targets a refused call may record.
+const MAX_REFUSED_TARGET_BYTES: usize = 4 * 1024;
+
+/// `s` itself if it is at most `max` bytes of text without control characters; otherwise an
+/// excerpt and a hash prefix, enough to recognise the input, never enough to store it.
+fn as_received(s: &str, max: usize) -> String {
+    if s.len() <= max && !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    let digest = Sha256::digest(s.as_bytes());
+    format!(
+        "{} sha256:{}",
+        crate::model::excerpt(s),
+        hex::encode(&digest[..8])
+    )
 }
 
 /// A stored record, read back.
@@ -507,6 +587,49 @@ mod encoding_tests {
         assert_eq!(hash, <[u8; 32]>::from(Sha256::digest(&want)));
         assert_eq!(&stored[..want.len()], &want[..]);
         assert_eq!(&stored[want.len()..], &hash[..]);
+    }
+
+    #[test]
+    fn caller_input_is_bounded_before_it_is_written() {
+        let huge = "a".repeat(4 << 20);
+        let mut r = sample();
+        r.targets = vec![(huge.clone(), 0), ("db/pw".into(), 1), ("x\ny".into(), 0)];
+        r.target_codes = vec![];
+        r.request_id = huge.clone();
+        r.identity = format!("evil\r\n{huge}");
+        r.code = Code::InvalidArgument.as_i32();
+        r.bound_input();
+        assert!(r.encode().0.len() < 1024, "{}", r.encode().0.len());
+        assert_eq!(r.targets[1], ("db/pw".to_string(), 1));
+        assert!(
+            r.targets[0].0.contains("(4194304 bytes) sha256:"),
+            "{:?}",
+            r.targets[0]
+        );
+        assert!(
+            r.targets[2].0.starts_with("\"x\\ny\" sha256:"),
+            "{:?}",
+            r.targets[2]
+        );
+        assert!(!r.identity.contains('\n') && !r.identity.contains('\r'));
+        // Many valid names on a refused call: at most 4 KiB of them, then one summary.
+        let mut r = sample();
+        r.targets = (0..1000).map(|i| (format!("team/{i:0>200}"), 0)).collect();
+        r.target_codes = vec![];
+        r.code = Code::PermissionDenied.as_i32();
+        r.bound_input();
+        assert!(r.targets.len() < 25, "{}", r.targets.len());
+        assert!(r.targets.last().unwrap().0.starts_with("… "));
+        assert!(r.encode().0.len() < 5 * 1024);
+        // The same names on an answered call fit in 64 KiB less; the codes stay aligned.
+        let mut r = sample();
+        r.targets = (0..1000).map(|i| (format!("team/{i:0>200}"), 0)).collect();
+        r.target_codes = (0..1000).map(|i| if i == 900 { 5 } else { 0 }).collect();
+        r.code = 0;
+        r.bound_input();
+        assert_eq!(r.targets.len(), r.target_codes.len());
+        assert_eq!(*r.target_codes.last().unwrap(), 5);
+        assert!(r.encode().0.len() < 70 * 1024);
     }
 
     #[test]
