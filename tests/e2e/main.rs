@@ -14,6 +14,7 @@ mod crash;
 mod disk;
 mod durability;
 mod extauthz;
+mod grants;
 mod hardening;
 mod hsm_faults;
 mod keyring;
