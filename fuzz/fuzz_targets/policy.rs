@@ -2,7 +2,8 @@
 //! split at 0x00: policy TOML, identity, verb, secret name, environment, CIDR. A policy either
 //! parses or is refused; a parsed one answers consistently (a grant in one environment is a
 //! grant "in some environment"; a grant everywhere is a grant here; any grant means the
-//! identity holds the verb at all), and its glob agrees with a plain dynamic-programming model.
+//! identity holds the verb at all; admin and audit hold in every environment or nowhere), and
+//! its glob agrees with a plain dynamic-programming model.
 //! A parsed CIDR prints in a form that parses back to itself and contains its own network.
 #![no_main]
 
@@ -29,6 +30,14 @@ fuzz_target!(
             assert!(!somewhere || policy.grants_any(&identity, verb));
             if policy.grants_everywhere(&identity, verb) {
                 assert!(here, "granted everywhere but not on {name:?} in {env:?}");
+            }
+            // Told NOT_FOUND only if granted whatever the environment.
+            if policy.allows_in_every_environment(&identity, verb, &name) {
+                assert!(here, "granted in every environment but not in {env:?}");
+            }
+            // Vault-wide verbs hold in every environment or nowhere.
+            if Verb::VAULT_WIDE.contains(&verb) && somewhere {
+                assert!(policy.allows_in_every_environment(&identity, verb, &name));
             }
         }
 
