@@ -1395,10 +1395,7 @@ mod tests {
         let records = f.vault.store.scan(Tree::Audit, b"", b"", 100).unwrap();
         let records: Vec<AuditRecord> = records
             .iter()
-            .map(|(_, v)| match crate::audit::decode(v).unwrap() {
-                crate::audit::Stored::Chained { record, .. } => *record,
-                crate::audit::Stored::Legacy => panic!("legacy record"),
-            })
+            .map(|(_, v)| *crate::audit::decode(v).unwrap().record)
             .collect();
         let summary: Vec<_> = records
             .iter()
@@ -1435,10 +1432,7 @@ mod tests {
             .scan(Tree::Audit, b"", b"", 100)
             .unwrap()
             .iter()
-            .map(|(_, v)| match crate::audit::decode(v).unwrap() {
-                crate::audit::Stored::Chained { record, .. } => *record,
-                crate::audit::Stored::Legacy => panic!("legacy record"),
-            })
+            .map(|(_, v)| *crate::audit::decode(v).unwrap().record)
             .collect();
         let puts: Vec<_> = records
             .iter()

@@ -1179,7 +1179,6 @@ fn verification_json(v: &VerifyAuditLogResponse) -> Value {
         "signed_through_seq": v.signed_through_seq,
         "oldest_seq": v.oldest_seq,
         "head_seq": v.head_seq,
-        "legacy_records": v.legacy_records,
         "first_broken": v.first_broken.as_ref().map(|b| json!({
             "seq": b.seq,
             "problem": problem_name(b.problem),
