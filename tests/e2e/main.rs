@@ -16,6 +16,7 @@ mod durability;
 mod extauthz;
 mod hardening;
 mod hsm_faults;
+mod integrity;
 mod keyring;
 mod keys;
 mod keys_lifecycle;
