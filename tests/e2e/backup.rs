@@ -362,9 +362,12 @@ async fn backup_during_writes_restores_exactly_the_snapshot() {
     }
 }
 
-/// The entries of a backup file (tree, key, value) and the bytes after them (end marker,
-/// next id, count, signature; without the trailing SHA-256).
-fn backup_entries(file: &[u8]) -> (Vec<(String, Vec<u8>, Vec<u8>)>, Vec<u8>) {
+/// One entry of a backup file: tree name, key, value.
+type BackupEntry = (String, Vec<u8>, Vec<u8>);
+
+/// The entries of a backup file and the bytes after them (end marker, next id, count,
+/// signature; without the trailing SHA-256).
+fn backup_entries(file: &[u8]) -> (Vec<BackupEntry>, Vec<u8>) {
     let body = &file[..file.len() - 32];
     let mut at = 8;
     let mut take = |n: usize| {
@@ -389,7 +392,7 @@ fn backup_entries(file: &[u8]) -> (Vec<(String, Vec<u8>, Vec<u8>)>, Vec<u8>) {
 
 /// Rebuilds a backup file from entries and trailer, with a fresh SHA-256 (what an attacker
 /// who edits a backup does, so that it is not merely "damaged").
-fn backup_file(magic: &[u8], entries: &[(String, Vec<u8>, Vec<u8>)], trailer: &[u8]) -> Vec<u8> {
+fn backup_file(magic: &[u8], entries: &[BackupEntry], trailer: &[u8]) -> Vec<u8> {
     use sha2::{Digest, Sha256};
     let mut f = magic.to_vec();
     for (tree, key, value) in entries {
