@@ -1,7 +1,8 @@
-//! Authenticated records: a store decorator that MACs every secret record and key-index entry
-//! it writes and checks the MAC on every read, so that whoever can edit the database files
-//! (but cannot unseal the vault) cannot relabel a prod secret as dev, un-revoke a version,
-//! widen scopes, drop CIDRs, or point an API key's index entry at another record.
+//! Authenticated records: a store decorator that MACs every secret record, key-index entry,
+//! quota ledger and idempotency record it writes and checks the MAC on every read, so that
+//! whoever can edit the database files (but cannot unseal the vault) cannot relabel a prod
+//! secret as dev, un-revoke a version, widen scopes, drop CIDRs, point an API key's index entry
+//! at another record, refill a key's quota, or redirect a retried request's answer.
 //!
 //! Stored value in the authenticated trees: `tag(32) || record`, where
 //! `tag = HMAC-SHA256(record key, len·tree name || len·key || len·record)` (each part prefixed
@@ -29,8 +30,10 @@ use std::sync::Arc;
 /// Bytes of the MAC in front of every authenticated record.
 pub const TAG_LEN: usize = 32;
 
-/// The trees whose records are authenticated.
-pub const AUTHENTICATED: [Tree; 2] = [Tree::Secrets, Tree::KeyIndex];
+/// The trees whose records are authenticated. Not here: the audit log (its own chain and
+/// checkpoints), values, keyring and index key (AES-GCM, HSM wrap), and the usage counters and
+/// facts (statistics, rebuilt from the audit log; a bad one must not stop start-up).
+pub const AUTHENTICATED: [Tree; 4] = [Tree::Secrets, Tree::KeyIndex, Tree::Quota, Tree::Requests];
 
 /// A store whose secret records and key-index entries are MACed (see the module doc).
 pub struct SealedStore {
@@ -97,6 +100,19 @@ fn describe(tree: Tree, key: &[u8]) -> String {
             "the key index entry of key id {}",
             hex::encode(&key[..key.len().min(8)])
         ),
+        Tree::Quota => format!(
+            "the quota ledger of {}",
+            crate::model::excerpt(&String::from_utf8_lossy(key))
+        ),
+        Tree::Requests => {
+            let text = String::from_utf8_lossy(key);
+            let (identity, id) = text.split_once('\0').unwrap_or((&text, ""));
+            format!(
+                "the idempotency record of request_id {} by {}",
+                crate::model::excerpt(id),
+                crate::model::excerpt(identity)
+            )
+        }
         other => format!("{} record {}", other.name(), hex::encode(key)),
     }
 }
@@ -208,8 +224,8 @@ mod tests {
         );
         // Stored with its MAC in front; other trees as they are.
         assert_eq!(raw.get(Tree::Secrets, b"db/pw").unwrap().unwrap().len(), 38);
-        put(&sealed, Tree::Quota, b"q", b"plain");
-        assert_eq!(raw.get(Tree::Quota, b"q").unwrap().unwrap(), b"plain");
+        put(&sealed, Tree::Usage, b"u", b"plain");
+        assert_eq!(raw.get(Tree::Usage, b"u").unwrap().unwrap(), b"plain");
         // A guard on the value read holds; on another value it does not.
         let mut b = Batch::new();
         b.guard(Tree::Secrets, b"db/pw".to_vec(), Some(b"record".to_vec()));
@@ -269,6 +285,27 @@ mod tests {
         put(&*raw, Tree::KeyIndex, &[7u8; 32], &edited);
         let e = sealed.get(Tree::KeyIndex, &[7u8; 32]).unwrap_err();
         assert!(e.to_string().contains("key id 0707070707070707"), "{e}");
+        // Quota ledgers and idempotency records, named in words.
+        put(&sealed, Tree::Quota, b"app/key", b"ledger");
+        put(&sealed, Tree::Requests, b"admin\0req-1", b"request");
+        for (tree, key, name) in [
+            (
+                Tree::Quota,
+                &b"app/key"[..],
+                "the quota ledger of \"app/key\"",
+            ),
+            (
+                Tree::Requests,
+                &b"admin\0req-1"[..],
+                "request_id \"req-1\" by \"admin\"",
+            ),
+        ] {
+            let mut v = raw.get(tree, key).unwrap().unwrap();
+            v[TAG_LEN] ^= 1;
+            put(&*raw, tree, key, &v);
+            let e = sealed.get(tree, key).unwrap_err();
+            assert!(e.to_string().contains(name), "{e}");
+        }
         // Written without a MAC (or too short to hold one).
         put(&*raw, Tree::Secrets, b"plain", b"\x01record");
         assert!(sealed.get(Tree::Secrets, b"plain").is_err());
