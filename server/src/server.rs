@@ -200,9 +200,11 @@ pub async fn serve(
             other => StartError::Storage(other.to_string()),
         })?;
     tracing::info!(term = keyring.current_term(), master_key = %label, "unsealed");
-    // Secret records and key-index entries are MACed under a key derived at unseal and checked
-    // on every read (store::sealed); every component goes through the directory store, so the
-    // in-memory key index and records can never lag a commit (see keys::directory).
+    // Secret records, key-index entries, quota ledgers and idempotency records are MACed under
+    // a key derived at unseal and checked on every read (store::sealed); every component goes
+    // through the directory store, so the in-memory key index and records can never lag a
+    // commit (see keys::directory). Unseal reads only the keyring and index key, which the HSM
+    // wrap authenticates.
     let sealed: Arc<dyn Store> = Arc::new(SealedStore::new(sled, index.derive(RECORD_MAC_LABEL)));
     let directory = Arc::new(
         KeyDirectory::load(&*sealed).map_err(|e| StartError::Storage(format!("key index: {e}")))?,
