@@ -654,15 +654,45 @@ async fn a_tail_rechained_from_genesis_after_legacy_records_is_refused() {
     for seq in 1..=head - 2 {
         put_raw(&fx, seq, None);
     }
-    let log = AuditLog::open(
-        fx.store.clone(),
-        fx.clock.clone(),
-        fx.log.signer().clone(),
-        fx.log.settings().clone(),
-    )
-    .unwrap();
-    let b = log.verify(0, 0).await.unwrap().first_broken.unwrap();
-    assert_eq!(b.seq, head - 1, "{}", b.reason);
+    let reopen = || {
+        AuditLog::open(
+            fx.store.clone(),
+            fx.clock.clone(),
+            fx.log.signer().clone(),
+            fx.log.settings().clone(),
+        )
+        .unwrap()
+    };
+    let b = reopen().verify(0, 0).await.unwrap().first_broken.unwrap();
+    assert_eq!(
+        (b.seq, b.problem),
+        (head - 1, Problem::Unlinked),
+        "{}",
+        b.reason
+    );
+    // Nor start from anything else, with a forged prune record to account for the deleted
+    // prefix: a pruned log keeps a checkpoint over its first record, and a forger has none.
+    let mut prune = AuditRecord::system(
+        PRUNE_METHOD,
+        fx.clock.now_ms(),
+        Event::Prune { below: head - 1 },
+    );
+    prune.seq = head - 1;
+    prune.prev_hash = [7; 32];
+    let (stored, hash) = prune.encode();
+    put_raw(&fx, head - 1, Some(stored));
+    let mut last = call(&fx, "forger", "FetchSecret", "s/0", 0);
+    last.seq = head;
+    last.prev_hash = hash;
+    put_raw(&fx, head, Some(last.encode().0));
+    let v = reopen().verify(0, 0).await.unwrap();
+    let b = v.first_broken.expect("a forged pruned log verified");
+    assert_eq!(
+        (b.seq, b.problem),
+        (head - 1, Problem::Unsigned),
+        "{}",
+        b.reason
+    );
 }
 
 #[tokio::test]

@@ -181,6 +181,24 @@ impl AuditLog {
         if whole {
             v.first_broken = start_problem(&v, &w);
         }
+        if whole && v.first_broken.is_none() && v.to == head && v.oldest > 1 {
+            // Pruning cuts only up to a record a checkpoint signs, and that checkpoint comes
+            // after it, so a pruned log always holds a signature over its first record. A log
+            // whose start was deleted and replaced by a forged chain (with a forged prune
+            // record, and no checkpoint, which cannot be forged) has none.
+            if v.signed_through < v.oldest {
+                v.first_broken = Some(Broken {
+                    seq: v.oldest,
+                    problem: Problem::Unsigned,
+                    reason: format!(
+                        "the log starts at record {} (pruned), but no checkpoint in it signs a \
+                         record from there on: pruning keeps the checkpoint over the first \
+                         record it keeps, so the start of the log was replaced",
+                        v.oldest
+                    ),
+                });
+            }
+        }
         let signed = w.last_covered.or(w.gap_base);
         if let Some(signed) = signed.filter(|_| v.first_broken.is_none() && v.to == head) {
             let limit = 3 * w.every + GAP_SLACK;
