@@ -133,7 +133,6 @@ fn verification(v: Verification) -> pb::VerifyAuditLogResponse {
         signed_through_seq: v.signed_through,
         oldest_seq: v.oldest,
         head_seq: v.head,
-        legacy_records: v.legacy_records,
         first_broken: v.first_broken.map(|b| pb::BrokenRecord {
             seq: b.seq,
             problem: problem(b.problem) as i32,

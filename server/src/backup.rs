@@ -2,16 +2,24 @@
 //! `ward-server restore`, which turns a backup file into a fresh data directory.
 //!
 //! The file is the store's entries as they are on disk — keyring and index key wrapped by the
-//! HSM master key, values sealed under the keyring — so it holds no plaintext and restoring it
-//! is useless without the same master key(s). Layout (integers big-endian):
+//! HSM master key, values sealed under the keyring, secret records and key-index entries with
+//! their MACs — so it holds no plaintext and restoring it is useless without the same master
+//! key(s). Layout (integers big-endian):
 //!
 //! ```text
-//! "WARDBAK1"
+//! "WARDBAK2"
 //! { 0x01, u16 tree-name length, tree name, u32 key length, key, u32 value length, value }*
-//! 0x00, u64 next id, u64 entry count, SHA-256 of every byte before it
+//! 0x00, u64 next id, u64 entry count                      (the body ends here)
+//! u16 key-label length, key label, u16 signature length, signature
+//! SHA-256 of every byte before it
 //! ```
 //!
-//! Restore reads the whole file and checks the digest before it creates anything.
+//! The signature is the HMAC-SHA256 the HSM computes, under its non-extractable audit
+//! checkpoint key (`key label`), over `"ward.backup.v1" || SHA-256(body)`: an unkeyed digest
+//! alone would let whoever can edit a backup relabel, un-revoke or re-scope what it restores
+//! and recompute the digest. The trailing SHA-256 still tells a damaged file (a flipped bit, a
+//! cut) from an edited one. Restore reads the whole file, checks the digest and then the
+//! signature in the HSM before it creates anything.
 
 use crate::error::{Error, Result};
 use crate::service::peer;
@@ -25,17 +33,56 @@ use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use ward::v1::{self as pb, backup_server::Backup};
+use ward_hsm::{HsmError, MacSigner};
 
 /// First bytes of every backup file.
-pub const MAGIC: &[u8; 8] = b"WARDBAK1";
+pub const MAGIC: &[u8; 8] = b"WARDBAK2";
 /// Bytes per streamed chunk.
 const CHUNK: usize = 64 * 1024;
 /// Largest key or value a backup may hold (far above anything Ward stores).
 const MAX_ITEM: usize = 64 * 1024 * 1024;
+/// Domain separation of the signed message (the same HSM key signs audit checkpoints, whose
+/// message starts differently).
+const SIGNATURE_DOMAIN: &[u8] = b"ward.backup.v1";
 
-/// Encodes a snapshot, handing out chunks of about [`CHUNK`] bytes to `emit`; stops early
-/// (returning false) when `emit` does.
-pub fn encode(snapshot: &Snapshot, mut emit: impl FnMut(Vec<u8>) -> bool) -> bool {
+/// A backup's signature: which HSM key made it, and the tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signature {
+    /// Label of the HSM MAC key.
+    pub key_label: String,
+    /// HMAC-SHA256 over [`signed_message`].
+    pub mac: Vec<u8>,
+}
+
+/// The bytes the HSM signs for a backup whose body hashes to `body_digest`.
+pub fn signed_message(body_digest: &[u8; 32]) -> Vec<u8> {
+    [SIGNATURE_DOMAIN, body_digest.as_slice()].concat()
+}
+
+/// Signs with the HSM key `label` (a blocking HSM call).
+pub fn hsm_signer<'a>(
+    signer: &'a dyn MacSigner,
+    label: &'a str,
+) -> impl FnOnce(&[u8; 32]) -> std::result::Result<Signature, String> + 'a {
+    move |digest| {
+        let mac = signer
+            .mac(label, &signed_message(digest))
+            .map_err(|e| format!("the HSM could not sign the backup: {e}"))?;
+        Ok(Signature {
+            key_label: label.to_owned(),
+            mac,
+        })
+    }
+}
+
+/// Encodes a snapshot, handing out chunks of about [`CHUNK`] bytes to `emit`, and has `sign`
+/// sign the body's digest before the trailer. `Ok(false)` when `emit` stopped early; an error
+/// when signing failed (nothing after the body was sent: the file is incomplete).
+pub fn encode(
+    snapshot: &Snapshot,
+    sign: impl FnOnce(&[u8; 32]) -> std::result::Result<Signature, String>,
+    mut emit: impl FnMut(Vec<u8>) -> bool,
+) -> std::result::Result<bool, String> {
     let mut hash = Sha256::new();
     let mut buf = Vec::with_capacity(CHUNK + 1024);
     buf.extend_from_slice(MAGIC);
@@ -60,25 +107,82 @@ pub fn encode(snapshot: &Snapshot, mut emit: impl FnMut(Vec<u8>) -> bool) -> boo
             buf.extend_from_slice(v);
             count += 1;
             if !flush(&mut buf, &mut hash, false) {
-                return false;
+                return Ok(false);
             }
         }
     }
     buf.push(0);
     buf.extend_from_slice(&snapshot.next_id.to_be_bytes());
     buf.extend_from_slice(&count.to_be_bytes());
+    // The body's digest, before anything of the trailer is hashed.
+    let mut body = hash.clone();
+    body.update(&buf[..]);
+    let signature = sign(&body.finalize().into())?;
+    put_short(&mut buf, signature.key_label.as_bytes())?;
+    put_short(&mut buf, &signature.mac)?;
     if !flush(&mut buf, &mut hash, true) {
-        return false;
+        return Ok(false);
     }
-    emit(hash.finalize().to_vec())
+    Ok(emit(hash.finalize().to_vec()))
 }
 
-/// Decodes and verifies a whole backup file.
-pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, String> {
+fn put_short(buf: &mut Vec<u8>, item: &[u8]) -> std::result::Result<(), String> {
+    let n = u16::try_from(item.len()).map_err(|_| "signature field too long".to_string())?;
+    buf.extend_from_slice(&n.to_be_bytes());
+    buf.extend_from_slice(item);
+    Ok(())
+}
+
+/// A backup file read back: its snapshot, and the signature still to check
+/// ([`BackupFile::verify`]).
+#[derive(Debug)]
+pub struct BackupFile {
+    /// What the backup holds.
+    pub snapshot: Snapshot,
+    /// The signature it carries.
+    pub signature: Signature,
+    /// SHA-256 of its body (what the signature covers).
+    pub body_digest: [u8; 32],
+}
+
+impl BackupFile {
+    /// Checks the signature in the HSM: refuses an edited backup, or one signed by a key this
+    /// HSM does not hold, saying which.
+    pub fn verify(&self, signer: &dyn MacSigner) -> std::result::Result<(), String> {
+        let label = &self.signature.key_label;
+        match signer.verify_mac(
+            label,
+            &signed_message(&self.body_digest),
+            &self.signature.mac,
+        ) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!(
+                "backup signature does not verify under HSM key {label:?}: the file was edited \
+                 after it was made (or made by another vault); refusing to restore it"
+            )),
+            Err(HsmError::MacKeyMissing { .. }) => Err(format!(
+                "backup is signed with HSM key {label:?}, which the token does not hold; \
+                 refusing to restore a backup whose signature cannot be checked"
+            )),
+            Err(e) => Err(format!("cannot check the backup's signature: {e}")),
+        }
+    }
+}
+
+/// Decodes a whole backup file and checks its digest (not yet its signature: see
+/// [`BackupFile::verify`]).
+pub fn decode(bytes: &[u8]) -> std::result::Result<BackupFile, String> {
     let body_len = bytes
         .len()
         .checked_sub(32)
         .ok_or("not a Ward backup: too short")?;
+    if bytes.starts_with(b"WARDBAK1") {
+        return Err(
+            "backup is in the unsigned format 1, which restore no longer accepts: take a new \
+             backup"
+                .into(),
+        );
+    }
     if !bytes.starts_with(MAGIC) {
         return Err("not a Ward backup (bad magic)".into());
     }
@@ -111,10 +215,24 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, String> {
             }
             0 => {
                 let next_id = r.u64()?;
-                if r.u64()? != count || r.at != body.len() {
-                    return Err("backup is inconsistent: entry count or length is wrong".into());
+                if r.u64()? != count {
+                    return Err("backup is inconsistent: entry count is wrong".into());
                 }
-                return Ok(Snapshot { trees, next_id });
+                let body_digest: [u8; 32] = Sha256::digest(&body[..r.at]).into();
+                let label_len = usize::from(r.u16()?);
+                let key_label = std::str::from_utf8(r.take(label_len)?)
+                    .map_err(|_| "signature key label is not text".to_string())?
+                    .to_owned();
+                let mac_len = usize::from(r.u16()?);
+                let mac = r.take(mac_len)?.to_vec();
+                if r.at != body.len() {
+                    return Err("backup is inconsistent: bytes after the signature".into());
+                }
+                return Ok(BackupFile {
+                    snapshot: Snapshot { trees, next_id },
+                    signature: Signature { key_label, mac },
+                    body_digest,
+                });
             }
             t => return Err(format!("backup is malformed: record tag {t}")),
         }
@@ -172,10 +290,18 @@ pub struct Restored {
 }
 
 /// Restores the backup file `from` into `data_dir`, which must not exist or be empty. Checks
-/// the whole file first, so a damaged backup creates nothing. Blocking.
-pub fn restore(from: &Path, data_dir: &Path) -> std::result::Result<Restored, String> {
+/// the whole file first — its digest, then its signature in the HSM (`signer`) — so a
+/// damaged or edited backup creates nothing. Blocking.
+pub fn restore(
+    from: &Path,
+    data_dir: &Path,
+    signer: &dyn MacSigner,
+) -> std::result::Result<Restored, String> {
     let bytes = std::fs::read(from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
-    let snapshot = decode(&bytes).map_err(|e| format!("{}: {e}", from.display()))?;
+    let file = decode(&bytes).map_err(|e| format!("{}: {e}", from.display()))?;
+    file.verify(signer)
+        .map_err(|e| format!("{}: {e}", from.display()))?;
+    let snapshot = file.snapshot;
     if let Ok(mut entries) = std::fs::read_dir(data_dir) {
         if entries.next().is_some() {
             return Err(format!(
@@ -227,13 +353,20 @@ impl Backup for BackupService {
     ) -> std::result::Result<Response<Self::StreamBackupStream>, Status> {
         let peer = peer(&req)?;
         let snapshot = self.vault.backup(&peer).await.map_err(to_status)?;
+        let audit = self.vault.audit().clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            let complete = encode(&snapshot, |data| {
+            let (signer, label) = (audit.signer(), &audit.settings().key_label);
+            let sent = encode(&snapshot, hsm_signer(&**signer, label), |data| {
                 tx.blocking_send(Ok(pb::BackupChunk { data })).is_ok()
             });
-            if !complete {
-                tracing::info!("backup stream abandoned by the client");
+            match sent {
+                Ok(true) => {}
+                Ok(false) => tracing::info!("backup stream abandoned by the client"),
+                Err(e) => {
+                    tracing::error!(error = %e, "backup not signed; stream ended incomplete");
+                    let _ = tx.blocking_send(Err(to_status(Error::Unavailable(e))));
+                }
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -270,17 +403,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn round_trip_and_damage_is_refused() {
+    fn signer() -> ward_hsm::memory::InMemoryWrapper {
+        let hsm = ward_hsm::memory::InMemoryWrapper::new();
+        hsm.create_mac_key("audit").unwrap();
+        hsm
+    }
+
+    fn file_of(snapshot: &Snapshot, hsm: &dyn MacSigner) -> (Vec<u8>, usize) {
         let mut file = Vec::new();
         let mut chunks = 0;
-        assert!(encode(&sample(), |c| {
+        assert!(encode(snapshot, hsm_signer(hsm, "audit"), |c| {
             chunks += 1;
             file.extend(c);
             true
-        }));
+        })
+        .unwrap());
+        (file, chunks)
+    }
+
+    #[test]
+    fn round_trip_and_damage_is_refused() {
+        let hsm = signer();
+        let (file, chunks) = file_of(&sample(), &hsm);
         assert!(chunks > 2, "streamed in chunks");
         let back = decode(&file).unwrap();
+        back.verify(&hsm).unwrap();
+        assert_eq!(back.signature.key_label, "audit");
+        let back = back.snapshot;
         assert_eq!(back.next_id, 42);
         assert_eq!(back.trees.len(), 2, "empty trees carry no records");
         assert_eq!(back.trees[1].1.len(), 3000);
@@ -292,5 +441,54 @@ mod tests {
         for n in [0, 8, 40, file.len() - 1] {
             assert!(decode(&file[..n]).is_err(), "truncated to {n}");
         }
+    }
+
+    /// An edit with the digest recomputed decodes, and then fails its signature; so does a
+    /// backup signed by another HSM, or under a key this one does not hold.
+    #[test]
+    fn edited_backups_fail_their_signature() {
+        let hsm = signer();
+        let (file, _) = file_of(&sample(), &hsm);
+        let redigest = |mut f: Vec<u8>| {
+            let n = f.len() - 32;
+            let d = Sha256::digest(&f[..n]);
+            f[n..].copy_from_slice(&d);
+            f
+        };
+        // The secret record's value "1" becomes "2".
+        let at = MAGIC.len() + 1 + 2 + "secrets".len() + 4 + 1 + 4;
+        assert_eq!(file[at], b'1');
+        let mut edited = file.clone();
+        edited[at] = b'2';
+        let edited = redigest(edited);
+        let back = decode(&edited).unwrap();
+        let e = back.verify(&hsm).unwrap_err();
+        assert!(e.contains("signature does not verify"), "{e}");
+        // Unedited, the signature holds; another HSM's key of the same label refuses it.
+        decode(&file).unwrap().verify(&hsm).unwrap();
+        let e = decode(&file).unwrap().verify(&signer()).unwrap_err();
+        assert!(e.contains("does not verify"), "{e}");
+        let bare = ward_hsm::memory::InMemoryWrapper::new();
+        let e = decode(&file).unwrap().verify(&bare).unwrap_err();
+        assert!(e.contains("does not hold"), "{e}");
+        // The old unsigned format is refused outright.
+        let mut v1 = file.clone();
+        v1[..8].copy_from_slice(b"WARDBAK1");
+        assert!(decode(&redigest(v1)).unwrap_err().contains("unsigned"));
+    }
+
+    #[test]
+    fn a_failed_signature_stops_the_stream_before_the_trailer() {
+        let mut sent = 0;
+        let r = encode(
+            &sample(),
+            |_| Err("HSM down".into()),
+            |c| {
+                sent += c.len();
+                true
+            },
+        );
+        assert_eq!(r.unwrap_err(), "HSM down");
+        assert!(sent > 0);
     }
 }

@@ -182,6 +182,65 @@ impl IndexKey {
     }
 }
 
+impl IndexKey {
+    /// The key for one purpose derived from the index key: HMAC-SHA256(index key, `label`).
+    /// Derived at unseal and held only in memory; like the index key it survives keyring
+    /// rotations, so nothing stored under it needs rewriting when the keyring turns.
+    pub fn derive(&self, label: &str) -> DerivedKey {
+        DerivedKey(Zeroizing::new(self.hash(label, &[])))
+    }
+}
+
+/// Label of the key that authenticates stored records (see `store::sealed`).
+pub const RECORD_MAC_LABEL: &str = "ward/record-mac/v1";
+/// Label of the key of value fingerprints (see [`DerivedKey::fingerprint`]).
+pub const FINGERPRINT_LABEL: &str = "ward/value-fingerprint/v1";
+
+/// A MAC key derived from the index key ([`IndexKey::derive`]); its bytes live in zeroizing
+/// memory, and each MAC keys a fresh HMAC from them (two extra SHA-256 blocks, ~0.1 µs).
+pub struct DerivedKey(Zeroizing<[u8; KEY_LEN]>);
+
+impl DerivedKey {
+    fn hmac(&self) -> Hmac<Sha256> {
+        // HMAC takes a key of any length: this cannot fail.
+        <Hmac<Sha256> as Mac>::new_from_slice(&self.0[..]).unwrap_or_else(|_| unreachable!())
+    }
+
+    fn absorb(mac: &mut Hmac<Sha256>, parts: &[&[u8]]) {
+        for p in parts {
+            mac.update(&(p.len() as u64).to_be_bytes());
+            mac.update(p);
+        }
+    }
+
+    /// HMAC-SHA256 of `parts`, each length-prefixed so that no two inputs collide.
+    pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut mac = self.hmac();
+        Self::absorb(&mut mac, parts);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the MAC of `parts` (compared in constant time).
+    pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        let mut mac = self.hmac();
+        Self::absorb(&mut mac, parts);
+        mac.verify_slice(tag).is_ok()
+    }
+
+    /// The keyed fingerprint of a secret's value: the first 16 bytes of the MAC over the name
+    /// and the value. Shown by DescribeSecret in place of a bare checksum, which anyone with
+    /// the `list` verb (or a copy of the database) could brute-force offline for a
+    /// low-entropy value; without this key nothing can be tested against it. Equal values of
+    /// one secret have equal fingerprints (a rotation that kept the value shows); equal values
+    /// of two secrets do not.
+    pub fn fingerprint(&self, name: &str, value: &[u8]) -> [u8; 16] {
+        let mac = self.mac(&[name.as_bytes(), value]);
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&mac[..16]);
+        out
+    }
+}
+
 /// A fresh random 256-bit key from the OS CSPRNG.
 pub fn random_key() -> [u8; KEY_LEN] {
     let mut k = [0u8; KEY_LEN];
@@ -252,6 +311,30 @@ mod tests {
         let mut t = s.clone();
         t.ciphertext[0] ^= 1;
         assert!(matches!(k.open("a", 1, &t), Err(Error::DataLoss(_))));
+    }
+
+    #[test]
+    fn derived_keys_are_distinct_and_verify() {
+        let index = IndexKey::new(&random_key()).unwrap();
+        let (a, b) = (
+            index.derive(RECORD_MAC_LABEL),
+            index.derive(FINGERPRINT_LABEL),
+        );
+        let tag = a.mac(&[b"secrets", b"db/pw", b"body"]);
+        assert!(a.verify(&[b"secrets", b"db/pw", b"body"], &tag));
+        assert!(!b.verify(&[b"secrets", b"db/pw", b"body"], &tag));
+        assert!(!a.verify(&[b"secrets", b"db/pw2", b"body"], &tag));
+        assert!(!a.verify(&[b"secretsdb/pw", b"", b"body"], &tag));
+        assert!(!a.verify(&[b"secrets", b"db/pw", b"body"], &tag[..31]));
+        assert_eq!(b.fingerprint("a", b"v"), b.fingerprint("a", b"v"));
+        assert_ne!(b.fingerprint("a", b"v"), b.fingerprint("b", b"v"));
+        assert_ne!(b.fingerprint("a", b"v"), b.fingerprint("a", b"w"));
+        // Same labels from another index key: other keys.
+        let other = IndexKey::new(&random_key()).unwrap();
+        assert_ne!(
+            other.derive(FINGERPRINT_LABEL).fingerprint("a", b"v"),
+            b.fingerprint("a", b"v")
+        );
     }
 
     #[test]

@@ -44,7 +44,8 @@ enum Command {
         config: PathBuf,
     },
     /// Restores a backup (`wardctl admin backup FILE`) into the config's data_dir, which must
-    /// not exist yet or be empty. Serving it needs the same HSM master key(s).
+    /// not exist yet or be empty. Its signature is checked in the HSM first; serving it needs
+    /// the same HSM master key(s).
     Restore {
         /// Config file (TOML) naming the data_dir to create.
         #[arg(long)]
@@ -92,7 +93,13 @@ fn run(cli: Cli) -> Result<(), StartError> {
     // Everything that touches the process environment happens here, before any thread starts.
     if let Command::Restore { config, from } = &cli.command {
         let cfg = Config::load(config).map_err(StartError::Config)?;
-        let r = ward_server::backup::restore(from, &cfg.data_dir).map_err(StartError::Storage)?;
+        if let Some(conf) = &cfg.hsm.softhsm_conf {
+            ward_hsm::softhsm::export_conf(conf);
+        }
+        // The backup's signature is checked in the HSM before anything is written.
+        let hsm = server::open_hsm(&cfg)?;
+        let r =
+            ward_server::backup::restore(from, &cfg.data_dir, &hsm).map_err(StartError::Storage)?;
         println!(
             "restored {} entries into {}; serving it needs master key(s) {} on token {:?}",
             r.entries,

@@ -240,8 +240,10 @@ pub struct VersionMeta {
     pub create_ms: Millis,
     /// For ACTIVE versions: when the overlap window closes.
     pub grace_until_ms: Option<Millis>,
-    /// CRC32C of the value.
-    pub checksum: u32,
+    /// Keyed fingerprint of the value ([`crate::envelope::DerivedKey::fingerprint`]). Not a
+    /// bare checksum: DescribeSecret shows it to holders of `list`, who must not be able to
+    /// test guesses of the value against it. Fetch computes the value's CRC32C afresh.
+    pub fingerprint: [u8; 16],
     /// Keyring term whose key wraps the data key.
     pub term: u32,
     /// API keys: the non-reversible key id.
@@ -567,7 +569,7 @@ mod tests {
             state: VersionState::Active,
             create_ms: 0,
             grace_until_ms: Some(100),
-            checksum: 0,
+            fingerprint: [0; 16],
             term: 1,
             key_id: None,
             life: VersionLife::default(),

@@ -10,6 +10,7 @@ use crate::audit::{AuditAccess, AuditLog};
 use crate::audit_service::AuditService;
 use crate::clock::{Clock, FileOffsetClock, SystemClock};
 use crate::config::Config;
+use crate::envelope::RECORD_MAC_LABEL;
 use crate::extauthz::ExtAuthzService;
 use crate::keypolicy::RateLimit;
 use crate::keys::directory::{DirectoryStore, KeyDirectory};
@@ -19,6 +20,7 @@ use crate::metrics::{MeteredWrapper, RpcMetricsLayer};
 use crate::model::{Kind, VersionState};
 use crate::policy::Policy;
 use crate::service::SecretsService;
+use crate::store::sealed::SealedStore;
 use crate::store::sled_store::{SledStore, StoreOptions};
 use crate::store::Store;
 use crate::tls::{TlsConn, TlsFiles, TlsReloader};
@@ -178,12 +180,6 @@ pub async fn serve(
         Some(s) => s,
         None => open_store()?,
     };
-    // Every component writes through the directory store, so the in-memory key index and
-    // records can never lag a commit (see keys::directory).
-    let directory = Arc::new(
-        KeyDirectory::load(&*sled).map_err(|e| StartError::Storage(format!("key index: {e}")))?,
-    );
-    let store: Arc<dyn Store> = Arc::new(DirectoryStore::new(sled, directory.clone()));
     let clock: Arc<dyn Clock> = match &cfg.testing {
         None => Arc::new(SystemClock),
         Some(t) => {
@@ -197,13 +193,23 @@ pub async fn serve(
         }
     };
     let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
-    let (keyring, index) = unseal(&store, &wrapper, &label, clock.now_ms())
+    let (keyring, index) = unseal(&sled, &wrapper, &label, clock.now_ms())
         .await
         .map_err(|e| match e {
             crate::error::Error::Unavailable(m) => StartError::Hsm(m),
             other => StartError::Storage(other.to_string()),
         })?;
     tracing::info!(term = keyring.current_term(), master_key = %label, "unsealed");
+    // Secret records, key-index entries, quota ledgers and idempotency records are MACed under
+    // a key derived at unseal and checked on every read (store::sealed); every component goes
+    // through the directory store, so the in-memory key index and records can never lag a
+    // commit (see keys::directory). Unseal reads only the keyring and index key, which the HSM
+    // wrap authenticates.
+    let sealed: Arc<dyn Store> = Arc::new(SealedStore::new(sled, index.derive(RECORD_MAC_LABEL)));
+    let directory = Arc::new(
+        KeyDirectory::load(&*sealed).map_err(|e| StartError::Storage(format!("key index: {e}")))?,
+    );
+    let store: Arc<dyn Store> = Arc::new(DirectoryStore::new(sealed, directory.clone()));
 
     let settings = Settings {
         issuer: cfg.issuer.clone(),

@@ -467,7 +467,7 @@ fn metadata(
                 version: v.version,
                 state: state(v.state) as i32,
                 create_time: Some(to_timestamp(v.create_ms)),
-                checksum: v.checksum,
+                fingerprint: hex::encode(v.fingerprint),
                 keyring_term: v.term,
                 key_id: v.key_id.clone().unwrap_or_default(),
                 grace_until: v

@@ -8,7 +8,7 @@ pub use admin::{KeyringInfo, MasterKeyRotation, TermInfo};
 
 use crate::audit::{AuditLog, AuditRecord};
 use crate::clock::{Clock, Millis};
-use crate::envelope::{IndexKey, Keyring, SealedValue};
+use crate::envelope::{DerivedKey, IndexKey, Keyring, SealedValue, FINGERPRINT_LABEL};
 use crate::error::{Code, Error, Result};
 use crate::keypolicy::{parse_cidrs, KeyPolicy, KeyPolicyInput, PolicyMask, Quota, RateLimit};
 use crate::keys::usage::UsageBook;
@@ -68,6 +68,8 @@ pub struct Vault {
     /// Serialises keyring and master-key rotations.
     admin_lock: tokio::sync::Mutex<()>,
     pub(crate) index: IndexKey,
+    /// Keys the fingerprints of values (derived from the index key; never stored).
+    fingerprints: DerivedKey,
     pub(crate) policy: Policy,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) settings: Settings,
@@ -226,6 +228,7 @@ impl Vault {
             audit,
             keyring: RwLock::new(Arc::new(keyring)),
             admin_lock: tokio::sync::Mutex::new(()),
+            fingerprints: index.derive(FINGERPRINT_LABEL),
             index,
             policy,
             clock,
@@ -694,19 +697,16 @@ impl Vault {
                 ))
             })?;
         let sealed: SealedValue = decode("sealed value", &blob)?;
+        // AES-GCM with the name and version in its associated data has checked the value;
+        // the CRC32C is computed here (it is stored nowhere) for the client to check in turn.
         let value = self.keyring().open(name.as_str(), meta.version, &sealed)?;
-        if crc32c::crc32c(&value) != meta.checksum {
-            return Err(Error::DataLoss(format!(
-                "checksum mismatch for {name} version {}",
-                meta.version
-            )));
-        }
+        let checksum = crc32c::crc32c(&value);
         let fetched = Fetched {
             name: name.to_string(),
             version: meta.version,
             state,
             value,
-            checksum: meta.checksum,
+            checksum,
             kind: secret.kind,
             environment: secret.environment.clone(),
             create_ms: meta.create_ms,
@@ -1056,7 +1056,7 @@ impl Vault {
                 state: VersionState::Primary,
                 create_ms: now,
                 grace_until_ms: None,
-                checksum,
+                fingerprint: self.value_fingerprint(&secret.name, value),
                 term: sealed.term,
                 key_id,
                 life: VersionLife::default(),
@@ -1070,6 +1070,26 @@ impl Vault {
             checksum,
             create_ms: now,
         }
+    }
+
+    /// The keyed fingerprint stored with a new version of `name` holding `value`.
+    pub(crate) fn value_fingerprint(&self, name: &str, value: &[u8]) -> [u8; 16] {
+        self.fingerprints.fingerprint(name, value)
+    }
+
+    /// CRC32C of a stored version's value, decrypted for the purpose (whatever the version's
+    /// state; 0 once destroyed): the checksum is stored nowhere, and a retried write answers
+    /// the one its first attempt did.
+    fn stored_checksum(&self, name: &str, version: u64) -> Result<u32> {
+        let Some(blob) = self
+            .store
+            .get(Tree::Versions, &version_key(name, version))?
+        else {
+            return Ok(0);
+        };
+        let sealed: SealedValue = decode("sealed value", &blob)?;
+        let value = self.keyring().open(name, version, &sealed)?;
+        Ok(crc32c::crc32c(&value))
     }
 
     pub(crate) fn fingerprint(&self, method: &str, parts: &[&[u8]]) -> [u8; 32] {
@@ -1110,9 +1130,9 @@ impl Vault {
             ))
         })?;
         Ok(Some(Written {
+            checksum: self.stored_checksum(&done.name, meta.version)?,
             name: done.name,
             version: meta.version,
-            checksum: meta.checksum,
             create_ms: meta.create_ms,
         }))
     }
@@ -1452,10 +1472,7 @@ mod tests {
         let records = f.vault.store.scan(Tree::Audit, b"", b"", 100).unwrap();
         let records: Vec<AuditRecord> = records
             .iter()
-            .map(|(_, v)| match crate::audit::decode(v).unwrap() {
-                crate::audit::Stored::Chained { record, .. } => *record,
-                crate::audit::Stored::Legacy => panic!("legacy record"),
-            })
+            .map(|(_, v)| *crate::audit::decode(v).unwrap().record)
             .collect();
         let summary: Vec<_> = records
             .iter()
@@ -1492,10 +1509,7 @@ mod tests {
             .scan(Tree::Audit, b"", b"", 100)
             .unwrap()
             .iter()
-            .map(|(_, v)| match crate::audit::decode(v).unwrap() {
-                crate::audit::Stored::Chained { record, .. } => *record,
-                crate::audit::Stored::Legacy => panic!("legacy record"),
-            })
+            .map(|(_, v)| *crate::audit::decode(v).unwrap().record)
             .collect();
         let puts: Vec<_> = records
             .iter()

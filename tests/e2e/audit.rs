@@ -605,6 +605,67 @@ async fn a_forged_rechained_log_fails_at_the_hsm_signed_checkpoint() {
     assert!(v.ok, "the re-chained records themselves link up: {v:?}");
 }
 
+/// The downgrade: whoever can write the database turns every record up to the last checkpoint
+/// into the old unchained format (once accepted as "legacy", unverified) and lays a forged tail
+/// over the rest, chained afresh from genesis. Verification must not accept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_rechained_from_genesis_behind_legacy_records_fails_verification() {
+    let mut s = TestServer::start();
+    s.append_config("[audit]\ncheckpoint_every = 5");
+    s.restart();
+    let mut c = s.raw_client("admin").await;
+    for i in 0..12 {
+        put(&mut c, &format!("downgrade/{i}"), b"v").await;
+    }
+    drop(c);
+    let mut a = s.audit_client("admin").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let cp = loop {
+        let records = all_records(&mut a).await;
+        let cp = records
+            .iter()
+            .filter(|r| r.kind == pb::AuditRecordKind::Checkpoint as i32)
+            .map(|r| r.seq)
+            .max();
+        if let Some(cp) = cp {
+            break cp;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint was written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(a);
+    s.stop();
+    {
+        let (db, tree) = audit_tree(s.data_dir());
+        let last = u64::from_be_bytes(tree.last().unwrap().unwrap().0.as_ref().try_into().unwrap());
+        assert!(last > cp, "no record after the last checkpoint");
+        for seq in 1..=cp {
+            tree.insert(seq.to_be_bytes(), vec![1u8, 0, 0, 0]).unwrap();
+        }
+        let mut prev = [0u8; 32];
+        for seq in cp + 1..=last {
+            let mut r = parse(&tree.get(seq.to_be_bytes()).unwrap().unwrap());
+            r.identity = "somebody-else".into();
+            r.prev_hash = prev;
+            let (stored, hash) = encode(&r);
+            tree.insert(seq.to_be_bytes(), stored).unwrap();
+            prev = hash;
+        }
+        db.flush().unwrap();
+    }
+    s.restart();
+    assert_broken_at(&s, 1, pb::AuditProblem::Undecodable, "downgraded start").await;
+    // Checked from the forged tail only, the link into it fails.
+    let v = s
+        .client("admin")
+        .await
+        .verify_audit_log(cp + 1, 0)
+        .await
+        .unwrap();
+    let b = v.first_broken.expect("the forged tail verified on its own");
+    assert_eq!(b.seq, cp, "{}", b.reason);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_resumes_after_a_disconnect_without_gaps_or_duplicates() {
     let s = TestServer::start();

@@ -361,3 +361,106 @@ async fn backup_during_writes_restores_exactly_the_snapshot() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// One entry of a backup file: tree name, key, value.
+type BackupEntry = (String, Vec<u8>, Vec<u8>);
+
+/// The entries of a backup file and the bytes after them (end marker, next id, count,
+/// signature; without the trailing SHA-256).
+fn backup_entries(file: &[u8]) -> (Vec<BackupEntry>, Vec<u8>) {
+    let body = &file[..file.len() - 32];
+    let mut at = 8;
+    let mut take = |n: usize| {
+        let s = &body[at..at + n];
+        at += n;
+        s
+    };
+    let mut entries = Vec::new();
+    loop {
+        if take(1)[0] == 0 {
+            break;
+        }
+        let n = u16::from_be_bytes(take(2).try_into().unwrap()) as usize;
+        let tree = String::from_utf8(take(n).to_vec()).unwrap();
+        let n = u32::from_be_bytes(take(4).try_into().unwrap()) as usize;
+        let key = take(n).to_vec();
+        let n = u32::from_be_bytes(take(4).try_into().unwrap()) as usize;
+        entries.push((tree, key, take(n).to_vec()));
+    }
+    (entries, body[at - 1..].to_vec())
+}
+
+/// Rebuilds a backup file from entries and trailer, with a fresh SHA-256 (what an attacker
+/// who edits a backup does, so that it is not merely "damaged").
+fn backup_file(magic: &[u8], entries: &[BackupEntry], trailer: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut f = magic.to_vec();
+    for (tree, key, value) in entries {
+        f.push(1);
+        f.extend_from_slice(&(tree.len() as u16).to_be_bytes());
+        f.extend_from_slice(tree.as_bytes());
+        f.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        f.extend_from_slice(key);
+        f.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        f.extend_from_slice(value);
+    }
+    f.extend_from_slice(trailer);
+    let digest = Sha256::digest(&f);
+    f.extend_from_slice(&digest);
+    f
+}
+
+/// A backup is signed in the HSM: an edited one (digest recomputed) is refused by restore
+/// and creates nothing; the genuine one restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_backup_is_refused_by_restore() {
+    let mut s = TestServer::start();
+    let mut c = s.raw_client("admin").await;
+    ok(
+        c.put_secret(pb::PutSecretRequest {
+            environment: "prod".into(),
+            ..crate::put_req("bak/prod-only", b"prod value")
+        })
+        .await,
+        "put",
+    );
+    drop(c);
+    let file = s.scratch_dir().join("signed.backup");
+    let o = s.wardctl(&["admin", "backup", file.to_str().unwrap()], None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    s.stop();
+    let data = s.data_dir().join("data");
+    std::fs::rename(&data, s.scratch_dir().join("data-before-restore")).unwrap();
+
+    let original = std::fs::read(&file).unwrap();
+    let (mut entries, trailer) = backup_entries(&original);
+    assert_eq!(
+        backup_file(&original[..8], &entries, &trailer),
+        original,
+        "the test's reading of the format"
+    );
+    // Relabel the prod secret as dev, as someone holding the backup file would.
+    let (_, _, value) = entries
+        .iter_mut()
+        .find(|(t, k, _)| t == "secrets" && k == b"bak/prod-only")
+        .expect("the secret's record in the backup");
+    let at = value.windows(5).position(|w| w == b"\x04prod").unwrap();
+    value.splice(at..at + 5, b"\x03dev".iter().copied());
+    let edited = s.scratch_dir().join("edited.backup");
+    std::fs::write(&edited, backup_file(&original[..8], &entries, &trailer)).unwrap();
+    let o = restore(&s, &edited);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "edited backup restored: {stderr}");
+    assert!(stderr.contains("signature does not verify"), "{stderr}");
+    assert!(!data.exists(), "a refused restore created the data dir");
+
+    let o = restore(&s, &file);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    s.restart();
+    let mut c = s.raw_client("admin").await;
+    let f = fetch(&mut c, "bak/prod-only", 0).await.unwrap();
+    assert_eq!(
+        (f.value.as_slice(), f.environment.as_str()),
+        (&b"prod value"[..], "prod")
+    );
+}

@@ -17,6 +17,7 @@ mod extauthz;
 mod grants;
 mod hardening;
 mod hsm_faults;
+mod integrity;
 mod keyring;
 mod keys;
 mod keys_lifecycle;

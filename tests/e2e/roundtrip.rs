@@ -74,18 +74,21 @@ async fn put_fetch_versions_and_states() {
         meta.created_by
     );
     assert_eq!(meta.owner, meta.created_by, "owner defaults to the caller");
-    let states: Vec<(u64, pb::VersionState, u32)> = meta
+    let states: Vec<(u64, pb::VersionState)> = meta
         .versions
         .iter()
-        .map(|v| (v.version, v.state(), v.checksum))
+        .map(|v| (v.version, v.state()))
         .collect();
     assert_eq!(
         states,
         vec![
-            (1, pb::VersionState::Active, crc32c(&v1)),
-            (2, pb::VersionState::Primary, crc32c(&v2)),
+            (1, pb::VersionState::Active),
+            (2, pb::VersionState::Primary),
         ]
     );
+    // Keyed fingerprints (32 hex characters), one per distinct value.
+    assert!(meta.versions.iter().all(|v| v.fingerprint.len() == 32));
+    assert_ne!(meta.versions[0].fingerprint, meta.versions[1].fingerprint);
     assert!(meta.create_time.is_some() && meta.update_time.is_some());
     assert_code(
         describe(&mut c, "svc/missing").await,

@@ -340,13 +340,11 @@ impl StreamReader {
             }
             self.next = seq + 1;
             match stored {
-                Ok(Stored::Chained { record, hash, .. }) => {
+                Ok(Stored { record, hash, .. }) => {
                     if self.wants(&record) {
                         self.pending.push_back(StreamItem::Record(record, hash));
                     }
                 }
-                // Written before the log was chained: not streamed.
-                Ok(Stored::Legacy) => {}
                 Err(_) => self.pending.push_back(StreamItem::Gap {
                     from: seq,
                     to: seq,

@@ -436,7 +436,7 @@ impl AuditLog {
             let done = chunk.len() < CHUNK;
             for (seq, stored) in chunk {
                 next = seq + 1;
-                let Ok(Stored::Chained { record, .. }) = stored else {
+                let Ok(Stored { record, .. }) = stored else {
                     // Never cut through what cannot be read: verification has to see it.
                     break 'scan;
                 };
@@ -674,9 +674,7 @@ fn read_head(store: &dyn Store) -> Result<(u64, [u8; 32], bool)> {
         Error::DataLoss("the audit log's last key is not a sequence number".into())
     })?;
     match decode(&value) {
-        // The chain starts afresh after records written before it existed.
-        Ok(Stored::Legacy) => Ok((seq, GENESIS, false)),
-        Ok(Stored::Chained { record, hash, .. }) => {
+        Ok(Stored { record, hash, .. }) => {
             Ok((seq, hash, matches!(record.event, Event::Checkpoint(_))))
         }
         // Refusing to start would let anyone who can write the database stop the vault; chain

@@ -94,7 +94,10 @@ use crate::error::Code;
 use crate::tls::Peer;
 use sha2::{Digest, Sha256};
 
-/// Format byte of chained records (format 1 was the unchained postcard encoding).
+/// Format byte of chained records. Format 1 (unchained postcard records from before the chain)
+/// is refused like any unknown format: accepting it let whoever can write the database
+/// downgrade the start of the log to unverifiable records and restart the chain from genesis
+/// after them. There were no deployments to migrate.
 pub const FORMAT: u8 = 2;
 /// `prev_hash` of the first record of a chain.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -360,18 +363,13 @@ fn as_received(s: &str, max: usize) -> String {
 
 /// A stored record, read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stored {
-    /// A chained record.
-    Chained {
-        /// The record as decoded.
-        record: Box<AuditRecord>,
-        /// `H(body)`, computed from the stored body.
-        hash: [u8; 32],
-        /// Whether the stored hash equals the computed one.
-        intact: bool,
-    },
-    /// A record written before the log was chained (format 1); it carries no hash.
-    Legacy,
+pub struct Stored {
+    /// The record as decoded.
+    pub record: Box<AuditRecord>,
+    /// `H(body)`, computed from the stored body.
+    pub hash: [u8; 32],
+    /// Whether the stored hash equals the computed one.
+    pub intact: bool,
 }
 
 /// Why stored bytes are not a record.
@@ -392,7 +390,6 @@ pub fn key_seq(key: &[u8]) -> Option<u64> {
 /// Decodes stored bytes strictly: anything malformed, truncated or trailing is an error.
 pub fn decode(stored: &[u8]) -> Result<Stored, DecodeError> {
     match stored.first() {
-        Some(1) => return Ok(Stored::Legacy),
         Some(&FORMAT) => {}
         Some(f) => return Err(DecodeError(format!("unknown record format {f}"))),
         None => return Err(DecodeError("empty record".into())),
@@ -439,7 +436,7 @@ pub fn decode(stored: &[u8]) -> Result<Stored, DecodeError> {
         return Err(DecodeError(format!("{} bytes after the record", r.0.len())));
     }
     let hash: [u8; 32] = Sha256::digest(body).into();
-    Ok(Stored::Chained {
+    Ok(Stored {
         record: Box::new(AuditRecord {
             seq,
             time_ms,
@@ -532,7 +529,7 @@ pub(crate) fn call_records(store: &dyn crate::store::Store) -> Vec<AuditRecord> 
         .unwrap_or_default()
         .iter()
         .filter_map(|(_, v)| match decode(v) {
-            Ok(Stored::Chained { record, .. }) if record.event == Event::Call => Some(*record),
+            Ok(Stored { record, .. }) if record.event == Event::Call => Some(*record),
             _ => None,
         })
         .collect()
@@ -651,18 +648,10 @@ mod encoding_tests {
         prune.seq = 44;
         for r in [call, cp, prune] {
             let (stored, hash) = r.encode();
-            match decode(&stored).unwrap() {
-                Stored::Chained {
-                    record,
-                    hash: h,
-                    intact,
-                } => {
-                    assert_eq!(*record, r);
-                    assert_eq!(h, hash);
-                    assert!(intact);
-                }
-                Stored::Legacy => panic!("legacy"),
-            }
+            let back = decode(&stored).unwrap();
+            assert_eq!(*back.record, r);
+            assert_eq!(back.hash, hash);
+            assert!(back.intact);
         }
     }
 
@@ -673,9 +662,8 @@ mod encoding_tests {
         for i in 0..stored.len() {
             let mut bad = stored.clone();
             bad[i] ^= 0x20;
-            match decode(&bad) {
-                Ok(Stored::Chained { intact, .. }) => assert!(!intact, "byte {i}"),
-                Ok(Stored::Legacy) | Err(_) => {}
+            if let Ok(back) = decode(&bad) {
+                assert!(!back.intact, "byte {i}");
             }
         }
         assert!(decode(&stored[..stored.len() - 1]).is_err());
@@ -684,7 +672,8 @@ mod encoding_tests {
         assert!(decode(&long).is_err());
         assert!(decode(&[]).is_err());
         assert!(decode(&[9, 1, 2]).is_err());
-        assert_eq!(decode(&[1, 0, 0]).unwrap(), Stored::Legacy);
+        // The unchained format 1 is not a record: no downgrade to unverifiable records.
+        assert!(decode(&[1, 0, 0]).is_err());
         // A huge length prefix does not allocate or panic.
         let mut huge = vec![2u8];
         huge.extend_from_slice(&[0; 48]);

@@ -88,10 +88,7 @@ fn put_raw(fx: &Fx, seq: u64, value: Option<Vec<u8>>) {
 }
 
 fn record_at(fx: &Fx, seq: u64) -> AuditRecord {
-    match decode(&raw(fx, seq)).unwrap() {
-        Stored::Chained { record, .. } => *record,
-        Stored::Legacy => panic!("legacy"),
-    }
+    *decode(&raw(fx, seq)).unwrap().record
 }
 
 fn broken(v: &Verification) -> (u64, Problem) {
@@ -597,23 +594,9 @@ async fn successful_reads_leave_usage_facts() {
 }
 
 #[tokio::test]
-async fn the_head_survives_a_restart_and_legacy_records_start_the_chain() {
+async fn the_head_survives_a_restart() {
     let fx = setup(5).await;
-    // A record in the old unchained format at the start of the log.
-    let mut b = Batch::new();
-    b.put(Tree::Audit, record_key(1).to_vec(), vec![1, 0, 0, 0]);
-    fx.store.commit(b).unwrap();
-    let log = AuditLog::open(
-        fx.store.clone(),
-        fx.clock.clone(),
-        fx.log.signer().clone(),
-        fx.log.settings().clone(),
-    )
-    .unwrap();
-    log.append(call(&fx, "admin", "FetchSecret", "a", 0))
-        .await
-        .unwrap();
-    log.checkpoint().await.unwrap();
+    calls(&fx, 2, 0).await;
     let again = AuditLog::open(
         fx.store.clone(),
         fx.clock.clone(),
@@ -621,21 +604,95 @@ async fn the_head_survives_a_restart_and_legacy_records_start_the_chain() {
         fx.log.settings().clone(),
     )
     .unwrap();
-    assert_eq!(again.durable_head(), 3);
+    assert_eq!(again.durable_head(), 2);
     again
         .append(call(&fx, "admin", "FetchSecret", "b", 0))
         .await
         .unwrap();
-    // Nothing new since the checkpoint but one record: checkpointing twice adds one.
     assert!(again.checkpoint().await.unwrap().is_some());
     assert!(again.checkpoint().await.unwrap().is_none());
     let v = again.verify(0, 0).await.unwrap();
     assert!(v.ok(), "{v:?}");
+    assert_eq!((v.records_checked, v.checkpoints_verified), (4, 1));
+    assert_eq!(record_at(&fx, 3).prev_hash, record_at(&fx, 2).encode().1);
+}
+
+/// The downgrade the unchained format 1 allowed: the signed start of the log replaced by
+/// "legacy" records, and a forged tail chained from genesis after them. Format 1 is no longer
+/// a record, and a chain may start from genesis only at record 1.
+#[tokio::test]
+async fn a_tail_rechained_from_genesis_after_legacy_records_is_refused() {
+    let fx = setup(5).await;
+    calls(&fx, 7, 0).await;
+    fx.log.checkpoint().await.unwrap();
+    let head = fx.log.durable_head();
+    for seq in 1..=head - 2 {
+        put_raw(&fx, seq, Some(vec![1, 0, 0, 0]));
+    }
+    let mut prev = GENESIS;
+    for seq in head - 1..=head {
+        let mut r = record_at(&fx, seq);
+        r.identity = "forger".into();
+        r.prev_hash = prev;
+        let (stored, hash) = r.encode();
+        put_raw(&fx, seq, Some(stored));
+        prev = hash;
+    }
+    let v = fx.log.verify(0, 0).await.unwrap();
+    let b = v.first_broken.expect("the downgraded log verified");
     assert_eq!(
-        (v.legacy_records, v.records_checked, v.checkpoints_verified),
-        (1, 4, 2)
+        (b.seq, b.problem),
+        (1, Problem::Undecodable),
+        "{}",
+        b.reason
     );
-    assert_eq!(record_at(&fx, 2).prev_hash, GENESIS);
+    // Checked from the forged tail on, the link into it fails.
+    let v = fx.log.verify(head - 1, 0).await.unwrap();
+    let b = v.first_broken.expect("the forged tail verified");
+    assert_eq!(b.seq, head - 2, "{}", b.reason);
+    // The same tail over deleted records (a log that looks pruned) may not restart from genesis.
+    for seq in 1..=head - 2 {
+        put_raw(&fx, seq, None);
+    }
+    let reopen = || {
+        AuditLog::open(
+            fx.store.clone(),
+            fx.clock.clone(),
+            fx.log.signer().clone(),
+            fx.log.settings().clone(),
+        )
+        .unwrap()
+    };
+    let b = reopen().verify(0, 0).await.unwrap().first_broken.unwrap();
+    assert_eq!(
+        (b.seq, b.problem),
+        (head - 1, Problem::Unlinked),
+        "{}",
+        b.reason
+    );
+    // Nor start from anything else, with a forged prune record to account for the deleted
+    // prefix: a pruned log keeps a checkpoint over its first record, and a forger has none.
+    let mut prune = AuditRecord::system(
+        PRUNE_METHOD,
+        fx.clock.now_ms(),
+        Event::Prune { below: head - 1 },
+    );
+    prune.seq = head - 1;
+    prune.prev_hash = [7; 32];
+    let (stored, hash) = prune.encode();
+    put_raw(&fx, head - 1, Some(stored));
+    let mut last = call(&fx, "forger", "FetchSecret", "s/0", 0);
+    last.seq = head;
+    last.prev_hash = hash;
+    put_raw(&fx, head, Some(last.encode().0));
+    let v = reopen().verify(0, 0).await.unwrap();
+    let b = v.first_broken.expect("a forged pruned log verified");
+    assert_eq!(
+        (b.seq, b.problem),
+        (head - 1, Problem::Unsigned),
+        "{}",
+        b.reason
+    );
 }
 
 #[tokio::test]

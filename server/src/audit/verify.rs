@@ -81,8 +81,6 @@ pub struct Verification {
     pub to: u64,
     /// Chained records checked.
     pub records_checked: u64,
-    /// Records from before the log was chained (not verifiable), at its start.
-    pub legacy_records: u64,
     /// Checkpoints whose signature and signed hash verified.
     pub checkpoints_verified: u64,
     /// Highest sequence number a verified checkpoint covers (0: none).
@@ -110,7 +108,6 @@ struct Walk {
     last_covered: Option<u64>,
     /// `every` of the segment being walked (signed by the checkpoint that opened it).
     every: u64,
-    chained_seen: bool,
     /// Where the first unsigned run starts counting (whole-log checks only).
     gap_base: Option<u64>,
     newest_prune: Option<u64>,
@@ -149,17 +146,32 @@ impl AuditLog {
             recent: VecDeque::with_capacity(RECENT),
             last_covered: None,
             every: self.settings().checkpoint_every,
-            chained_seen: false,
             gap_base: None,
             newest_prune: None,
         };
         if !whole {
-            // Check the link into the range from the record before it.
-            if let Some(raw) = self.store().get(Tree::Audit, &record_key(v.from - 1))? {
-                if let Ok(Stored::Chained { hash, .. }) = decode(&raw) {
-                    w.prev = Some(hash);
-                    w.chained_seen = true;
-                }
+            // Check the link into the range from the record before it, which is kept (the
+            // range starts after the oldest record): without it the range's first link would go
+            // unchecked.
+            let before = v.from - 1;
+            let problem = match self.store().get(Tree::Audit, &record_key(before))? {
+                Some(raw) => match decode(&raw) {
+                    Ok(Stored { hash, intact, .. }) if intact => {
+                        w.prev = Some(hash);
+                        None
+                    }
+                    Ok(_) => Some((Problem::Altered, format!("record {before} was altered: its contents do not match its stored hash"))),
+                    Err(e) => Some((Problem::Undecodable, format!("record {before}: {e}"))),
+                },
+                None => Some((Problem::Missing, format!("record {before} is missing"))),
+            };
+            if let Some((problem, reason)) = problem {
+                v.first_broken = Some(Broken {
+                    seq: before,
+                    problem,
+                    reason,
+                });
+                return Ok(v);
             }
         }
         if let Some(b) = self.walk(&mut v, &mut w, whole).await? {
@@ -168,6 +180,24 @@ impl AuditLog {
         }
         if whole {
             v.first_broken = start_problem(&v, &w);
+        }
+        if whole && v.first_broken.is_none() && v.to == head && v.oldest > 1 {
+            // Pruning cuts only up to a record a checkpoint signs, and that checkpoint comes
+            // after it, so a pruned log always holds a signature over its first record. A log
+            // whose start was deleted and replaced by a forged chain (with a forged prune
+            // record, and no checkpoint, which cannot be forged) has none.
+            if v.signed_through < v.oldest {
+                v.first_broken = Some(Broken {
+                    seq: v.oldest,
+                    problem: Problem::Unsigned,
+                    reason: format!(
+                        "the log starts at record {} (pruned), but no checkpoint in it signs a \
+                         record from there on: pruning keeps the checkpoint over the first \
+                         record it keeps, so the start of the log was replaced",
+                        v.oldest
+                    ),
+                });
+            }
         }
         let signed = w.last_covered.or(w.gap_base);
         if let Some(signed) = signed.filter(|_| v.first_broken.is_none() && v.to == head) {
@@ -220,21 +250,7 @@ impl AuditLog {
                     Err(e) => {
                         return broken(seq, Problem::Undecodable, format!("record {seq}: {e}"))
                     }
-                    Ok(Stored::Legacy) if !w.chained_seen => {
-                        v.legacy_records += 1;
-                        w.expected += 1;
-                        continue;
-                    }
-                    Ok(Stored::Legacy) => {
-                        return broken(
-                            seq,
-                            Problem::Undecodable,
-                            format!(
-                                "record {seq} is in the unchained format 1, after chained records"
-                            ),
-                        )
-                    }
-                    Ok(Stored::Chained {
+                    Ok(Stored {
                         record,
                         hash,
                         intact,
@@ -261,12 +277,11 @@ impl AuditLog {
                 }
                 let link_ok = match w.prev {
                     Some(p) => record.prev_hash == p,
-                    // The chain's first record starts from the genesis hash; a pruned log's
-                    // first record links to a deleted one.
-                    None if whole && (v.oldest == 1 || v.legacy_records > 0) => {
-                        record.prev_hash == super::GENESIS
-                    }
-                    None => true,
+                    // The chain's first record starts from the genesis hash, and only it: a
+                    // pruned log's first record links to a deleted record, never to genesis
+                    // (a chain restarting from genesis is a forged log laid over the old one).
+                    None if seq == 1 => record.prev_hash == super::GENESIS,
+                    None => record.prev_hash != super::GENESIS,
                 };
                 if !link_ok {
                     return broken(
@@ -281,7 +296,6 @@ impl AuditLog {
                 if whole && w.gap_base.is_none() {
                     w.gap_base = Some(seq - 1);
                 }
-                w.chained_seen = true;
                 match &record.event {
                     Event::Checkpoint(c) => {
                         if let Some(b) = self.check_checkpoint(seq, c, v, w).await? {
@@ -375,7 +389,7 @@ impl AuditLog {
             Some((_, h)) => Some(*h),
             None => match self.store().get(Tree::Audit, &record_key(c.covers_seq))? {
                 Some(raw) => match decode(&raw) {
-                    Ok(Stored::Chained { hash, .. }) => Some(hash),
+                    Ok(Stored { hash, .. }) => Some(hash),
                     _ => Some([0xff; 32]),
                 },
                 // Pruned: the signature alone vouches for what came before.
@@ -400,8 +414,7 @@ impl AuditLog {
     }
 }
 
-/// Whether the log starts where it must: at record 1 (after any unchained records), or where
-/// the newest prune record says.
+/// Whether the log starts where it must: at record 1, or where the newest prune record says.
 fn start_problem(v: &Verification, w: &Walk) -> Option<Broken> {
     let first = v.oldest;
     match w.newest_prune {
@@ -413,7 +426,7 @@ fn start_problem(v: &Verification, w: &Walk) -> Option<Broken> {
                 first - 1
             ),
         }),
-        None if first > 1 && v.legacy_records == 0 => Some(Broken {
+        None if first > 1 => Some(Broken {
             seq: 1,
             problem: Problem::Missing,
             reason: format!(

@@ -19,12 +19,17 @@
 //! miss is a definitive NOT_FOUND at the cost of one hash-map probe: the index is its own
 //! negative cache, and unknown keys never reach the store.
 //!
+//! Records are authenticated below this layer (`store::sealed`): a record or index entry that
+//! fails its MAC at start-up is left out of the maps and logged, not fatal, so that the rest is
+//! served; reading it answers DATA_LOSS naming it (a tampered index entry is remembered as
+//! such, so its key verifies as DATA_LOSS rather than as unknown).
+//!
 //! Memory: one entry per issued key version (32-byte hash, name, version) plus one decoded
 //! record per API_KEY secret — about 200 bytes per key, 200 MB for a million keys.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{KeyIndexEntry, Kind, SecretRecord};
-use crate::store::{decode, Batch, Entry, Store, StoreError, Tree};
+use crate::store::{decode, Batch, CheckedEntry, Entry, Store, StoreError, Tree};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -43,6 +48,8 @@ pub struct KeyRef {
 pub struct KeyDirectory {
     index: RwLock<HashMap<[u8; 32], KeyRef>>,
     records: RwLock<HashMap<Arc<str>, Arc<SecretRecord>>>,
+    /// Index entries that failed their integrity check, and why (DATA_LOSS on lookup).
+    tampered: RwLock<HashMap<[u8; 32], String>>,
     /// Serializes every store read that fills the maps (see the module doc).
     fill: Mutex<()>,
 }
@@ -53,12 +60,22 @@ impl KeyDirectory {
         let dir = Self::default();
         {
             let mut index = write(&dir.index);
-            for (hash, raw) in scan_all(store, Tree::KeyIndex)? {
+            for (hash, raw) in scan_all_checked(store, Tree::KeyIndex)? {
                 let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else {
                     tracing::warn!("key index entry with a malformed hash skipped");
                     continue;
                 };
-                let e: KeyIndexEntry = decode("key index entry", &raw)?;
+                let e = match raw
+                    .map_err(Error::from)
+                    .and_then(|raw| decode::<KeyIndexEntry>("key index entry", &raw))
+                {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!(error = %e, "key index entry left out");
+                        write(&dir.tampered).insert(hash, e.to_string());
+                        continue;
+                    }
+                };
                 index.insert(
                     hash,
                     KeyRef {
@@ -70,8 +87,18 @@ impl KeyDirectory {
         }
         {
             let mut records = write(&dir.records);
-            for (_, raw) in scan_all(store, Tree::Secrets)? {
-                let r: SecretRecord = decode("secret", &raw)?;
+            for (_, raw) in scan_all_checked(store, Tree::Secrets)? {
+                // A bad record is read again (and refused) when a verification needs it.
+                let r = match raw
+                    .map_err(Error::from)
+                    .and_then(|raw| decode::<SecretRecord>("secret", &raw))
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "secret record left out of the key directory");
+                        continue;
+                    }
+                };
                 if r.kind == Kind::ApiKey {
                     records.insert(r.name.as_str().into(), Arc::new(r));
                 }
@@ -80,9 +107,16 @@ impl KeyDirectory {
         Ok(dir)
     }
 
-    /// The key a hash points to, if any. No store access.
-    pub fn lookup(&self, hash: &[u8; 32]) -> Option<KeyRef> {
-        read(&self.index).get(hash).cloned()
+    /// The key a hash points to, if any; DATA_LOSS if its index entry failed its integrity
+    /// check. No store access.
+    pub fn lookup(&self, hash: &[u8; 32]) -> Result<Option<KeyRef>> {
+        if let Some(r) = read(&self.index).get(hash) {
+            return Ok(Some(r.clone()));
+        }
+        match read(&self.tampered).get(hash) {
+            Some(why) => Err(Error::DataLoss(why.clone())),
+            None => Ok(None),
+        }
     }
 
     /// The current record of an API_KEY secret. Served from memory; a secret missing from the
@@ -130,6 +164,9 @@ impl KeyDirectory {
                     raw.map(|raw| decode::<KeyIndexEntry>("key index entry", &raw))
                         .transpose()
                 });
+            if entry.is_ok() {
+                write(&self.tampered).remove(&h);
+            }
             match entry {
                 Ok(Some(e)) => {
                     write(&self.index).insert(
@@ -146,6 +183,9 @@ impl KeyDirectory {
                 Err(e) => {
                     tracing::error!(error = %e, "key index refresh failed; entry dropped");
                     write(&self.index).remove(&h);
+                    if matches!(e, Error::DataLoss(_)) {
+                        write(&self.tampered).insert(h, e.to_string());
+                    }
                 }
             }
         }
@@ -180,6 +220,24 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Every entry of a tree, in key order, each checked on its own ([`Store::scan_each`]).
+fn scan_all_checked(store: &dyn Store, tree: Tree) -> Result<Vec<CheckedEntry>> {
+    let mut out: Vec<CheckedEntry> = Vec::new();
+    let mut start = Vec::new();
+    loop {
+        let chunk = store.scan_each(tree, b"", &start, 1024)?;
+        let done = chunk.len() < 1024;
+        if let Some((last, _)) = chunk.last() {
+            start = last.clone();
+            start.push(0);
+        }
+        out.extend(chunk);
+        if done {
+            return Ok(out);
+        }
+    }
 }
 
 /// Every entry of a tree, in key order.
@@ -227,6 +285,16 @@ impl Store for DirectoryStore {
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
         self.inner.scan(tree, prefix, start, limit)
+    }
+
+    fn scan_each(
+        &self,
+        tree: Tree,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<CheckedEntry>, StoreError> {
+        self.inner.scan_each(tree, prefix, start, limit)
     }
 
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {

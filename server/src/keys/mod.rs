@@ -340,7 +340,7 @@ impl Keys {
 
         // 2. Lookup: in memory, no decryption. A key the caller may not verify reads as
         // unknown (the audit record says why).
-        let found = match self.dir.lookup(&hash) {
+        let found = match self.dir.lookup(&hash)? {
             Some(r) => self
                 .dir
                 .record(&**self.vault.store(), &r.name)?

@@ -419,7 +419,7 @@ mod tests {
             state: Primary,
             create_ms: 0,
             grace_until_ms: None,
-            checksum: 0,
+            fingerprint: [0; 16],
             term: 1,
             key_id: None,
             life: VersionLife::default(),

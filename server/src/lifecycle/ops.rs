@@ -271,7 +271,7 @@ impl Vault {
                 state: VersionState::Primary,
                 create_ms: now,
                 grace_until_ms: None,
-                checksum,
+                fingerprint: self.value_fingerprint(&name, bytes),
                 term: sealed.term,
                 key_id: key_id.clone(),
                 life: VersionLife {

@@ -220,10 +220,14 @@ impl Vault {
         let mut fresh = Deadlines::default();
         let mut start = Vec::new();
         loop {
-            let chunk = self.store.scan(Tree::Secrets, b"", &start, 256)?;
+            // One record failing its integrity check must not stop the sweeper for the rest.
+            let chunk = self.store.scan_each(Tree::Secrets, b"", &start, 256)?;
             let exhausted = chunk.len() < 256;
             for (key, raw) in chunk {
-                match decode::<SecretRecord>("secret", &raw) {
+                let secret = raw
+                    .map_err(crate::error::Error::from)
+                    .and_then(|raw| decode::<SecretRecord>("secret", &raw));
+                match secret {
                     Ok(secret) => fresh.set(&key, next_deadline(&secret, now)),
                     Err(e) => tracing::warn!(error = %e, "sweep index: secret not readable"),
                 }

@@ -520,7 +520,7 @@ fn the_deadline_is_never_after_the_settle_or_rotation_it_stands_for() {
                                     state,
                                     create_ms: base,
                                     grace_until_ms: grace,
-                                    checksum: 0,
+                                    fingerprint: [0; 16],
                                     term: 1,
                                     key_id: None,
                                     life: VersionLife {

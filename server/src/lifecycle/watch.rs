@@ -484,7 +484,7 @@ mod tests {
                 state,
                 create_ms: i as u64,
                 grace_until_ms: (state == Active).then_some(1000),
-                checksum: 0,
+                fingerprint: [0; 16],
                 term: 1,
                 key_id: None,
                 life: VersionLife::default(),

@@ -5,6 +5,7 @@
 //! The rule every caller follows: commit the batch that holds the state change and its audit
 //! record, then await [`Store::sync`], then reply. Nothing is acknowledged before it is durable.
 
+pub mod sealed;
 pub mod sled_store;
 
 use futures::future::BoxFuture;
@@ -73,6 +74,9 @@ impl Tree {
 
 /// A key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// A key and its value, or why the value failed its integrity check ([`Store::scan_each`]).
+pub type CheckedEntry = (Vec<u8>, Result<Vec<u8>, StoreError>);
 
 /// A guard or a write: a tree, a key, and the value expected or to set (None: absent).
 type Op = (Tree, Vec<u8>, Option<Vec<u8>>);
@@ -148,6 +152,20 @@ impl Batch {
         self.generation = Some(generation);
     }
 
+    /// Rewrites every value this batch expects or sets in `tree` with `f(key, value)` (how
+    /// [`sealed::SealedStore`] adds the MAC to what it stores and to what guards expect).
+    pub(crate) fn map_values(&mut self, tree: Tree, f: impl Fn(&[u8], &[u8]) -> Vec<u8>) {
+        for part in &mut self.parts {
+            for (t, k, v) in part.guards.iter_mut().chain(part.writes.iter_mut()) {
+                if *t == tree {
+                    if let Some(value) = v {
+                        *value = f(k, value);
+                    }
+                }
+            }
+        }
+    }
+
     fn writes(&self) -> impl Iterator<Item = &Op> + '_ {
         self.parts.iter().flat_map(|p| &p.writes)
     }
@@ -170,6 +188,9 @@ pub enum StoreError {
     /// The engine found corrupt data (a checksum failed) where it read.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A stored record failed its MAC: edited, or moved from another key. Says which record.
+    #[error("{0}")]
+    Tampered(String),
 }
 
 impl From<StoreError> for crate::error::Error {
@@ -183,6 +204,10 @@ impl From<StoreError> for crate::error::Error {
             StoreError::Corrupt(detail) => {
                 tracing::error!(%detail, "storage engine found corrupt data");
                 crate::error::Error::DataLoss("stored data is corrupt".into())
+            }
+            StoreError::Tampered(what) => {
+                tracing::error!(record = %what, "stored record failed its integrity check");
+                crate::error::Error::DataLoss(what)
             }
         }
     }
@@ -202,6 +227,23 @@ pub trait Store: Send + Sync + 'static {
         start: &[u8],
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError>;
+
+    /// [`Store::scan`], except that an entry failing its integrity check comes back as an error
+    /// in its place instead of failing the whole scan: for start-up loads, which must go on
+    /// past one tampered record so that reading it answers DATA_LOSS and the rest is served.
+    fn scan_each(
+        &self,
+        tree: Tree,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<CheckedEntry>, StoreError> {
+        Ok(self
+            .scan(tree, prefix, start, limit)?
+            .into_iter()
+            .map(|(k, v)| (k, Ok(v)))
+            .collect())
+    }
 
     /// The entry with the greatest key, if the tree is not empty.
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError>;
