@@ -115,7 +115,9 @@ fn method_name(path: &str) -> String {
     let method = path.rsplit('/').next().unwrap_or_default();
     let plausible = !method.is_empty()
         && method.len() <= 64
-        && method.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        && method
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if plausible { method } else { "unknown" }.to_owned()
 }
 
@@ -195,7 +197,10 @@ mod tests {
         let res = svc.call(request("/x/Other", true)).await.unwrap();
         assert_eq!(res.body(), "fine");
         // A panic without a peer, on an odd path: still audited, under a bounded name.
-        let res = svc.call(request("/x/%C3%A9/Check%20", false)).await.unwrap();
+        let res = svc
+            .call(request("/x/%C3%A9/Check%20", false))
+            .await
+            .unwrap();
         let status = tonic::Status::from_header_map(res.headers()).unwrap();
         assert_eq!(status.code(), tonic::Code::Internal);
 

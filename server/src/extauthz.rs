@@ -234,7 +234,11 @@ mod tests {
     #[test]
     fn non_ascii_headers_are_parsed_not_sliced() {
         // Each of these panicked in `v[..7]` (byte 7 inside a multi-byte character).
-        for v in ["Bearer\u{e9}abcdef", "\u{e9}\u{e9}\u{e9}\u{e9}xyz", "Bea\u{1f511}rer x"] {
+        for v in [
+            "Bearer\u{e9}abcdef",
+            "\u{e9}\u{e9}\u{e9}\u{e9}xyz",
+            "Bea\u{1f511}rer x",
+        ] {
             let (key, header) = key_of(&[("authorization", v)]);
             assert_eq!((key.as_str(), header), ("", ""), "{v:?}");
         }

@@ -266,11 +266,7 @@ pub struct KeyPolicy {
 impl KeyPolicy {
     /// Replaces the quota (`None` clears it). A new quota gets an epoch above every epoch this
     /// key has used, so its ledger starts at the new limit.
-    pub fn set_quota(
-        &mut self,
-        quota: Option<(u64, u64, Option<u64>)>,
-        now: Millis,
-    ) -> Result<()> {
+    pub fn set_quota(&mut self, quota: Option<(u64, u64, Option<u64>)>, now: Millis) -> Result<()> {
         // Records written before `quota_epoch` existed have only the live quota's epoch.
         let used = self.quota.map_or(0, |q| q.epoch).max(self.quota_epoch);
         let epoch = used.saturating_add(1);

@@ -256,7 +256,10 @@ async fn check_with_a_non_ascii_authorization_header_is_denied_and_audited() {
     assert_eq!(checks.len(), values.len() + 1, "{checks:?}");
     assert!(checks.iter().all(|r| r.identity == "app" && r.code == 0));
     let body = &key[key.len() - 38..];
-    assert!(!format!("{records:?}").contains(body), "the key reached the audit log");
+    assert!(
+        !format!("{records:?}").contains(body),
+        "the key reached the audit log"
+    );
     // The server did not panic.
     assert_eq!(s.count_in_stderr("panicked"), 0, "{}", s.stderr_tail(40));
 }
@@ -304,7 +307,10 @@ async fn grpcurl_lists_describes_and_calls_check_through_reflection() {
     let described = text(&s.grpcurl_as(
         "app",
         &[],
-        &["describe", "envoy.service.auth.v3.AttributeContext.HttpRequest"],
+        &[
+            "describe",
+            "envoy.service.auth.v3.AttributeContext.HttpRequest",
+        ],
     ));
     assert!(described.contains("headers"), "{described}");
 

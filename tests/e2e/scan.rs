@@ -143,11 +143,7 @@ async fn scan_finds_planted_keys_and_check_tells_live_from_dead() {
         line("example.md").contains("CANNOT TELL NOT_FOUND"),
         "{text}"
     );
-    assert!(
-        err(&o).contains("1 live, 1 cannot tell"),
-        "{}",
-        err(&o)
-    );
+    assert!(err(&o).contains("1 live, 1 cannot tell"), "{}", err(&o));
     // Zero cost: the scan is not a use of the key.
     let usage = admin.get_key_usage("scan/live", 0).await.unwrap();
     assert!(usage.last_used_time.is_none(), "{usage:?}");
@@ -162,11 +158,7 @@ async fn scan_finds_planted_keys_and_check_tells_live_from_dead() {
     std::fs::remove_file(tree.join("src/config.rs")).unwrap();
     let o = s.wardctl_as("app", &["scan", "--check", tree_arg], None);
     assert_eq!(o.status.code(), Some(3), "{}\n{}", out(&o), err(&o));
-    assert!(
-        err(&o).contains("0 live, 1 cannot tell"),
-        "{}",
-        err(&o)
-    );
+    assert!(err(&o).contains("0 live, 1 cannot tell"), "{}", err(&o));
     // Only dead keys left: exit 0 (a pre-commit hook passes).
     std::fs::remove_file(tree.join("docs/example.md")).unwrap();
     let o = s.wardctl_as("app", &["scan", "--check", tree_arg], None);
@@ -280,8 +272,11 @@ async fn scan_check_counts_only_revoked_expired_and_destroyed_as_dead() {
     let o = scan(&tree("dead", &[&revoked, &destroyed]));
     assert_eq!(o.status.code(), Some(0), "{}\n{}", out(&o), err(&o));
     assert_eq!(
-        out(&o).lines().filter(|l| l.ends_with("REVOKED (scan/revoked@1)")
-            || l.ends_with("REVOKED (scan/destroyed@1)")).count(),
+        out(&o)
+            .lines()
+            .filter(|l| l.ends_with("REVOKED (scan/revoked@1)")
+                || l.ends_with("REVOKED (scan/destroyed@1)"))
+            .count(),
         2,
         "{}",
         out(&o)
@@ -300,7 +295,18 @@ async fn scan_check_counts_only_revoked_expired_and_destroyed_as_dead() {
     assert!(out(&o).contains("CANNOT TELL NOT_FOUND"), "{}", out(&o));
     assert!(err(&o).contains("0 live, 1 cannot tell"), "{}", err(&o));
     // The key is still live: the admin's scan says so.
-    let o = s.wardctl(&["scan", "--check", tree("hidden2", &[&hidden]).to_str().unwrap()], None);
+    let o = s.wardctl(
+        &[
+            "scan",
+            "--check",
+            tree("hidden2", &[&hidden]).to_str().unwrap(),
+        ],
+        None,
+    );
     assert_eq!(o.status.code(), Some(3));
-    assert!(out(&o).contains("LIVE VALID (other/hidden@1)"), "{}", out(&o));
+    assert!(
+        out(&o).contains("LIVE VALID (other/hidden@1)"),
+        "{}",
+        out(&o)
+    );
 }

@@ -812,9 +812,15 @@ async fn quota_cleared_then_set_again_starts_a_fresh_ledger() {
     // Cleared: unlimited, no balance reported.
     admin.update_key_policy(set_quota(None)).await.unwrap();
     let v = verify(&admin, req(&key)).await;
-    assert_eq!((v.result(), v.quota_remaining), (pb::VerifyResult::Valid, None));
+    assert_eq!(
+        (v.result(), v.quota_remaining),
+        (pb::VerifyResult::Valid, None)
+    );
     // Set again, to the same limit: the whole limit is there, and exactly that.
-    admin.update_key_policy(set_quota(Some(quota(3)))).await.unwrap();
+    admin
+        .update_key_policy(set_quota(Some(quota(3))))
+        .await
+        .unwrap();
     let usage = admin.get_key_usage("quota/epoch", 0).await.unwrap();
     assert_eq!(usage.quota_remaining, Some(3), "{usage:?}");
     for left in [2, 1, 0] {
@@ -830,7 +836,10 @@ async fn quota_cleared_then_set_again_starts_a_fresh_ledger() {
     );
     // Cleared and set again once more, across a restart: a fresh ledger again.
     admin.update_key_policy(set_quota(None)).await.unwrap();
-    admin.update_key_policy(set_quota(Some(quota(2)))).await.unwrap();
+    admin
+        .update_key_policy(set_quota(Some(quota(2))))
+        .await
+        .unwrap();
     drop(admin);
     let mut s = s;
     s.restart();
