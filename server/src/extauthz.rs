@@ -118,7 +118,10 @@ fn bearer_token(value: &str) -> Option<&str> {
 impl Authorization for ExtAuthzService {
     async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let peer = peer(&req)?;
-        let (input, header) = check_input(req.get_ref()).map_err(to_status)?;
+        let (input, header) = match check_input(req.get_ref()) {
+            Ok(parsed) => parsed,
+            Err(e) => return Err(to_status(self.keys.refuse(&peer, "Check", e).await)),
+        };
         let v = self
             .keys
             .verify(&peer, input, "Check")

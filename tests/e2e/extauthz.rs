@@ -352,3 +352,28 @@ async fn grpcurl_lists_describes_and_calls_check_through_reflection() {
         "{denied}"
     );
 }
+
+/// A Check that cannot be read as a verification (here a `cost` that is not a number) is
+/// refused INVALID_ARGUMENT — and audited, like every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refused_for_bad_input_is_audited() {
+    let s = TestServer::start();
+    let mut envoy = s.authz_client("app").await;
+    let err = envoy
+        .check(check_req(
+            &[("x-api-key", "anything")],
+            "203.0.113.9",
+            &[("cost", "lots")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let mut auditor = s.audit_client("admin").await;
+    let records = crate::audit::all_records(&mut auditor).await;
+    let checks: Vec<_> = records.iter().filter(|r| r.method == "Check").collect();
+    assert_eq!(checks.len(), 1, "{records:?}");
+    assert_eq!(
+        (checks[0].identity.as_str(), checks[0].code),
+        ("app", tonic::Code::InvalidArgument as i32)
+    );
+}

@@ -289,6 +289,19 @@ impl Keys {
         outcome
     }
 
+    /// Audits a call refused before it became a verification (a request that could not be
+    /// read as one), and returns the refusal — or the audit log's outage, since nothing is
+    /// answered before its record is durable.
+    pub async fn refuse(&self, peer: &Peer, method: &'static str, e: Error) -> Error {
+        let mut rec = AuditRecord::new(peer, method, self.vault.now());
+        rec.code = e.code().as_i32();
+        tracing::info!(method, identity = %peer.identity, code = %e.code(), error = %e, "call refused");
+        match self.vault.audit().append(rec).await {
+            Ok(()) => e,
+            Err(outage) => outage,
+        }
+    }
+
     fn decide(
         &self,
         peer: &Peer,
