@@ -13,3 +13,9 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of every Ward proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/ward_descriptor.bin"));
+
+/// Encoded `FileDescriptorSet` of Envoy's external authorization API
+/// (`envoy.service.auth.v3.Authorization`, with everything it imports), which Ward also
+/// serves, for gRPC server reflection.
+pub const ENVOY_AUTHZ_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_authz_descriptor.bin"));

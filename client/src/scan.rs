@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use ward::keyformat::{ApiKey, BODY_LEN};
+use ward::v1::VerifyResult;
 
 /// Files larger than this are skipped (keys live in source and config, not in data dumps).
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
@@ -25,6 +26,47 @@ pub struct Finding {
     pub column: usize,
     /// The key (never print it; use `key.redacted()`).
     pub key: ApiKey,
+}
+
+/// What `wardctl scan --check` makes of a key found, from the server's verification of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Standing {
+    /// Not asked (no check made): counts as live.
+    Unchecked,
+    /// The key works, or can be made to work again (DISABLED: a retired version can be
+    /// re-activated): a leak to fix.
+    Live,
+    /// The key can never work again: REVOKED (the answer for DESTROYED too) or EXPIRED.
+    Dead,
+    /// The server did not say: NOT_FOUND (never issued, or the scanner's identity may not verify
+    /// it — the server answers both alike, on purpose), or the check failed. Never dead.
+    CannotTell,
+}
+
+impl Standing {
+    /// The standing a verification result (`ward.v1.VerifyResult` number) gives. Only REVOKED
+    /// and EXPIRED are dead; NOT_FOUND (and MALFORMED, which a key the scanner parsed can only
+    /// be if the server's rules differ) cannot tell; every other answer — VALID, DISABLED, and
+    /// the denials of a key that exists (environment, IP, scope, rate, quota) — is live.
+    pub fn of(result: i32) -> Self {
+        match VerifyResult::try_from(result) {
+            Ok(VerifyResult::Revoked | VerifyResult::Expired) => Self::Dead,
+            Ok(VerifyResult::NotFound | VerifyResult::Malformed | VerifyResult::Unspecified)
+            | Err(_) => Self::CannotTell,
+            Ok(_) => Self::Live,
+        }
+    }
+
+    /// Its name in `wardctl --json scan` output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unchecked => "unchecked",
+            Self::Live => "live",
+            Self::Dead => "dead",
+            Self::CannotTell => "cannot_tell",
+        }
+    }
 }
 
 /// What a scan saw besides findings.
@@ -160,6 +202,30 @@ fn scan_file(path: &Path, summary: &mut Summary, found: &mut impl FnMut(Finding)
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_revoked_and_expired_keys_are_dead() {
+        use VerifyResult as R;
+        let of = |r: R| Standing::of(r as i32);
+        for r in [R::Revoked, R::Expired] {
+            assert_eq!(of(r), Standing::Dead, "{r:?}");
+        }
+        for r in [R::NotFound, R::Malformed, R::Unspecified] {
+            assert_eq!(of(r), Standing::CannotTell, "{r:?}");
+        }
+        assert_eq!(Standing::of(999), Standing::CannotTell);
+        for r in [
+            R::Valid,
+            R::Disabled,
+            R::WrongEnvironment,
+            R::ForbiddenIp,
+            R::InsufficientScope,
+            R::RateLimited,
+            R::QuotaExceeded,
+        ] {
+            assert_eq!(of(r), Standing::Live, "{r:?}");
+        }
+    }
 
     #[test]
     fn finds_real_keys_and_ignores_look_alikes() {

@@ -229,6 +229,7 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
                 .collect(),
             rate_limit: RateLimit::parse(10, 1000, 5).ok(),
             quota: Quota::parse(100, 50, Some(60_000), NOW, 1).ok(),
+            quota_epoch: 1,
         },
         life: SecretLife {
             rotation_period_ms: Some(86_400_000),

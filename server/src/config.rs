@@ -96,7 +96,7 @@ impl Default for LifecycleConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
     /// Unknown keys one caller (per client IP, when given) may present back to back before
-    /// its verifications are refused (RATE_LIMITED) ahead of any lookup.
+    /// its unknown keys are refused (RATE_LIMITED); keys it may verify never are.
     pub unknown_key_burst: u32,
     /// Unknown keys per minute allowed in the long run, per caller and client IP.
     pub unknown_keys_per_minute: u32,

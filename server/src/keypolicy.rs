@@ -257,6 +257,25 @@ pub struct KeyPolicy {
     pub rate_limit: Option<RateLimit>,
     /// Usage quota.
     pub quota: Option<Quota>,
+    /// The highest quota epoch ever given out for this key, kept when the quota is cleared.
+    /// Epochs must never repeat: a quota set again after being cleared once got `0 + 1`, the
+    /// epoch of the first quota, and so picked up that quota's spent ledger.
+    pub quota_epoch: u64,
+}
+
+impl KeyPolicy {
+    /// Replaces the quota (`None` clears it). A new quota gets an epoch above every epoch this
+    /// key has used, so its ledger starts at the new limit.
+    pub fn set_quota(&mut self, quota: Option<(u64, u64, Option<u64>)>, now: Millis) -> Result<()> {
+        // Records written before `quota_epoch` existed have only the live quota's epoch.
+        let used = self.quota.map_or(0, |q| q.epoch).max(self.quota_epoch);
+        let epoch = used.saturating_add(1);
+        self.quota = quota
+            .map(|(limit, refill, period)| Quota::parse(limit, refill, period, now, epoch))
+            .transpose()?;
+        self.quota_epoch = if self.quota.is_some() { epoch } else { used };
+        Ok(())
+    }
 }
 
 /// A key policy as received, before parsing (times already converted to milliseconds).
@@ -347,6 +366,35 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn quota_epochs_never_repeat_even_across_a_cleared_quota() {
+        let mut p = KeyPolicy::default();
+        let mut seen = Vec::new();
+        for (step, q) in [Some((3, 0, None)), None, Some((3, 0, None)), None, None]
+            .into_iter()
+            .enumerate()
+        {
+            p.set_quota(q, step as u64).unwrap();
+            if let Some(q) = p.quota {
+                assert!(!seen.contains(&q.epoch), "epoch {} reused", q.epoch);
+                seen.push(q.epoch);
+            }
+        }
+        p.set_quota(Some((5, 0, None)), 9).unwrap();
+        assert_eq!(p.quota.map(|q| q.epoch), Some(3));
+        // A record from before `quota_epoch` existed: the live quota's epoch is the floor.
+        let mut old = KeyPolicy {
+            quota: Quota::parse(1, 0, None, 0, 7).ok(),
+            ..Default::default()
+        };
+        old.set_quota(None, 1).unwrap();
+        old.set_quota(Some((1, 0, None)), 2).unwrap();
+        assert_eq!(old.quota.map(|q| q.epoch), Some(8));
+        // A refused quota changes nothing.
+        assert!(old.set_quota(Some((0, 0, None)), 3).is_err());
+        assert_eq!(old.quota_epoch, 8);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod admin_service;
 pub mod audit;
 pub mod audit_service;
 pub mod backup;
+pub mod catch_panic;
 pub mod clock;
 pub mod config;
 pub mod dev;

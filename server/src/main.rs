@@ -77,6 +77,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    ward_server::catch_panic::install_hook();
     for failure in hardening {
         tracing::warn!("{failure}");
     }

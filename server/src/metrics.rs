@@ -217,7 +217,7 @@ impl Metrics {
             ),
             (
                 "ward_unknown_key_lockouts_total",
-                "Verifications refused before lookup: the caller presented too many unknown keys.",
+                "Unknown keys refused (RATE_LIMITED): the caller presented too many unknown keys.",
                 &self.lockouts,
             ),
         ];

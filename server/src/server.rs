@@ -267,6 +267,7 @@ pub async fn serve(
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ward::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(ward::ENVOY_AUTHZ_FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection()
         .build_v1()
@@ -327,6 +328,7 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(
             crate::status::size_limit_status as fn(_) -> _,
         ))
+        .layer(crate::catch_panic::CatchPanicLayer::new(vault.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -10,7 +10,7 @@ use crate::audit::{AuditLog, AuditRecord};
 use crate::clock::{Clock, Millis};
 use crate::envelope::{DerivedKey, IndexKey, Keyring, SealedValue, FINGERPRINT_LABEL};
 use crate::error::{Code, Error, Result};
-use crate::keypolicy::{parse_cidrs, KeyPolicy, KeyPolicyInput, PolicyMask, Quota, RateLimit};
+use crate::keypolicy::{parse_cidrs, KeyPolicy, KeyPolicyInput, PolicyMask, RateLimit};
 use crate::keys::usage::UsageBook;
 use crate::lifecycle::input::{LifecycleInput, LifecyclePolicy};
 use crate::lifecycle::sweeper::SweepIndex;
@@ -1254,7 +1254,8 @@ pub fn parse_page_token(token: &str) -> Result<Option<SecretName>> {
 }
 
 /// Builds a key policy: the fields `mask` names from `input`, the others from `current`.
-/// Setting a quota gives it the next epoch, so its ledger starts at the new limit.
+/// Setting a quota gives it a new epoch (see [`KeyPolicy::set_quota`]), so its ledger starts at
+/// the new limit.
 fn parse_policy(
     input: &KeyPolicyInput,
     current: &KeyPolicy,
@@ -1272,11 +1273,7 @@ fn parse_policy(
             .transpose()?;
     }
     if mask.quota {
-        let epoch = current.quota.map_or(0, |q| q.epoch) + 1;
-        p.quota = input
-            .quota
-            .map(|(limit, refill, period)| Quota::parse(limit, refill, period, now, epoch))
-            .transpose()?;
+        p.set_quota(input.quota, now)?;
     }
     Ok(p)
 }

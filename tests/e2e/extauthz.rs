@@ -203,3 +203,177 @@ async fn check_allows_and_denies_with_the_right_http_answers() {
     let usage = admin.get_key_usage("gw/orders", 0).await.unwrap();
     assert_eq!(usage.versions[0].total, 4);
 }
+
+/// Issue 11 item 7: a non-ASCII `authorization` header made Check panic (a byte slice inside a
+/// character): the stream reset, nothing was audited, and Envoy's `failure_mode_allow` let
+/// the request through. Now it is a clean 401 denial, audited like any Check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_with_a_non_ascii_authorization_header_is_denied_and_audited() {
+    let s = TestServer::start();
+    let admin = s.client("admin").await;
+    let key = admin
+        .issue_key(pb::IssueKeyRequest {
+            name: "gw/utf8".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .api_key;
+    let mut envoy = s.authz_client("app").await;
+    let values = [
+        "Bearer\u{e9}abcdef".to_owned(),
+        "\u{e9}\u{e9}\u{e9}\u{e9}".to_owned(),
+        "Bea\u{1f511}rer x".to_owned(),
+        format!("Bearer {key}\u{e9}"),
+        format!("\u{e9}\u{e9}\u{e9}{key}"),
+    ];
+    for v in &values {
+        let r = envoy
+            .check(check_req(&[("authorization", v)], "203.0.113.9", &[]))
+            .await
+            .unwrap_or_else(|e| panic!("{v:?}: Check failed instead of denying: {e}"))
+            .into_inner();
+        let (code, http, h) = denied(&r);
+        assert_eq!((code, http), (16, 401), "{v:?}");
+        assert_eq!(h["www-authenticate"], "Bearer");
+    }
+    // A good key in x-api-key still works beside a non-ASCII authorization header.
+    let r = envoy
+        .check(check_req(
+            &[("authorization", &values[0]), ("x-api-key", &key)],
+            "203.0.113.9",
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status.as_ref().unwrap().code, 0, "{r:?}");
+
+    // Every Check left its audit record, as app, with no trace of the key.
+    let mut auditor = s.audit_client("admin").await;
+    let records = crate::audit::all_records(&mut auditor).await;
+    let checks: Vec<_> = records.iter().filter(|r| r.method == "Check").collect();
+    assert_eq!(checks.len(), values.len() + 1, "{checks:?}");
+    assert!(checks.iter().all(|r| r.identity == "app" && r.code == 0));
+    let body = &key[key.len() - 38..];
+    assert!(
+        !format!("{records:?}").contains(body),
+        "the key reached the audit log"
+    );
+    // The server did not panic.
+    assert_eq!(s.count_in_stderr("panicked"), 0, "{}", s.stderr_tail(40));
+}
+
+/// Issue 11 item 8: an operator debugging the gateway lists, describes and calls Check with
+/// grpcurl through server reflection, without Envoy's proto files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_describes_and_calls_check_through_reflection() {
+    let s = TestServer::start();
+    let admin = s.client("admin").await;
+    let key = admin
+        .issue_key(pb::IssueKeyRequest {
+            name: "gw/grpcurl".into(),
+            owner: "team-gw".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .api_key;
+    let text = |o: &std::process::Output| {
+        assert!(
+            o.status.success(),
+            "grpcurl failed: {}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let listed = text(&s.grpcurl_as("app", &[], &["list"]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.trim() == "envoy.service.auth.v3.Authorization"),
+        "{listed}"
+    );
+    let described = text(&s.grpcurl_as(
+        "app",
+        &[],
+        &["describe", "envoy.service.auth.v3.Authorization.Check"],
+    ));
+    assert!(
+        described.contains("CheckRequest") && described.contains("CheckResponse"),
+        "{described}"
+    );
+    let described = text(&s.grpcurl_as(
+        "app",
+        &[],
+        &[
+            "describe",
+            "envoy.service.auth.v3.AttributeContext.HttpRequest",
+        ],
+    ));
+    assert!(described.contains("headers"), "{described}");
+
+    let body = |authorization: &str| {
+        serde_json::json!({
+            "attributes": {
+                "source": {"address": {"socketAddress": {
+                    "address": "203.0.113.9", "portValue": 40000}}},
+                "request": {"http": {"method": "GET", "path": "/orders",
+                    "headers": {"authorization": authorization}}},
+            }
+        })
+        .to_string()
+    };
+    let allowed: serde_json::Value = serde_json::from_str(&text(&s.grpcurl_as(
+        "app",
+        &["-d", &body(&format!("Bearer {key}"))],
+        &["envoy.service.auth.v3.Authorization/Check"],
+    )))
+    .unwrap();
+    assert!(
+        allowed["status"].get("code").is_none() || allowed["status"]["code"] == 0,
+        "{allowed}"
+    );
+    let headers = allowed["okResponse"]["headers"].to_string();
+    assert!(
+        headers.contains("x-ward-key-owner") && headers.contains("team-gw"),
+        "{allowed}"
+    );
+    let denied: serde_json::Value = serde_json::from_str(&text(&s.grpcurl_as(
+        "app",
+        &["-d", &body("Bearer ward_dev_not-a-key")],
+        &["envoy.service.auth.v3.Authorization/Check"],
+    )))
+    .unwrap();
+    assert_eq!(denied["status"]["code"], 16, "{denied}");
+    assert_eq!(
+        denied["deniedResponse"]["status"]["code"], "Unauthorized",
+        "{denied}"
+    );
+}
+
+/// A Check that cannot be read as a verification (here a `cost` that is not a number) is
+/// refused INVALID_ARGUMENT — and audited, like every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refused_for_bad_input_is_audited() {
+    let s = TestServer::start();
+    let mut envoy = s.authz_client("app").await;
+    let err = envoy
+        .check(check_req(
+            &[("x-api-key", "anything")],
+            "203.0.113.9",
+            &[("cost", "lots")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let mut auditor = s.audit_client("admin").await;
+    let records = crate::audit::all_records(&mut auditor).await;
+    let checks: Vec<_> = records.iter().filter(|r| r.method == "Check").collect();
+    assert_eq!(checks.len(), 1, "{records:?}");
+    assert_eq!(
+        (checks[0].identity.as_str(), checks[0].code),
+        ("app", tonic::Code::InvalidArgument as i32)
+    );
+}

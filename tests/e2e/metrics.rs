@@ -144,7 +144,15 @@ async fn metrics_parse_and_count_what_happened() {
         assert!(not_found <= 150, "never locked out");
     }
     assert!(not_found >= 100, "locked out after {not_found}");
-    // Even the real key is refused for that caller now; admin is unaffected.
+    // Further unknown keys are refused; the real key never is (issue 11 item 6).
+    let v = app
+        .verify_key(pb::VerifyKeyRequest {
+            api_key: ApiKey::generate("ward", "dev").unwrap().expose().to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.result(), pb::VerifyResult::RateLimited);
     let v = app
         .verify_key(pb::VerifyKeyRequest {
             api_key: key.clone(),
@@ -153,7 +161,7 @@ async fn metrics_parse_and_count_what_happened() {
         })
         .await
         .unwrap();
-    assert_eq!(v.result(), pb::VerifyResult::RateLimited);
+    assert_eq!(v.result(), pb::VerifyResult::Valid);
 
     let (status, text) = s.http_get("/metrics");
     assert_eq!(status, 200);
@@ -163,7 +171,7 @@ async fn metrics_parse_and_count_what_happened() {
             .copied()
             .unwrap_or_else(|| panic!("{k} missing:\n{text}"))
     };
-    assert_eq!(get("ward_key_verifications_total{result=\"VALID\"}"), 3.0);
+    assert_eq!(get("ward_key_verifications_total{result=\"VALID\"}"), 4.0);
     assert_eq!(
         get("ward_key_verifications_total{result=\"QUOTA_EXCEEDED\"}"),
         1.0
@@ -183,7 +191,7 @@ async fn metrics_parse_and_count_what_happened() {
     assert_eq!(get("ward_unknown_keys_total{identity=\"app\"}"), n);
     assert_eq!(
         get("ward_rpc_duration_seconds_count{method=\"ward.v1.Keys/VerifyKey\",code=\"OK\"}"),
-        n + 7.0
+        n + 8.0
     );
     assert_eq!(
         get("ward_rpc_duration_seconds_count{method=\"ward.v1.Secrets/IssueKey\",code=\"OK\"}"),

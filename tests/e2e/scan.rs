@@ -1,7 +1,8 @@
 //! `wardctl scan`: finds planted keys in a tree (honouring .gitignore, skipping binaries and
 //! checksum-broken look-alikes), shows them redacted, and with --check tells live keys from
-//! dead ones. A dead key here is an expired one and one the server never issued; once
-//! RevokeSecret exists, a revoked key belongs in the same list.
+//! dead ones. Only REVOKED, EXPIRED and DESTROYED keys are dead; a DISABLED key is live (it can
+//! be re-activated), and a key the server answers NOT_FOUND for (never issued, or the
+//! scanner may not verify it) is "cannot tell": both fail the scan (exit 3).
 
 use std::path::Path;
 use std::process::Output;
@@ -138,8 +139,11 @@ async fn scan_finds_planted_keys_and_check_tells_live_from_dead() {
         "{text}"
     );
     assert!(line(".env").ends_with("EXPIRED (scan/expired@1)"), "{text}");
-    assert!(line("example.md").ends_with("NOT_FOUND"), "{text}");
-    assert!(err(&o).contains("1 live"), "{}", err(&o));
+    assert!(
+        line("example.md").contains("CANNOT TELL NOT_FOUND"),
+        "{text}"
+    );
+    assert!(err(&o).contains("1 live, 1 cannot tell"), "{}", err(&o));
     // Zero cost: the scan is not a use of the key.
     let usage = admin.get_key_usage("scan/live", 0).await.unwrap();
     assert!(usage.last_used_time.is_none(), "{usage:?}");
@@ -150,15 +154,159 @@ async fn scan_finds_planted_keys_and_check_tells_live_from_dead() {
     assert_eq!(o.status.code(), Some(3));
     assert!(err(&o).contains("rotate it first"), "{}", err(&o));
 
-    // Nothing live left: exit 0 (a pre-commit hook passes).
+    // Nothing live left, but a key the server would not tell about: still exit 3.
     std::fs::remove_file(tree.join("src/config.rs")).unwrap();
+    let o = s.wardctl_as("app", &["scan", "--check", tree_arg], None);
+    assert_eq!(o.status.code(), Some(3), "{}\n{}", out(&o), err(&o));
+    assert!(err(&o).contains("0 live, 1 cannot tell"), "{}", err(&o));
+    // Only dead keys left: exit 0 (a pre-commit hook passes).
+    std::fs::remove_file(tree.join("docs/example.md")).unwrap();
     let o = s.wardctl_as("app", &["scan", "--check", tree_arg], None);
     assert_eq!(o.status.code(), Some(0), "{}\n{}", out(&o), err(&o));
     let o = s.wardctl(&["--json", "scan", "--check", tree_arg], None);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert_eq!(v.as_array().unwrap().len(), 1);
     assert!(
-        v.as_array().unwrap().iter().all(|f| f["live"] == false),
+        v.as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["live"] == false && f["standing"] == "dead"),
         "{v}"
+    );
+}
+
+/// Issue 11 item 9: `scan --check` counted NOT_FOUND (the scanner's identity has no verify
+/// grant on the key) and DISABLED (a retired version, which can be re-activated) as dead, so a
+/// live leak passed a pre-commit hook. Only REVOKED, EXPIRED and DESTROYED are dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_check_counts_only_revoked_expired_and_destroyed_as_dead() {
+    let mut s = TestServer::start();
+    // A scanner that may verify only scan/* keys.
+    let policy = s.data_dir().join("policy.toml");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(
+        "\n[[rule]]\nidentities = [\"scanner\"]\nverbs = [\"verify\"]\nsecrets = [\"scan/*\"]\n",
+    );
+    std::fs::write(&policy, text).unwrap();
+    s.restart();
+    let admin = s.client("admin").await;
+    let issue = |name: &'static str| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .issue_key(pb::IssueKeyRequest {
+                    name: name.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .api_key
+        }
+    };
+    // Version 1 of each is retired by a rotation with no grace, then revoked / destroyed / left.
+    let retire = |name: &'static str| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .rotate_secret(pb::RotateSecretRequest {
+                    name: name.into(),
+                    grace_period: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    };
+    let disabled = issue("scan/disabled").await;
+    retire("scan/disabled").await;
+    let revoked = issue("scan/revoked").await;
+    retire("scan/revoked").await;
+    admin
+        .revoke_secret(pb::RevokeSecretRequest {
+            name: "scan/revoked".into(),
+            version: 1,
+            reason: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let destroyed = issue("scan/destroyed").await;
+    retire("scan/destroyed").await;
+    admin
+        .destroy_version(pb::DestroyVersionRequest {
+            name: "scan/destroyed".into(),
+            version: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let hidden = issue("other/hidden").await;
+
+    let scanner = s.issue_dev_cert("scanner", None);
+    let scan = |dir: &Path| {
+        let mut cmd = s.wardctl_command();
+        cmd.arg("--addr")
+            .arg(s.addr().to_string())
+            .arg("--ca")
+            .arg(&scanner.ca)
+            .arg("--cert")
+            .arg(&scanner.cert)
+            .arg("--key")
+            .arg(&scanner.key)
+            .args(["scan", "--check"])
+            .arg(dir);
+        ward_tests::run_tool(cmd, None)
+    };
+    let tree = |name: &str, keys: &[&str]| {
+        let dir = s.scratch_dir().join(name);
+        for (i, k) in keys.iter().enumerate() {
+            write(&dir, &format!("f{i}.env"), format!("KEY={k}\n").as_bytes());
+        }
+        dir
+    };
+
+    // Dead keys only: exit 0.
+    let o = scan(&tree("dead", &[&revoked, &destroyed]));
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", out(&o), err(&o));
+    assert_eq!(
+        out(&o)
+            .lines()
+            .filter(|l| l.ends_with("REVOKED (scan/revoked@1)")
+                || l.ends_with("REVOKED (scan/destroyed@1)"))
+            .count(),
+        2,
+        "{}",
+        out(&o)
+    );
+    // A DISABLED key can be re-activated: live, exit 3 (it passed as dead).
+    let o = scan(&tree("disabled", &[&disabled]));
+    assert_eq!(o.status.code(), Some(3), "{}\n{}", out(&o), err(&o));
+    assert!(
+        out(&o).contains("LIVE DISABLED (scan/disabled@1)"),
+        "{}",
+        out(&o)
+    );
+    // A key the scanner may not verify reads NOT_FOUND: reported, exit 3 (it passed as dead).
+    let o = scan(&tree("hidden", &[&hidden, &revoked]));
+    assert_eq!(o.status.code(), Some(3), "{}\n{}", out(&o), err(&o));
+    assert!(out(&o).contains("CANNOT TELL NOT_FOUND"), "{}", out(&o));
+    assert!(err(&o).contains("0 live, 1 cannot tell"), "{}", err(&o));
+    // The key is still live: the admin's scan says so.
+    let o = s.wardctl(
+        &[
+            "scan",
+            "--check",
+            tree("hidden2", &[&hidden]).to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        out(&o).contains("LIVE VALID (other/hidden@1)"),
+        "{}",
+        out(&o)
     );
 }

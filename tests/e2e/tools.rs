@@ -267,9 +267,9 @@ async fn wardctl_roundtrip() {
 }
 
 /// Asks a reflection service (v1 or v1alpha; same messages, different package) for its
-/// services and for the file that defines `ward.v1.Secrets`.
+/// services and for the file that defines `$symbol`.
 macro_rules! reflect {
-    ($version:ident, $channel:expr) => {{
+    ($version:ident, $channel:expr, $symbol:expr) => {{
         use tonic_reflection::pb::$version::{
             server_reflection_client::ServerReflectionClient,
             server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
@@ -283,9 +283,7 @@ macro_rules! reflect {
             },
             ServerReflectionRequest {
                 host: String::new(),
-                message_request: Some(MessageRequest::FileContainingSymbol(
-                    "ward.v1.Secrets".into(),
-                )),
+                message_request: Some(MessageRequest::FileContainingSymbol($symbol.into())),
             },
         ];
         let mut stream = client
@@ -313,17 +311,21 @@ macro_rules! reflect {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_v1_and_v1alpha_and_health() {
     let s = TestServer::start();
-    for (services, files) in [
-        reflect!(v1, s.channel("app").await),
-        reflect!(v1alpha, s.channel("app").await),
-    ] {
-        for svc in ["ward.v1.Secrets", "grpc.health.v1.Health"] {
-            assert!(
-                services.iter().any(|x| x == svc),
-                "{svc} not in {services:?}"
-            );
+    // Envoy's ext_authz is served on the same port, so it is described too (issue 11 item 8).
+    let authz = "envoy.service.auth.v3.Authorization";
+    for symbol in ["ward.v1.Secrets", authz] {
+        for (services, files) in [
+            reflect!(v1, s.channel("app").await, symbol),
+            reflect!(v1alpha, s.channel("app").await, symbol),
+        ] {
+            for svc in ["ward.v1.Secrets", "grpc.health.v1.Health", authz] {
+                assert!(
+                    services.iter().any(|x| x == svc),
+                    "{svc} not in {services:?}"
+                );
+            }
+            assert!(files >= 1, "no file descriptor for {symbol}");
         }
-        assert!(files >= 1, "no file descriptor for ward.v1.Secrets");
     }
 
     use tonic_health::pb::{

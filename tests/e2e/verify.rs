@@ -732,3 +732,127 @@ async fn wardctl_issue_with_policy_verify_and_update() {
         "nothing to change is a usage error"
     );
 }
+
+/// Issue 11 item 6: a guesser behind a shared NAT (one client IP) spends the unknown-key budget
+/// of that IP; the real keys of everyone else behind it must keep verifying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_key_guard_never_refuses_a_real_key() {
+    let s = TestServer::start();
+    let admin = s.client("admin").await;
+    let key = issue(&admin, issue_req("nat/real")).await;
+    let app = s.client("app").await;
+    let from_nat = |k: &str| pb::VerifyKeyRequest {
+        client_ip: "198.51.100.7".into(),
+        ..req(k)
+    };
+    // Unknown well-formed keys from the NAT's address until the guard refuses them.
+    let mut not_found = 0u32;
+    loop {
+        let guess = ApiKey::generate("ward", "dev").unwrap();
+        let v = verify(&app, from_nat(guess.expose())).await;
+        if v.result() == pb::VerifyResult::RateLimited {
+            assert!(v.retry_after.is_some(), "{v:?}");
+            break;
+        }
+        assert_eq!(v.result(), pb::VerifyResult::NotFound);
+        not_found += 1;
+        assert!(not_found <= 1_000, "the guard never engaged");
+    }
+    // The real key, from the same address, is still VALID (it was RATE_LIMITED) — every time.
+    for _ in 0..3 {
+        let v = verify(&app, from_nat(&key)).await;
+        assert_eq!(v.result(), pb::VerifyResult::Valid, "{v:?}");
+        assert_eq!(v.name, "nat/real");
+    }
+    // Unknown keys from that address stay throttled.
+    let guess = ApiKey::generate("ward", "dev").unwrap();
+    assert_eq!(
+        result(&app, from_nat(guess.expose())).await,
+        pb::VerifyResult::RateLimited
+    );
+}
+
+/// Issue 11 item 10: clearing a quota and setting it again starts a new ledger with the whole
+/// new limit (the epoch was recomputed as current + 1 = the old one, so the old, spent ledger
+/// was picked up again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_cleared_then_set_again_starts_a_fresh_ledger() {
+    let s = TestServer::start();
+    let admin = s.client("admin").await;
+    let quota = |limit: u64| pb::Quota {
+        limit,
+        ..Default::default()
+    };
+    let key = issue(
+        &admin,
+        pb::IssueKeyRequest {
+            quota: Some(quota(3)),
+            ..issue_req("quota/epoch")
+        },
+    )
+    .await;
+    let set_quota = |q: Option<pb::Quota>| pb::UpdateKeyPolicyRequest {
+        name: "quota/epoch".into(),
+        policy: Some(pb::KeyPolicy {
+            quota: q,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["quota".into()],
+        }),
+        request_id: String::new(),
+    };
+    for left in [2, 1] {
+        let v = verify(&admin, req(&key)).await;
+        assert_eq!(
+            (v.result(), v.quota_remaining),
+            (pb::VerifyResult::Valid, Some(left))
+        );
+    }
+    // Cleared: unlimited, no balance reported.
+    admin.update_key_policy(set_quota(None)).await.unwrap();
+    let v = verify(&admin, req(&key)).await;
+    assert_eq!(
+        (v.result(), v.quota_remaining),
+        (pb::VerifyResult::Valid, None)
+    );
+    // Set again, to the same limit: the whole limit is there, and exactly that.
+    admin
+        .update_key_policy(set_quota(Some(quota(3))))
+        .await
+        .unwrap();
+    let usage = admin.get_key_usage("quota/epoch", 0).await.unwrap();
+    assert_eq!(usage.quota_remaining, Some(3), "{usage:?}");
+    for left in [2, 1, 0] {
+        let v = verify(&admin, req(&key)).await;
+        assert_eq!(
+            (v.result(), v.quota_remaining),
+            (pb::VerifyResult::Valid, Some(left))
+        );
+    }
+    assert_eq!(
+        result(&admin, req(&key)).await,
+        pb::VerifyResult::QuotaExceeded
+    );
+    // Cleared and set again once more, across a restart: a fresh ledger again.
+    admin.update_key_policy(set_quota(None)).await.unwrap();
+    admin
+        .update_key_policy(set_quota(Some(quota(2))))
+        .await
+        .unwrap();
+    drop(admin);
+    let mut s = s;
+    s.restart();
+    let admin = s.client("admin").await;
+    for left in [1, 0] {
+        let v = verify(&admin, req(&key)).await;
+        assert_eq!(
+            (v.result(), v.quota_remaining),
+            (pb::VerifyResult::Valid, Some(left))
+        );
+    }
+    assert_eq!(
+        result(&admin, req(&key)).await,
+        pb::VerifyResult::QuotaExceeded
+    );
+}

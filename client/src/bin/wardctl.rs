@@ -22,6 +22,7 @@ use ward_client::proto::{
     StreamAuditRequest, UpdateKeyPolicyRequest, VerifyAuditLogResponse, VerifyKeyRequest,
     VerifyKeyResponse, VerifyResult, VersionState, WatchEvent, WatchEventType, WatchSecretsRequest,
 };
+use ward_client::scan::Standing;
 use ward_client::{code_name, parse_duration, Client, Code, Error};
 
 /// Command-line client for the Ward secrets vault.
@@ -34,7 +35,7 @@ use ward_client::{code_name, parse_duration, Client, Code, Error};
                   WARD_CERT, WARD_KEY).\n\nExit status: 0 success, 1 the server refused or \
                   could not be reached (stderr: `error: <CODE>: <message>`), 2 bad usage or \
                   configuration, 3 `keys verify`: the key is not valid; `scan`: keys were \
-                  found (live ones, with --check)."
+                  found (with --check: live ones, or ones whose state it cannot tell)."
 )]
 struct Cli {
     #[command(flatten)]
@@ -339,7 +340,8 @@ struct ScanArgs {
     /// Files or directories (default: .)
     #[arg(value_name = "PATH")]
     paths: Vec<PathBuf>,
-    /// Ask the server whether each key found is live (needs the verify verb)
+    /// Ask the server whether each key found is live (needs the verify verb on the keys; a key
+    /// the server will not tell about is reported as such and fails the scan)
     #[arg(long)]
     check: bool,
     /// Revoke the live keys found, after confirmation (implies --check)
@@ -606,7 +608,8 @@ enum Failure {
     Output(io::Error),
     /// The error was already reported (e.g. per-item in a batch): exit 1, print nothing more.
     Reported,
-    /// `keys verify` found the key not valid, or `scan` found keys: exit 3.
+    /// `keys verify` found the key not valid, or `scan` found keys (with --check: live ones,
+    /// or ones it cannot tell): exit 3.
     Found,
 }
 
@@ -1421,29 +1424,44 @@ async fn run_scan(
             verdicts.insert(f.key.expose().to_owned(), v);
         }
     }
-    let status = |key: &str| -> (String, bool) {
+    let status = |key: &str| -> (String, Standing) {
         match verdicts.get(key) {
-            None => ("unchecked".into(), true),
+            None => ("unchecked".into(), Standing::Unchecked),
             Some(Ok(v)) => {
-                let live = is_live(v);
+                let standing = Standing::of(v.result);
                 let what = if v.name.is_empty() {
                     result_name(v.result)
                 } else {
                     format!("{} ({}@{})", result_name(v.result), v.name, v.version)
                 };
-                (if live { format!("LIVE {what}") } else { what }, live)
+                let text = match standing {
+                    Standing::Live => format!("LIVE {what}"),
+                    Standing::CannotTell if v.result == VerifyResult::NotFound as i32 => format!(
+                        "CANNOT TELL {what} (never issued here, or this identity may not verify \
+                         it)"
+                    ),
+                    Standing::CannotTell => format!("CANNOT TELL {what}"),
+                    _ => what,
+                };
+                (text, standing)
             }
-            // Could not tell: treat as live, so a broken check never passes a leak.
-            Some(Err(e)) => (format!("check failed: {e}"), true),
+            // Could not tell: a broken check never passes a leak.
+            Some(Err(e)) => (
+                format!("CANNOT TELL: check failed: {e}"),
+                Standing::CannotTell,
+            ),
         }
     };
-    let mut live = 0;
+    let (mut live, mut unknown) = (0, 0);
     let mut rows = Vec::new();
     let mut out = io::stdout().lock();
     for f in &findings {
-        let (what, is_live) = status(f.key.expose());
-        if is_live {
+        let (what, standing) = status(f.key.expose());
+        let counts_live = matches!(standing, Standing::Live | Standing::Unchecked);
+        if counts_live {
             live += 1;
+        } else if standing == Standing::CannotTell {
+            unknown += 1;
         }
         if json {
             rows.push(json!({
@@ -1452,7 +1470,8 @@ async fn run_scan(
                 "column": f.column,
                 "preview": f.key.redacted(),
                 "status": what,
-                "live": is_live,
+                "standing": standing.name(),
+                "live": counts_live,
             }));
         } else {
             writeln!(
@@ -1475,7 +1494,7 @@ async fn run_scan(
         summary.skipped,
         findings.len(),
         if check {
-            format!(", {live} live")
+            format!(", {live} live, {unknown} cannot tell")
         } else {
             String::new()
         }
@@ -1485,7 +1504,7 @@ async fn run_scan(
             revoke_found(client, &findings, &verdicts, args.yes).await?;
         }
     }
-    if live > 0 {
+    if live > 0 || unknown > 0 {
         Err(Failure::Found)
     } else {
         Ok(())
@@ -1511,7 +1530,10 @@ async fn revoke_found(
         let Some(Ok(v)) = verdicts.get(f.key.expose()) else {
             continue;
         };
-        if !is_live(v) || v.name.is_empty() || !done.insert((v.name.clone(), v.version)) {
+        if Standing::of(v.result) != Standing::Live
+            || v.name.is_empty()
+            || !done.insert((v.name.clone(), v.version))
+        {
             continue;
         }
         let at = format!("{}:{}", f.path.display(), f.line);
@@ -1551,18 +1573,6 @@ async fn revoke_found(
         }
     }
     Ok(())
-}
-
-/// Whether a verification says the key still works somewhere: any result but the dead ones.
-fn is_live(v: &VerifyKeyResponse) -> bool {
-    !matches!(
-        VerifyResult::try_from(v.result),
-        Ok(VerifyResult::Malformed
-            | VerifyResult::NotFound
-            | VerifyResult::Revoked
-            | VerifyResult::Expired
-            | VerifyResult::Disabled)
-    )
 }
 
 /// Reads a key from a file or stdin, trimmed.

@@ -204,7 +204,7 @@ impl Verdict {
 #[derive(Debug, Clone, Copy)]
 pub struct KeySettings {
     /// Budget of failed lookups (NOT_FOUND) per caller and client IP; past it the pair's
-    /// verifications are RATE_LIMITED before any lookup.
+    /// verifications of keys that read as unknown are RATE_LIMITED (known keys still verify).
     pub unknown_key_limit: RateLimit,
 }
 
@@ -289,6 +289,19 @@ impl Keys {
         outcome
     }
 
+    /// Audits a call refused before it became a verification (a request that could not be
+    /// read as one), and returns the refusal — or the audit log's outage, since nothing is
+    /// answered before its record is durable.
+    pub async fn refuse(&self, peer: &Peer, method: &'static str, e: Error) -> Error {
+        let mut rec = AuditRecord::new(peer, method, self.vault.now());
+        rec.code = e.code().as_i32();
+        tracing::info!(method, identity = %peer.identity, code = %e.code(), error = %e, "call refused");
+        match self.vault.audit().append(rec).await {
+            Ok(()) => e,
+            Err(outage) => outage,
+        }
+    }
+
     fn decide(
         &self,
         peer: &Peer,
@@ -324,20 +337,6 @@ impl Keys {
         let key_id = hex::encode(&hash[..8]);
         drop(key);
 
-        // Brute force: a caller (and client IP) past its budget of unknown keys learns nothing
-        // more until the budget refills.
-        let guard_key = self.guard_key(peer, ip);
-        if let Decision::Limited { retry_after_ms, .. } =
-            self.guard
-                .peek(&guard_key, self.settings.unknown_key_limit, 1, now)
-        {
-            tracing::info!(identity = %rec.identity, "verification refused: too many unknown keys");
-            metrics::global().count_lockout();
-            let mut v = Verdict::bare(VerifyResult::RateLimited, key_id);
-            v.retry_after_ms = retry_after_ms;
-            return Ok(v);
-        }
-
         // 2. Lookup: in memory, no decryption. A key the caller may not verify reads as
         // unknown (the audit record says why).
         let found = match self.dir.lookup(&hash)? {
@@ -347,9 +346,24 @@ impl Keys {
                 .map(|rec| (r, rec)),
             None => None,
         };
+        // Brute force: a caller (and client IP) past its budget of unknown keys learns nothing
+        // more until the budget refills. Only keys that read as unknown are throttled, and
+        // only after the lookup: a key the caller may verify is never refused here, so a
+        // guesser behind a shared NAT or gateway cannot lock the real keys out for everyone
+        // else (reproduced: 1,000 unknown keys from one IP did). A key the caller may not
+        // verify is throttled like an unknown one, so the refusal tells nothing either.
+        let guard_key = self.guard_key(peer, ip);
         let not_found = |this: &Self, rec: &mut AuditRecord, why: &str| {
-            this.guard
-                .check(&guard_key, this.settings.unknown_key_limit, 1, now);
+            if let Decision::Limited { retry_after_ms, .. } =
+                this.guard
+                    .check(&guard_key, this.settings.unknown_key_limit, 1, now)
+            {
+                tracing::info!(identity = %rec.identity, "verification refused: too many unknown keys");
+                metrics::global().count_lockout();
+                let mut v = Verdict::bare(VerifyResult::RateLimited, key_id.clone());
+                v.retry_after_ms = retry_after_ms;
+                return Ok(v);
+            }
             if !why.is_empty() {
                 // The caller sees NOT_FOUND either way; operators see why in the log.
                 tracing::debug!(identity = %rec.identity, why, "verification read as NOT_FOUND");
@@ -968,9 +982,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_keys_lock_the_caller_out_before_lookup() {
+    async fn unknown_keys_are_throttled_and_known_keys_never_are() {
         let f = fixture().await;
         let key = f.issue("app/g", &[], KeyPolicyInput::default()).await;
+        let outside = f.issue("other/g", &[], KeyPolicyInput::default()).await;
         let from = |k: &str, ip: &str| VerifyInput {
             client_ip: ip.into(),
             ..input(k)
@@ -983,17 +998,39 @@ mod tests {
                 .unwrap();
             assert_eq!(v.result, VerifyResult::NotFound);
         }
-        // Budget spent: even the real key is refused for this client IP, without a lookup …
-        let v = f.verify_as("edge", from(&key, "192.0.2.1")).await.unwrap();
+        // Budget spent: the next unknown key from this client IP is refused …
+        let guess = ApiKey::generate("ward", "prod").unwrap();
+        let v = f
+            .verify_as("edge", from(guess.expose(), "192.0.2.1"))
+            .await
+            .unwrap();
         assert_eq!(v.result, VerifyResult::RateLimited);
         assert!(v.key.is_none());
         assert_eq!(v.retry_after_ms, Some(1000));
-        // … while other clients behind the same caller are unaffected.
-        let v = f.verify_as("edge", from(&key, "192.0.2.2")).await.unwrap();
-        assert_eq!(v.result, VerifyResult::Valid);
+        // … and so is a real key this caller may not verify (it reads as unknown) …
+        let v = f
+            .verify_as("edge", from(&outside, "192.0.2.1"))
+            .await
+            .unwrap();
+        assert_eq!(v.result, VerifyResult::RateLimited);
+        assert!(v.key.is_none());
+        // … but a key the caller may verify is never refused by the guard.
+        for _ in 0..10 {
+            let v = f.verify_as("edge", from(&key, "192.0.2.1")).await.unwrap();
+            assert_eq!(v.result, VerifyResult::Valid);
+        }
+        // Other clients behind the same caller are unaffected.
+        let v = f
+            .verify_as("edge", from(guess.expose(), "192.0.2.2"))
+            .await
+            .unwrap();
+        assert_eq!(v.result, VerifyResult::NotFound);
         f.clock.advance(1000);
-        let v = f.verify_as("edge", from(&key, "192.0.2.1")).await.unwrap();
-        assert_eq!(v.result, VerifyResult::Valid);
+        let v = f
+            .verify_as("edge", from(guess.expose(), "192.0.2.1"))
+            .await
+            .unwrap();
+        assert_eq!(v.result, VerifyResult::NotFound);
     }
 
     #[tokio::test]

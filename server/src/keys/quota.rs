@@ -15,8 +15,10 @@
 //! Refills are computed, not scheduled: the balance is replaced by `refill` whenever a period
 //! boundary (counted from when the quota was set) has passed since the ledger's own period
 //! start. The same stored ledger and clock give the same balance before and after a restart.
-//! Setting a quota bumps its epoch; a ledger from another epoch (or another incarnation of the
-//! name) is discarded and the new quota starts at its limit.
+//! Setting a quota gives it an epoch above every epoch the key ever had (kept on the key's
+//! policy even while it has no quota, so a quota cleared and set again never meets its old
+//! ledger); a ledger from another epoch (or another incarnation of the name) is discarded and
+//! the new quota starts at its limit.
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
