@@ -22,6 +22,7 @@ pub mod keypolicy;
 pub mod keys;
 pub mod keys_service;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod policy;
