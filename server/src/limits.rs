@@ -1,7 +1,7 @@
 //! Connection and call limits that no single service can enforce: how many connections and
 //! handshakes the listener admits ([`ConnLimits`]), and how many calls one identity may have
 //! in progress across all its connections ([`IdentityCallsLayer`], RESOURCE_EXHAUSTED past
-//! it). The HTTP/2 knobs (streams per connection, reset-stream limits, keepalive, connection
+//! it), counted by [`PerIdentity`] (which also counts watch streams per identity). The HTTP/2 knobs (streams per connection, reset-stream limits, keepalive, connection
 //! age, request timeout) are set on the server builder from the same `[limits]` and `[tls]`
 //! tables; README's configuration section lists them all.
 
@@ -73,35 +73,38 @@ impl Default for ConnLimits {
     }
 }
 
-/// Calls in progress per identity. Entries exist only while an identity has calls running.
+/// Things in progress (calls, streams) per identity, each capped. Entries exist only while an
+/// identity has something in progress, so the map is bounded by what is open.
 #[derive(Debug, Default)]
-struct InFlight {
+pub struct PerIdentity {
     calls: Mutex<HashMap<Arc<str>, usize>>,
 }
 
-impl InFlight {
-    fn enter(self: &Arc<Self>, identity: &Arc<str>, max: usize) -> Option<CallGuard> {
+impl PerIdentity {
+    /// A slot for `identity` if it has fewer than `max` in progress; the slot is freed when the
+    /// guard is dropped.
+    pub fn enter(self: &Arc<Self>, identity: &Arc<str>, max: usize) -> Option<IdentitySlot> {
         let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
         let n = calls.entry(identity.clone()).or_insert(0);
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(CallGuard {
+        Some(IdentitySlot {
             book: self.clone(),
             identity: identity.clone(),
         })
     }
 }
 
-/// One call in progress; leaving it (dropping) frees the identity's slot.
+/// One thing in progress for an identity; dropping it frees the slot.
 #[derive(Debug)]
-struct CallGuard {
-    book: Arc<InFlight>,
+pub struct IdentitySlot {
+    book: Arc<PerIdentity>,
     identity: Arc<str>,
 }
 
-impl Drop for CallGuard {
+impl Drop for IdentitySlot {
     fn drop(&mut self) {
         let mut calls = self.book.calls.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = calls.get_mut(&self.identity) {
@@ -119,7 +122,7 @@ impl Drop for CallGuard {
 #[derive(Debug, Clone)]
 pub struct IdentityCallsLayer {
     max: usize,
-    book: Arc<InFlight>,
+    book: Arc<PerIdentity>,
 }
 
 impl IdentityCallsLayer {
@@ -148,7 +151,7 @@ impl<S> tower_layer::Layer<S> for IdentityCallsLayer {
 pub struct IdentityCalls<S> {
     inner: S,
     max: usize,
-    book: Arc<InFlight>,
+    book: Arc<PerIdentity>,
 }
 
 type HttpResponse = http::Response<tonic::body::Body>;
@@ -197,7 +200,7 @@ where
 /// A response body that holds its call's slot until it ends.
 struct Guarded {
     body: tonic::body::Body,
-    guard: CallGuard,
+    guard: IdentitySlot,
 }
 
 impl hyper::body::Body for Guarded {
@@ -227,7 +230,7 @@ mod tests {
 
     #[test]
     fn identity_slots_are_counted_and_freed() {
-        let book = Arc::new(InFlight::default());
+        let book = Arc::new(PerIdentity::default());
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let g1 = book.enter(&a, 2).unwrap();
         let g2 = book.enter(&a, 2).unwrap();

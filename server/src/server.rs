@@ -211,6 +211,8 @@ pub async fn serve(
         max_value_bytes: cfg.limits.max_value_bytes,
         max_batch: cfg.limits.max_batch,
         grace_ms: cfg.limits.default_grace_seconds.saturating_mul(1000),
+        max_versions_per_secret: cfg.limits.max_versions_per_secret,
+        max_watches_per_identity: cfg.limits.max_watches_per_identity,
     };
     let signer = mac.clone();
     let audit = AuditLog::open(store.clone(), clock.clone(), signer, cfg.audit.settings())

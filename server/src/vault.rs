@@ -56,6 +56,10 @@ pub struct Settings {
     pub max_batch: usize,
     /// Overlap for a replaced PRIMARY, in milliseconds (0: retire at once).
     pub grace_ms: u64,
+    /// Most versions one secret may hold.
+    pub max_versions_per_secret: usize,
+    /// Most watch streams one identity may have open.
+    pub max_watches_per_identity: usize,
 }
 
 /// The vault: everything a call needs, shared by all calls.
@@ -229,9 +233,9 @@ impl Vault {
             index,
             policy,
             clock,
-            settings,
             usage: Arc::new(UsageBook::default()),
-            watch: WatchHub::new(),
+            watch: WatchHub::new(settings.max_watches_per_identity),
+            settings,
             sweep_index: SweepIndex::default(),
         }
     }
@@ -395,6 +399,7 @@ impl Vault {
             }
             policy.apply(&mut secret, now);
             secret.check_accepts_versions(now)?;
+            self.check_version_room(&secret)?;
             let version = secret.next_version();
             let sealed = self.keyring().seal(name.as_str(), version, &input.value)?;
             let written = self.add_version(&mut secret, version, &input.value, &sealed, None, now);
@@ -987,6 +992,21 @@ impl Vault {
     pub(crate) fn as_of_now(&self, mut secret: SecretRecord) -> SecretRecord {
         secret.settle(self.now());
         secret
+    }
+
+    /// Refuses a new version of a secret that holds `max_versions_per_secret` already: every
+    /// version's metadata lives in the secret's record, which each fetch decodes.
+    pub(crate) fn check_version_room(&self, secret: &SecretRecord) -> Result<()> {
+        let max = self.settings.max_versions_per_secret;
+        if secret.versions.len() >= max {
+            return Err(Error::ResourceExhausted(format!(
+                "{} holds {} versions, the most a secret may (limits.max_versions_per_secret); \
+                 store further values under a new name",
+                secret.name,
+                secret.versions.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Appends a PRIMARY version, demoting the old PRIMARY to ACTIVE for the grace period

@@ -11,6 +11,7 @@
 use crate::audit::AuditRecord;
 use crate::clock::Millis;
 use crate::error::{Error, Result};
+use crate::limits::{IdentitySlot, PerIdentity};
 use crate::model::{Kind, SecretName, SecretRecord, StateReason, VersionState, MAX_NAME_LEN};
 use crate::policy::Verb;
 use crate::store::{decode, Tree};
@@ -31,25 +32,47 @@ pub const MAX_HELD_SECRETS: usize = 1000;
 /// Most held versions per secret.
 pub const MAX_HELD_VERSIONS: usize = 100;
 
-/// The broadcast from the write path to every watch stream, and the shutdown switch that
-/// ends the streams (and the sweeper) so a graceful shutdown is not held up by them.
+/// The broadcast from the write path to every watch stream, the shutdown switch that ends
+/// the streams (and the sweeper) so a graceful shutdown is not held up by them, and the count
+/// of open streams per identity (each stream holds a task and a broadcast receiver).
 pub struct WatchHub {
     changes: broadcast::Sender<Arc<str>>,
     closed: watch::Sender<bool>,
+    open: Arc<PerIdentity>,
+    max_per_identity: usize,
 }
 
 impl Default for WatchHub {
     fn default() -> Self {
-        Self::new()
+        Self::new(crate::config::Limits::default().max_watches_per_identity)
     }
 }
 
 impl WatchHub {
-    /// A hub with no watchers.
-    pub fn new() -> Self {
+    /// A hub with no watchers, allowing `max_per_identity` open streams per identity.
+    pub fn new(max_per_identity: usize) -> Self {
         let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
         let (closed, _) = watch::channel(false);
-        Self { changes, closed }
+        Self {
+            changes,
+            closed,
+            open: Arc::default(),
+            max_per_identity,
+        }
+    }
+
+    /// A stream slot for `identity`, or RESOURCE_EXHAUSTED if it has the most open.
+    fn slot(&self, identity: &Arc<str>) -> Result<IdentitySlot> {
+        self.open
+            .enter(identity, self.max_per_identity)
+            .ok_or_else(|| {
+                Error::ResourceExhausted(format!(
+                    "{identity} already has {} watch streams open \
+                     (limits.max_watches_per_identity); close one, or watch several names in \
+                     one stream",
+                    self.max_per_identity
+                ))
+            })
     }
 
     /// Tells watchers that `name` changed. Never blocks; with no watchers it is a no-op.
@@ -169,8 +192,13 @@ impl Vault {
         input: WatchInput,
     ) -> Result<mpsc::Receiver<Result<WatchEvent>>> {
         let mut rec = AuditRecord::new(peer, "WatchSecrets", self.now());
-        let opened = self.watch_open(peer, &input, &mut rec);
-        let (scope, known) = self.finish_read(rec, opened).await?;
+        let opened = self
+            .watch_open(peer, &input, &mut rec)
+            .and_then(|(scope, known)| {
+                let slot = self.watch.slot(&peer.identity)?;
+                Ok((scope, known, slot))
+            });
+        let (scope, known, slot) = self.finish_read(rec, opened).await?;
         // Subscribe before the first snapshot is read, so no change falls in between.
         let changes = self.watch.subscribe();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -179,7 +207,8 @@ impl Vault {
         tokio::spawn(async move {
             vault
                 .run_watch(identity, scope, known, input.sync_only, changes, tx)
-                .await
+                .await;
+            drop(slot);
         });
         Ok(rx)
     }

@@ -1,0 +1,230 @@
+//! Connection and call limits (`[limits]`): connections open, TLS handshakes in progress,
+//! streams per connection, calls in progress per identity, watch streams per identity and
+//! versions per secret. Each test lowers one limit, reaches it, checks what the client sees
+//! past it, and that the limit frees up again.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use ward_tests::{expect_code, RawClient, TestServer};
+
+use crate::lifecycle::{rotate_req, watch};
+use crate::{assert_value, fetch, put};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A server with `key = value` set in `[limits]` for each pair.
+fn server_with_limits(limits: &[(&str, &str)]) -> TestServer {
+    let mut s = TestServer::start();
+    for (k, v) in limits {
+        s.set_limit(k, v);
+    }
+    s.restart();
+    s
+}
+
+/// Retries `attempt` until it returns true, for up to [`WAIT`].
+async fn eventually<F, Fut>(what: &str, mut attempt: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !attempt().await {
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a new connection as admin is refused (at connect or on its first call).
+async fn admin_connection_refused(s: &TestServer) -> bool {
+    match s.raw_client_with(&s.identity_files("admin")).await {
+        Err(_) => true,
+        Ok(mut c) => fetch(&mut c, "limits/probe", 0).await.is_err_and(|st| {
+            matches!(
+                st.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            )
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_closed() {
+    let s = server_with_limits(&[("max_connections", "2"), ("max_handshakes", "2")]);
+    let mut a = s.raw_client("admin").await;
+    put(&mut a, "limits/conn", b"v").await;
+    let mut b = s.raw_client("app").await;
+    assert_value(&mut b, "limits/conn", 1, b"v").await;
+
+    assert!(
+        admin_connection_refused(&s).await,
+        "a third connection was served"
+    );
+    s.wait_for_stderr("limits.max_connections", 1, WAIT);
+    // The open connections are untouched.
+    assert_value(&mut a, "limits/conn", 1, b"v").await;
+    assert_value(&mut b, "limits/conn", 1, b"v").await;
+
+    // Once one closes, a new one gets its slot.
+    drop(b);
+    eventually("a connection after one closed", || async {
+        !admin_connection_refused(&s).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_past_the_cap_wait_for_a_slot() {
+    let s = server_with_limits(&[("max_handshakes", "1")]);
+    // A client that connects and never says hello holds the only handshake slot.
+    let idle = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let files = s.identity_files("admin");
+    let connecting = {
+        let (addr, ca, cert, key) = (
+            s.addr(),
+            std::fs::read(&files.ca).unwrap(),
+            std::fs::read(&files.cert).unwrap(),
+            std::fs::read(&files.key).unwrap(),
+        );
+        tokio::spawn(async move {
+            let channel = ward_tests::connect_channel(addr, &ca, Some((&cert, &key))).await?;
+            Ok::<_, tonic::transport::Error>(RawClient::new(channel))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !connecting.is_finished(),
+        "a handshake ran while the only slot was held"
+    );
+    // The slot frees when the idle client goes away; the waiting client is served then.
+    drop(idle);
+    let mut c = tokio::time::timeout(WAIT, connecting)
+        .await
+        .expect("the waiting client was not served once the slot freed")
+        .unwrap()
+        .expect("connect");
+    put(&mut c, "limits/hs", b"v").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_connection_are_capped() {
+    let s = server_with_limits(&[("max_concurrent_streams", "2")]);
+    let mut c = s.raw_client("admin").await;
+    put(&mut c, "limits/streams", b"v").await;
+    let w1 = watch(&mut c.clone(), &["limits/streams"], "", &[]).await;
+    let _w2 = watch(&mut c.clone(), &["limits/streams"], "", &[]).await;
+    // A third call on the same connection waits for a stream (the client honours the
+    // server's SETTINGS_MAX_CONCURRENT_STREAMS).
+    let mut third = c.clone();
+    let waiting = tokio::spawn(async move { fetch(&mut third, "limits/streams", 1).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third stream ran on a connection capped at two"
+    );
+    // Another connection is not affected.
+    let mut other = s.raw_client("admin").await;
+    assert_value(&mut other, "limits/streams", 1, b"v").await;
+    drop(w1);
+    let got = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the waiting call did not run once a stream closed")
+        .unwrap()
+        .expect("fetch");
+    assert_eq!(got.value, b"v");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_progress_per_identity_are_capped() {
+    let s = server_with_limits(&[("max_calls_per_identity", "2")]);
+    let mut c = s.raw_client("admin").await;
+    put(&mut c, "limits/calls", b"v").await;
+    // Open streams are calls in progress, on whichever connection.
+    let w1 = watch(&mut c, &["limits/calls"], "", &[]).await;
+    let mut other = s.raw_client("admin").await;
+    let _w2 = watch(&mut other, &["limits/calls"], "", &[]).await;
+    let msg = expect_code(
+        fetch(&mut c, "limits/calls", 1).await,
+        Code::ResourceExhausted,
+        "a third call of admin",
+    );
+    assert!(msg.contains("max_calls_per_identity"), "{msg}");
+    let mut third = s.raw_client("admin").await;
+    expect_code(
+        fetch(&mut third, "limits/calls", 1).await,
+        Code::ResourceExhausted,
+        "admin on a third connection",
+    );
+    // Another identity has its own allowance.
+    let mut app = s.raw_client("app").await;
+    assert_value(&mut app, "limits/calls", 1, b"v").await;
+    // Closing a stream frees its slot.
+    drop(w1);
+    eventually("a call once a stream closed", || {
+        let mut c = c.clone();
+        async move { fetch(&mut c, "limits/calls", 1).await.is_ok() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_per_identity_are_capped() {
+    let s = server_with_limits(&[("max_watches_per_identity", "2")]);
+    let mut c = s.raw_client("admin").await;
+    put(&mut c, "limits/watch", b"v").await;
+    let w1 = watch(&mut c, &["limits/watch"], "", &[]).await;
+    let _w2 = watch(&mut c, &[], "limits/", &[]).await;
+    let msg = expect_code(
+        c.watch_secrets(ward_tests::pb::WatchSecretsRequest {
+            names: vec!["limits/watch".into()],
+            ..Default::default()
+        })
+        .await,
+        Code::ResourceExhausted,
+        "a third watch of admin",
+    );
+    assert!(msg.contains("max_watches_per_identity"), "{msg}");
+    // Other calls and other identities are not affected.
+    assert_value(&mut c, "limits/watch", 1, b"v").await;
+    let mut app = s.raw_client("app").await;
+    let _app_watch = watch(&mut app, &["limits/watch"], "", &[]).await;
+    drop(w1);
+    eventually("a watch once one closed", || {
+        let mut c = c.clone();
+        async move {
+            c.watch_secrets(ward_tests::pb::WatchSecretsRequest {
+                names: vec!["limits/watch".into()],
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_per_secret_are_capped() {
+    let s = server_with_limits(&[("max_versions_per_secret", "3")]);
+    let mut c = s.raw_client("admin").await;
+    for v in [b"1", b"2", b"3"] {
+        put(&mut c, "limits/versions", v).await;
+    }
+    let msg = expect_code(
+        c.put_secret(crate::put_req("limits/versions", b"4")).await,
+        Code::ResourceExhausted,
+        "a fourth version by put",
+    );
+    assert!(msg.contains("max_versions_per_secret"), "{msg}");
+    expect_code(
+        c.rotate_secret(rotate_req("limits/versions", b"4", None))
+            .await,
+        Code::ResourceExhausted,
+        "a fourth version by rotation",
+    );
+    assert_value(&mut c, "limits/versions", 0, b"3").await;
+    put(&mut c, "limits/other", b"1").await;
+}
