@@ -246,6 +246,10 @@ pub struct Limits {
     /// Most versions one secret may hold (every state counts, DESTROYED too: their metadata
     /// stays); a put or rotation past it gets RESOURCE_EXHAUSTED.
     pub max_versions_per_secret: usize,
+    /// Most stored records one ListSecrets call examines (a caller whose grants cover few of
+    /// many secrets then gets a short page and a token to go on), and one step of a watch or
+    /// audit stream reads before it yields; these scans run off the async workers.
+    pub scan_budget: usize,
 }
 
 impl Default for Limits {
@@ -268,6 +272,7 @@ impl Default for Limits {
             max_calls_per_identity: 1024,
             max_watches_per_identity: 256,
             max_versions_per_secret: 1000,
+            scan_budget: 10_000,
         }
     }
 }
@@ -509,6 +514,7 @@ impl Config {
                 l.max_versions_per_secret,
                 1_000_000,
             ),
+            ("scan_budget", l.scan_budget, 10_000_000),
         ];
         for (name, value, max) in counts {
             if value == 0 || value > max {

@@ -213,17 +213,21 @@ pub async fn serve(
         grace_ms: cfg.limits.default_grace_seconds.saturating_mul(1000),
         max_versions_per_secret: cfg.limits.max_versions_per_secret,
         max_watches_per_identity: cfg.limits.max_watches_per_identity,
+        scan_budget: cfg.limits.scan_budget,
     };
     let signer = mac.clone();
     let audit = AuditLog::open(store.clone(), clock.clone(), signer, cfg.audit.settings())
         .map_err(|e| StartError::Storage(format!("audit log: {e}")))?;
     audit.start_background();
-    let access = Arc::new(AuditAccess::new(
-        audit.clone(),
-        policy.clone(),
-        clock.clone(),
-        cfg.audit.max_streams,
-    ));
+    let access = Arc::new(
+        AuditAccess::new(
+            audit.clone(),
+            policy.clone(),
+            clock.clone(),
+            cfg.audit.max_streams,
+        )
+        .with_scan_budget(cfg.limits.scan_budget),
+    );
     let vault = Arc::new(Vault::new(
         store.clone(),
         audit,

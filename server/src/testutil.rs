@@ -38,6 +38,7 @@ pub(crate) async fn vault_over(
         grace_ms,
         max_versions_per_secret: 1000,
         max_watches_per_identity: 256,
+        scan_budget: 10_000,
     };
     let vault = Vault::new(
         store,
