@@ -334,3 +334,40 @@ async fn ops_channel(s: &TestServer) -> tonic::transport::Channel {
         .await
         .unwrap()
 }
+
+/// `request_timeout_ms` ends a call that has no response by then with CANCELLED: here a
+/// FetchSecret whose request message comes too late (a client that opens calls and sends
+/// nothing would otherwise hold a handler, a stream and a per-identity slot for as long as it
+/// likes). Prompt calls are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_a_response_in_time_end_cancelled() {
+    let s = server_with_limits(&[("request_timeout_ms", "500")]);
+    let mut c = s.raw_client("admin").await;
+    put(&mut c, "limits/slow", b"v").await;
+
+    let mut grpc = tonic::client::Grpc::new(s.channel("admin").await);
+    grpc.ready().await.unwrap();
+    let late = futures::stream::once(async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ward_tests::pb::FetchSecretRequest {
+            name: "limits/slow".into(),
+            version: 0,
+        }
+    });
+    let started = Instant::now();
+    let r = grpc
+        .client_streaming::<_, _, ward_tests::pb::FetchSecretResponse, _>(
+            tonic::Request::new(late),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/ward.v1.Secrets/FetchSecret"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    let msg = expect_code(r, Code::Cancelled, "a call whose request came too late");
+    assert!(msg.contains("Timeout expired"), "{msg}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the call ran for {:?}",
+        started.elapsed()
+    );
+    assert_value(&mut c, "limits/slow", 1, b"v").await;
+}
