@@ -235,7 +235,9 @@ pub struct Limits {
     pub max_local_reset_streams: usize,
     /// How long a call may take until its (first) response, in milliseconds; longer ones end
     /// with CANCELLED. A client's shorter gRPC deadline still applies. Streams, once answering,
-    /// are not cut by it.
+    /// are not cut by it. The longest legitimate calls (VerifyAuditLog over a large log) must
+    /// fit: the default is generous, and its job is to bound calls that never send their
+    /// request (with `max_calls_per_identity`, what one client can hold).
     pub request_timeout_ms: u64,
     /// Most calls one identity may have in progress at once, across all its connections
     /// (open streams included); more get RESOURCE_EXHAUSTED.
@@ -268,7 +270,7 @@ impl Default for Limits {
             max_concurrent_streams: 256,
             max_pending_reset_streams: 20,
             max_local_reset_streams: 1024,
-            request_timeout_ms: 60_000,
+            request_timeout_ms: 300_000,
             max_calls_per_identity: 1024,
             max_watches_per_identity: 256,
             max_versions_per_secret: 1000,

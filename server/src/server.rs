@@ -546,6 +546,9 @@ pub fn tls_incoming_with(
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
+        // Refusals are logged at most once a second (with a count), so a flood cannot flood
+        // the log too.
+        let (mut refused, mut logged): (u64, Option<Instant>) = (0, None);
         loop {
             let Some(handshake) = limits.handshake_slot().await else {
                 return;
@@ -559,12 +562,17 @@ pub fn tls_incoming_with(
                 }
             };
             let Some(slot) = limits.try_connection() else {
-                tracing::warn!(
-                    %addr,
-                    max = limits.max_connections,
-                    "connection refused: limits.max_connections are open"
-                );
                 drop(tcp);
+                refused += 1;
+                if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(
+                        %addr,
+                        refused,
+                        max = limits.max_connections,
+                        "connection refused: limits.max_connections are open"
+                    );
+                    (refused, logged) = (0, Some(Instant::now()));
+                }
                 continue;
             };
             let (conn_tx, acceptor, tls) = (tx.clone(), tls.acceptor(), tls.clone());

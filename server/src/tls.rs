@@ -246,15 +246,6 @@ impl TlsReloader {
         }
     }
 
-    /// Connections open now.
-    pub fn open_connections(&self) -> usize {
-        self.live
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
-    }
-
     /// Verifies every open connection's client certificate under the configuration in force
     /// (blocking: signature checks) and closes those it refuses. Returns how many it closed.
     fn recheck_connections(&self) -> usize {
@@ -267,11 +258,13 @@ impl TlsReloader {
             .values()
             .cloned()
             .collect();
-        conns
-            .iter()
-            .filter(|c| !c.standing.is_closed())
-            .filter(|c| !c.still_verifies(&*verifier))
-            .count()
+        let mut closed = 0;
+        for conn in conns.iter().filter(|c| !c.standing.is_closed()) {
+            if !conn.still_verifies(&*verifier) {
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Rebuilds from the files now (blocking file reads); `trigger` is logged. Returns whether
