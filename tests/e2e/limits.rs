@@ -371,3 +371,98 @@ async fn calls_without_a_response_in_time_end_cancelled() {
     );
     assert_value(&mut c, "limits/slow", 1, b"v").await;
 }
+
+/// Opens a raw HTTP/2 connection as admin (mutual TLS, ALPN h2), for what the gRPC client will
+/// not do on purpose.
+async fn raw_h2(
+    s: &TestServer,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let files = s.identity_files("admin");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&files.ca).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(&files.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&files.key).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+/// Opens `n` FetchSecret streams and resets each at once, all in one burst (HTTP/2 "rapid
+/// reset"); returns whether the server then closed the connection.
+async fn rapid_resets(s: &TestServer, n: usize) -> bool {
+    let (mut send, conn) = raw_h2(s).await;
+    for _ in 0..n {
+        send = send.ready().await.unwrap();
+        let req = http::Request::post(format!("https://{}/ward.v1.Secrets/FetchSecret", s.addr()))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (_resp, mut stream) = send.send_request(req, false).unwrap();
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    // A call after the burst: answered on a connection that is still up.
+    let closed = match send.ready().await {
+        Err(_) => true,
+        Ok(mut send) => {
+            let req =
+                http::Request::post(format!("https://{}/grpc.health.v1.Health/Check", s.addr()))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())
+                    .unwrap();
+            match send.send_request(req, false) {
+                Err(_) => true,
+                Ok((resp, mut body)) => {
+                    let _ = body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true);
+                    tokio::time::timeout(WAIT, resp)
+                        .await
+                        .expect("no answer")
+                        .is_err()
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+    closed
+}
+
+/// `max_pending_reset_streams` bounds how many streams a client may open and reset before the
+/// server accepts them (CVE-2023-44487): past it the server sends GOAWAY and closes the
+/// connection; within it the connection lives on.
+#[tokio::test(flavor = "current_thread")]
+async fn rapid_stream_resets_past_the_limit_close_the_connection() {
+    let mut s = TestServer::start();
+    assert!(
+        !rapid_resets(&s, 10).await,
+        "10 resets closed a connection under the default limit (20)"
+    );
+    s.set_limit("max_pending_reset_streams", "2");
+    s.restart();
+    assert!(
+        rapid_resets(&s, 10).await,
+        "10 rapid resets did not close a connection limited to 2"
+    );
+}
