@@ -11,9 +11,9 @@
 use crate::audit::AuditRecord;
 use crate::clock::Millis;
 use crate::error::{Error, Result};
-use crate::limits::{IdentitySlot, PerIdentity};
 use crate::model::{Kind, SecretName, SecretRecord, StateReason, VersionState, MAX_NAME_LEN};
 use crate::policy::Verb;
+use crate::slots::{IdentitySlot, PerIdentity};
 use crate::store::{decode, Tree};
 use crate::tls::Peer;
 use crate::vault::Vault;
