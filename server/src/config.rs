@@ -141,6 +141,34 @@ pub struct TlsConfig {
     /// How often the TLS files are checked for changes, in milliseconds (0: only on SIGHUP).
     #[serde(default = "default_reload_interval_ms")]
     pub reload_interval_ms: u64,
+    /// A connection older than this is told to go away (HTTP/2 GOAWAY; clients reconnect and
+    /// present their certificate again), bounding how long a revoked or expired certificate's
+    /// session can last.
+    #[serde(
+        default = "default_max_connection_age",
+        deserialize_with = "de_duration"
+    )]
+    pub max_connection_age: Duration,
+    /// Calls still running on a connection past its age get this long to finish before the
+    /// connection is closed (watch and audit streams end then; clients reconnect).
+    #[serde(
+        default = "default_max_connection_age_grace",
+        deserialize_with = "de_duration"
+    )]
+    pub max_connection_age_grace: Duration,
+    /// The server pings each connection this often (HTTP/2 PING) and closes it if the client
+    /// does not answer within `keepalive_timeout`: dead peers do not hold connections.
+    #[serde(
+        default = "default_keepalive_interval",
+        deserialize_with = "de_duration"
+    )]
+    pub keepalive_interval: Duration,
+    /// How long an HTTP/2 PING may go unanswered.
+    #[serde(
+        default = "default_keepalive_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub keepalive_timeout: Duration,
 }
 
 /// HSM settings.
@@ -188,6 +216,42 @@ pub struct Limits {
     /// Memory for the storage engine's page cache, in MiB. The main lever on resident memory;
     /// reads of records outside it cost a disk read.
     pub cache_mib: u64,
+    /// Most client connections open at once (including those still in their handshake); more
+    /// are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Most TLS handshakes in progress at once; further connections wait in the listen
+    /// backlog until one finishes.
+    pub max_handshakes: usize,
+    /// How long a client has to finish its TLS handshake, in milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// Most calls (HTTP/2 streams) open at once on one connection (SETTINGS_MAX_CONCURRENT_
+    /// STREAMS; clients queue further calls, and a stream over it is refused).
+    pub max_concurrent_streams: u32,
+    /// Streams a client may open and reset before the server accepts them, per connection,
+    /// before the connection is closed (HTTP/2 "rapid reset", CVE-2023-44487).
+    pub max_pending_reset_streams: usize,
+    /// Streams the server may reset because of the client's protocol errors, per connection,
+    /// before the connection is closed.
+    pub max_local_reset_streams: usize,
+    /// How long a call may take until its (first) response, in milliseconds; longer ones end
+    /// with CANCELLED. A client's shorter gRPC deadline still applies. Streams, once answering,
+    /// are not cut by it. The longest legitimate calls (VerifyAuditLog over a large log) must
+    /// fit: the default is generous, and its job is to bound calls that never send their
+    /// request (with `max_calls_per_identity`, what one client can hold).
+    pub request_timeout_ms: u64,
+    /// Most calls one identity may have in progress at once, across all its connections
+    /// (open streams included); more get RESOURCE_EXHAUSTED.
+    pub max_calls_per_identity: usize,
+    /// Most WatchSecrets streams one identity may have open at once; more get
+    /// RESOURCE_EXHAUSTED.
+    pub max_watches_per_identity: usize,
+    /// Most versions one secret may hold (every state counts, DESTROYED too: their metadata
+    /// stays); a put or rotation past it gets RESOURCE_EXHAUSTED.
+    pub max_versions_per_secret: usize,
+    /// Most stored records one ListSecrets call examines (a caller whose grants cover few of
+    /// many secrets then gets a short page and a token to go on), and one step of a watch or
+    /// audit stream reads before it yields; these scans run off the async workers.
+    pub scan_budget: usize,
 }
 
 impl Default for Limits {
@@ -200,6 +264,17 @@ impl Default for Limits {
             min_free_bytes: 64 * 1024 * 1024,
             flush_timeout_ms: 10_000,
             cache_mib: crate::store::sled_store::DEFAULT_CACHE_BYTES / (1024 * 1024),
+            max_connections: 4096,
+            max_handshakes: 128,
+            handshake_timeout_ms: 10_000,
+            max_concurrent_streams: 256,
+            max_pending_reset_streams: 20,
+            max_local_reset_streams: 1024,
+            request_timeout_ms: 300_000,
+            max_calls_per_identity: 1024,
+            max_watches_per_identity: 256,
+            max_versions_per_secret: 1000,
+            scan_budget: 10_000,
         }
     }
 }
@@ -293,6 +368,18 @@ fn default_environments() -> Vec<String> {
 }
 fn default_reload_interval_ms() -> u64 {
     1000
+}
+fn default_max_connection_age() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_connection_age_grace() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(20)
 }
 fn default_mechanism() -> String {
     "aes-gcm".into()
@@ -396,6 +483,75 @@ impl Config {
         if l.flush_timeout_ms < 100 {
             return Err("limits.flush_timeout_ms must be at least 100".into());
         }
+        let counts = [
+            ("max_connections", l.max_connections, 1_000_000),
+            ("max_handshakes", l.max_handshakes, 100_000),
+            (
+                "max_concurrent_streams",
+                l.max_concurrent_streams as usize,
+                100_000,
+            ),
+            (
+                "max_pending_reset_streams",
+                l.max_pending_reset_streams,
+                100_000,
+            ),
+            (
+                "max_local_reset_streams",
+                l.max_local_reset_streams,
+                100_000,
+            ),
+            (
+                "max_calls_per_identity",
+                l.max_calls_per_identity,
+                1_000_000,
+            ),
+            (
+                "max_watches_per_identity",
+                l.max_watches_per_identity,
+                1_000_000,
+            ),
+            (
+                "max_versions_per_secret",
+                l.max_versions_per_secret,
+                1_000_000,
+            ),
+            ("scan_budget", l.scan_budget, 10_000_000),
+        ];
+        for (name, value, max) in counts {
+            if value == 0 || value > max {
+                return Err(format!("limits.{name} must be between 1 and {max}"));
+            }
+        }
+        if l.max_handshakes > l.max_connections {
+            return Err("limits.max_handshakes must not exceed limits.max_connections".into());
+        }
+        if !(100..=600_000).contains(&l.handshake_timeout_ms) {
+            return Err("limits.handshake_timeout_ms must be between 100 and 600000".into());
+        }
+        if !(1..=86_400_000).contains(&l.request_timeout_ms) {
+            return Err("limits.request_timeout_ms must be between 1 and 86400000".into());
+        }
+        let t = &self.tls;
+        let (second, day) = (Duration::from_secs(1), Duration::from_secs(86_400));
+        if t.max_connection_age < second || t.max_connection_age > 30 * day {
+            return Err("tls.max_connection_age must be between 1s and 30d".into());
+        }
+        if t.max_connection_age_grace < Duration::from_millis(100)
+            || t.max_connection_age_grace > day
+        {
+            return Err("tls.max_connection_age_grace must be between 100ms and 1d".into());
+        }
+        if t.keepalive_interval < second || t.keepalive_interval > day {
+            return Err("tls.keepalive_interval must be between 1s and 1d".into());
+        }
+        if t.keepalive_timeout < second
+            || t.keepalive_timeout > t.keepalive_interval.max(second * 60)
+        {
+            return Err(
+                "tls.keepalive_timeout must be between 1s and max(keepalive_interval, 60s)".into(),
+            );
+        }
         if self.hsm.sessions == 0 || self.hsm.sessions > 64 {
             return Err("hsm.sessions must be between 1 and 64".into());
         }
@@ -493,6 +649,10 @@ mod tests {
         assert!(cfg.metrics.listen.ip().is_loopback());
         assert_eq!(cfg.keys.unknown_key_burst, 100);
         assert_eq!(cfg.lifecycle.sweep_interval_ms, 5000);
+        assert_eq!(cfg.tls.max_connection_age, Duration::from_secs(3600));
+        assert_eq!(cfg.tls.keepalive_interval, Duration::from_secs(60));
+        assert_eq!(cfg.limits.max_versions_per_secret, 1000);
+        assert_eq!(cfg.limits.max_concurrent_streams, 256);
         assert!(
             cfg.testing.is_none(),
             "the test clock is never on by default"
@@ -560,6 +720,13 @@ mod tests {
             format!("{MINIMAL}\n[keys]\nunknown_key_burst = 0\n"),
             format!("{MINIMAL}\n[lifecycle]\nsweep_interval_ms = 0\n"),
             format!("{MINIMAL}\n[testing]\nclock = \"x\"\n"),
+            format!("{MINIMAL}\n[limits]\nmax_connections = 0\n"),
+            format!("{MINIMAL}\n[limits]\nmax_handshakes = 5000\n"),
+            format!("{MINIMAL}\n[limits]\nmax_versions_per_secret = 0\n"),
+            format!("{MINIMAL}\n[limits]\nrequest_timeout_ms = 0\n"),
+            MINIMAL.replacen("[tls]", "[tls]\nmax_connection_age = \"0s\"", 1),
+            MINIMAL.replacen("[tls]", "[tls]\nmax_connection_age = \"1h5\"", 1),
+            MINIMAL.replacen("[tls]", "[tls]\nkeepalive_timeout = \"10m\"", 1),
         ];
         for text in cases {
             std::fs::write(&path, &text).unwrap();

@@ -2,9 +2,9 @@
 //! master key that never leaves a PKCS#11 HSM and kept in an embedded sled database.
 //!
 //! The data path reads top to bottom: transport (`service`, `keys_service`, `extauthz`,
-//! `admin_service`, `audit_service`, `tls`) → `policy` → domain (`keys` above `vault`,
+//! `admin_service`, `audit_service`, `tls`, `limits`) → `policy` → domain (`keys` above `vault`,
 //! `lifecycle`, `model`, `keypolicy`) → `envelope` → `store`, with `audit` and `metrics`
-//! alongside.
+//! alongside, and `slots` (per-identity counts) a leaf below transport and domain.
 #![deny(missing_docs)]
 
 pub mod admin_service;
@@ -23,6 +23,7 @@ pub mod keypolicy;
 pub mod keys;
 pub mod keys_service;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod policy;
@@ -30,6 +31,7 @@ pub mod policy;
 mod proptests;
 pub mod server;
 pub mod service;
+pub mod slots;
 pub mod status;
 pub mod store;
 #[cfg(test)]

@@ -16,6 +16,7 @@ use crate::keypolicy::RateLimit;
 use crate::keys::directory::{DirectoryStore, KeyDirectory};
 use crate::keys::{KeySettings, Keys};
 use crate::keys_service::KeysService;
+use crate::limits::{ConnLimits, IdentityCallsLayer};
 use crate::metrics::{MeteredWrapper, RpcMetricsLayer};
 use crate::model::{Kind, VersionState};
 use crate::policy::Policy;
@@ -23,7 +24,7 @@ use crate::service::SecretsService;
 use crate::store::sealed::SealedStore;
 use crate::store::sled_store::{SledStore, StoreOptions};
 use crate::store::Store;
-use crate::tls::{TlsConn, TlsFiles, TlsReloader};
+use crate::tls::{Handshake, TlsConn, TlsFiles, TlsReloader};
 use crate::unseal::unseal;
 use crate::vault::{Settings, Vault};
 use std::collections::{BTreeMap, HashSet};
@@ -39,8 +40,6 @@ use ward::v1::keys_server::KeysServer;
 use ward::v1::secrets_server::SecretsServer;
 use ward_hsm::{Hsm, HsmError, KeyWrapper, MacSigner, Mechanism, Pkcs11Config, Pkcs11Wrapper};
 
-/// How long a client has to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the secret-version counts shown by /metrics may be reused (they need a scan).
 const VERSION_COUNT_TTL: Duration = Duration::from_secs(5);
 
@@ -218,17 +217,23 @@ pub async fn serve(
         max_value_bytes: cfg.limits.max_value_bytes,
         max_batch: cfg.limits.max_batch,
         grace_ms: cfg.limits.default_grace_seconds.saturating_mul(1000),
+        max_versions_per_secret: cfg.limits.max_versions_per_secret,
+        max_watches_per_identity: cfg.limits.max_watches_per_identity,
+        scan_budget: cfg.limits.scan_budget,
     };
     let signer = mac.clone();
     let audit = AuditLog::open(store.clone(), clock.clone(), signer, cfg.audit.settings())
         .map_err(|e| StartError::Storage(format!("audit log: {e}")))?;
     audit.start_background();
-    let access = Arc::new(AuditAccess::new(
-        audit.clone(),
-        policy.clone(),
-        clock.clone(),
-        cfg.audit.max_streams,
-    ));
+    let access = Arc::new(
+        AuditAccess::new(
+            audit.clone(),
+            policy.clone(),
+            clock.clone(),
+            cfg.audit.max_streams,
+        )
+        .with_scan_budget(cfg.limits.scan_budget),
+    );
     let vault = Arc::new(Vault::new(
         store.clone(),
         audit,
@@ -317,14 +322,24 @@ pub async fn serve(
     let poll =
         (cfg.tls.reload_interval_ms > 0).then(|| Duration::from_millis(cfg.tls.reload_interval_ms));
     tls.spawn_watcher(poll);
-    let incoming = tls_incoming(listener, tls);
+    let incoming = tls_incoming_with(listener, tls, ConnLimits::from_config(&cfg));
     ready(Listening {
         grpc: addr,
         metrics: metrics_addr,
     });
 
+    let (l, t) = (&cfg.limits, &cfg.tls);
     let served = tonic::transport::Server::builder()
+        .max_concurrent_streams(l.max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(l.max_pending_reset_streams))
+        .http2_max_local_error_reset_streams(Some(l.max_local_reset_streams))
+        .timeout(Duration::from_millis(l.request_timeout_ms))
+        .max_connection_age(t.max_connection_age)
+        .max_connection_age_grace(t.max_connection_age_grace)
+        .http2_keepalive_interval(Some(t.keepalive_interval))
+        .http2_keepalive_timeout(Some(t.keepalive_timeout))
         .layer(RpcMetricsLayer)
+        .layer(IdentityCallsLayer::new(l.max_calls_per_identity))
         .layer(tower::util::MapResponseLayer::new(
             crate::status::size_limit_status as fn(_) -> _,
         ))
@@ -518,16 +533,34 @@ fn state_name(s: VersionState) -> &'static str {
 }
 
 /// Accepts TCP connections and completes TLS handshakes off the accept path, so one slow or
-/// hostile client cannot hold up the others. Failed handshakes are logged and dropped. Each
-/// connection uses the TLS configuration in force when it arrives (see [`TlsReloader`]). The
-/// benchmark's echo server uses this too, so its transport is exactly Ward's.
+/// hostile client cannot hold up the others, with the default [`ConnLimits`]. The benchmark's
+/// echo server uses this too, so its transport is exactly Ward's.
 pub fn tls_incoming(
     listener: TcpListener,
     tls: Arc<TlsReloader>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    tls_incoming_with(listener, tls, ConnLimits::default())
+}
+
+/// [`tls_incoming`] with the given limits: at most `max_connections` open (more are closed as
+/// soon as accepted) and `max_handshakes` in progress (the accept loop waits for a slot).
+/// Failed handshakes are logged and dropped; a certificate whose identity Ward refuses gets
+/// UNAUTHENTICATED on every call (see `tls`). Each connection uses the TLS configuration in
+/// force when it arrives (see [`TlsReloader`]).
+pub fn tls_incoming_with(
+    listener: TcpListener,
+    tls: Arc<TlsReloader>,
+    limits: ConnLimits,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
+        // Refusals are logged at most once a second (with a count), so a flood cannot flood
+        // the log too.
+        let (mut refused, mut logged): (u64, Option<Instant>) = (0, None);
         loop {
+            let Some(handshake) = limits.handshake_slot().await else {
+                return;
+            };
             let (tcp, addr) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -536,13 +569,34 @@ pub fn tls_incoming(
                     continue;
                 }
             };
-            let (conn_tx, acceptor) = (tx.clone(), tls.acceptor());
+            let Some(slot) = limits.try_connection() else {
+                drop(tcp);
+                refused += 1;
+                if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(
+                        %addr,
+                        refused,
+                        max = limits.max_connections,
+                        "connection refused: limits.max_connections are open"
+                    );
+                    (refused, logged) = (0, Some(Instant::now()));
+                }
+                continue;
+            };
+            let (conn_tx, acceptor, tls) = (tx.clone(), tls.acceptor(), tls.clone());
+            let timeout = limits.handshake_timeout;
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConn::accept(&acceptor, tcp, addr))
-                    .await
-                {
-                    Ok(Ok(conn)) => {
-                        let _ = conn_tx.send(Ok(conn)).await;
+                let accepted =
+                    tokio::time::timeout(timeout, TlsConn::accept(&tls, &acceptor, tcp, addr))
+                        .await;
+                drop(handshake);
+                match accepted {
+                    Ok(Ok(Handshake::Ready(conn))) => {
+                        let _ = conn_tx.send(Ok(conn.holding(slot))).await;
+                    }
+                    Ok(Ok(Handshake::Refused(conn))) => {
+                        conn.answer(timeout).await;
+                        drop(slot);
                     }
                     Ok(Err(e)) => tracing::info!(%addr, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::info!(%addr, "TLS handshake timed out"),

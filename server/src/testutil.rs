@@ -36,6 +36,9 @@ pub(crate) async fn vault_over(
         max_value_bytes: 1024,
         max_batch: 10,
         grace_ms,
+        max_versions_per_secret: 1000,
+        max_watches_per_identity: 256,
+        scan_budget: 10_000,
     };
     let vault = Vault::new(
         store,

@@ -2,18 +2,31 @@
 //! certificates required and verified against the configured CA), and the identity taken from
 //! the verified certificate — the first URI SAN (e.g. a SPIFFE id), else the subject CN.
 //! The configuration is rebuilt from its files on SIGHUP or when they change
-//! ([`TlsReloader`]), with optional certificate revocation lists.
+//! ([`TlsReloader`]), with optional certificate revocation lists; every open connection is
+//! then checked against the new configuration and closed if its certificate no longer
+//! verifies (revoked, or its CA removed), so a revocation does not wait for clients to
+//! reconnect.
+//!
+//! URI SANs and CNs share one namespace of identities (policy globs match either). To keep a
+//! CN from posing as a URI identity, a URI SAN must carry a scheme (`spiffe:`, `https:` …) and
+//! a CN must not look like a URI (no `scheme:` prefix, no `://`); neither may hold a control
+//! character. A connection whose certificate breaks these rules completes its handshake (the
+//! certificate itself is valid) but every call on it is answered UNAUTHENTICATED, saying why.
 
 use crate::config::TlsConfig;
+use futures::task::AtomicWaker;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -79,6 +92,17 @@ impl TlsFiles {
 /// required and verified against the CA bundle (validity period, clientAuth EKU, chain) and,
 /// if any CRL is configured, refused when revoked or when their issuer has no CRL.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
+    build(files).map(|b| b.config)
+}
+
+/// A configuration and the client-certificate verifier inside it (kept to re-check the
+/// certificates of open connections after a reload).
+struct Built {
+    config: Arc<ServerConfig>,
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+fn build(files: &TlsFiles) -> Result<Built, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let (cert, key, client_ca) = (&files.cert, &files.key, &files.client_ca);
     let certs = CertificateDer::pem_file_iter(cert)
@@ -116,11 +140,14 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("TLS versions: {e}"))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(certs, key)
         .map_err(|e| format!("server certificate and key: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(Built {
+        config: Arc::new(config),
+        verifier,
+    })
 }
 
 /// Reads every CRL (PEM, or a single DER CRL), warning about any past its nextUpdate: rustls
@@ -159,37 +186,85 @@ fn load_crls(paths: &[PathBuf]) -> Result<Vec<CertificateRevocationListDer<'stat
 }
 
 /// The TLS configuration in force, rebuilt from the files on SIGHUP or when they change. New
-/// handshakes use the newest good configuration; established connections keep theirs. A
-/// reload that fails (unreadable file, key not matching the certificate, key readable by
-/// others, bad CRL) keeps the previous configuration and logs why.
+/// handshakes use the newest good configuration; after a good reload every open connection's
+/// client certificate is verified again under it, and the connections it no longer accepts
+/// are closed. A reload that fails (unreadable file, key not matching the certificate, key
+/// readable by others, bad CRL) keeps the previous configuration and logs why.
 pub struct TlsReloader {
     files: TlsFiles,
-    current: RwLock<Arc<ServerConfig>>,
+    current: RwLock<Current>,
     /// Fingerprint of the files as last loaded or attempted, so a bad edit is reported once.
     seen: Mutex<Option<[u8; 32]>>,
+    /// Connections open now, to re-check after a reload.
+    live: Arc<LiveSet>,
+}
+
+/// The configuration in force and its generation (bumped by every good reload).
+#[derive(Clone)]
+struct Current {
+    built: Arc<Built>,
+    generation: u64,
+}
+
+/// An acceptor over one configuration, remembering which, so a handshake that finishes after
+/// a reload is re-checked under the newer one.
+pub struct Acceptor {
+    acceptor: tokio_rustls::TlsAcceptor,
+    generation: u64,
 }
 
 impl TlsReloader {
     /// Builds the first configuration; an error here stops start-up.
     pub fn load(files: TlsFiles) -> Result<Arc<Self>, String> {
         let seen = files.fingerprint().ok();
-        let config = server_config(&files)?;
+        let built = build(&files)?;
         Ok(Arc::new(Self {
             files,
-            current: RwLock::new(config),
+            current: RwLock::new(Current {
+                built: Arc::new(built),
+                generation: 0,
+            }),
             seen: Mutex::new(seen),
+            live: Arc::default(),
         }))
     }
 
-    /// An acceptor over the configuration in force now.
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        // A poisoned lock only means a writer panicked between two whole-Arc assignments.
-        let config = self
-            .current
+    fn current(&self) -> Current {
+        // A poisoned lock only means a writer panicked between two whole-value assignments.
+        self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        tokio_rustls::TlsAcceptor::from(config)
+            .clone()
+    }
+
+    /// An acceptor over the configuration in force now.
+    pub fn acceptor(&self) -> Acceptor {
+        let current = self.current();
+        Acceptor {
+            acceptor: tokio_rustls::TlsAcceptor::from(current.built.config.clone()),
+            generation: current.generation,
+        }
+    }
+
+    /// Verifies every open connection's client certificate under the configuration in force
+    /// (blocking: signature checks) and closes those it refuses. Returns how many it closed.
+    fn recheck_connections(&self) -> usize {
+        let verifier = self.current().built.verifier.clone();
+        let conns: Vec<Arc<LiveConn>> = self
+            .live
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut closed = 0;
+        for conn in conns.iter().filter(|c| !c.standing.is_closed()) {
+            if !conn.still_verifies(&*verifier) {
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Rebuilds from the files now (blocking file reads); `trigger` is logged. Returns whether
@@ -197,10 +272,25 @@ impl TlsReloader {
     pub fn reload(&self, trigger: &str) -> bool {
         let fingerprint = self.files.fingerprint().ok();
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint;
-        match server_config(&self.files) {
-            Ok(config) => {
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        match build(&self.files) {
+            Ok(built) => {
+                {
+                    let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+                    let generation = current.generation + 1;
+                    *current = Current {
+                        built: Arc::new(built),
+                        generation,
+                    };
+                }
                 tracing::info!(trigger, "TLS configuration reloaded; new handshakes use it");
+                let closed = self.recheck_connections();
+                if closed > 0 {
+                    tracing::warn!(
+                        closed,
+                        "closed connections whose client certificate the reloaded TLS \
+                         configuration refuses"
+                    );
+                }
                 true
             }
             Err(error) => {
@@ -275,13 +365,15 @@ impl TlsReloader {
     }
 }
 
-/// The identity a verified certificate names: the first URI SAN, else the subject CN.
-pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+/// The identity a verified certificate names: the first URI SAN, else the subject CN; or why
+/// it names none Ward accepts (see the module header: the two kinds must not overlap).
+pub fn identity_of(cert: &CertificateDer<'_>) -> Result<String, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("client certificate cannot be parsed: {e}"))?;
     if let Ok(Some(san)) = parsed.subject_alternative_name() {
         for name in &san.value.general_names {
             if let GeneralName::URI(uri) = name {
-                return Some((*uri).to_owned());
+                return check_uri_identity(uri).map(str::to_owned);
             }
         }
     }
@@ -289,46 +381,266 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
         .subject()
         .iter_common_name()
         .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned);
-    cn
+        .ok_or("client certificate names no identity (no URI SAN, no subject CN)")?;
+    let cn = cn
+        .as_str()
+        .map_err(|_| "client certificate subject CN is not a text string".to_owned())?;
+    check_cn_identity(cn).map(str::to_owned)
+}
+
+/// A URI SAN identity: a scheme, then no control character.
+fn check_uri_identity(uri: &str) -> Result<&str, String> {
+    check_no_control(uri, "URI SAN")?;
+    if uri_scheme(uri).is_none() {
+        return Err(format!(
+            "client certificate URI SAN {uri:?} has no scheme (such as spiffe:); a URI \
+             identity must, so it can never equal a CN identity"
+        ));
+    }
+    Ok(uri)
+}
+
+/// A CN identity: not empty, no control character, and nothing that looks like a URI (which
+/// could pose as a URI SAN identity, e.g. a SPIFFE id, in policy).
+fn check_cn_identity(cn: &str) -> Result<&str, String> {
+    check_no_control(cn, "subject CN")?;
+    if cn.is_empty() {
+        return Err("client certificate subject CN is empty".into());
+    }
+    if cn.contains("://") || uri_scheme(cn).is_some() {
+        return Err(format!(
+            "client certificate subject CN {cn:?} looks like a URI; URI identities (such as \
+             SPIFFE ids) are taken only from a URI SAN: put it in the certificate's \
+             subjectAltName"
+        ));
+    }
+    Ok(cn)
+}
+
+fn check_no_control(text: &str, what: &str) -> Result<(), String> {
+    match text.chars().find(|c| c.is_control()) {
+        Some(c) => Err(format!(
+            "client certificate {what} contains a control character (U+{:04X}); identities \
+             may not",
+            c as u32
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The scheme of `text` if it starts like a URI (RFC 3986: `ALPHA *( ALPHA / DIGIT / "+" /
+/// "-" / "." ) ":"`).
+fn uri_scheme(text: &str) -> Option<&str> {
+    let (scheme, _) = text.split_once(':')?;
+    let mut chars = scheme.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic()
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+    .then_some(scheme)
+}
+
+/// The connections open now, each with its certificate chain, to re-check after a reload.
+#[derive(Default)]
+struct LiveSet {
+    conns: Mutex<HashMap<u64, Arc<LiveConn>>>,
+    next_id: AtomicU64,
+}
+
+/// One open connection as the reloader sees it.
+struct LiveConn {
+    chain: Vec<CertificateDer<'static>>,
+    identity: Arc<str>,
+    addr: SocketAddr,
+    standing: Arc<Standing>,
+}
+
+impl LiveConn {
+    /// Whether `verifier` still accepts this connection's client certificate; if not, closes
+    /// the connection (and logs why).
+    fn still_verifies(&self, verifier: &dyn ClientCertVerifier) -> bool {
+        let Some((end_entity, intermediates)) = self.chain.split_first() else {
+            return true;
+        };
+        match verifier.verify_client_cert(end_entity, intermediates, UnixTime::now()) {
+            Ok(_) => true,
+            Err(error) => {
+                tracing::warn!(
+                    identity = %self.identity,
+                    addr = %self.addr,
+                    %error,
+                    "closing connection: its client certificate no longer verifies"
+                );
+                self.standing.close();
+                false
+            }
+        }
+    }
+}
+
+/// Removes a connection from the live set when it ends.
+struct Registration {
+    id: u64,
+    live: Arc<LiveSet>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.live
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Whether a connection has been told to close. Reads on a closed connection fail, which
+/// makes the HTTP/2 server drop it (its calls end; the client's next call needs a new
+/// handshake, which the new configuration decides).
+#[derive(Default)]
+struct Standing {
+    closed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Standing {
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Whether closed; if not, wakes `cx` when it becomes so.
+    fn poll_closed(&self, cx: &Context<'_>) -> bool {
+        self.waker.register(cx.waker());
+        self.is_closed()
+    }
+}
+
+fn closed_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection closed: its client certificate no longer verifies",
+    )
+}
+
+/// A completed handshake.
+pub enum Handshake {
+    /// A caller with a usable identity: hand the connection to the gRPC server.
+    Ready(TlsConn),
+    /// A valid certificate whose identity Ward refuses: answer every call UNAUTHENTICATED.
+    Refused(RefusedConn),
 }
 
 /// An accepted TLS connection that carries its verified peer into every request.
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: Peer,
+    standing: Arc<Standing>,
+    _registration: Registration,
+    /// The listener's connection slot, freed when the connection ends.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl TlsConn {
+    /// The connection, holding `slot` (of `limits.max_connections`) for its whole life.
+    pub fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self.slot = Some(slot);
+        self
+    }
+
     /// Completes the handshake and reads the identity; fails if the client presented no
-    /// certificate the verifier accepted or the certificate names no identity.
+    /// certificate the verifier accepted. The connection is registered with `tls`, which
+    /// closes it if a later reload refuses its certificate.
     pub async fn accept(
-        acceptor: &tokio_rustls::TlsAcceptor,
+        tls: &TlsReloader,
+        acceptor: &Acceptor,
         tcp: TcpStream,
         addr: SocketAddr,
-    ) -> io::Result<Self> {
+    ) -> io::Result<Handshake> {
         let _ = tcp.set_nodelay(true);
-        let inner = acceptor.accept(tcp).await?;
-        let identity = inner
+        let inner = acceptor.acceptor.accept(tcp).await?;
+        let chain: Vec<CertificateDer<'static>> = inner
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(identity_of)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "client certificate names no identity (no URI SAN, no CN)",
-                )
-            })?;
-        Ok(Self {
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let Some(end_entity) = chain.first() else {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "client presented no certificate",
+            ));
+        };
+        let identity: Arc<str> = match identity_of(end_entity) {
+            Ok(id) => id.into(),
+            Err(reason) => {
+                tracing::warn!(%addr, %reason, "client identity refused");
+                return Ok(Handshake::Refused(RefusedConn {
+                    inner,
+                    reason: reason.into(),
+                }));
+            }
+        };
+        let standing = Arc::new(Standing::default());
+        let live = Arc::new(LiveConn {
+            chain,
+            identity: identity.clone(),
+            addr,
+            standing: standing.clone(),
+        });
+        let id = tls.live.next_id.fetch_add(1, Ordering::Relaxed);
+        tls.live
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, live.clone());
+        let registration = Registration {
+            id,
+            live: tls.live.clone(),
+        };
+        // A reload that landed during this handshake did not see this connection: check it
+        // under the configuration in force now.
+        let current = tls.current();
+        if current.generation != acceptor.generation {
+            live.still_verifies(&*current.built.verifier);
+        }
+        Ok(Handshake::Ready(Self {
             inner,
-            peer: Peer {
-                identity: identity.into(),
-                addr,
-            },
-        })
+            peer: Peer { identity, addr },
+            standing,
+            _registration: registration,
+            slot: None,
+        }))
+    }
+}
+
+/// A connection whose certificate verified but names an identity Ward refuses.
+pub struct RefusedConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    reason: Arc<str>,
+}
+
+impl RefusedConn {
+    /// Answers every call on the connection with UNAUTHENTICATED and the reason, for at most
+    /// `limit` (then the connection is dropped).
+    pub async fn answer(self, limit: Duration) {
+        let reason = self.reason;
+        let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+            let status = tonic::Status::unauthenticated(reason.to_string());
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    status.into_http::<http_body_util::Empty<bytes::Bytes>>(),
+                )
+            }
+        });
+        let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_concurrent_streams(4)
+            .serve_connection(hyper_util::rt::TokioIo::new(self.inner), svc);
+        let _ = tokio::time::timeout(limit, conn).await;
     }
 }
 
@@ -345,6 +657,9 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.standing.poll_closed(cx) {
+            return Poll::Ready(Err(closed_error()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -355,6 +670,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.standing.is_closed() {
+            return Poll::Ready(Err(closed_error()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -368,6 +686,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.standing.is_closed() {
+            return Poll::Ready(Err(closed_error()));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -385,7 +706,7 @@ mod tests {
         let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
         p.distinguished_name.push(rcgen::DnType::CommonName, "app");
         let cert = p.self_signed(&key).unwrap();
-        assert_eq!(identity_of(cert.der()).as_deref(), Some("app"));
+        assert_eq!(identity_of(cert.der()).as_deref(), Ok("app"));
 
         let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
         p.distinguished_name.push(rcgen::DnType::CommonName, "app");
@@ -393,9 +714,52 @@ mod tests {
             rcgen::string::Ia5String::try_from("spiffe://ward/app").unwrap(),
         )];
         let cert = p.self_signed(&key).unwrap();
-        assert_eq!(
-            identity_of(cert.der()).as_deref(),
-            Some("spiffe://ward/app")
+        assert_eq!(identity_of(cert.der()).as_deref(), Ok("spiffe://ward/app"));
+    }
+
+    #[test]
+    fn uri_and_cn_identities_never_overlap() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = |cn: &str, uri: Option<&str>| {
+            let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+            p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            if let Some(uri) = uri {
+                p.subject_alt_names = vec![rcgen::SanType::URI(
+                    rcgen::string::Ia5String::try_from(uri).unwrap(),
+                )];
+            }
+            identity_of(p.self_signed(&key).unwrap().der())
+        };
+        for cn in ["app", "team-a/app", "db.prod.internal", "app-1_x"] {
+            assert_eq!(cert(cn, None).as_deref(), Ok(cn));
+        }
+        for cn in [
+            "spiffe://ward/app/x",
+            "spiffe:ward",
+            "https://app",
+            "x://y",
+            "a b://c",
+            "app\u{7}",
+            "app\nadmin",
+            "app\u{85}",
+            "",
+        ] {
+            assert!(cert(cn, None).is_err(), "CN {cn:?} accepted");
+        }
+        let e = cert("spiffe://ward/app/x", None).unwrap_err();
+        assert!(
+            e.contains("looks like a URI") && e.contains("URI SAN"),
+            "{e}"
         );
+        let e = cert("app\u{7}x", None).unwrap_err();
+        assert!(e.contains("control character"), "{e}");
+        // The same text in a URI SAN is the identity, whatever the CN says.
+        assert_eq!(
+            cert("anything", Some("spiffe://ward/app/x")).as_deref(),
+            Ok("spiffe://ward/app/x")
+        );
+        // A URI SAN without a scheme could equal a CN: refused.
+        assert!(cert("admin", Some("admin")).is_err());
+        assert!(cert("x", Some("spiffe://ward/\u{1b}[0m")).is_err());
     }
 }

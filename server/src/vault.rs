@@ -56,6 +56,12 @@ pub struct Settings {
     pub max_batch: usize,
     /// Overlap for a replaced PRIMARY, in milliseconds (0: retire at once).
     pub grace_ms: u64,
+    /// Most versions one secret may hold.
+    pub max_versions_per_secret: usize,
+    /// Most watch streams one identity may have open.
+    pub max_watches_per_identity: usize,
+    /// Most stored records one ListSecrets call, or one step of a watch stream, examines.
+    pub scan_budget: usize,
 }
 
 /// The vault: everything a call needs, shared by all calls.
@@ -232,9 +238,9 @@ impl Vault {
             index,
             policy,
             clock,
-            settings,
             usage: Arc::new(UsageBook::default()),
-            watch: WatchHub::new(),
+            watch: WatchHub::new(settings.max_watches_per_identity),
+            settings,
             sweep_index: SweepIndex::default(),
         }
     }
@@ -403,6 +409,7 @@ impl Vault {
             }
             policy.apply(&mut secret, now);
             secret.check_accepts_versions(now)?;
+            self.check_version_room(&secret)?;
             let version = secret.next_version();
             let sealed = self.keyring().seal(name.as_str(), version, &input.value)?;
             let written = self.add_version(&mut secret, version, &input.value, &sealed, None, now);
@@ -730,10 +737,15 @@ impl Vault {
         self.finish_read(rec, result).await
     }
 
-    /// One page of the secrets the caller may list, in name order.
-    pub async fn list(&self, peer: &Peer, input: ListInput) -> Result<Page> {
+    /// One page of the secrets the caller may list, in name order. The scan runs off the
+    /// async workers and examines at most `scan_budget` records: a caller whose grants cover
+    /// few of many secrets gets a short (even empty) page with a token to go on from.
+    pub async fn list(self: &Arc<Self>, peer: &Peer, input: ListInput) -> Result<Page> {
         let rec = AuditRecord::new(peer, "ListSecrets", self.now());
-        let result = self.list_inner(peer, &input);
+        let (vault, caller) = (self.clone(), peer.clone());
+        let result = tokio::task::spawn_blocking(move || vault.list_inner(&caller, &input))
+            .await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("list task: {e}"))));
         self.finish_read(rec, result).await
     }
 
@@ -779,12 +791,21 @@ impl Vault {
         };
         let mut secrets = Vec::new();
         let mut more = false;
+        let (budget, mut examined) = (self.settings.scan_budget, 0usize);
+        // Set when the budget ends the scan: the last name examined, to go on after.
+        let mut resume_after: Option<Vec<u8>> = None;
         'scan: loop {
             let chunk =
                 self.store
                     .scan(Tree::Secrets, input.name_prefix.as_bytes(), &start, 256)?;
             let exhausted = chunk.len() < 256;
             for (key, raw) in chunk {
+                if examined == budget {
+                    more = true;
+                    resume_after = start.split_last().map(|(_, name)| name.to_vec());
+                    break 'scan;
+                }
+                examined += 1;
                 start = key;
                 start.push(0);
                 let s: SecretRecord = decode("secret", &raw)?;
@@ -811,8 +832,9 @@ impl Vault {
                 break;
             }
         }
-        let next_page_token = match (more, secrets.last()) {
-            (true, Some(last)) => page_token(&last.name),
+        let next_page_token = match (more, resume_after, secrets.last()) {
+            (true, Some(name), _) => page_token(&String::from_utf8_lossy(&name)),
+            (true, None, Some(last)) => page_token(&last.name),
             _ => String::new(),
         };
         Ok(Page {
@@ -1035,6 +1057,21 @@ impl Vault {
     pub(crate) fn as_of_now(&self, mut secret: SecretRecord) -> SecretRecord {
         secret.settle(self.now());
         secret
+    }
+
+    /// Refuses a new version of a secret that holds `max_versions_per_secret` already: every
+    /// version's metadata lives in the secret's record, which each fetch decodes.
+    pub(crate) fn check_version_room(&self, secret: &SecretRecord) -> Result<()> {
+        let max = self.settings.max_versions_per_secret;
+        if secret.versions.len() >= max {
+            return Err(Error::ResourceExhausted(format!(
+                "{} holds {} versions, the most a secret may (limits.max_versions_per_secret); \
+                 store further values under a new name",
+                secret.name,
+                secret.versions.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Appends a PRIMARY version, demoting the old PRIMARY to ACTIVE for the grace period

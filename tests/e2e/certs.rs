@@ -1,20 +1,26 @@
 //! Certificates: bad client certificates fail the TLS handshake itself; a CRL refuses a revoked
 //! client certificate; the server certificate, key, client CA bundle and CRLs reload on SIGHUP
-//! and on file change without disturbing established connections; a bad reload keeps the
-//! previous configuration; and a CA is rotated with an overlap, as README describes.
+//! and on file change without disturbing established connections whose certificate still
+//! verifies, and closing those whose certificate no longer does (revoked, CA removed); a bad
+//! reload keeps the previous configuration; a CA is rotated with an overlap, as README
+//! describes; connections are bounded in age; and a certificate whose CN looks like a URI, or
+//! whose identity holds a control character, names no identity.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::Code;
-use ward_tests::{foreign_identity, replace_file, CertFiles, RawClient, TestCa, TestServer};
+use ward_tests::{
+    expect_code, foreign_identity, replace_file, CertFiles, RawClient, TestCa, TestServer,
+};
 
 use crate::{assert_value, fetch, put};
 
 const RELOADED: &str = "TLS configuration reloaded";
 const RELOAD_FAILED: &str = "TLS reload failed";
 const REFUSED: &str = "TLS handshake refused";
+const CLOSING: &str = "closing connection: its client certificate no longer verifies";
 const WAIT: Duration = Duration::from_secs(15);
 
 /// Asserts that connecting with `files` fails at the transport level (the handshake, or the
@@ -43,6 +49,22 @@ async fn assert_refused(s: &TestServer, files: &CertFiles, what: &str, reason: O
     if let Some((reason, n)) = with_reason {
         s.wait_for_stderr(REFUSED, before + 1, WAIT);
         s.wait_for_stderr(reason, n + 1, WAIT);
+    }
+}
+
+/// Asserts that a call on a connection the server closed failed at the transport level.
+fn assert_transport_failure<T: std::fmt::Debug>(r: Result<T, tonic::Status>, what: &str) {
+    match r {
+        Ok(v) => panic!("{what}: the call on a closed connection succeeded: {v:?}"),
+        Err(st) => assert!(
+            matches!(
+                st.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ),
+            "{what}: expected a transport failure, got {:?}: {}",
+            st.code(),
+            st.message()
+        ),
     }
 }
 
@@ -129,9 +151,19 @@ async fn revoked_certificate_is_refused_once_the_crl_changes() {
     assert_refused(&s, &doomed, "revoked", Some("Revoked")).await;
     assert_accepted(&s, &good, "other certificate after the CRL change").await;
     put(&mut good_conn, "certs/crl", b"good").await;
-    // A connection established before the revocation is not cut (documented: a reload applies
-    // to new handshakes; restart or wait for clients to reconnect to end old sessions).
-    assert_value(&mut doomed_conn, "certs/crl", 2, b"good").await;
+    // The connection established before the revocation is closed by the reload: its next call
+    // fails, and its channel cannot reconnect with the revoked certificate.
+    s.wait_for_stderr(CLOSING, 1, WAIT);
+    assert_eq!(
+        s.count_in_stderr(CLOSING),
+        1,
+        "only the revoked connection is closed"
+    );
+    assert_transport_failure(
+        fetch(&mut doomed_conn, "certs/crl", 0).await,
+        "revoked, open",
+    );
+    assert_value(&mut good_conn, "certs/crl", 2, b"good").await;
 
     // A broken CRL is reported and the previous configuration stays in force.
     let failures = s.count_in_stderr(RELOAD_FAILED);
@@ -259,9 +291,26 @@ async fn ca_rotation_with_overlap_on_sighup_keeps_established_connections() {
     )
     .await;
 
-    // 3. End of the overlap: only the new CA's clients get in.
+    // The established connection (an old-CA client, old server certificate) never noticed the
+    // overlap or the new server certificate.
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "calls on the established connection failed"
+    );
+    assert!(oks.load(Ordering::Relaxed) > 0, "no load ran");
+    assert_value(&mut est, "certs/rot", 1, b"established").await;
+
+    // 3. End of the overlap: only the new CA's clients get in, and the reload closes the
+    //    connections of old-CA clients that are still open.
+    let mut during = assert_accepted(&s, &trusting_new(&new_admin), "new-CA client, open").await;
     replace_file(&tls.join("client-ca.pem"), new_ca.pem.as_bytes(), 0o644);
     hup(&s);
+    s.wait_for_stderr(CLOSING, 1, WAIT);
+    assert_transport_failure(fetch(&mut est, "certs/rot", 1).await, "old-CA client, open");
+    assert_value(&mut during, "certs/rot", 1, b"established").await;
     assert_refused(
         &s,
         &trusting_new(&old_admin),
@@ -295,17 +344,6 @@ async fn ca_rotation_with_overlap_on_sighup_keeps_established_connections() {
     )
     .await;
 
-    // The established connection (an old-CA client, old server certificate) never noticed.
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
-        "calls on the established connection failed"
-    );
-    assert!(oks.load(Ordering::Relaxed) > 0, "no load ran");
-    assert_value(&mut est, "certs/rot", 1, b"established").await;
-
     // A restart refuses the world-readable key outright (exit 2), and serves once it is fixed.
     drop(est);
     s.stop();
@@ -316,4 +354,93 @@ async fn ca_rotation_with_overlap_on_sighup_keeps_established_connections() {
     s.restart();
     let mut c = assert_accepted(&s, &trusting_new(&new_admin), "after restart").await;
     assert_value(&mut c, "certs/rot", 1, b"established").await;
+}
+
+/// URI SANs and CNs share one namespace of identities, so a CN that looks like a URI (with no
+/// URI SAN) must not become one: otherwise anyone who can get a certificate with a chosen CN
+/// would hold the grants of a SPIFFE id. Such a certificate, one whose identity holds a control
+/// character, and a URI SAN without a scheme are valid TLS but every call on them is
+/// UNAUTHENTICATED, saying why, even where the policy grants the text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uri_looking_cn_and_control_characters_are_not_identities() {
+    let mut s = TestServer::start();
+    let policy = s.data_dir().join("policy.toml");
+    let mut text = std::fs::read_to_string(&policy).unwrap();
+    text.push_str(
+        "\n[[rule]]\nidentities = [\"spiffe:*\", \"app?x\", \"app*\", \"x\", \"admin*\"]\n\
+         verbs = [\"read\"]\nsecrets = [\"*\"]\n",
+    );
+    std::fs::write(&policy, text).unwrap();
+    s.restart();
+    let mut admin = s.raw_client("admin").await;
+    put(&mut admin, "certs/id", b"granted").await;
+
+    let cases: [(&str, Option<&str>, &str); 6] = [
+        ("spiffe://ward/app/x", None, "looks like a URI"),
+        ("spiffe:ward", None, "looks like a URI"),
+        ("app\u{7}x", None, "control character"),
+        ("admin\r\nx", None, "control character"),
+        ("x", Some("admin"), "has no scheme"),
+        ("x", Some("spiffe://ward/\u{1b}[0m"), "control character"),
+    ];
+    for (cn, san, why) in cases {
+        let what = format!("CN {cn:?}, URI SAN {san:?}");
+        let files = s.issue_dev_cert(cn, san);
+        let mut c = s
+            .raw_client_with(&files)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: the TLS handshake itself must succeed: {e:?}"));
+        let msg = expect_code(
+            fetch(&mut c, "certs/id", 0).await,
+            Code::Unauthenticated,
+            &what,
+        );
+        assert!(msg.contains(why), "{what}: message {msg:?} lacks {why:?}");
+        // Every service on the connection, not only the vault's.
+        let mut health = tonic_health::pb::health_client::HealthClient::new(
+            s.channel_with(&files).await.unwrap(),
+        );
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await;
+        expect_code(r, Code::Unauthenticated, &format!("{what}: health"));
+    }
+    assert!(s.count_in_stderr("client identity refused") >= 6);
+
+    // The same URI in a URI SAN is the identity, whatever the CN says.
+    let files = s.issue_dev_cert("spiffe://ward/app/x", Some("spiffe://ward/app/x"));
+    let mut c = s.raw_client_with(&files).await.unwrap();
+    assert_value(&mut c, "certs/id", 1, b"granted").await;
+}
+
+/// `[tls] max_connection_age` ends every connection after that long (GOAWAY, then a forced
+/// close after `max_connection_age_grace`): an open watch stream ends and the client must
+/// reconnect, presenting its certificate again; new calls on the channel reconnect by
+/// themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_closed_at_their_maximum_age() {
+    let mut s = TestServer::start();
+    with_tls_lines(
+        &s,
+        "max_connection_age = \"2s\"\nmax_connection_age_grace = \"500ms\"",
+    );
+    s.restart();
+    let mut c = s.raw_client("admin").await;
+    put(&mut c, "certs/age", b"v").await;
+    let opened = std::time::Instant::now();
+    let mut watch = crate::lifecycle::watch(&mut c, &["certs/age"], "", &[]).await;
+    ward_tests::until_synced(&mut watch).await;
+    let ended = tokio::time::timeout(Duration::from_secs(20), watch.message()).await;
+    match ended {
+        Err(_) => panic!("the watch stream outlived max_connection_age by 18 s"),
+        Ok(Ok(Some(e))) => panic!("unexpected watch event {e:?}"),
+        Ok(_) => {}
+    }
+    let age = opened.elapsed();
+    assert!(
+        age >= Duration::from_millis(1500),
+        "the stream ended after {age:?}, before the connection's age"
+    );
+    // The channel reconnects for the next call.
+    assert_value(&mut c, "certs/age", 1, b"v").await;
 }

@@ -23,6 +23,7 @@ mod keys;
 mod keys_lifecycle;
 mod lifecycle;
 mod lifecycle_tools;
+mod limits;
 mod metrics;
 mod pagination;
 mod roundtrip;

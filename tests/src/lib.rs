@@ -268,6 +268,19 @@ fn crl_pem(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, number: u64, revoked: &[u
     params.signed_by(issuer).unwrap().pem().unwrap()
 }
 
+/// A file name made from a certificate's CN (which may hold `/`, `:` or control characters).
+fn file_stem(cn: &str) -> String {
+    cn.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// Writes `bytes` to `path` atomically (a temporary file renamed over it), keeping `mode`, as a
 /// careful operator or a certificate agent replaces a file.
 pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) {
@@ -821,10 +834,11 @@ impl TestServer {
         let (cert, key) = client_cert(cn, uri_san, &issuer);
         let out = self.scratch_dir();
         let unique = random_hex(8);
+        let stem = file_stem(cn);
         let files = CertFiles {
             ca: tls.join("ca.pem"),
-            cert: out.join(format!("{cn}-{unique}.pem")),
-            key: out.join(format!("{cn}-{unique}.key")),
+            cert: out.join(format!("{stem}-{unique}.pem")),
+            key: out.join(format!("{stem}-{unique}.key")),
         };
         std::fs::write(&files.cert, cert).unwrap();
         std::fs::write(&files.key, key).unwrap();
@@ -859,10 +873,11 @@ impl TestServer {
     pub fn write_client_files(&self, cn: &str, cert: &str, key: &str) -> CertFiles {
         let out = self.scratch_dir();
         let unique = random_hex(8);
+        let stem = file_stem(cn);
         let files = CertFiles {
             ca: self.ca_path(),
-            cert: out.join(format!("{cn}-{unique}.pem")),
-            key: out.join(format!("{cn}-{unique}.key")),
+            cert: out.join(format!("{stem}-{unique}.pem")),
+            key: out.join(format!("{stem}-{unique}.key")),
         };
         std::fs::write(&files.cert, cert).unwrap();
         std::fs::write(&files.key, key).unwrap();

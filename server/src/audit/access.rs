@@ -4,7 +4,9 @@
 //!
 //! A reader never holds up the vault: writers only bump a `watch` channel (the durable head);
 //! the reader scans storage from its own position whenever it has room to send, so a consumer
-//! that stops reading costs one parked task and its HTTP/2 window, nothing else.
+//! that stops reading costs one parked task and its HTTP/2 window, nothing else. Scans run off
+//! the async workers, at most `scan_budget` records at a time, so a caller whose filters or
+//! grants match few of many records never holds a worker.
 
 use super::{AuditLog, AuditRecord, Event, Stored, Verification};
 use crate::clock::Clock;
@@ -142,6 +144,7 @@ pub struct AuditAccess {
     policy: Policy,
     clock: Arc<dyn Clock>,
     streams: Arc<Semaphore>,
+    scan_budget: usize,
 }
 
 impl AuditAccess {
@@ -157,7 +160,14 @@ impl AuditAccess {
             policy,
             clock,
             streams: Arc::new(Semaphore::new(max_streams)),
+            scan_budget: crate::config::Limits::default().scan_budget,
         }
+    }
+
+    /// Reads at most `budget` records per scan step of a stream (`limits.scan_budget`).
+    pub fn with_scan_budget(mut self, budget: usize) -> Self {
+        self.scan_budget = budget.max(1);
+        self
     }
 
     /// The log.
@@ -211,17 +221,20 @@ impl AuditAccess {
             Error::ResourceExhausted("too many audit streams are open; try again later".into())
         })?;
         Ok(StreamReader {
-            log: self.log.clone(),
-            visibility: Visibility {
-                policy: self.policy.clone(),
-                identity: peer.identity.to_string(),
-                everything,
-            },
+            scan: Arc::new(Scan {
+                log: self.log.clone(),
+                visibility: Visibility {
+                    policy: self.policy.clone(),
+                    identity: peer.identity.to_string(),
+                    everything,
+                },
+                outcome,
+                query: q.clone(),
+                budget: self.scan_budget,
+            }),
             head: self.log.subscribe(),
             next,
             follow: q.follow,
-            outcome,
-            query: q,
             pending: VecDeque::new(),
             _permit: permit,
         })
@@ -272,13 +285,10 @@ impl Visibility {
 
 /// Reads the log for one stream, from storage, at the consumer's pace.
 pub struct StreamReader {
-    log: Arc<AuditLog>,
-    visibility: Visibility,
+    scan: Arc<Scan>,
     head: watch::Receiver<u64>,
     next: u64,
     follow: bool,
-    outcome: Outcome,
-    query: StreamQuery,
     pending: VecDeque<StreamItem>,
     _permit: OwnedSemaphorePermit,
 }
@@ -301,58 +311,93 @@ impl StreamReader {
                 }
                 continue;
             }
-            self.fill(head)?;
+            self.fill(head).await?;
         }
     }
 
-    /// Reads the next chunk up to `head` into `pending`.
-    fn fill(&mut self, head: u64) -> Result<()> {
+    /// Reads on towards `head` into `pending`, off the async workers: until something is found
+    /// or the scan budget is spent (the next call goes on from there).
+    async fn fill(&mut self, head: u64) -> Result<()> {
+        let (scan, from) = (self.scan.clone(), self.next);
+        let (items, next) = tokio::task::spawn_blocking(move || scan.read(from, head))
+            .await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("audit read task: {e}"))))?;
+        self.pending.extend(items);
+        self.next = next;
+        Ok(())
+    }
+}
+
+/// What one stream reads and shows; shared with its blocking scan steps.
+struct Scan {
+    log: Arc<AuditLog>,
+    visibility: Visibility,
+    outcome: Outcome,
+    query: StreamQuery,
+    budget: usize,
+}
+
+impl Scan {
+    /// Items from `next` towards `head`, reading chunk after chunk until one yields an item
+    /// or `budget` records were examined; and the sequence number to go on from (blocking).
+    fn read(&self, mut next: u64, head: u64) -> Result<(Vec<StreamItem>, u64)> {
+        let mut items = Vec::new();
+        let mut examined = 0;
+        while items.is_empty() && examined < self.budget && next <= head {
+            examined += self.chunk(&mut next, head, &mut items)?;
+        }
+        Ok((items, next))
+    }
+
+    /// Reads the next chunk up to `head` into `items`; returns how many records it examined.
+    fn chunk(&self, next: &mut u64, head: u64, items: &mut Vec<StreamItem>) -> Result<usize> {
         let oldest = self.log.oldest();
-        if self.next < oldest {
-            self.pending.push_back(StreamItem::Gap {
-                from: self.next,
+        if *next < oldest {
+            items.push(StreamItem::Gap {
+                from: *next,
                 to: oldest - 1,
                 pruned: true,
             });
-            self.next = oldest;
-            return Ok(());
+            *next = oldest;
+            return Ok(0);
         }
-        let chunk = self.log.read(self.next, CHUNK)?;
+        let chunk = self.log.read(*next, CHUNK.min(self.budget))?;
         if chunk.is_empty() {
             // Durable records that are gone: pruned meanwhile, or deleted.
             let oldest = self.log.oldest();
-            let to = if oldest > self.next { oldest - 1 } else { head };
-            self.pending.push_back(StreamItem::Gap {
-                from: self.next,
+            let to = if oldest > *next { oldest - 1 } else { head };
+            items.push(StreamItem::Gap {
+                from: *next,
                 to,
-                pruned: oldest > self.next,
+                pruned: oldest > *next,
             });
-            self.next = to + 1;
-            return Ok(());
+            *next = to + 1;
+            return Ok(0);
         }
+        let examined = chunk.len();
         for (seq, stored) in chunk {
-            if seq > self.next {
-                self.pending.push_back(StreamItem::Gap {
-                    from: self.next,
+            if seq > *next {
+                items.push(StreamItem::Gap {
+                    from: *next,
                     to: seq - 1,
                     pruned: seq <= self.log.oldest(),
                 });
             }
-            self.next = seq + 1;
+            *next = seq + 1;
             match stored {
                 Ok(Stored { record, hash, .. }) => {
                     if self.wants(&record) {
-                        self.pending.push_back(StreamItem::Record(record, hash));
+                        items.push(StreamItem::Record(record, hash));
                     }
                 }
-                Err(_) => self.pending.push_back(StreamItem::Gap {
+                Err(_) => items.push(StreamItem::Gap {
                     from: seq,
                     to: seq,
                     pruned: false,
                 }),
             }
         }
-        Ok(())
+        Ok(examined)
     }
 
     fn wants(&self, r: &AuditRecord) -> bool {

@@ -202,6 +202,7 @@ impl Vault {
             check_cas(&name, Some(&secret), input.expected_version)?;
             let now = self.now();
             secret.check_accepts_versions(now)?;
+            self.check_version_room(&secret)?;
             let value = match secret.kind {
                 Kind::Static if input.value.is_empty() => {
                     return Err(Error::invalid(format!(

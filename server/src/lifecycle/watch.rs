@@ -13,6 +13,7 @@ use crate::clock::Millis;
 use crate::error::{Error, Result};
 use crate::model::{Kind, SecretName, SecretRecord, StateReason, VersionState, MAX_NAME_LEN};
 use crate::policy::Verb;
+use crate::slots::{IdentitySlot, PerIdentity};
 use crate::store::{decode, Tree};
 use crate::tls::Peer;
 use crate::vault::Vault;
@@ -31,25 +32,47 @@ pub const MAX_HELD_SECRETS: usize = 1000;
 /// Most held versions per secret.
 pub const MAX_HELD_VERSIONS: usize = 100;
 
-/// The broadcast from the write path to every watch stream, and the shutdown switch that
-/// ends the streams (and the sweeper) so a graceful shutdown is not held up by them.
+/// The broadcast from the write path to every watch stream, the shutdown switch that ends
+/// the streams (and the sweeper) so a graceful shutdown is not held up by them, and the count
+/// of open streams per identity (each stream holds a task and a broadcast receiver).
 pub struct WatchHub {
     changes: broadcast::Sender<Arc<str>>,
     closed: watch::Sender<bool>,
+    open: Arc<PerIdentity>,
+    max_per_identity: usize,
 }
 
 impl Default for WatchHub {
     fn default() -> Self {
-        Self::new()
+        Self::new(crate::config::Limits::default().max_watches_per_identity)
     }
 }
 
 impl WatchHub {
-    /// A hub with no watchers.
-    pub fn new() -> Self {
+    /// A hub with no watchers, allowing `max_per_identity` open streams per identity.
+    pub fn new(max_per_identity: usize) -> Self {
         let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
         let (closed, _) = watch::channel(false);
-        Self { changes, closed }
+        Self {
+            changes,
+            closed,
+            open: Arc::default(),
+            max_per_identity,
+        }
+    }
+
+    /// A stream slot for `identity`, or RESOURCE_EXHAUSTED if it has the most open.
+    fn slot(&self, identity: &Arc<str>) -> Result<IdentitySlot> {
+        self.open
+            .enter(identity, self.max_per_identity)
+            .ok_or_else(|| {
+                Error::ResourceExhausted(format!(
+                    "{identity} already has {} watch streams open \
+                     (limits.max_watches_per_identity); close one, or watch several names in \
+                     one stream",
+                    self.max_per_identity
+                ))
+            })
     }
 
     /// Tells watchers that `name` changed. Never blocks; with no watchers it is a no-op.
@@ -169,8 +192,13 @@ impl Vault {
         input: WatchInput,
     ) -> Result<mpsc::Receiver<Result<WatchEvent>>> {
         let mut rec = AuditRecord::new(peer, "WatchSecrets", self.now());
-        let opened = self.watch_open(peer, &input, &mut rec);
-        let (scope, known) = self.finish_read(rec, opened).await?;
+        let opened = self
+            .watch_open(peer, &input, &mut rec)
+            .and_then(|(scope, known)| {
+                let slot = self.watch.slot(&peer.identity)?;
+                Ok((scope, known, slot))
+            });
+        let (scope, known, slot) = self.finish_read(rec, opened).await?;
         // Subscribe before the first snapshot is read, so no change falls in between.
         let changes = self.watch.subscribe();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -179,7 +207,8 @@ impl Vault {
         tokio::spawn(async move {
             vault
                 .run_watch(identity, scope, known, input.sync_only, changes, tx)
-                .await
+                .await;
+            drop(slot);
         });
         Ok(rx)
     }
@@ -264,7 +293,7 @@ impl Vault {
         tx: Sender,
     ) {
         let mut closed = self.watch.closed();
-        let initial = self.scope_names(&scope);
+        let initial = self.names_in(&scope).await;
         if self
             .send_diffs(&identity, initial, &mut known, &tx)
             .await
@@ -300,7 +329,7 @@ impl Vault {
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::debug!(missed, "watcher lagged; recomputing its differences");
-                        self.scope_names(&scope)
+                        self.names_in(&scope).await
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
@@ -340,11 +369,27 @@ impl Vault {
         }
     }
 
+    /// Every name the scope covers now, read off the async workers.
+    async fn names_in(self: &Arc<Self>, scope: &Scope) -> Result<Vec<String>> {
+        match scope {
+            Scope::Names(names) => Ok(names.iter().cloned().collect()),
+            Scope::Prefix(_) => {
+                let (vault, scope) = (self.clone(), scope.clone());
+                tokio::task::spawn_blocking(move || vault.scope_names(&scope))
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Internal(format!("watch task: {e}"))))
+            }
+        }
+    }
+
     /// Sends what differs for each of `names` from what the client was told, and remembers
-    /// what it sent. Err(()) when the stream is over (client gone, or an error was sent).
+    /// what it sent. The records are read and compared off the async workers, `scan_budget`
+    /// names at a time, so a wide scope under a narrow grant (most names invisible to the
+    /// caller) never holds a worker. Err(()) when the stream is over (client gone, or an error
+    /// was sent).
     async fn send_diffs(
-        &self,
-        identity: &str,
+        self: &Arc<Self>,
+        identity: &Arc<str>,
         names: Result<Vec<String>>,
         known: &mut BTreeMap<String, Known>,
         tx: &Sender,
@@ -353,35 +398,83 @@ impl Vault {
             Ok(n) => n,
             Err(e) => return fail(tx, e).await,
         };
-        for name in names {
-            let secret = match self.store.get(Tree::Secrets, name.as_bytes()) {
-                Ok(None) => continue,
-                Ok(Some(raw)) => match decode::<SecretRecord>("secret", &raw) {
-                    Ok(s) => s,
-                    Err(e) => return fail(tx, e).await,
-                },
-                Err(e) => return fail(tx, e.into()).await,
+        let budget = self.settings.scan_budget.max(1);
+        let mut names = names.into_iter().peekable();
+        while names.peek().is_some() {
+            let batch: Vec<(String, Option<Known>)> = names
+                .by_ref()
+                .take(budget)
+                .map(|n| {
+                    let held = known.get(&n).cloned();
+                    (n, held)
+                })
+                .collect();
+            let (vault, id) = (self.clone(), identity.clone());
+            let step = tokio::task::spawn_blocking(move || vault.diff_batch(&id, batch))
+                .await
+                .unwrap_or_else(|e| Err(Error::Internal(format!("watch task: {e}"))));
+            let seen = match step {
+                Ok(s) => s,
+                Err(e) => return fail(tx, e).await,
             };
+            for (name, seen) in seen {
+                match seen {
+                    Seen::Gone => {}
+                    Seen::Hidden => {
+                        known.remove(&name);
+                    }
+                    Seen::Now(events, next) => {
+                        for event in events {
+                            tx.send(Ok(event)).await.map_err(|_| ())?;
+                        }
+                        known.insert(name, next);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What each of `batch` (a name and what the client holds of it) looks like to
+    /// `identity` now (blocking: store reads).
+    fn diff_batch(
+        &self,
+        identity: &str,
+        batch: Vec<(String, Option<Known>)>,
+    ) -> Result<Vec<(String, Seen)>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for (name, held) in batch {
+            let Some(raw) = self.store.get(Tree::Secrets, name.as_bytes())? else {
+                out.push((name, Seen::Gone));
+                continue;
+            };
+            let mut secret: SecretRecord = decode("secret", &raw)?;
             if !self.policy.allows(
                 identity,
                 Verb::Read,
                 &secret.name,
                 Some(&secret.environment),
             ) {
-                known.remove(&name);
+                out.push((name, Seen::Hidden));
                 continue;
             }
             let now = self.now();
-            let mut secret = secret;
             secret.settle(now);
-            let (events, next) = diff(known.get(&name), &secret, now);
-            for event in events {
-                tx.send(Ok(event)).await.map_err(|_| ())?;
-            }
-            known.insert(name, next);
+            let (events, next) = diff(held.as_ref(), &secret, now);
+            out.push((name, Seen::Now(events, next)));
         }
-        Ok(())
+        Ok(out)
     }
+}
+
+/// One secret as a watch step found it.
+enum Seen {
+    /// Not stored (any more): nothing to say.
+    Gone,
+    /// Not readable by the watcher: forget what it was told.
+    Hidden,
+    /// The events that bring the client up to date, and what it holds afterwards.
+    Now(Vec<WatchEvent>, Known),
 }
 
 async fn fail(tx: &Sender, e: Error) -> std::result::Result<(), ()> {
