@@ -27,22 +27,17 @@ fn put_in(name: &str, env: &str, value: &[u8]) -> pb::PutSecretRequest {
     }
 }
 
-/// A dev team with every verb on every secret, but only in dev.
-async fn dev_team(s: &mut TestServer) -> CertFiles {
+/// A server whose policy gives a dev team every verb on every secret, but only in dev, and
+/// holds the prod secret `pay/db`; the team's certificate files.
+async fn dev_team_and_a_prod_secret() -> (TestServer, CertFiles) {
+    let mut s = TestServer::start();
     add_rule(
-        s,
+        &mut s,
         r#"identities = ["spiffe://ward/team-dev/*"]
 verbs = ["*"]
 secrets = ["*"]
 environments = ["dev"]"#,
     );
-    s.issue_dev_cert("team-dev-ci", Some("spiffe://ward/team-dev/ci"))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_environment_limited_rule_grants_nothing_vault_wide() {
-    let mut s = TestServer::start();
-    let files = dev_team(&mut s).await;
     let mut admin = s.raw_client("admin").await;
     ok(
         admin
@@ -50,6 +45,14 @@ async fn an_environment_limited_rule_grants_nothing_vault_wide() {
             .await,
         "admin put prod",
     );
+    let files = s.issue_dev_cert("team-dev-ci", Some("spiffe://ward/team-dev/ci"));
+    (s, files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_limited_rule_grants_nothing_vault_wide() {
+    let (mut s, files) = dev_team_and_a_prod_secret().await;
+    let mut admin = s.raw_client("admin").await;
     ok(
         admin
             .put_secret(put_in("pay/dev-db", "dev", b"dev-pass"))
@@ -145,15 +148,8 @@ async fn an_environment_limited_rule_grants_nothing_vault_wide() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_grant_gets_one_answer_whatever_exists() {
-    let mut s = TestServer::start();
-    let files = dev_team(&mut s).await;
+    let (s, files) = dev_team_and_a_prod_secret().await;
     let mut admin = s.raw_client("admin").await;
-    ok(
-        admin
-            .put_secret(put_in("pay/db", "prod", b"prod-pass"))
-            .await,
-        "admin put prod",
-    );
     let mut issued = pb::IssueKeyRequest {
         name: "pay/key".into(),
         environment: "prod".into(),

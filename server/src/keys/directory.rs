@@ -224,34 +224,32 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 /// Every entry of a tree, in key order, each checked on its own ([`Store::scan_each`]).
 fn scan_all_checked(store: &dyn Store, tree: Tree) -> Result<Vec<CheckedEntry>> {
-    let mut out: Vec<CheckedEntry> = Vec::new();
-    let mut start = Vec::new();
-    loop {
-        let chunk = store.scan_each(tree, b"", &start, 1024)?;
-        let done = chunk.len() < 1024;
-        if let Some((last, _)) = chunk.last() {
-            start = last.clone();
-            start.push(0);
-        }
-        out.extend(chunk);
-        if done {
-            return Ok(out);
-        }
-    }
+    scan_whole(|start| store.scan_each(tree, b"", start, SCAN_CHUNK))
 }
 
 /// Every entry of a tree, in key order.
 pub fn scan_all(store: &dyn Store, tree: Tree) -> Result<Vec<Entry>> {
-    let mut out: Vec<Entry> = Vec::new();
+    scan_whole(|start| store.scan(tree, b"", start, SCAN_CHUNK))
+}
+
+/// Entries read per scan call when loading a whole tree.
+const SCAN_CHUNK: usize = 1024;
+
+/// Calls `chunk` from the start of a tree until it returns a short chunk, each time from just
+/// after the last key it returned.
+fn scan_whole<T>(
+    mut chunk: impl FnMut(&[u8]) -> std::result::Result<Vec<(Vec<u8>, T)>, StoreError>,
+) -> Result<Vec<(Vec<u8>, T)>> {
+    let mut out = Vec::new();
     let mut start = Vec::new();
     loop {
-        let chunk = store.scan(tree, b"", &start, 1024)?;
-        let done = chunk.len() < 1024;
-        if let Some((last, _)) = chunk.last() {
+        let got = chunk(&start)?;
+        let done = got.len() < SCAN_CHUNK;
+        if let Some((last, _)) = got.last() {
             start = last.clone();
             start.push(0);
         }
-        out.extend(chunk);
+        out.extend(got);
         if done {
             return Ok(out);
         }
