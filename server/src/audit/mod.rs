@@ -9,9 +9,10 @@
 //! non-reversible key id — never a value, a data key or an API key.
 //!
 //! Caller input is recorded before it is validated (a refusal is audited too), so it is bounded
-//! where records are written ([`AuditRecord::bound_input`]): a name, request id or identity is
-//! kept as received only if it is short, printable text; anything else is kept as a short
-//! excerpt and the first 16 hex digits of its SHA-256. The targets of a refused call take at
+//! where records are written ([`AuditRecord::bound_input`]): a target is kept as received only
+//! if it is written like a name (or a watched prefix), a request id or identity only if it is
+//! short, printable text, and none if it is an API key; anything else is kept as its first 16
+//! characters, its length and the first 16 hex digits of its SHA-256. The targets of a refused call take at
 //! most 4 KiB, those of an answered call at most 64 KiB; the rest are summed up in one last
 //! target. A caller with no grant cannot make the log keep (and fsync, and retain) its input.
 //!
@@ -93,6 +94,7 @@ use crate::clock::Millis;
 use crate::error::Code;
 use crate::tls::Peer;
 use sha2::{Digest, Sha256};
+use ward::keyformat::ApiKey;
 
 /// Format byte of chained records. Format 1 (unchained postcard records from before the chain)
 /// is refused like any unknown format: accepting it let whoever can write the database
@@ -252,7 +254,7 @@ impl AuditRecord {
         let mut used = 0;
         let mut kept = self.targets.len();
         for (i, (name, _)) in self.targets.iter_mut().enumerate() {
-            *name = as_received(name, crate::model::MAX_NAME_LEN + 1);
+            *name = target_as_received(name);
             used += name.len() + 12;
             if used > budget {
                 kept = i;
@@ -347,16 +349,41 @@ const MAX_TARGET_BYTES: usize = 64 * 1024;
 /// Bytes of targets a refused call may record.
 const MAX_REFUSED_TARGET_BYTES: usize = 4 * 1024;
 
-/// `s` itself if it is at most `max` bytes of text without control characters; otherwise an
-/// excerpt and a hash prefix, enough to recognise the input, never enough to store it.
+/// `s` itself if it is at most `max` bytes of text without control characters and is not an
+/// API key (a key pasted into the wrong field must not land in the log); otherwise
+/// [`digested`].
 fn as_received(s: &str, max: usize) -> String {
-    if s.len() <= max && !s.chars().any(char::is_control) {
-        return s.to_owned();
+    if s.len() <= max && !s.chars().any(char::is_control) && ApiKey::parse(s).is_err() {
+        s.to_owned()
+    } else {
+        digested(s)
     }
+}
+
+/// A target as received: kept only if it is written in the alphabet of names and name
+/// prefixes (`[a-z0-9._/-]`, and `*` for a watched prefix) and is no longer than one;
+/// anything else is bad input, recorded as [`digested`].
+fn target_as_received(name: &str) -> String {
+    let name_like = name.len() <= crate::model::MAX_NAME_LEN + 1
+        && name
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'/' | b'-' | b'*'));
+    if name_like && ApiKey::parse(name).is_err() {
+        name.to_owned()
+    } else {
+        digested(name)
+    }
+}
+
+/// Bad or oversized input as the log keeps it: its first 16 characters (escaped), its length
+/// and the first 16 hex digits of its SHA-256 — enough to recognise it, never enough to keep
+/// it, nor most of an API key pasted into the wrong field.
+fn digested(s: &str) -> String {
+    let head: String = s.chars().take(16).collect();
     let digest = Sha256::digest(s.as_bytes());
     format!(
-        "{} sha256:{}",
-        crate::model::excerpt(s),
+        "{head:?}… ({} bytes) sha256:{}",
+        s.len(),
         hex::encode(&digest[..8])
     )
 }
@@ -604,10 +631,23 @@ mod encoding_tests {
             r.targets[0]
         );
         assert!(
-            r.targets[2].0.starts_with("\"x\\ny\" sha256:"),
+            r.targets[2].0.starts_with("\"x\\ny\"… (3 bytes) sha256:"),
             "{:?}",
             r.targets[2]
         );
+        // An API key in a name or request id field is not kept, nor most of it.
+        let key = ApiKey::generate("ward", "prod").unwrap();
+        let mut k = sample();
+        k.targets = vec![(key.expose().to_owned(), 0), ("App/Db".into(), 0)];
+        k.target_codes = vec![];
+        k.request_id = key.expose().to_owned();
+        k.bound_input();
+        let body = &key.expose()[10..];
+        for kept in [&k.targets[0].0, &k.request_id] {
+            assert!(kept.contains("sha256:"), "{kept}");
+            assert!(!kept.contains(&body[6..12]), "{kept}");
+        }
+        assert!(k.targets[1].0.contains("sha256:"), "{:?}", k.targets[1]);
         assert!(!r.identity.contains('\n') && !r.identity.contains('\r'));
         // Many valid names on a refused call: at most 4 KiB of them, then one summary.
         let mut r = sample();
