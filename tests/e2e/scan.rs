@@ -24,25 +24,24 @@ fn write(dir: &Path, rel: &str, data: &[u8]) {
     std::fs::write(p, data).unwrap();
 }
 
+/// Issues an API key named `name` as `admin`; its plaintext.
+async fn issue(admin: &ward_client::Client, name: &str) -> String {
+    admin
+        .issue_key(pb::IssueKeyRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .api_key
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_finds_planted_keys_and_check_tells_live_from_dead() {
     let s = TestServer::start();
     let admin = s.client("admin").await;
-    let issue = |name: &'static str| {
-        let admin = admin.clone();
-        async move {
-            admin
-                .issue_key(pb::IssueKeyRequest {
-                    name: name.into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .api_key
-        }
-    };
-    let live = issue("scan/live").await;
-    let expired = issue("scan/expired").await;
+    let live = issue(&admin, "scan/live").await;
+    let expired = issue(&admin, "scan/expired").await;
     admin
         .update_key_policy(pb::UpdateKeyPolicyRequest {
             name: "scan/expired".into(),
@@ -190,19 +189,6 @@ async fn scan_check_counts_only_revoked_expired_and_destroyed_as_dead() {
     std::fs::write(&policy, text).unwrap();
     s.restart();
     let admin = s.client("admin").await;
-    let issue = |name: &'static str| {
-        let admin = admin.clone();
-        async move {
-            admin
-                .issue_key(pb::IssueKeyRequest {
-                    name: name.into(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .api_key
-        }
-    };
     // Version 1 of each is retired by a rotation with no grace, then revoked / destroyed / left.
     let retire = |name: &'static str| {
         let admin = admin.clone();
@@ -220,9 +206,9 @@ async fn scan_check_counts_only_revoked_expired_and_destroyed_as_dead() {
                 .unwrap();
         }
     };
-    let disabled = issue("scan/disabled").await;
+    let disabled = issue(&admin, "scan/disabled").await;
     retire("scan/disabled").await;
-    let revoked = issue("scan/revoked").await;
+    let revoked = issue(&admin, "scan/revoked").await;
     retire("scan/revoked").await;
     admin
         .revoke_secret(pb::RevokeSecretRequest {
@@ -233,7 +219,7 @@ async fn scan_check_counts_only_revoked_expired_and_destroyed_as_dead() {
         })
         .await
         .unwrap();
-    let destroyed = issue("scan/destroyed").await;
+    let destroyed = issue(&admin, "scan/destroyed").await;
     retire("scan/destroyed").await;
     admin
         .destroy_version(pb::DestroyVersionRequest {
@@ -243,7 +229,7 @@ async fn scan_check_counts_only_revoked_expired_and_destroyed_as_dead() {
         })
         .await
         .unwrap();
-    let hidden = issue("other/hidden").await;
+    let hidden = issue(&admin, "other/hidden").await;
 
     let scanner = s.issue_dev_cert("scanner", None);
     let scan = |dir: &Path| {
