@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use tonic::{Request, Response, Status};
 use ward::v1::{self as pb, secrets_server::Secrets, secrets_server::SecretsServer};
-use ward_server::tls::{Peer, TlsFiles, TlsReloader};
+use ward_server::identity::Peer;
+use ward_server::tls::{TlsFiles, TlsReloader};
 
 /// Answers every FetchSecret with the same `value_size`-byte value.
 pub struct Echo {

@@ -301,9 +301,38 @@ pub struct AuditConfig {
     pub max_streams: usize,
 }
 
+/// How the log checkpoints and prunes.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    /// A checkpoint after this many records.
+    pub checkpoint_every: u64,
+    /// A checkpoint at least this often while records arrive.
+    pub checkpoint_interval: Duration,
+    /// Label of the HSM key that signs checkpoints.
+    pub key_label: String,
+    /// Records younger than this are never pruned.
+    pub retention: Duration,
+    /// How often pruning runs.
+    pub prune_interval: Duration,
+}
+
+impl Default for AuditSettings {
+    /// A checkpoint every 10,000 records or 60 s, signed by `ward-audit-1`; 90 days' retention,
+    /// pruned hourly.
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 10_000,
+            checkpoint_interval: Duration::from_secs(60),
+            key_label: "ward-audit-1".into(),
+            retention: Duration::from_secs(90 * 24 * 3600),
+            prune_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
 impl Default for AuditConfig {
     fn default() -> Self {
-        let s = crate::audit::AuditSettings::default();
+        let s = AuditSettings::default();
         Self {
             checkpoint_every: s.checkpoint_every,
             checkpoint_interval: s.checkpoint_interval,
@@ -317,8 +346,8 @@ impl Default for AuditConfig {
 
 impl AuditConfig {
     /// The audit log's settings.
-    pub fn settings(&self) -> crate::audit::AuditSettings {
-        crate::audit::AuditSettings {
+    pub fn settings(&self) -> AuditSettings {
+        AuditSettings {
             checkpoint_every: self.checkpoint_every,
             checkpoint_interval: self.checkpoint_interval,
             key_label: self.checkpoint_key_label.clone(),

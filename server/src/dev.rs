@@ -4,7 +4,8 @@
 //! config file — then serves. Nothing here runs outside dev mode.
 
 use crate::config::Config;
-use crate::server::{create_private_dir, StartError};
+use crate::harden::create_private_dir;
+use crate::server::StartError;
 use rand::{rngs::OsRng, RngCore};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,

@@ -1,7 +1,8 @@
 //! Process hardening done once at start-up, before any thread or file exists: a private umask
 //! (so sled's own files, which it creates with the default mode, come out 0600 and its
 //! directories 0700), no core dumps (a dump of this process would hold the unsealed keyring),
-//! and the check that refuses private-key and PIN files that other users could read.
+//! the check that refuses private-key and PIN files that other users could read, and private
+//! directories for data and keys.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -90,4 +91,16 @@ mod tests {
         let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
     }
+}
+
+/// Creates `dir` (and parents) readable by the owner only.
+pub fn create_private_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("cannot restrict {}: {e}", dir.display()))
 }

@@ -1,38 +1,39 @@
 //! Ward server: a gRPC secrets vault over mutual TLS. Secrets are envelope-encrypted under a
 //! master key that never leaves a PKCS#11 HSM and kept in an embedded sled database.
 //!
-//! The data path reads top to bottom: transport (`service`, `keys_service`, `extauthz`,
-//! `admin_service`, `audit_service`, `tls`, `limits`) → `policy` → domain (`keys` above `vault`,
-//! `lifecycle`, `model`, `keypolicy`) → `envelope` → `store`, with `audit` and `metrics`
-//! alongside, and `slots` (per-identity counts) a leaf below transport and domain.
+//! Data flows one way, and the folders say so (docs/architecture.md draws it):
+//!
+//! ```text
+//! server, dev, main      wiring: configuration → HSM → store → vault → listeners
+//! grpc/                  transport: one file per service, wire.rs, status mapping, layers
+//! changes/               watch streams and the sweeper: follow the vault's changes
+//! keys/                  API-key verification at the edge: directory, GCRA, quota
+//! vault/                 the domain: every operation, one write path (vault/write.rs)
+//! audit/                 the tamper-evident audit log, its access and verification
+//! unseal, envelope       the keyring: unsealed by the HSM, seals values
+//! store/                 the store trait, sled, record MACs
+//! model/, policy, config, tls, identity, clock, error, metrics, slots, harden — leaves
+//! ```
 #![deny(missing_docs)]
 
-pub mod admin_service;
 pub mod audit;
-pub mod audit_service;
-pub mod backup;
-pub mod catch_panic;
+pub mod changes;
 pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod envelope;
 pub mod error;
-pub mod extauthz;
+pub mod grpc;
 pub mod harden;
-pub mod keypolicy;
+pub mod identity;
 pub mod keys;
-pub mod keys_service;
-pub mod lifecycle;
-pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod policy;
 #[cfg(test)]
 mod proptests;
 pub mod server;
-pub mod service;
 pub mod slots;
-pub mod status;
 pub mod store;
 #[cfg(test)]
 mod testutil;

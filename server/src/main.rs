@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    ward_server::catch_panic::install_hook();
+    ward_server::grpc::catch_panic::install_hook();
     for failure in hardening {
         tracing::warn!("{failure}");
     }
@@ -99,8 +99,8 @@ fn run(cli: Cli) -> Result<(), StartError> {
         }
         // The backup's signature is checked in the HSM before anything is written.
         let hsm = server::open_hsm(&cfg)?;
-        let r =
-            ward_server::backup::restore(from, &cfg.data_dir, &hsm).map_err(StartError::Storage)?;
+        let r = ward_server::vault::backup::restore(from, &cfg.data_dir, &hsm)
+            .map_err(StartError::Storage)?;
         println!(
             "restored {} entries into {}; serving it needs master key(s) {} on token {:?}",
             r.entries,

@@ -5,22 +5,26 @@
 //! mutual-TLS listener, and `/metrics` and `/healthz` on a plain-HTTP one, until SIGTERM or
 //! SIGINT.
 
-use crate::admin_service::AdminService;
 use crate::audit::{AuditAccess, AuditLog};
-use crate::audit_service::AuditService;
+use crate::changes::sweeper::SweepIndex;
+use crate::changes::watch::WatchHub;
 use crate::clock::{Clock, FileOffsetClock, SystemClock};
 use crate::config::Config;
 use crate::envelope::RECORD_MAC_LABEL;
-use crate::extauthz::ExtAuthzService;
-use crate::keypolicy::RateLimit;
+use crate::grpc::admin::AdminService;
+use crate::grpc::audit::AuditService;
+use crate::grpc::backup::BackupService;
+use crate::grpc::extauthz::ExtAuthzService;
+use crate::grpc::keys::KeysService;
+use crate::grpc::limits::{ConnLimits, IdentityCallsLayer};
+use crate::grpc::secrets::SecretsService;
+use crate::harden::create_private_dir;
 use crate::keys::directory::{DirectoryStore, KeyDirectory};
 use crate::keys::{KeySettings, Keys};
-use crate::keys_service::KeysService;
-use crate::limits::{ConnLimits, IdentityCallsLayer};
 use crate::metrics::{MeteredWrapper, RpcMetricsLayer};
+use crate::model::keypolicy::RateLimit;
 use crate::model::{Kind, VersionState};
 use crate::policy::Policy;
-use crate::service::SecretsService;
 use crate::store::sealed::SealedStore;
 use crate::store::sled_store::{SledStore, StoreOptions};
 use crate::store::Store;
@@ -234,6 +238,10 @@ pub async fn serve(
         )
         .with_scan_budget(cfg.limits.scan_budget),
     );
+    // Watch streams and the sweeper follow the vault's changes; it tells them, knowing
+    // neither.
+    let hub = Arc::new(WatchHub::new(settings.max_watches_per_identity));
+    let sweep_index = Arc::new(SweepIndex::default());
     let vault = Arc::new(Vault::new(
         store.clone(),
         audit,
@@ -242,9 +250,10 @@ pub async fn serve(
         policy,
         clock,
         settings,
+        vec![hub.clone(), sweep_index.clone()],
     ));
     let admin = AdminServer::new(AdminService::new(vault.clone(), wrapper.clone()));
-    let backup = BackupServer::new(crate::backup::BackupService::new(vault.clone()));
+    let backup = BackupServer::new(BackupService::new(vault.clone()));
     vault
         .usage()
         .load(&*store)
@@ -259,8 +268,10 @@ pub async fn serve(
     ));
     tracing::info!(keys = directory.index_len(), "key index loaded");
     crate::metrics::global().set_methods(served_methods());
-    let sweeper = tokio::spawn(crate::lifecycle::sweeper::run(
+    let sweeper = tokio::spawn(crate::changes::sweeper::run(
         vault.clone(),
+        sweep_index,
+        hub.closed(),
         Duration::from_millis(cfg.lifecycle.sweep_interval_ms),
     ));
 
@@ -280,7 +291,7 @@ pub async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| StartError::Other(format!("reflection: {e}")))?;
-    let secrets = SecretsServer::new(SecretsService::new(vault.clone()))
+    let secrets = SecretsServer::new(SecretsService::new(vault.clone(), hub.clone()))
         .max_decoding_message_size(cfg.limits.max_request_bytes);
     let keys_service = KeysServer::new(KeysService::new(keys.clone(), vault.clone()))
         .max_decoding_message_size(cfg.limits.max_request_bytes);
@@ -341,9 +352,11 @@ pub async fn serve(
         .layer(RpcMetricsLayer)
         .layer(IdentityCallsLayer::new(l.max_calls_per_identity))
         .layer(tower::util::MapResponseLayer::new(
-            crate::status::size_limit_status as fn(_) -> _,
+            crate::grpc::status::size_limit_status as fn(_) -> _,
         ))
-        .layer(crate::catch_panic::CatchPanicLayer::new(vault.clone()))
+        .layer(crate::grpc::catch_panic::CatchPanicLayer::new(
+            vault.clone(),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -357,11 +370,11 @@ pub async fn serve(
             shutdown_or_stall(stalled.clone()).await;
             // Watch streams never end on their own; end them (clients reconnect elsewhere or
             // later) so the graceful shutdown does not wait on them. Stops the sweeper too.
-            vault.watch_hub().close();
+            hub.close();
         })
         .await
         .map_err(|e| StartError::Other(format!("server: {e}")));
-    vault.watch_hub().close();
+    hub.close();
     let _ = sweeper.await;
     flusher.abort();
     // Usage counters since the last periodic flush, made durable before exit.
@@ -640,16 +653,4 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutting down");
-}
-
-/// Creates `dir` (and parents) readable by the owner only.
-pub fn create_private_dir(dir: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("cannot restrict {}: {e}", dir.display()))
 }

@@ -3,6 +3,8 @@
 //! the test moves.
 
 use crate::audit::{AuditLog, AuditSettings};
+use crate::changes::sweeper::SweepIndex;
+use crate::changes::watch::WatchHub;
 use crate::clock::{Clock, ManualClock};
 use crate::policy::Policy;
 use crate::store::Store;
@@ -20,6 +22,16 @@ pub(crate) async fn vault_over(
     policy: &str,
     grace_ms: u64,
 ) -> (Arc<Vault>, Arc<ManualClock>) {
+    let (vault, clock, _) = followed_vault_over(store, policy, grace_ms).await;
+    (vault, clock)
+}
+
+/// [`vault_over`], with a watch hub and a sweeper index following its changes.
+pub(crate) async fn followed_vault_over(
+    store: Arc<dyn Store>,
+    policy: &str,
+    grace_ms: u64,
+) -> (Arc<Vault>, Arc<ManualClock>, Followers) {
     let hsm = InMemoryWrapper::new();
     hsm.create_master_key("m").unwrap();
     hsm.create_mac_key("ward-audit-1").unwrap();
@@ -40,6 +52,10 @@ pub(crate) async fn vault_over(
         max_watches_per_identity: 256,
         scan_budget: 10_000,
     };
+    let followers = Followers {
+        hub: Arc::new(WatchHub::new(settings.max_watches_per_identity)),
+        sweep: Arc::new(SweepIndex::default()),
+    };
     let vault = Vault::new(
         store,
         audit,
@@ -48,6 +64,15 @@ pub(crate) async fn vault_over(
         Policy::parse(policy).unwrap(),
         clock.clone(),
         settings,
+        vec![followers.hub.clone(), followers.sweep.clone()],
     );
-    (Arc::new(vault), clock)
+    (Arc::new(vault), clock, followers)
+}
+
+/// What follows a test vault's changes.
+pub(crate) struct Followers {
+    /// Watch streams.
+    pub hub: Arc<WatchHub>,
+    /// The sweeper's deadline index.
+    pub sweep: Arc<SweepIndex>,
 }

@@ -14,6 +14,7 @@
 //! certificate itself is valid) but every call on it is answered UNAUTHENTICATED, saying why.
 
 use crate::config::TlsConfig;
+use crate::identity::Peer;
 use futures::task::AtomicWaker;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
@@ -34,15 +35,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::transport::server::Connected;
 use x509_parser::extensions::GeneralName;
-
-/// Who is calling: taken from the verified client certificate, never from the request.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    /// Identity: first URI SAN, else subject CN.
-    pub identity: Arc<str>,
-    /// Remote address.
-    pub addr: SocketAddr,
-}
 
 /// The files a TLS configuration is built from (PEM; CRLs PEM or DER).
 #[derive(Debug, Clone)]

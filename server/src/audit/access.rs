@@ -11,8 +11,8 @@
 use super::{AuditLog, AuditRecord, Event, Stored, Verification};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
+use crate::identity::Peer;
 use crate::policy::{glob, Policy, Verb};
-use crate::tls::Peer;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};

@@ -6,6 +6,7 @@ use super::{
     GENESIS, PRUNE_METHOD, USE_METHODS,
 };
 use crate::clock::{Clock, Millis};
+use crate::config::AuditSettings;
 use crate::error::{Code, Error, Result};
 use crate::store::{version_key, Batch, Store, StoreError, Tree};
 use serde::{Deserialize, Serialize};
@@ -25,35 +26,6 @@ const USAGE_RESOLUTION_MS: u64 = 60_000;
 const USAGE_MEMORY: usize = 100_000;
 /// Pause after a failed checkpoint before the next attempt.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(5);
-
-/// How the log checkpoints and prunes.
-#[derive(Debug, Clone)]
-pub struct AuditSettings {
-    /// A checkpoint after this many records.
-    pub checkpoint_every: u64,
-    /// A checkpoint at least this often while records arrive.
-    pub checkpoint_interval: Duration,
-    /// Label of the HSM key that signs checkpoints.
-    pub key_label: String,
-    /// Records younger than this are never pruned.
-    pub retention: Duration,
-    /// How often pruning runs.
-    pub prune_interval: Duration,
-}
-
-impl Default for AuditSettings {
-    /// A checkpoint every 10,000 records or 60 s, signed by `ward-audit-1`; 90 days' retention,
-    /// pruned hourly.
-    fn default() -> Self {
-        Self {
-            checkpoint_every: 10_000,
-            checkpoint_interval: Duration::from_secs(60),
-            key_label: "ward-audit-1".into(),
-            retention: Duration::from_secs(90 * 24 * 3600),
-            prune_interval: Duration::from_secs(3600),
-        }
-    }
-}
 
 /// The last use of a secret version, kept from the audit log's own events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

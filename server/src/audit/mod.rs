@@ -86,13 +86,14 @@ mod log;
 mod tests;
 mod verify;
 
+pub use crate::config::AuditSettings;
 pub use access::{code_name, AuditAccess, Outcome, StreamItem, StreamQuery, StreamReader};
-pub use log::{AuditLog, AuditSettings, PruneReport, UsageFact};
+pub use log::{AuditLog, PruneReport, UsageFact};
 pub use verify::{Broken, Problem, Verification};
 
 use crate::clock::Millis;
 use crate::error::Code;
-use crate::tls::Peer;
+use crate::identity::Peer;
 use sha2::{Digest, Sha256};
 use ward::keyformat::ApiKey;
 

@@ -29,7 +29,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::{KeyIndexEntry, Kind, SecretRecord};
-use crate::store::{decode, Batch, CheckedEntry, Entry, Store, StoreError, Tree};
+use crate::store::{decode, scan_all_checked, Batch, CheckedEntry, Entry, Store, StoreError, Tree};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -220,40 +220,6 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Every entry of a tree, in key order, each checked on its own ([`Store::scan_each`]).
-fn scan_all_checked(store: &dyn Store, tree: Tree) -> Result<Vec<CheckedEntry>> {
-    scan_whole(|start| store.scan_each(tree, b"", start, SCAN_CHUNK))
-}
-
-/// Every entry of a tree, in key order.
-pub fn scan_all(store: &dyn Store, tree: Tree) -> Result<Vec<Entry>> {
-    scan_whole(|start| store.scan(tree, b"", start, SCAN_CHUNK))
-}
-
-/// Entries read per scan call when loading a whole tree.
-const SCAN_CHUNK: usize = 1024;
-
-/// Calls `chunk` from the start of a tree until it returns a short chunk, each time from just
-/// after the last key it returned.
-fn scan_whole<T>(
-    mut chunk: impl FnMut(&[u8]) -> std::result::Result<Vec<(Vec<u8>, T)>, StoreError>,
-) -> Result<Vec<(Vec<u8>, T)>> {
-    let mut out = Vec::new();
-    let mut start = Vec::new();
-    loop {
-        let got = chunk(&start)?;
-        let done = got.len() < SCAN_CHUNK;
-        if let Some((last, _)) = got.last() {
-            start = last.clone();
-            start.push(0);
-        }
-        out.extend(got);
-        if done {
-            return Ok(out);
-        }
-    }
 }
 
 /// The store every component uses: it forwards to the real store and keeps the

@@ -11,7 +11,7 @@
 //! once a second. What remains is only keys used within their last burst window.
 
 use crate::clock::Millis;
-use crate::keypolicy::RateLimit;
+use crate::model::keypolicy::RateLimit;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Mutex, PoisonError};

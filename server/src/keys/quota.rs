@@ -22,7 +22,7 @@
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
-use crate::keypolicy::Quota;
+use crate::model::keypolicy::Quota;
 use crate::store::{decode, encode, Batch, Store, Tree};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

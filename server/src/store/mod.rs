@@ -330,3 +330,37 @@ pub fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> crate
         ))),
     }
 }
+
+/// Every entry of a tree, in key order, each checked on its own ([`Store::scan_each`]).
+pub fn scan_all_checked(store: &dyn Store, tree: Tree) -> crate::error::Result<Vec<CheckedEntry>> {
+    scan_whole(|start| store.scan_each(tree, b"", start, SCAN_CHUNK))
+}
+
+/// Every entry of a tree, in key order.
+pub fn scan_all(store: &dyn Store, tree: Tree) -> crate::error::Result<Vec<Entry>> {
+    scan_whole(|start| store.scan(tree, b"", start, SCAN_CHUNK))
+}
+
+/// Entries read per scan call when loading a whole tree.
+const SCAN_CHUNK: usize = 1024;
+
+/// Calls `chunk` from the start of a tree until it returns a short chunk, each time from just
+/// after the last key it returned.
+fn scan_whole<T>(
+    mut chunk: impl FnMut(&[u8]) -> std::result::Result<Vec<(Vec<u8>, T)>, StoreError>,
+) -> crate::error::Result<Vec<(Vec<u8>, T)>> {
+    let mut out = Vec::new();
+    let mut start = Vec::new();
+    loop {
+        let got = chunk(&start)?;
+        let done = got.len() < SCAN_CHUNK;
+        if let Some((last, _)) = got.last() {
+            start = last.clone();
+            start.push(0);
+        }
+        out.extend(got);
+        if done {
+            return Ok(out);
+        }
+    }
+}

@@ -8,9 +8,9 @@ use crate::audit::AuditRecord;
 use crate::clock::Millis;
 use crate::envelope::{index_key_aad, keyring_aad, random_key};
 use crate::error::{Error, Result};
+use crate::identity::Peer;
 use crate::policy::Verb;
 use crate::store::{encode, Batch, Tree};
-use crate::tls::Peer;
 use crate::unseal::{
     self, charge_wraps, index_key_entry, keyring_entries, wrap_count, KeyringEntry,
     WrappedIndexKey, INDEX_KEY, MASTER_KEY_WRAP_LIMIT,

@@ -14,10 +14,10 @@
 //! Panics inside a streaming response's body (after the handler has answered) end that stream;
 //! its call was audited when it was opened.
 
+use super::status::to_status;
 use crate::audit::AuditRecord;
 use crate::error::Code;
-use crate::status::to_status;
-use crate::tls::Peer;
+use crate::identity::Peer;
 use crate::vault::Vault;
 use futures::future::BoxFuture;
 use futures::FutureExt;

@@ -1,8 +1,8 @@
 //! The tonic service `ward.v1.Admin`: key management over a [`Vault`]. Conversion only.
 
+use super::peer;
+use super::status::to_status;
 use crate::clock::to_timestamp;
-use crate::service::peer;
-use crate::status::to_status;
 use crate::vault::Vault;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};

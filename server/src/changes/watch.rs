@@ -11,12 +11,12 @@
 use crate::audit::AuditRecord;
 use crate::clock::Millis;
 use crate::error::{Error, Result};
+use crate::identity::Peer;
 use crate::model::{Kind, SecretName, SecretRecord, StateReason, VersionState, MAX_NAME_LEN};
 use crate::policy::Verb;
 use crate::slots::{IdentitySlot, PerIdentity};
 use crate::store::{decode, Tree};
-use crate::tls::Peer;
-use crate::vault::Vault;
+use crate::vault::{ChangeSink, Vault};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -32,7 +32,8 @@ pub const MAX_HELD_SECRETS: usize = 1000;
 /// Most held versions per secret.
 pub const MAX_HELD_VERSIONS: usize = 100;
 
-/// The broadcast from the write path to every watch stream, the shutdown switch that ends
+/// The broadcast from the write path to every watch stream (a [`ChangeSink`] the vault is
+/// given at construction), the shutdown switch that ends
 /// the streams (and the sweeper) so a graceful shutdown is not held up by them, and the count
 /// of open streams per identity (each stream holds a task and a broadcast receiver).
 pub struct WatchHub {
@@ -92,6 +93,12 @@ impl WatchHub {
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
         self.changes.subscribe()
+    }
+}
+
+impl ChangeSink for WatchHub {
+    fn durable(&self, name: &str) {
+        self.publish(name);
     }
 }
 
@@ -182,291 +189,297 @@ impl Scope {
 
 type Sender = mpsc::Sender<Result<WatchEvent>>;
 
-impl Vault {
+impl WatchHub {
     /// Opens a watch: checks and audits the request (the record is durable before anything is
     /// sent), then streams events from a task of its own until the client goes away, the
     /// server shuts down, or (with `sync_only`) SYNCED has been sent.
     pub async fn watch(
-        self: &Arc<Self>,
+        &self,
+        vault: &Arc<Vault>,
         peer: &Peer,
         input: WatchInput,
     ) -> Result<mpsc::Receiver<Result<WatchEvent>>> {
-        let mut rec = AuditRecord::new(peer, "WatchSecrets", self.now());
-        let opened = self
-            .watch_open(peer, &input, &mut rec)
-            .and_then(|(scope, known)| {
-                let slot = self.watch.slot(&peer.identity)?;
-                Ok((scope, known, slot))
-            });
-        let (scope, known, slot) = self.finish_read(rec, opened).await?;
+        let mut rec = AuditRecord::new(peer, "WatchSecrets", vault.now());
+        let opened = watch_open(vault, peer, &input, &mut rec).and_then(|(scope, known)| {
+            let slot = self.slot(&peer.identity)?;
+            Ok((scope, known, slot))
+        });
+        let (scope, known, slot) = vault.finish_read(rec, opened).await?;
         // Subscribe before the first snapshot is read, so no change falls in between.
-        let changes = self.watch.subscribe();
+        let changes = self.subscribe();
+        let closed = self.closed();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let vault = self.clone();
+        let vault = vault.clone();
         let identity = peer.identity.clone();
         tokio::spawn(async move {
-            vault
-                .run_watch(identity, scope, known, input.sync_only, changes, tx)
-                .await;
+            run_watch(
+                vault,
+                closed,
+                identity,
+                scope,
+                known,
+                input.sync_only,
+                changes,
+                tx,
+            )
+            .await;
             drop(slot);
         });
         Ok(rx)
     }
+}
 
-    fn watch_open(
-        &self,
-        peer: &Peer,
-        input: &WatchInput,
-        rec: &mut AuditRecord,
-    ) -> Result<(Scope, BTreeMap<String, Known>)> {
-        if input.names.len() > MAX_WATCH_NAMES {
+fn watch_open(
+    vault: &Vault,
+    peer: &Peer,
+    input: &WatchInput,
+    rec: &mut AuditRecord,
+) -> Result<(Scope, BTreeMap<String, Known>)> {
+    if input.names.len() > MAX_WATCH_NAMES {
+        return Err(Error::invalid(format!(
+            "{} names; at most {MAX_WATCH_NAMES} per watch",
+            input.names.len()
+        )));
+    }
+    if input.held.len() > MAX_HELD_SECRETS {
+        return Err(Error::invalid(format!(
+            "{} held secrets; at most {MAX_HELD_SECRETS}",
+            input.held.len()
+        )));
+    }
+    let scope = if input.names.is_empty() {
+        if input.name_prefix.len() > MAX_NAME_LEN {
+            return Err(Error::invalid("name_prefix longer than 256 bytes"));
+        }
+        rec.targets = vec![(format!("{}*", input.name_prefix), 0)];
+        if !vault.policy().grants_any(&peer.identity, Verb::Read) {
+            return Err(Error::PermissionDenied {
+                identity: peer.identity.to_string(),
+                verb: Verb::Read.name(),
+                target: format!("{}*", input.name_prefix),
+            });
+        }
+        Scope::Prefix(input.name_prefix.clone())
+    } else {
+        if !input.name_prefix.is_empty() {
+            return Err(Error::invalid("give names or name_prefix, not both"));
+        }
+        rec.targets = input.names.iter().map(|n| (n.clone(), 0)).collect();
+        let mut names = BTreeSet::new();
+        for n in &input.names {
+            let name = SecretName::parse(n)?;
+            vault.authorize(peer, Verb::Read, &name, None)?;
+            // A name in an environment the caller may not read is watched like a missing
+            // one: the stream shows it only if it ever becomes readable (see `send_diffs`),
+            // so opening a watch tells nothing about what exists elsewhere.
+            names.insert(name.to_string());
+        }
+        Scope::Names(names)
+    };
+    let mut known = BTreeMap::new();
+    for h in &input.held {
+        let name = SecretName::parse(&h.name)?;
+        if h.versions.len() > MAX_HELD_VERSIONS {
             return Err(Error::invalid(format!(
-                "{} names; at most {MAX_WATCH_NAMES} per watch",
-                input.names.len()
+                "{name}: {} held versions; at most {MAX_HELD_VERSIONS}",
+                h.versions.len()
             )));
         }
-        if input.held.len() > MAX_HELD_SECRETS {
-            return Err(Error::invalid(format!(
-                "{} held secrets; at most {MAX_HELD_SECRETS}",
-                input.held.len()
-            )));
-        }
-        let scope = if input.names.is_empty() {
-            if input.name_prefix.len() > MAX_NAME_LEN {
-                return Err(Error::invalid("name_prefix longer than 256 bytes"));
-            }
-            rec.targets = vec![(format!("{}*", input.name_prefix), 0)];
-            if !self.policy.grants_any(&peer.identity, Verb::Read) {
-                return Err(Error::PermissionDenied {
-                    identity: peer.identity.to_string(),
-                    verb: Verb::Read.name(),
-                    target: format!("{}*", input.name_prefix),
-                });
-            }
-            Scope::Prefix(input.name_prefix.clone())
-        } else {
-            if !input.name_prefix.is_empty() {
-                return Err(Error::invalid("give names or name_prefix, not both"));
-            }
-            rec.targets = input.names.iter().map(|n| (n.clone(), 0)).collect();
-            let mut names = BTreeSet::new();
-            for n in &input.names {
-                let name = SecretName::parse(n)?;
-                self.authorize(peer, Verb::Read, &name, None)?;
-                // A name in an environment the caller may not read is watched like a missing
-                // one: the stream shows it only if it ever becomes readable (see `send_diffs`),
-                // so opening a watch tells nothing about what exists elsewhere.
-                names.insert(name.to_string());
-            }
-            Scope::Names(names)
-        };
-        let mut known = BTreeMap::new();
-        for h in &input.held {
-            let name = SecretName::parse(&h.name)?;
-            if h.versions.len() > MAX_HELD_VERSIONS {
+        let mut k = Known::default();
+        for &(v, state) in &h.versions {
+            if v == 0 {
                 return Err(Error::invalid(format!(
-                    "{name}: {} held versions; at most {MAX_HELD_VERSIONS}",
-                    h.versions.len()
+                    "{name}: held versions are numbered from 1"
                 )));
             }
-            let mut k = Known::default();
-            for &(v, state) in &h.versions {
-                if v == 0 {
-                    return Err(Error::invalid(format!(
-                        "{name}: held versions are numbered from 1"
-                    )));
-                }
-                k.versions.insert(v, state);
-            }
-            known.insert(name.to_string(), k);
+            k.versions.insert(v, state);
         }
-        Ok((scope, known))
+        known.insert(name.to_string(), k);
     }
+    Ok((scope, known))
+}
 
-    async fn run_watch(
-        self: Arc<Self>,
-        identity: Arc<str>,
-        scope: Scope,
-        mut known: BTreeMap<String, Known>,
-        sync_only: bool,
-        mut changes: broadcast::Receiver<Arc<str>>,
-        tx: Sender,
-    ) {
-        let mut closed = self.watch.closed();
-        let initial = self.names_in(&scope).await;
-        if self
-            .send_diffs(&identity, initial, &mut known, &tx)
+#[allow(clippy::too_many_arguments)]
+async fn run_watch(
+    vault: Arc<Vault>,
+    mut closed: watch::Receiver<bool>,
+    identity: Arc<str>,
+    scope: Scope,
+    mut known: BTreeMap<String, Known>,
+    sync_only: bool,
+    mut changes: broadcast::Receiver<Arc<str>>,
+    tx: Sender,
+) {
+    let initial = names_in(&vault, &scope).await;
+    if send_diffs(&vault, &identity, initial, &mut known, &tx)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let synced = WatchEvent {
+        kind: EventKind::Synced,
+        name: String::new(),
+        version: 0,
+        state: None,
+        reason: String::new(),
+        time_ms: vault.now(),
+        secret: None,
+    };
+    if tx.send(Ok(synced)).await.is_err() || sync_only {
+        return;
+    }
+    loop {
+        let names = tokio::select! {
+            _ = async { let _ = closed.wait_for(|c| *c).await; } => {
+                let _ = tx
+                    .send(Err(Error::Unavailable(
+                        "server shutting down; reconnect and resend what you hold".into(),
+                    )))
+                    .await;
+                return;
+            }
+            _ = tx.closed() => return,
+            msg = changes.recv() => match msg {
+                Ok(name) if scope.covers(&name) => Ok(vec![name.to_string()]),
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "watcher lagged; recomputing its differences");
+                    names_in(&vault, &scope).await
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        if send_diffs(&vault, &identity, names, &mut known, &tx)
             .await
             .is_err()
         {
             return;
         }
-        let synced = WatchEvent {
-            kind: EventKind::Synced,
-            name: String::new(),
-            version: 0,
-            state: None,
-            reason: String::new(),
-            time_ms: self.now(),
-            secret: None,
-        };
-        if tx.send(Ok(synced)).await.is_err() || sync_only {
-            return;
-        }
-        loop {
-            let names = tokio::select! {
-                _ = async { let _ = closed.wait_for(|c| *c).await; } => {
-                    let _ = tx
-                        .send(Err(Error::Unavailable(
-                            "server shutting down; reconnect and resend what you hold".into(),
-                        )))
-                        .await;
-                    return;
-                }
-                _ = tx.closed() => return,
-                msg = changes.recv() => match msg {
-                    Ok(name) if scope.covers(&name) => Ok(vec![name.to_string()]),
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::debug!(missed, "watcher lagged; recomputing its differences");
-                        self.names_in(&scope).await
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-            };
-            if self
-                .send_diffs(&identity, names, &mut known, &tx)
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-
-    /// Every name the scope covers now.
-    fn scope_names(&self, scope: &Scope) -> Result<Vec<String>> {
-        match scope {
-            Scope::Names(names) => Ok(names.iter().cloned().collect()),
-            Scope::Prefix(prefix) => {
-                let mut out = Vec::new();
-                let mut start = Vec::new();
-                loop {
-                    let chunk = self
-                        .store
-                        .scan(Tree::Secrets, prefix.as_bytes(), &start, 256)?;
-                    let exhausted = chunk.len() < 256;
-                    for (key, _) in chunk {
-                        out.push(String::from_utf8_lossy(&key).into_owned());
-                        start = key;
-                        start.push(0);
-                    }
-                    if exhausted {
-                        return Ok(out);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every name the scope covers now, read off the async workers.
-    async fn names_in(self: &Arc<Self>, scope: &Scope) -> Result<Vec<String>> {
-        match scope {
-            Scope::Names(names) => Ok(names.iter().cloned().collect()),
-            Scope::Prefix(_) => {
-                let (vault, scope) = (self.clone(), scope.clone());
-                tokio::task::spawn_blocking(move || vault.scope_names(&scope))
-                    .await
-                    .unwrap_or_else(|e| Err(Error::Internal(format!("watch task: {e}"))))
-            }
-        }
-    }
-
-    /// Sends what differs for each of `names` from what the client was told, and remembers
-    /// what it sent. The records are read and compared off the async workers, `scan_budget`
-    /// names at a time, so a wide scope under a narrow grant (most names invisible to the
-    /// caller) never holds a worker. Err(()) when the stream is over (client gone, or an error
-    /// was sent).
-    async fn send_diffs(
-        self: &Arc<Self>,
-        identity: &Arc<str>,
-        names: Result<Vec<String>>,
-        known: &mut BTreeMap<String, Known>,
-        tx: &Sender,
-    ) -> std::result::Result<(), ()> {
-        let names = match names {
-            Ok(n) => n,
-            Err(e) => return fail(tx, e).await,
-        };
-        let budget = self.settings.scan_budget.max(1);
-        let mut names = names.into_iter().peekable();
-        while names.peek().is_some() {
-            let batch: Vec<(String, Option<Known>)> = names
-                .by_ref()
-                .take(budget)
-                .map(|n| {
-                    let held = known.get(&n).cloned();
-                    (n, held)
-                })
-                .collect();
-            let (vault, id) = (self.clone(), identity.clone());
-            let step = tokio::task::spawn_blocking(move || vault.diff_batch(&id, batch))
-                .await
-                .unwrap_or_else(|e| Err(Error::Internal(format!("watch task: {e}"))));
-            let seen = match step {
-                Ok(s) => s,
-                Err(e) => return fail(tx, e).await,
-            };
-            for (name, seen) in seen {
-                match seen {
-                    Seen::Gone => {}
-                    Seen::Hidden => {
-                        known.remove(&name);
-                    }
-                    Seen::Now(events, next) => {
-                        for event in events {
-                            tx.send(Ok(event)).await.map_err(|_| ())?;
-                        }
-                        known.insert(name, next);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// What each of `batch` (a name and what the client holds of it) looks like to
-    /// `identity` now (blocking: store reads).
-    fn diff_batch(
-        &self,
-        identity: &str,
-        batch: Vec<(String, Option<Known>)>,
-    ) -> Result<Vec<(String, Seen)>> {
-        let mut out = Vec::with_capacity(batch.len());
-        for (name, held) in batch {
-            let Some(raw) = self.store.get(Tree::Secrets, name.as_bytes())? else {
-                out.push((name, Seen::Gone));
-                continue;
-            };
-            let mut secret: SecretRecord = decode("secret", &raw)?;
-            if !self.policy.allows(
-                identity,
-                Verb::Read,
-                &secret.name,
-                Some(&secret.environment),
-            ) {
-                out.push((name, Seen::Hidden));
-                continue;
-            }
-            let now = self.now();
-            secret.settle(now);
-            let (events, next) = diff(held.as_ref(), &secret, now);
-            out.push((name, Seen::Now(events, next)));
-        }
-        Ok(out)
     }
 }
 
+/// Every name the scope covers now.
+fn scope_names(vault: &Vault, scope: &Scope) -> Result<Vec<String>> {
+    match scope {
+        Scope::Names(names) => Ok(names.iter().cloned().collect()),
+        Scope::Prefix(prefix) => {
+            let mut out = Vec::new();
+            let mut start = Vec::new();
+            loop {
+                let chunk = vault
+                    .store()
+                    .scan(Tree::Secrets, prefix.as_bytes(), &start, 256)?;
+                let exhausted = chunk.len() < 256;
+                for (key, _) in chunk {
+                    out.push(String::from_utf8_lossy(&key).into_owned());
+                    start = key;
+                    start.push(0);
+                }
+                if exhausted {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+}
+
+/// Every name the scope covers now, read off the async workers.
+async fn names_in(vault: &Arc<Vault>, scope: &Scope) -> Result<Vec<String>> {
+    match scope {
+        Scope::Names(names) => Ok(names.iter().cloned().collect()),
+        Scope::Prefix(_) => {
+            let (vault, scope) = (vault.clone(), scope.clone());
+            tokio::task::spawn_blocking(move || scope_names(&vault, &scope))
+                .await
+                .unwrap_or_else(|e| Err(Error::Internal(format!("watch task: {e}"))))
+        }
+    }
+}
+
+/// Sends what differs for each of `names` from what the client was told, and remembers
+/// what it sent. The records are read and compared off the async workers, `scan_budget`
+/// names at a time, so a wide scope under a narrow grant (most names invisible to the
+/// caller) never holds a worker. Err(()) when the stream is over (client gone, or an error
+/// was sent).
+async fn send_diffs(
+    vault: &Arc<Vault>,
+    identity: &Arc<str>,
+    names: Result<Vec<String>>,
+    known: &mut BTreeMap<String, Known>,
+    tx: &Sender,
+) -> std::result::Result<(), ()> {
+    let names = match names {
+        Ok(n) => n,
+        Err(e) => return fail(tx, e).await,
+    };
+    let budget = vault.settings().scan_budget.max(1);
+    let mut names = names.into_iter().peekable();
+    while names.peek().is_some() {
+        let batch: Vec<(String, Option<Known>)> = names
+            .by_ref()
+            .take(budget)
+            .map(|n| {
+                let held = known.get(&n).cloned();
+                (n, held)
+            })
+            .collect();
+        let (vault, id) = (vault.clone(), identity.clone());
+        let step = tokio::task::spawn_blocking(move || diff_batch(&vault, &id, batch))
+            .await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("watch task: {e}"))));
+        let seen = match step {
+            Ok(s) => s,
+            Err(e) => return fail(tx, e).await,
+        };
+        for (name, seen) in seen {
+            match seen {
+                Seen::Gone => {}
+                Seen::Hidden => {
+                    known.remove(&name);
+                }
+                Seen::Now(events, next) => {
+                    for event in events {
+                        tx.send(Ok(event)).await.map_err(|_| ())?;
+                    }
+                    known.insert(name, next);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What each of `batch` (a name and what the client holds of it) looks like to
+/// `identity` now (blocking: store reads).
+fn diff_batch(
+    vault: &Vault,
+    identity: &str,
+    batch: Vec<(String, Option<Known>)>,
+) -> Result<Vec<(String, Seen)>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for (name, held) in batch {
+        let Some(raw) = vault.store().get(Tree::Secrets, name.as_bytes())? else {
+            out.push((name, Seen::Gone));
+            continue;
+        };
+        let mut secret: SecretRecord = decode("secret", &raw)?;
+        if !vault.policy().allows(
+            identity,
+            Verb::Read,
+            &secret.name,
+            Some(&secret.environment),
+        ) {
+            out.push((name, Seen::Hidden));
+            continue;
+        }
+        let now = vault.now();
+        secret.settle(now);
+        let (events, next) = diff(held.as_ref(), &secret, now);
+        out.push((name, Seen::Now(events, next)));
+    }
+    Ok(out)
+}
 /// One secret as a watch step found it.
 enum Seen {
     /// Not stored (any more): nothing to say.

@@ -23,11 +23,10 @@
 use crate::audit::AuditRecord;
 use crate::clock::Millis;
 use crate::error::{Error, Result};
-use crate::lifecycle::ops::NewValue;
+use crate::identity::Peer;
 use crate::model::{Kind, SecretRecord, VersionState};
-use crate::store::{decode, encode, Batch, Tree};
-use crate::tls::Peer;
-use crate::vault::Vault;
+use crate::store::{decode, Tree};
+use crate::vault::{rewrite, ChangeSink, NewValue, Vault};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -37,9 +36,13 @@ use ward::keyformat::ApiKey;
 /// The identity audit records of the sweeper's changes carry.
 pub const SCHEDULER_IDENTITY: &str = "ward/scheduler";
 
-/// Runs sweeps every `interval` until the vault's watch hub is closed (shutdown).
-pub async fn run(vault: Arc<Vault>, interval: Duration) {
-    let mut closed = vault.watch_hub().closed();
+/// Runs sweeps every `interval` until `closed` turns true (the watch hub's, at shutdown).
+pub async fn run(
+    vault: Arc<Vault>,
+    index: Arc<SweepIndex>,
+    mut closed: tokio::sync::watch::Receiver<bool>,
+    interval: Duration,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -47,7 +50,7 @@ pub async fn run(vault: Arc<Vault>, interval: Duration) {
             _ = tick.tick() => {}
             _ = async { let _ = closed.wait_for(|c| *c).await; } => return,
         }
-        if let Err(e) = vault.sweep().await {
+        if let Err(e) = index.sweep(&vault).await {
             tracing::warn!(error = %e, "sweep failed; retrying at the next pass");
         }
     }
@@ -140,6 +143,13 @@ impl SweepIndex {
     }
 }
 
+/// Every commit that writes a secret record marks its name dirty.
+impl ChangeSink for SweepIndex {
+    fn committed(&self, name: &[u8]) {
+        self.touch(std::iter::once(name));
+    }
+}
+
 /// What one secret needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Work {
@@ -151,25 +161,24 @@ enum Work {
     FlagDue,
 }
 
-impl Vault {
+impl SweepIndex {
     /// One pass: every secret whose deadline has come. Returns the names it changed (watchers
     /// have been told).
-    pub async fn sweep(&self) -> Result<Vec<String>> {
-        let now = self.now();
+    pub async fn sweep(&self, vault: &Vault) -> Result<Vec<String>> {
+        let now = vault.now();
         // Taken before reading: a write that lands during this pass is re-read by the next.
-        let dirty = self.sweep_index.take_dirty();
+        let dirty = self.take_dirty();
         let full = self
-            .sweep_index
             .due
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .scanned
             .is_none_or(|at| at.elapsed() >= FULL_SCAN_EVERY);
         if full {
-            self.index_every_secret(now)?;
+            self.index_every_secret(vault, now)?;
         } else {
             for name in dirty {
-                let deadline = match self.store.get(Tree::Secrets, &name)? {
+                let deadline = match vault.store().get(Tree::Secrets, &name)? {
                     Some(raw) => next_deadline(&decode("secret", &raw)?, now),
                     None => None,
                 };
@@ -186,11 +195,11 @@ impl Vault {
         };
         let mut changed = Vec::new();
         for name in due {
-            let Some(raw) = self.store.get(Tree::Secrets, &name)? else {
+            let Some(raw) = vault.store().get(Tree::Secrets, &name)? else {
                 self.deadlines().set(&name, None);
                 continue;
             };
-            match self.sweep_one(raw).await {
+            match self.sweep_one(vault, raw).await {
                 // Written through commit_with_audit, so dirty: the next pass re-reads it.
                 Ok(Some(name)) => changed.push(name),
                 // Nothing to do, or a caller changed it first (dirty too): keep the entry.
@@ -199,29 +208,26 @@ impl Vault {
             }
         }
         if !changed.is_empty() {
-            self.store.sync().await?;
+            vault.store().sync().await?;
             for name in &changed {
-                self.watch.publish(name);
+                vault.announce(name);
             }
         }
         Ok(changed)
     }
 
     fn deadlines(&self) -> std::sync::MutexGuard<'_, Deadlines> {
-        self.sweep_index
-            .due
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.due.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Rebuilds the deadline index from every stored secret.
-    fn index_every_secret(&self, now: Millis) -> Result<()> {
+    fn index_every_secret(&self, vault: &Vault, now: Millis) -> Result<()> {
         let began = Instant::now();
         let mut fresh = Deadlines::default();
         let mut start = Vec::new();
         loop {
             // One record failing its integrity check must not stop the sweeper for the rest.
-            let chunk = self.store.scan_each(Tree::Secrets, b"", &start, 256)?;
+            let chunk = vault.store().scan_each(Tree::Secrets, b"", &start, 256)?;
             let exhausted = chunk.len() < 256;
             for (key, raw) in chunk {
                 let secret = raw
@@ -248,9 +254,9 @@ impl Vault {
         Ok(())
     }
 
-    async fn sweep_one(&self, raw: Vec<u8>) -> Result<Option<String>> {
+    async fn sweep_one(&self, vault: &Vault, raw: Vec<u8>) -> Result<Option<String>> {
         let mut secret: SecretRecord = decode("secret", &raw)?;
-        let now = self.now();
+        let now = vault.now();
         let settled = secret.settle(now);
         let due = secret.life.next_rotation_ms.is_some_and(|at| now >= at)
             && secret.check_accepts_versions(now).is_ok();
@@ -274,11 +280,17 @@ impl Vault {
         rec.targets = vec![(secret.name.clone(), 0)];
         let batch = match work {
             Work::Rotate => {
-                let key = ApiKey::generate(&self.settings.issuer, &secret.environment)
+                let key = ApiKey::generate(&vault.settings().issuer, &secret.environment)
                     .map_err(|e| Error::Internal(format!("key generation: {e}")))?;
-                let grace = self.default_grace(&secret);
-                let (batch, rotated) =
-                    self.stage_rotation(&mut secret, raw, NewValue::Key(key), grace, None, now)?;
+                let grace = vault.default_grace(&secret);
+                let (batch, rotated) = vault.stage_version(
+                    &mut secret,
+                    Some(raw),
+                    NewValue::Key(key),
+                    grace,
+                    None,
+                    now,
+                )?;
                 rec.targets = vec![(secret.name.clone(), rotated.written.version)];
                 rec.key_id = rotated.key_id.unwrap_or_default();
                 tracing::info!(name = %secret.name, version = rotated.written.version, "scheduled rotation");
@@ -289,13 +301,10 @@ impl Vault {
                     secret.life.rotation_due_ms = secret.life.next_rotation_ms;
                     tracing::info!(name = %secret.name, "scheduled rotation due");
                 }
-                let mut batch = Batch::new();
-                batch.guard(Tree::Secrets, secret.name.as_bytes(), Some(raw));
-                batch.put(Tree::Secrets, secret.name.as_bytes(), encode(&secret));
-                batch
+                rewrite(&secret, raw)
             }
         };
-        match self.commit_with_audit(batch, &mut rec).await {
+        match vault.commit_with_audit(batch, &mut rec).await {
             Ok(()) => Ok(Some(secret.name)),
             // A caller changed it first; the next pass looks again.
             Err(Error::Conflict(_)) => Ok(None),

@@ -5,11 +5,11 @@
 //! limits, keepalive, connection age, request timeout) are set on the server builder from the
 //! same `[limits]` and `[tls]` tables; README's configuration section lists them all.
 
+use super::status::to_status;
 use crate::config::Config;
 use crate::error::Error;
+use crate::identity::Peer;
 use crate::slots::{IdentitySlot, PerIdentity};
-use crate::status::to_status;
-use crate::tls::Peer;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};

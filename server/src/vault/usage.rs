@@ -10,7 +10,7 @@
 
 use crate::clock::Millis;
 use crate::error::Result;
-use crate::keys::directory::scan_all;
+use crate::store::scan_all;
 use crate::store::{decode, encode, version_key, Batch, Store, Tree};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};

@@ -1,16 +1,17 @@
 //! The tonic service `ward.v1.Secrets`: converts between wire types and the vault's, takes the
 //! caller from the verified connection, and maps errors through `status.rs`. No decisions here.
 
-use crate::audit::UsageFact;
-use crate::clock::{to_timestamp, Millis};
-use crate::keys_service::{policy_input, quota_out, rate_limit_out};
-use crate::lifecycle::input::{LifecycleInput, RawDuration, RawExpiration};
-use crate::lifecycle::ops::{DestroyInput, RevokeInput, RotateInput, SetStateInput};
-use crate::lifecycle::watch::{EventKind, HeldInput, WatchEvent, WatchInput};
-use crate::model::{Kind, SecretRecord, VersionState};
-use crate::status::to_status;
-use crate::tls::Peer;
-use crate::vault::{Fetched, IssueInput, ListInput, PutInput, Vault};
+use super::peer;
+use super::status::to_status;
+use super::wire::{
+    at, fetched, from_state, metadata, policy_input, raw_duration, state, watch_event,
+};
+use crate::changes::watch::{HeldInput, WatchHub, WatchInput};
+use crate::clock::to_timestamp;
+use crate::model::input::{LifecycleInput, RawExpiration};
+use crate::vault::{
+    DestroyInput, IssueInput, ListInput, PutInput, RevokeInput, RotateInput, SetStateInput, Vault,
+};
 use futures::StreamExt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,22 +22,14 @@ use zeroize::Zeroizing;
 /// `ward.v1.Secrets` over a [`Vault`].
 pub struct SecretsService {
     vault: Arc<Vault>,
+    hub: Arc<WatchHub>,
 }
 
 impl SecretsService {
-    /// A service over `vault`.
-    pub fn new(vault: Arc<Vault>) -> Self {
-        Self { vault }
+    /// A service over `vault`, whose watch streams are fed by `hub`.
+    pub fn new(vault: Arc<Vault>, hub: Arc<WatchHub>) -> Self {
+        Self { vault, hub }
     }
-}
-
-/// The verified caller of a request. Every connection is mutual TLS, so a request without a
-/// peer can only be a bug; refuse it rather than guess.
-pub fn peer<T>(req: &Request<T>) -> Result<Peer, Status> {
-    req.extensions()
-        .get::<Peer>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("no verified client certificate"))
 }
 
 #[tonic::async_trait]
@@ -57,11 +50,13 @@ impl Secrets for SecretsService {
             expected_version: r.expected_version,
             request_id: r.request_id,
             lifecycle: LifecycleInput {
-                rotation_period: r.rotation_period.map(duration),
-                default_grace_period: r.default_grace_period.map(duration),
+                rotation_period: r.rotation_period.map(raw_duration),
+                default_grace_period: r.default_grace_period.map(raw_duration),
                 expiration: r.expiration.map(|e| match e {
                     pb::put_secret_request::Expiration::ExpireTime(t) => at(t),
-                    pb::put_secret_request::Expiration::Ttl(d) => RawExpiration::Ttl(duration(d)),
+                    pb::put_secret_request::Expiration::Ttl(d) => {
+                        RawExpiration::Ttl(raw_duration(d))
+                    }
                 }),
             },
         };
@@ -89,11 +84,13 @@ impl Secrets for SecretsService {
             description: r.description,
             request_id: r.request_id,
             lifecycle: LifecycleInput {
-                rotation_period: r.rotation_period.map(duration),
-                default_grace_period: r.default_grace_period.map(duration),
+                rotation_period: r.rotation_period.map(raw_duration),
+                default_grace_period: r.default_grace_period.map(raw_duration),
                 expiration: r.expiration.map(|e| match e {
                     pb::issue_key_request::Expiration::ExpireTime(t) => at(t),
-                    pb::issue_key_request::Expiration::Ttl(d) => RawExpiration::Ttl(duration(d)),
+                    pb::issue_key_request::Expiration::Ttl(d) => {
+                        RawExpiration::Ttl(raw_duration(d))
+                    }
                 }),
             },
         };
@@ -222,10 +219,12 @@ impl Secrets for SecretsService {
         let input = RotateInput {
             name: r.name,
             value: Zeroizing::new(r.value),
-            grace_period: r.grace_period.map(duration),
+            grace_period: r.grace_period.map(raw_duration),
             expiration: r.expiration.map(|e| match e {
                 pb::rotate_secret_request::Expiration::ExpireTime(t) => at(t),
-                pb::rotate_secret_request::Expiration::Ttl(d) => RawExpiration::Ttl(duration(d)),
+                pb::rotate_secret_request::Expiration::Ttl(d) => {
+                    RawExpiration::Ttl(raw_duration(d))
+                }
             }),
             expected_version: r.expected_version,
             request_id: r.request_id,
@@ -281,7 +280,7 @@ impl Secrets for SecretsService {
             name: r.name,
             version: r.version,
             state: from_state(r.state),
-            grace_period: r.grace_period.map(duration),
+            grace_period: r.grace_period.map(raw_duration),
             expected_version: r.expected_version,
             request_id: r.request_id,
         };
@@ -347,182 +346,13 @@ impl Secrets for SecretsService {
                 .collect(),
             sync_only: r.sync_only,
         };
-        let rx = self.vault.watch(&peer, input).await.map_err(to_status)?;
+        let rx = self
+            .hub
+            .watch(&self.vault, &peer, input)
+            .await
+            .map_err(to_status)?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
             .map(|item| item.map(watch_event).map_err(to_status));
         Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-/// A wire duration as the lifecycle layer receives it (checked there, not here).
-pub fn duration(d: prost_types::Duration) -> RawDuration {
-    RawDuration {
-        seconds: d.seconds,
-        nanos: d.nanos,
-    }
-}
-
-/// A wire timestamp as an absolute expiry, as the lifecycle layer receives it.
-pub fn at(t: prost_types::Timestamp) -> RawExpiration {
-    RawExpiration::At {
-        seconds: t.seconds,
-        nanos: t.nanos,
-    }
-}
-
-fn to_duration(ms: u64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-/// A wire state as the domain's; unspecified or unknown numbers are None.
-pub fn from_state(n: i32) -> Option<VersionState> {
-    match pb::VersionState::try_from(n).ok()? {
-        pb::VersionState::Unspecified => None,
-        pb::VersionState::Primary => Some(VersionState::Primary),
-        pb::VersionState::Active => Some(VersionState::Active),
-        pb::VersionState::Inactive => Some(VersionState::Inactive),
-        pb::VersionState::Revoked => Some(VersionState::Revoked),
-        pb::VersionState::Destroyed => Some(VersionState::Destroyed),
-    }
-}
-
-fn watch_event(e: WatchEvent) -> pb::WatchEvent {
-    let kind = match e.kind {
-        EventKind::Rotated => pb::WatchEventType::Rotated,
-        EventKind::StateChanged => pb::WatchEventType::StateChanged,
-        EventKind::Revoked => pb::WatchEventType::Revoked,
-        EventKind::Expired => pb::WatchEventType::Expired,
-        EventKind::Destroyed => pb::WatchEventType::Destroyed,
-        EventKind::RotationDue => pb::WatchEventType::RotationDue,
-        EventKind::Synced => pb::WatchEventType::Synced,
-    };
-    pb::WatchEvent {
-        r#type: kind as i32,
-        name: e.name,
-        version: e.version,
-        state: e.state.map_or(pb::VersionState::Unspecified, state) as i32,
-        reason: e.reason,
-        time: Some(to_timestamp(e.time_ms)),
-        secret: e.secret.map(|s| metadata(s, true, None, &[])),
-    }
-}
-
-fn fetched(f: Fetched) -> pb::FetchSecretResponse {
-    pb::FetchSecretResponse {
-        name: f.name,
-        version: f.version,
-        state: state(f.state) as i32,
-        // prost owns its buffers; this copy lives until the response is encoded and sent.
-        value: f.value.to_vec(),
-        checksum: f.checksum,
-        kind: kind(f.kind) as i32,
-        environment: f.environment,
-        create_time: Some(to_timestamp(f.create_ms)),
-        grace_until: f.grace_until_ms.map(to_timestamp),
-        expire_time: f.expire_ms.map(to_timestamp),
-    }
-}
-
-fn kind(k: Kind) -> pb::SecretKind {
-    match k {
-        Kind::Static => pb::SecretKind::Static,
-        Kind::ApiKey => pb::SecretKind::ApiKey,
-    }
-}
-
-fn state(s: VersionState) -> pb::VersionState {
-    match s {
-        VersionState::Primary => pb::VersionState::Primary,
-        VersionState::Active => pb::VersionState::Active,
-        VersionState::Inactive => pb::VersionState::Inactive,
-        VersionState::Revoked => pb::VersionState::Revoked,
-        VersionState::Destroyed => pb::VersionState::Destroyed,
-    }
-}
-
-fn metadata(
-    s: SecretRecord,
-    with_versions: bool,
-    last_used: Option<Millis>,
-    usage: &[(u64, UsageFact)],
-) -> pb::SecretMetadata {
-    let read = |version: u64| {
-        usage
-            .iter()
-            .find(|(v, _)| *v == version)
-            .map(|(_, f)| to_timestamp(f.last_used_ms))
-    };
-    let last_read_time = usage
-        .iter()
-        .map(|(_, f)| f.last_used_ms)
-        .max()
-        .map(to_timestamp);
-    let versions = if with_versions {
-        s.versions
-            .iter()
-            .map(|v| pb::VersionInfo {
-                version: v.version,
-                state: state(v.state) as i32,
-                create_time: Some(to_timestamp(v.create_ms)),
-                fingerprint: hex::encode(v.fingerprint),
-                keyring_term: v.term,
-                key_id: v.key_id.clone().unwrap_or_default(),
-                grace_until: v
-                    .grace_until_ms
-                    .filter(|_| v.state == VersionState::Active)
-                    .map(to_timestamp),
-                expire_time: v.life.expire_ms.map(to_timestamp),
-                state_reason: v
-                    .life
-                    .reason
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-                state_change_time: v.life.changed_ms.map(to_timestamp),
-                last_read_time: read(v.version),
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    pb::SecretMetadata {
-        name: s.name,
-        kind: kind(s.kind) as i32,
-        environment: s.environment,
-        owner: s.owner,
-        labels: s.labels.into_iter().collect(),
-        description: s.description,
-        scopes: s.scopes,
-        create_time: Some(to_timestamp(s.create_ms)),
-        update_time: Some(to_timestamp(s.update_ms)),
-        primary_version: s.primary,
-        versions,
-        created_by: s.created_by,
-        allowed_cidrs: s
-            .key_policy
-            .allowed_cidrs
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-        rate_limit: s.key_policy.rate_limit.map(rate_limit_out),
-        quota: s.key_policy.quota.map(quota_out),
-        last_used_time: last_used.map(to_timestamp),
-        rotation_period: s.life.rotation_period_ms.map(to_duration),
-        next_rotation_time: s.life.next_rotation_ms.map(to_timestamp),
-        rotation_due: s.life.rotation_due_ms.is_some(),
-        default_grace_period: s.life.grace_ms.map(to_duration),
-        expire_time: s.life.expire_ms.map(to_timestamp),
-        revoked: s.life.revoked.is_some(),
-        revoke_reason: s
-            .life
-            .revoked
-            .as_ref()
-            .map(|r| format!("revoked by {}: {}", r.by, r.reason))
-            .unwrap_or_default(),
-        revoke_time: s.life.revoked.as_ref().map(|r| r.time_ms).map(to_timestamp),
-        last_read_time,
     }
 }

@@ -12,10 +12,10 @@
 //! body never says which, so a client cannot probe whether a key exists. Ward's own faults
 //! and outages are gRPC errors, which Envoy treats per its `failure_mode_allow`.
 
+use super::peer;
+use super::status::to_status;
 use crate::error::{Error, Result};
 use crate::keys::{Keys, VerifyInput, VerifyResult};
-use crate::service::peer;
-use crate::status::to_status;
 use envoy_types::ext_authz::v3::pb::{
     Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode,
 };

@@ -1,5 +1,4 @@
-//! Backups: the file format, the `ward.v1.Backup` service that streams a snapshot, and
-//! `ward-server restore`, which turns a backup file into a fresh data directory.
+//! The backup file format.
 //!
 //! The file is the store's entries as they are on disk — keyring and index key wrapped by the
 //! HSM master key, values sealed under the keyring, secret records and key-index entries with
@@ -21,18 +20,8 @@
 //! cut) from an edited one. Restore reads the whole file, checks the digest and then the
 //! signature in the HSM before it creates anything.
 
-use crate::error::{Error, Result};
-use crate::service::peer;
-use crate::status::to_status;
-use crate::store::sled_store::SledStore;
 use crate::store::{Snapshot, Tree};
-use crate::vault::Vault;
 use sha2::{Digest, Sha256};
-use std::path::Path;
-use std::sync::Arc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
-use ward::v1::{self as pb, backup_server::Backup};
 use ward_hsm::{HsmError, MacSigner};
 
 /// First bytes of every backup file.
@@ -278,109 +267,6 @@ impl<'a> Reader<'a> {
         }
         self.take(n)
     }
-}
-
-/// What a restore did.
-#[derive(Debug)]
-pub struct Restored {
-    /// Entries written.
-    pub entries: u64,
-    /// Master-key labels the restored keyring needs on the token.
-    pub master_keys: Vec<String>,
-}
-
-/// Restores the backup file `from` into `data_dir`, which must not exist or be empty. Checks
-/// the whole file first — its digest, then its signature in the HSM (`signer`) — so a
-/// damaged or edited backup creates nothing. Blocking.
-pub fn restore(
-    from: &Path,
-    data_dir: &Path,
-    signer: &dyn MacSigner,
-) -> std::result::Result<Restored, String> {
-    let bytes = std::fs::read(from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
-    let file = decode(&bytes).map_err(|e| format!("{}: {e}", from.display()))?;
-    file.verify(signer)
-        .map_err(|e| format!("{}: {e}", from.display()))?;
-    let snapshot = file.snapshot;
-    if let Ok(mut entries) = std::fs::read_dir(data_dir) {
-        if entries.next().is_some() {
-            return Err(format!(
-                "{} is not empty: restore only into a new data directory (move the old one \
-                 aside first)",
-                data_dir.display()
-            ));
-        }
-    }
-    crate::server::create_private_dir(data_dir)?;
-    let entries = SledStore::restore_into(data_dir, &snapshot).map_err(|e| e.to_string())?;
-    let mut master_keys: Vec<String> = snapshot
-        .trees
-        .iter()
-        .filter(|(t, _)| *t == Tree::Keyring)
-        .flat_map(|(_, items)| items.iter())
-        .filter_map(|(_, v)| {
-            crate::store::decode::<crate::unseal::KeyringEntry>("keyring entry", v).ok()
-        })
-        .map(|e| e.master_label)
-        .collect();
-    master_keys.sort();
-    master_keys.dedup();
-    Ok(Restored {
-        entries,
-        master_keys,
-    })
-}
-
-/// `ward.v1.Backup` over a [`Vault`].
-pub struct BackupService {
-    vault: Arc<Vault>,
-}
-
-impl BackupService {
-    /// A service over `vault`.
-    pub fn new(vault: Arc<Vault>) -> Self {
-        Self { vault }
-    }
-}
-
-#[tonic::async_trait]
-impl Backup for BackupService {
-    type StreamBackupStream = ReceiverStream<std::result::Result<pb::BackupChunk, Status>>;
-
-    async fn stream_backup(
-        &self,
-        req: Request<pb::StreamBackupRequest>,
-    ) -> std::result::Result<Response<Self::StreamBackupStream>, Status> {
-        let peer = peer(&req)?;
-        let snapshot = self.vault.backup(&peer).await.map_err(to_status)?;
-        let audit = self.vault.audit().clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
-            let (signer, label) = (audit.signer(), &audit.settings().key_label);
-            let sent = encode(&snapshot, hsm_signer(&**signer, label), |data| {
-                tx.blocking_send(Ok(pb::BackupChunk { data })).is_ok()
-            });
-            match sent {
-                Ok(true) => {}
-                Ok(false) => tracing::info!("backup stream abandoned by the client"),
-                Err(e) => {
-                    tracing::error!(error = %e, "backup not signed; stream ended incomplete");
-                    let _ = tx.blocking_send(Err(to_status(Error::Unavailable(e))));
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-}
-
-/// Backups need the `admin` verb; the snapshot is durable before any of it is sent.
-pub(crate) async fn durable_snapshot(store: Arc<dyn crate::store::Store>) -> Result<Snapshot> {
-    let s = store.clone();
-    let snapshot = tokio::task::spawn_blocking(move || s.snapshot())
-        .await
-        .map_err(|e| Error::Internal(format!("snapshot task: {e}")))??;
-    store.sync().await?;
-    Ok(snapshot)
 }
 
 #[cfg(test)]

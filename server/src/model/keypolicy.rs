@@ -3,7 +3,7 @@
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
-use crate::model::excerpt;
+use crate::model::names::excerpt;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -1,16 +1,17 @@
 //! The lifecycle operations against a real vault (sled in a temp dir, in-memory key wrapper,
 //! manual clock): the rules end to end inside one process, without the network.
 
-use super::input::{LifecycleInput, RawDuration, RawExpiration};
-use super::ops::{DestroyInput, RevokeInput, RotateInput, SetStateInput};
 use super::watch::{EventKind, WatchInput};
 use crate::audit::AuditRecord;
 use crate::clock::ManualClock;
 use crate::error::Code;
+use crate::identity::Peer;
+use crate::model::input::{LifecycleInput, RawDuration, RawExpiration};
 use crate::model::{KeyIndexEntry, SecretRecord, VersionState};
 use crate::store::sled_store::SledStore;
 use crate::store::{decode, version_key, Store, Tree};
-use crate::tls::Peer;
+use crate::testutil::Followers;
+use crate::vault::{DestroyInput, RevokeInput, RotateInput, SetStateInput};
 use crate::vault::{IssueInput, PutInput, Vault};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +24,15 @@ const H: u64 = 3_600_000;
 struct Fixture {
     vault: Arc<Vault>,
     clock: Arc<ManualClock>,
+    followers: Followers,
     _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// One sweeper pass.
+    async fn sweep(&self) -> crate::error::Result<Vec<String>> {
+        self.followers.sweep.sweep(&self.vault).await
+    }
 }
 
 async fn fixture() -> Fixture {
@@ -31,10 +40,12 @@ async fn fixture() -> Fixture {
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let policy = "[[rule]]\nidentities = [\"admin\"]\nverbs = [\"*\"]\nsecrets = [\"*\"]\n\
                   [[rule]]\nidentities = [\"app\"]\nverbs = [\"read\"]\nsecrets = [\"*\"]\n";
-    let (vault, clock) = crate::testutil::vault_over(store, policy, 24 * H).await;
+    let (vault, clock, followers) =
+        crate::testutil::followed_vault_over(store, policy, 24 * H).await;
     Fixture {
         vault,
         clock,
+        followers,
         _dir: dir,
     }
 }
@@ -309,10 +320,10 @@ async fn sweeper_rotates_keys_flags_static_secrets_and_stores_deadlines() {
     let mut p = put("svc/db", b"one");
     p.lifecycle = schedule;
     f.vault.put(&admin, p).await.unwrap();
-    assert!(f.vault.sweep().await.unwrap().is_empty(), "nothing due yet");
+    assert!(f.sweep().await.unwrap().is_empty(), "nothing due yet");
 
     f.clock.advance(H);
-    let mut changed = f.vault.sweep().await.unwrap();
+    let mut changed = f.sweep().await.unwrap();
     changed.sort();
     assert_eq!(changed, ["svc/db", "svc/key"]);
     let key = f.record("svc/key");
@@ -325,11 +336,11 @@ async fn sweeper_rotates_keys_flags_static_secrets_and_stores_deadlines() {
     let db = f.record("svc/db");
     assert_eq!(db.versions.len(), 1, "Ward never invents a STATIC value");
     assert!(db.life.rotation_due_ms.is_some());
-    assert!(f.vault.sweep().await.unwrap().is_empty(), "flagged once");
+    assert!(f.sweep().await.unwrap().is_empty(), "flagged once");
 
     // The old key's grace ends: the sweeper stores it, watchers would be told.
     f.clock.advance(600_000);
-    assert_eq!(f.vault.sweep().await.unwrap(), ["svc/key"]);
+    assert_eq!(f.sweep().await.unwrap(), ["svc/key"]);
     assert_eq!(
         f.record("svc/key").versions[0].state,
         VersionState::Inactive
@@ -371,8 +382,10 @@ async fn watchers_get_the_difference_then_live_changes() {
     let (admin, app) = (peer("admin"), peer("app"));
     f.vault.put(&admin, put("w/a", b"one")).await.unwrap();
     let mut rx = f
-        .vault
+        .followers
+        .hub
         .watch(
+            &f.vault,
             &app,
             WatchInput {
                 names: vec!["w/a".into()],
@@ -404,7 +417,7 @@ async fn watchers_get_the_difference_then_live_changes() {
     assert_eq!(e.reason, "revoked by admin: leaked in a log");
 
     // Closing the hub (shutdown) ends the stream with UNAVAILABLE.
-    f.vault.watch_hub().close();
+    f.followers.hub.close();
     let end = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
         .unwrap()
@@ -413,8 +426,10 @@ async fn watchers_get_the_difference_then_live_changes() {
 
     // One audit record per watch; a denied watch is audited too.
     let denied = f
-        .vault
+        .followers
+        .hub
         .watch(
+            &f.vault,
             &peer("stranger"),
             WatchInput {
                 names: vec!["w/a".into()],
@@ -445,9 +460,9 @@ async fn sweeps_read_only_secrets_whose_deadline_came_and_learn_of_new_writes() 
     let mut p = put("svc/expiring", b"one");
     p.lifecycle.expiration = secs(600).map(RawExpiration::Ttl);
     f.vault.put(&admin, p).await.unwrap();
-    assert!(f.vault.sweep().await.unwrap().is_empty(), "nothing due yet");
+    assert!(f.sweep().await.unwrap().is_empty(), "nothing due yet");
     assert_eq!(
-        f.vault.sweep_index.len(),
+        f.followers.sweep.len(),
         1,
         "secrets without deadlines are not tracked"
     );
@@ -460,35 +475,28 @@ async fn sweeps_read_only_secrets_whose_deadline_came_and_learn_of_new_writes() 
         .rotate(&admin, rotate("plain/7", b"w", secs(60)))
         .await
         .unwrap();
-    assert!(f.vault.sweep().await.unwrap().is_empty());
-    assert_eq!(
-        f.vault.sweep_index.len(),
-        3,
-        "new expiry and a grace period"
-    );
+    assert!(f.sweep().await.unwrap().is_empty());
+    assert_eq!(f.followers.sweep.len(), 3, "new expiry and a grace period");
 
     f.clock.advance(61_000);
-    assert_eq!(f.vault.sweep().await.unwrap(), ["plain/7"]);
+    assert_eq!(f.sweep().await.unwrap(), ["plain/7"]);
     f.clock.advance(240_000);
-    assert_eq!(f.vault.sweep().await.unwrap(), ["svc/later"]);
+    assert_eq!(f.sweep().await.unwrap(), ["svc/later"]);
     f.clock.advance(300_000);
-    assert_eq!(f.vault.sweep().await.unwrap(), ["svc/expiring"]);
+    assert_eq!(f.sweep().await.unwrap(), ["svc/expiring"]);
     assert_eq!(
         f.record("svc/expiring").versions[0].state,
         VersionState::Inactive
     );
-    assert!(f.vault.sweep().await.unwrap().is_empty(), "settled once");
-    assert!(
-        f.vault.sweep_index.is_empty(),
-        "nothing is pending any more"
-    );
+    assert!(f.sweep().await.unwrap().is_empty(), "settled once");
+    assert!(f.followers.sweep.is_empty(), "nothing is pending any more");
 }
 
 /// Whenever a pass would change a secret at some time, its indexed deadline is no later than
 /// that time: the index never hides work from the sweeper.
 #[test]
 fn the_deadline_is_never_after_the_settle_or_rotation_it_stands_for() {
-    use crate::lifecycle::sweeper::next_deadline;
+    use crate::changes::sweeper::next_deadline;
     use crate::model::{Kind, SecretLife, VersionLife, VersionMeta};
     let base = 1_000_000;
     let mut checked = 0;
