@@ -214,6 +214,7 @@ fn unwrap_kwp(
 mod tests {
     use crate::pkcs11::testkit::{both, with_key};
     use crate::{HsmError, KeyWrapper, Mechanism};
+
     #[test]
     fn round_trips_and_formats() {
         let f = with_key("t-round-trip");

@@ -202,6 +202,7 @@ mod tests {
     use crate::pkcs11::testkit::{both, fixture, with_key};
     use crate::{KeyWrapper, MacSigner};
     use cryptoki::object::AttributeInfo;
+
     #[test]
     fn unknown_label_is_missing() {
         let f = fixture();

@@ -25,7 +25,8 @@
 //! Faults at runtime: a call that fails because the HSM could not serve it marks its token
 //! faulted, and the next call reconnects — every session closed, the library finalised and
 //! initialised again, every open token's pool reopened and logged in — before it runs (see
-//! `reconnect`). So a server survives its HSM going away and coming back without a restart.
+//! `reconnect` in `token.rs`). So a server survives its HSM going away and coming back without
+//! a restart.
 //!
 //! Concurrency: wraps, unwraps and MACs run in parallel, one pooled session each. Creating a
 //! master or MAC key, opening a token, initialising one and reconnecting exclude every other
@@ -251,6 +252,7 @@ impl MacSigner for Pkcs11Wrapper {
 mod tests {
     use super::testkit::cfg;
     use super::*;
+
     #[test]
     fn config_debug_hides_pin() {
         let c = cfg(Path::new("/m.so"), "tok", "hunter2-pin", Mechanism::AesGcm);

@@ -191,6 +191,7 @@ pub(super) fn ensure_logged_in(
 mod tests {
     use crate::pkcs11::testkit::with_key;
     use crate::{HsmError, KeyWrapper};
+
     #[test]
     fn concurrent_wrap_unwrap() {
         let f = with_key("t-threads");

@@ -380,6 +380,7 @@ mod tests {
 
     /// Tokens the fault tests break (each its own, so the others' keys stay put).
     const FAULT_TOKENS: [&str; 2] = ["ward-fault-dir", "ward-fault-objects"];
+
     #[test]
     fn bad_pin() {
         let f = fixture();
