@@ -9,7 +9,7 @@
 //! a value or a key.
 
 use crate::error::Code;
-use crate::keys::VerifyResult;
+use crate::model::VerifyResult;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
