@@ -1,4 +1,4 @@
-//! Envoy ext_authz request parsing (`ward_server::extauthz::check_input`): any headers, context
+//! Envoy ext_authz request parsing (`ward_server::grpc::extauthz::check_input`): any headers, context
 //! extensions and client address either parse or are refused INVALID_ARGUMENT with a bounded
 //! message, never a panic (a non-ASCII `authorization` header once panicked there). What
 //! parses is exact: the key is the bearer token, else the `x-api-key` value, trimmed, and the
@@ -20,7 +20,7 @@ use prost::Message;
 use std::collections::HashMap;
 use ward::keyformat::ApiKey;
 use ward_fuzz::{checked, fields, invalid, join, write_seeds};
-use ward_server::extauthz::{check_input, API_KEY_HEADER};
+use ward_server::grpc::extauthz::{check_input, API_KEY_HEADER};
 
 const AUTHORIZATION: &str = "authorization";
 
@@ -129,7 +129,7 @@ fn check(req: &CheckRequest) {
     // What the verifier checks next refuses cleanly too.
     checked(ward_server::model::check_scopes(&input.required_scopes));
     checked(ward_server::keys::check_endpoint(&input.endpoint));
-    checked(ward_server::keypolicy::parse_client_ip(&input.client_ip));
+    checked(ward_server::model::keypolicy::parse_client_ip(&input.client_ip));
     let _ = ApiKey::parse(key);
 }
 

@@ -10,7 +10,7 @@
 use libfuzzer_sys::fuzz_target;
 use std::net::IpAddr;
 use ward_fuzz::{checked, fields, join, write_seeds};
-use ward_server::keypolicy::{canonical, parse_client_ip, Cidr};
+use ward_server::model::keypolicy::{canonical, parse_client_ip, Cidr};
 use ward_server::policy::{glob, Policy, Verb};
 
 fuzz_target!(

@@ -14,18 +14,18 @@ use std::fmt::Debug;
 use ward::v1 as pb;
 use ward_fuzz::{checked, invalid, write_seeds};
 use ward_server::audit::Outcome;
-use ward_server::keypolicy::{
+use ward_server::model::keypolicy::{
     parse_cidrs, parse_client_ip, KeyPolicyInput, PolicyMask, Quota, RateLimit,
 };
 use ward_server::keys::check_endpoint;
-use ward_server::keys_service::policy_input;
-use ward_server::lifecycle::input::{
+use ward_server::grpc::wire::policy_input;
+use ward_server::model::input::{
     expiry, grace, reason, LifecycleInput, LifecyclePolicy, RawExpiration, MAX_EXPIRY_AHEAD_MS,
 };
 use ward_server::model::{
     check_labels, check_scopes, check_text, RequestId, SecretName, MAX_DESCRIPTION, MAX_OWNER,
 };
-use ward_server::service::{at, duration, from_state};
+use ward_server::grpc::wire::{at, from_state, raw_duration};
 use ward_server::vault::{page_token, parse_page_token};
 
 /// The server's clock during a call, in ms (any fixed time after 1970 will do).
@@ -125,8 +125,8 @@ fn lifecycle(
     expiration: Option<RawExpiration>,
 ) {
     let input = LifecycleInput {
-        rotation_period: rotation_period.map(duration),
-        default_grace_period: default_grace_period.map(duration),
+        rotation_period: rotation_period.map(raw_duration),
+        default_grace_period: default_grace_period.map(raw_duration),
         expiration,
     };
     if let Some(p) = checked(LifecyclePolicy::parse(&input, NOW)) {
@@ -143,7 +143,7 @@ fn key_policy(input: KeyPolicyInput) {
         for (c, text) in cidrs.iter().zip(&input.allowed_cidrs) {
             // Display is canonical: it parses back to the same range.
             let shown = c.to_string();
-            let again = ward_server::keypolicy::Cidr::parse(&shown).expect("shown CIDR parses");
+            let again = ward_server::model::keypolicy::Cidr::parse(&shown).expect("shown CIDR parses");
             assert_eq!(&again, c, "{text:?} shown as {shown:?}");
         }
     }
@@ -169,7 +169,7 @@ fn put(r: pb::PutSecretRequest) {
         r.default_grace_period,
         r.expiration.map(|e| match e {
             pb::put_secret_request::Expiration::ExpireTime(t) => at(t),
-            pb::put_secret_request::Expiration::Ttl(d) => RawExpiration::Ttl(duration(d)),
+            pb::put_secret_request::Expiration::Ttl(d) => RawExpiration::Ttl(raw_duration(d)),
         }),
     );
 }
@@ -185,7 +185,7 @@ fn issue(r: pb::IssueKeyRequest) {
         r.default_grace_period,
         r.expiration.map(|e| match e {
             pb::issue_key_request::Expiration::ExpireTime(t) => at(t),
-            pb::issue_key_request::Expiration::Ttl(d) => RawExpiration::Ttl(duration(d)),
+            pb::issue_key_request::Expiration::Ttl(d) => RawExpiration::Ttl(raw_duration(d)),
         }),
     );
     if let Some(p) = checked(policy_input(r.allowed_cidrs, r.rate_limit, r.quota, None)) {
@@ -206,12 +206,12 @@ fn rotate(r: pb::RotateSecretRequest) {
     name(&r.name);
     request_id(&r.request_id);
     if let Some(g) = r.grace_period {
-        checked(grace("grace_period", duration(g)));
+        checked(grace("grace_period", raw_duration(g)));
     }
     if let Some(e) = r.expiration {
         let e = match e {
             pb::rotate_secret_request::Expiration::ExpireTime(t) => at(t),
-            pb::rotate_secret_request::Expiration::Ttl(d) => RawExpiration::Ttl(duration(d)),
+            pb::rotate_secret_request::Expiration::Ttl(d) => RawExpiration::Ttl(raw_duration(d)),
         };
         if let Some(Some(at)) = checked(expiry(e, NOW)) {
             assert!(at > NOW && at - NOW <= MAX_EXPIRY_AHEAD_MS);
@@ -234,7 +234,7 @@ fn set_state(r: pb::SetVersionStateRequest) {
     // Unknown state numbers are None (the vault refuses them), never a panic.
     let _ = from_state(r.state);
     if let Some(g) = r.grace_period {
-        checked(grace("grace_period", duration(g)));
+        checked(grace("grace_period", raw_duration(g)));
     }
 }
 
@@ -252,7 +252,7 @@ fn verify(r: pb::VerifyKeyRequest) {
     checked(check_scopes(&r.required_scopes));
     if let Some(Some(ip)) = checked(parse_client_ip(&r.client_ip)) {
         // Stored canonical: an IPv4-mapped IPv6 address is matched as IPv4.
-        assert_eq!(ward_server::keypolicy::canonical(ip), ip);
+        assert_eq!(ward_server::model::keypolicy::canonical(ip), ip);
     }
     checked(check_endpoint(&r.endpoint));
     if let Ok(key) = ward::keyformat::ApiKey::parse(&r.api_key) {

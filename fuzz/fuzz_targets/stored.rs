@@ -15,9 +15,9 @@ use ward_fuzz::{fields, join, refused, write_seeds};
 use ward_server::audit::{self, AuditRecord, Checkpoint, Event, Stored, UsageFact};
 use ward_server::envelope::{Keyring, SealedValue};
 use ward_server::error::Code;
-use ward_server::keypolicy::{Cidr, KeyPolicy, Quota, RateLimit};
+use ward_server::model::keypolicy::{Cidr, KeyPolicy, Quota, RateLimit};
 use ward_server::keys::quota::LedgerRecord;
-use ward_server::keys::usage::VersionUsage;
+use ward_server::vault::usage::VersionUsage;
 use ward_server::model::{
     KeyIndexEntry, Kind, RequestRecord, Revocation, SecretLife, SecretRecord, StateReason,
     VersionLife, VersionMeta, VersionState,

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 use ward_server::error::{Code, Error};
-use ward_server::status::to_status;
+use ward_server::grpc::status::to_status;
 
 /// Longest message a refusal may carry. Messages travel in the `grpc-message` header: one
 /// that echoed a large input whole broke the reply (RELIABILITY.md §5), so every quote of
