@@ -1,17 +1,20 @@
 //! The command line: the global flags and the command tree, whose leaves are the argument
-//! structs of [`crate::commands`].
+//! structs of [`crate::commands`], and the dispatch of a parsed command line to them.
 
 use clap::builder::FalseyValueParser;
 use clap::{Parser, Subcommand};
 
-use crate::commands::admin::AdminCommand;
-use crate::commands::audit::AuditCommand;
-use crate::commands::keys::KeysCommand;
-use crate::commands::lifecycle::{DestroyArgs, RevokeArgs, RotateArgs, StateArgs};
-use crate::commands::scan::ScanArgs;
-use crate::commands::secrets::{BatchGetArgs, DescribeArgs, GetArgs, IssueArgs, LsArgs, PutArgs};
-use crate::commands::watch::WatchArgs;
+use crate::commands::admin::{self, AdminCommand};
+use crate::commands::audit::{self, AuditCommand};
+use crate::commands::keys::{self, KeysCommand};
+use crate::commands::lifecycle::{self, Change, DestroyArgs, RevokeArgs, RotateArgs, StateArgs};
+use crate::commands::scan::{self, ScanArgs};
+use crate::commands::secrets::{
+    self, BatchGetArgs, DescribeArgs, GetArgs, IssueArgs, LsArgs, PutArgs,
+};
+use crate::commands::watch::{self, WatchArgs};
 use crate::conn::ConnArgs;
+use crate::failure::Failure;
 
 /// Command-line client for the Ward secrets vault.
 #[derive(Debug, Parser)]
@@ -121,6 +124,31 @@ pub enum Command {
     /// Read and verify the audit log
     #[command(subcommand)]
     Audit(AuditCommand),
+}
+
+impl Cli {
+    /// Runs the command. Configuration is checked before any input is read or connection made.
+    pub async fn run(self) -> Result<(), Failure> {
+        let cfg = self.conn.to_config()?;
+        let json = self.json;
+        match self.command {
+            Command::Put(args) => secrets::put(cfg, args, json).await,
+            Command::Issue(args) => secrets::issue(cfg, args, json).await,
+            Command::Get(args) => secrets::get(cfg, args, json).await,
+            Command::BatchGet(args) => secrets::batch_get(cfg, args, json).await,
+            Command::Describe(args) => secrets::describe(cfg, args, json).await,
+            Command::Ls(args) => secrets::ls(cfg, args, json).await,
+            Command::Admin(cmd) => admin::run(cfg, cmd, json).await,
+            Command::Keys(cmd) => keys::run(cfg, cmd, json).await,
+            Command::Scan(args) => scan::scan(cfg, args, json).await,
+            Command::Rotate(args) => lifecycle::rotate(cfg, args, json).await,
+            Command::Revoke(args) => lifecycle::change(cfg, Change::Revoke(args), json).await,
+            Command::State(args) => lifecycle::change(cfg, Change::State(args), json).await,
+            Command::Destroy(args) => lifecycle::change(cfg, Change::Destroy(args), json).await,
+            Command::Watch(args) => watch::watch(cfg, args, json).await,
+            Command::Audit(cmd) => audit::run(cfg, cmd, json).await,
+        }
+    }
 }
 
 #[cfg(test)]

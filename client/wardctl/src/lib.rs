@@ -20,7 +20,7 @@ use clap::Parser;
 /// Parses the command line, runs the command and reports how it ended: the whole of `wardctl`.
 pub async fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    match commands::run(cli).await {
+    match cli.run().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => failure.report(),
     }
