@@ -1,8 +1,10 @@
 //! Ward's wire API: the generated gRPC types and services, the file descriptor set served by
-//! reflection, and the API-key format shared by the server, the SDK and the leak scanner.
+//! reflection, the API-key format shared by the server, the SDK and the leak scanner, and the
+//! names of gRPC status codes.
 #![deny(missing_docs)]
 
 pub mod keyformat;
+pub mod status;
 
 /// Generated types and services of package `ward.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -19,8 +19,8 @@ use clap::Parser;
 use serde_json::Value;
 use tokio::task::JoinSet;
 
-use ward_client::cli::ConnArgs;
 use ward_client::{parse_duration, Client, RetryPolicy};
+use wardctl::conn::ConnArgs;
 
 use stats::{Summary, WorkerStats};
 use workload::{BatchFetch, Fetch, Health, Issue, Put, Rotate, Verify, Workload, WorkloadKind};

@@ -24,12 +24,10 @@
 #![deny(missing_docs)]
 
 mod cache;
-pub mod cli;
 mod client;
 mod config;
 mod error;
 mod retry;
-pub mod scan;
 
 /// The generated `ward.v1` wire types and client (e.g. `proto::PutSecretRequest`).
 pub use ward::v1 as proto;
@@ -43,7 +41,10 @@ pub use config::{
     DEFAULT_PORT, DEFAULT_TIMEOUT, ENV_ADDR, ENV_CA, ENV_CERT, ENV_KEY, ENV_SERVER_NAME,
     ENV_TIMEOUT,
 };
-pub use error::{code_name, Error};
+pub use error::Error;
 pub use retry::RetryPolicy;
 /// The gRPC status code type used by [`Error::code`].
 pub use tonic::Code;
+/// The canonical upper-case name of a gRPC code, e.g. `NOT_FOUND` (Ward's one table, in the
+/// wire crate).
+pub use ward::status::status_code_name as code_name;

@@ -308,6 +308,97 @@ macro_rules! reflect {
     }};
 }
 
+/// `issue` takes the key policy flags of `keys policy` (one flag set, one parser): a key issued
+/// with them has the policy that `keys policy` sets from the same flags, `--expires` included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wardctl_issue_takes_the_flags_of_keys_policy() {
+    let s = TestServer::start();
+    let policy_flags = [
+        "--scope",
+        "orders:read",
+        "--scope",
+        "orders:write",
+        "--cidr",
+        "10.0.0.0/8",
+        "--cidr",
+        "192.168.1.7",
+        "--rate-limit",
+        "600/1m",
+        "--burst",
+        "20",
+        "--quota",
+        "1000",
+        "--quota-period",
+        "1d",
+        "--quota-refill",
+        "500",
+        "--expires",
+        "2030-01-01T00:00:00Z",
+    ];
+    let with = |head: &[&'static str]| -> Vec<&'static str> {
+        head.iter().chain(&policy_flags).copied().collect()
+    };
+
+    let o = s.wardctl(&with(&["issue", "cli/issued"]), None);
+    assert_success(&o, "issue with the policy flags");
+    ApiKey::parse(stdout(&o).trim()).expect("issue prints the key");
+    assert_success(&s.wardctl(&["issue", "cli/updated"], None), "plain issue");
+    let updated = json(
+        &s.wardctl(&with(&["--json", "keys", "policy", "cli/updated"]), None),
+        "keys policy with the same flags",
+    );
+
+    let policy = |name: &str| {
+        let d = json(
+            &s.wardctl(&["--json", "describe", name], None),
+            "describe --json",
+        );
+        serde_json::json!({
+            "scopes": d["scopes"],
+            "allowed_cidrs": d["allowed_cidrs"],
+            "rate_limit": d["rate_limit"],
+            "quota": d["quota"],
+            "expire_time": d["expire_time"],
+        })
+    };
+    let issued = policy("cli/issued");
+    assert_eq!(
+        issued,
+        serde_json::json!({
+            "scopes": ["orders:read", "orders:write"],
+            "allowed_cidrs": ["10.0.0.0/8", "192.168.1.7/32"],
+            "rate_limit": {"requests": 600, "period": "60s", "burst": 20},
+            "quota": {"limit": 1000, "refill": 500, "refill_period": "86400s"},
+            "expire_time": "2030-01-01T00:00:00Z",
+        })
+    );
+    assert_eq!(policy("cli/updated"), issued, "keys policy said {updated}");
+    assert_eq!(
+        updated["policy"], issued,
+        "keys policy answers the new policy"
+    );
+
+    // One expiry per key: --expires excludes --ttl and --expire-at, and a refused command
+    // line creates nothing.
+    for other in [["--ttl", "1h"], ["--expire-at", "2031-01-01T00:00:00Z"]] {
+        let o = s.wardctl(
+            &[
+                "issue",
+                "cli/two-expiries",
+                "--expires",
+                "1d",
+                other[0],
+                other[1],
+            ],
+            None,
+        );
+        assert_eq!(o.status.code(), Some(2), "{other:?}: {}", stderr(&o));
+    }
+    let o = s.wardctl(&["describe", "cli/two-expiries"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stderr(&o).contains("NOT_FOUND"), "{}", stderr(&o));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_v1_and_v1alpha_and_health() {
     let s = TestServer::start();

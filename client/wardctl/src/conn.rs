@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::{
+use ward_client::{
     parse_duration, ClientConfig, Error, DEFAULT_ADDR, ENV_ADDR, ENV_CA, ENV_CERT, ENV_KEY,
     ENV_SERVER_NAME, ENV_TIMEOUT,
 };
@@ -47,7 +47,7 @@ impl ConnArgs {
     pub fn to_config(&self) -> Result<ClientConfig, Error> {
         let need = |v: &Option<PathBuf>, flag: &str, env: &str| {
             v.clone()
-                .ok_or_else(|| Error::config(format!("--{flag} (or {env}) is required")))
+                .ok_or_else(|| Error::Config(format!("--{flag} (or {env}) is required")))
         };
         let ca = need(&self.ca, "ca", ENV_CA)?;
         let cert = need(&self.cert, "cert", ENV_CERT)?;
@@ -58,7 +58,7 @@ impl ConnArgs {
         }
         if let Some(timeout) = self.timeout {
             if timeout.is_zero() {
-                return Err(Error::config("--timeout must be more than zero"));
+                return Err(Error::Config("--timeout must be more than zero".into()));
             }
             cfg = cfg.with_timeout(timeout);
         }
