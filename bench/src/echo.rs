@@ -5,8 +5,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use ward::v1::{self as pb, secrets_server::Secrets, secrets_server::SecretsServer};
+use ward_server::clock::SystemClock;
 use ward_server::identity::Peer;
 use ward_server::tls::{TlsFiles, TlsReloader};
 
@@ -145,13 +147,15 @@ pub struct EchoArgs {
 
 /// Serves the echo until the process is killed; prints `echo ready addr=…` once listening.
 pub async fn serve(args: EchoArgs) -> Result<(), String> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let tls = TlsReloader::load(TlsFiles {
-        cert: args.cert.clone(),
-        key: args.key.clone(),
-        client_ca: args.client_ca.clone(),
-        crl: Vec::new(),
-    })?;
+    let tls = TlsReloader::load(
+        TlsFiles {
+            cert: args.cert.clone(),
+            key: args.key.clone(),
+            client_ca: args.client_ca.clone(),
+            crl: Vec::new(),
+        },
+        Arc::new(SystemClock),
+    )?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

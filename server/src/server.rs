@@ -119,10 +119,21 @@ pub async fn serve(
     let metered = Arc::new(MeteredWrapper(hsm));
     let mac: Arc<dyn MacSigner> = metered.clone();
     let hsm: Arc<dyn KeyWrapper> = metered;
-    // One crypto provider, chosen explicitly (rustls is built without defaults).
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let policy = Policy::load(&cfg.policy).map_err(StartError::Config)?;
-    let tls = TlsReloader::load(TlsFiles::from_config(&cfg.tls)).map_err(StartError::Config)?;
+    let clock: Arc<dyn Clock> = match &cfg.testing {
+        None => Arc::new(SystemClock),
+        Some(t) => {
+            let c = FileOffsetClock::open(&t.clock_file).map_err(StartError::Config)?;
+            tracing::warn!(
+                clock_file = %t.clock_file.display(),
+                "TEST CLOCK IN USE: time is the system clock plus the offset in this file; \
+                 never run a real vault with [testing] set"
+            );
+            Arc::new(c)
+        }
+    };
+    let tls = TlsReloader::load(TlsFiles::from_config(&cfg.tls), clock.clone())
+        .map_err(StartError::Config)?;
 
     // The keyring names the master keys it is wrapped under (they change with rotation); the
     // config's label is used only to create the keyring of a new store. A new store is not
@@ -182,18 +193,6 @@ pub async fn serve(
     let sled = match store {
         Some(s) => s,
         None => open_store()?,
-    };
-    let clock: Arc<dyn Clock> = match &cfg.testing {
-        None => Arc::new(SystemClock),
-        Some(t) => {
-            let c = FileOffsetClock::open(&t.clock_file).map_err(StartError::Config)?;
-            tracing::warn!(
-                clock_file = %t.clock_file.display(),
-                "TEST CLOCK IN USE: time is the system clock plus the offset in this file; \
-                 never run a real vault with [testing] set"
-            );
-            Arc::new(c)
-        }
     };
     let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
     let (keyring, index) = unseal(&sled, &wrapper, &label, clock.now_ms())

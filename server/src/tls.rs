@@ -13,11 +13,13 @@
 //! character. A connection whose certificate breaks these rules completes its handshake (the
 //! certificate itself is valid) but every call on it is answered UNAUTHENTICATED, saying why.
 
+use crate::clock::{Clock, Millis};
 use crate::config::TlsConfig;
 use crate::identity::Peer;
 use futures::task::AtomicWaker;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
+use rustls::time_provider::TimeProvider;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
@@ -80,13 +82,6 @@ impl TlsFiles {
     }
 }
 
-/// Builds the server's TLS configuration from the files: TLS 1.3 only, client certificates
-/// required and verified against the CA bundle (validity period, clientAuth EKU, chain) and,
-/// if any CRL is configured, refused when revoked or when their issuer has no CRL.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
-    build(files).map(|b| b.config)
-}
-
 /// A configuration and the client-certificate verifier inside it (kept to re-check the
 /// certificates of open connections after a reload).
 struct Built {
@@ -94,7 +89,13 @@ struct Built {
     verifier: Arc<dyn ClientCertVerifier>,
 }
 
-fn build(files: &TlsFiles) -> Result<Built, String> {
+/// Builds the server's TLS configuration from the files: TLS 1.3 only, client certificates
+/// required and verified against the CA bundle (validity period, clientAuth EKU, chain) and,
+/// if any CRL is configured, refused when revoked or when their issuer has no CRL. Validity is
+/// judged by `clock`.
+fn build(files: &TlsFiles, clock: &Arc<dyn Clock>) -> Result<Built, String> {
+    // The one crypto provider, passed explicitly (rustls is built without defaults, and
+    // nothing is installed process-wide).
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let (cert, key, client_ca) = (&files.cert, &files.key, &files.client_ca);
     let certs = CertificateDer::pem_file_iter(cert)
@@ -124,12 +125,13 @@ fn build(files: &TlsFiles) -> Result<Built, String> {
             client_ca.display()
         ));
     }
-    let crls = load_crls(&files.crl)?;
+    let crls = load_crls(&files.crl, clock.now_ms())?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .with_crls(crls)
         .build()
         .map_err(|e| format!("client certificate verifier: {e}"))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let time: Arc<dyn TimeProvider> = Arc::new(ClockTime(clock.clone()));
+    let mut config = ServerConfig::builder_with_details(provider, time)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("TLS versions: {e}"))?
         .with_client_cert_verifier(verifier.clone())
@@ -145,8 +147,11 @@ fn build(files: &TlsFiles) -> Result<Built, String> {
 /// Reads every CRL (PEM, or a single DER CRL), warning about any past its nextUpdate: rustls
 /// still applies such a list (refusing an operator's whole fleet because a CRL was not
 /// refreshed in time would be an outage), but it is a sign the CRL feed is broken.
-fn load_crls(paths: &[PathBuf]) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
-    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock) / 1000;
+fn load_crls(
+    paths: &[PathBuf],
+    now_ms: Millis,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let now = now_ms / 1000;
     let mut out = Vec::new();
     for p in paths {
         let bytes = std::fs::read(p).map_err(|e| format!("CRL {}: {e}", p.display()))?;
@@ -189,6 +194,8 @@ pub struct TlsReloader {
     seen: Mutex<Option<[u8; 32]>>,
     /// Connections open now, to re-check after a reload.
     live: Arc<LiveSet>,
+    /// Judges certificate validity (the server's clock).
+    clock: Arc<dyn Clock>,
 }
 
 /// The configuration in force and its generation (bumped by every good reload).
@@ -207,9 +214,9 @@ pub struct Acceptor {
 
 impl TlsReloader {
     /// Builds the first configuration; an error here stops start-up.
-    pub fn load(files: TlsFiles) -> Result<Arc<Self>, String> {
+    pub fn load(files: TlsFiles, clock: Arc<dyn Clock>) -> Result<Arc<Self>, String> {
         let seen = files.fingerprint().ok();
-        let built = build(&files)?;
+        let built = build(&files, &clock)?;
         Ok(Arc::new(Self {
             files,
             current: RwLock::new(Current {
@@ -218,6 +225,7 @@ impl TlsReloader {
             }),
             seen: Mutex::new(seen),
             live: Arc::default(),
+            clock,
         }))
     }
 
@@ -240,6 +248,11 @@ impl TlsReloader {
 
     /// Verifies every open connection's client certificate under the configuration in force
     /// (blocking: signature checks) and closes those it refuses. Returns how many it closed.
+    /// Now, by the server's clock, as rustls takes it.
+    fn now(&self) -> UnixTime {
+        UnixTime::since_unix_epoch(Duration::from_millis(self.clock.now_ms()))
+    }
+
     fn recheck_connections(&self) -> usize {
         let verifier = self.current().built.verifier.clone();
         let conns: Vec<Arc<LiveConn>> = self
@@ -252,7 +265,7 @@ impl TlsReloader {
             .collect();
         let mut closed = 0;
         for conn in conns.iter().filter(|c| !c.standing.is_closed()) {
-            if !conn.still_verifies(&*verifier) {
+            if !conn.still_verifies(&*verifier, self.now()) {
                 closed += 1;
             }
         }
@@ -264,7 +277,7 @@ impl TlsReloader {
     pub fn reload(&self, trigger: &str) -> bool {
         let fingerprint = self.files.fingerprint().ok();
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint;
-        match build(&self.files) {
+        match build(&self.files, &self.clock) {
             Ok(built) => {
                 {
                     let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
@@ -449,11 +462,11 @@ struct LiveConn {
 impl LiveConn {
     /// Whether `verifier` still accepts this connection's client certificate; if not, closes
     /// the connection (and logs why).
-    fn still_verifies(&self, verifier: &dyn ClientCertVerifier) -> bool {
+    fn still_verifies(&self, verifier: &dyn ClientCertVerifier, now: UnixTime) -> bool {
         let Some((end_entity, intermediates)) = self.chain.split_first() else {
             return true;
         };
-        match verifier.verify_client_cert(end_entity, intermediates, UnixTime::now()) {
+        match verifier.verify_client_cert(end_entity, intermediates, now) {
             Ok(_) => true,
             Err(error) => {
                 tracing::warn!(
@@ -597,7 +610,7 @@ impl TlsConn {
         // under the configuration in force now.
         let current = tls.current();
         if current.generation != acceptor.generation {
-            live.still_verifies(&*current.built.verifier);
+            live.still_verifies(&*current.built.verifier, tls.now());
         }
         Ok(Handshake::Ready(Self {
             inner,
@@ -685,6 +698,24 @@ impl AsyncWrite for TlsConn {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// The server's clock as rustls reads the time (handshakes and re-checks judge certificate
+/// validity by the same clock as everything else).
+struct ClockTime(Arc<dyn Clock>);
+
+impl std::fmt::Debug for ClockTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClockTime")
+    }
+}
+
+impl TimeProvider for ClockTime {
+    fn current_time(&self) -> Option<UnixTime> {
+        Some(UnixTime::since_unix_epoch(Duration::from_millis(
+            self.0.now_ms(),
+        )))
     }
 }
 

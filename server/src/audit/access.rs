@@ -24,35 +24,7 @@ const MAX_IDENTITY_FILTER: usize = 1024;
 /// Longest method filter.
 const MAX_METHOD_FILTER: usize = 128;
 
-/// gRPC code names by number.
-const CODE_NAMES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
-/// The gRPC name of a code number (`UNKNOWN(n)`-free: unknown numbers give "UNKNOWN").
-pub fn code_name(code: i32) -> &'static str {
-    usize::try_from(code)
-        .ok()
-        .and_then(|i| CODE_NAMES.get(i))
-        .copied()
-        .unwrap_or("UNKNOWN")
-}
+pub use ward::status::code_name;
 
 /// Which outcomes a stream shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,10 +48,7 @@ impl Outcome {
             "" => Ok(Outcome::Any),
             "OK" => Ok(Outcome::Ok),
             "ERROR" => Ok(Outcome::Error),
-            name => CODE_NAMES
-                .iter()
-                .position(|n| *n == name)
-                .and_then(|i| i32::try_from(i).ok())
+            name => ward::status::code_number(name)
                 .map(Outcome::Code)
                 .ok_or_else(|| {
                     Error::invalid(format!(

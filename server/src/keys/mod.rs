@@ -158,11 +158,6 @@ impl Keys {
         }
     }
 
-    /// The key directory.
-    pub fn directory(&self) -> &Arc<KeyDirectory> {
-        &self.dir
-    }
-
     /// Verifies a presented key; `method` names the RPC in the audit record. The answer leaves
     /// only once the call's audit record (and any quota charge) is durable.
     pub async fn verify(
