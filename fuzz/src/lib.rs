@@ -10,7 +10,7 @@ use ward_server::error::{Code, Error};
 use ward_server::grpc::status::to_status;
 
 /// Longest message a refusal may carry. Messages travel in the `grpc-message` header: one
-/// that echoed a large input whole broke the reply (RELIABILITY.md §5), so every quote of
+/// that echoed a large input whole broke the reply (docs/reliability.md §5), so every quote of
 /// caller input is an excerpt (`model::excerpt`, at most ~300 bytes escaped). `to_status` also
 /// cuts anything longer than `status::MAX_MESSAGE_BYTES`; this checks the message before that
 /// safety net, so a site that quotes its input whole is still found.

@@ -299,7 +299,7 @@ impl Token {
 /// finalises and re-initialises the library, then reopens and logs in the pool of every open
 /// token. A lighter repair is not enough for SoftHSM 2.6: once a token's files go missing it
 /// marks the token and its objects invalid for good, and only C_Initialize reads the token
-/// directory afresh (measured; see RELIABILITY.md). A hardware HSM whose link dropped needs
+/// directory afresh (measured; see docs/reliability.md). A hardware HSM whose link dropped needs
 /// new sessions and object handles, which this gives it too.
 ///
 /// Excludes every other PKCS#11 call of the process meanwhile. Returns how `token` fared.

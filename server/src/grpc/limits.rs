@@ -3,7 +3,7 @@
 //! in progress across all its connections ([`IdentityCallsLayer`], RESOURCE_EXHAUSTED past
 //! it, counted by [`PerIdentity`]). The HTTP/2 knobs (streams per connection, reset-stream
 //! limits, keepalive, connection age, request timeout) are set on the server builder from the
-//! same `[limits]` and `[tls]` tables; README's configuration section lists them all.
+//! same `[limits]` and `[tls]` tables; docs/configuration.md lists them all.
 
 use super::status::to_status;
 use crate::config::Config;

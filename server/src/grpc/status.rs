@@ -50,7 +50,7 @@ pub fn to_code(code: Code) -> tonic::Code {
 }
 
 /// Rewrites tonic's OUT_OF_RANGE for a request larger than the decoding limit into the
-/// RESOURCE_EXHAUSTED that gRPC specifies and README documents. Only tonic's own size-limit
+/// RESOURCE_EXHAUSTED that gRPC specifies and docs/api.md documents. Only tonic's own size-limit
 /// error is rewritten (its message says the message is "too large"): Ward answers OUT_OF_RANGE
 /// itself for an audit resume point beyond the end of the log. Applied to every service as a
 /// tower layer on the response head (errors are trailers-only responses).

@@ -20,7 +20,7 @@
 //! Not covered here, because they already are: values (AES-GCM bound to name, version and
 //! term), the keyring and index key (wrapped by the HSM), the audit log (its own hash chain
 //! and HSM-signed checkpoints). Rolling the whole database back to an older copy is not
-//! detected (each old record carries a valid MAC); see the README's threat model.
+//! detected (each old record carries a valid MAC); see the threat model in docs/security.md.
 
 use super::{Batch, CheckedEntry, Entry, Snapshot, Store, StoreError, Tree};
 use crate::envelope::DerivedKey;
