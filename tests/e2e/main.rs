@@ -27,6 +27,7 @@ mod limits;
 mod metrics;
 mod pagination;
 mod roundtrip;
+mod rpcs;
 mod scan;
 mod sdk;
 mod semantics;
