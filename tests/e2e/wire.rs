@@ -1,6 +1,6 @@
 //! Bad input at the wire: each RPC (every method of the descriptor sets the server serves, so a
-//! new one is covered or fails the test) gets its malformed variants as raw bytes (empty, wrong wire
-//! types, truncated, invalid UTF-8, deeply nested unknown groups, oversized, huge repeated
+//! new one is covered or fails the test) gets its malformed variants as raw bytes (empty, wrong
+//! wire types, truncated, invalid UTF-8, deeply nested unknown groups, oversized, huge repeated
 //! fields and maps, deep and bogus pagination tokens) and must answer with the status README
 //! documents — and keep serving afterwards.
 //!
