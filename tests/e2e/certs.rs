@@ -183,7 +183,8 @@ fn assert_transport_failure<T: std::fmt::Debug>(r: Result<T, tonic::Status>, wha
     }
 }
 
-async fn assert_accepted(s: &TestServer, files: &CertFiles, what: &str) -> RawClient {
+/// Asserts that `files` connect and get the service's answer; returns the client.
+pub async fn assert_accepted(s: &TestServer, files: &CertFiles, what: &str) -> RawClient {
     let mut c = s
         .raw_client_with(files)
         .await

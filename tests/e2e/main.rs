@@ -11,6 +11,7 @@ mod authz;
 mod backup;
 mod certs;
 mod crash;
+mod crls;
 mod disk;
 mod durability;
 mod extauthz;
