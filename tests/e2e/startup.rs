@@ -146,6 +146,59 @@ async fn missing_token_or_master_key_fails_closed() {
     assert_still_works(&mut s).await;
 }
 
+/// `[hsm] module` naming no PKCS#11 library: exit 3 (HSM), and a message that says which
+/// module could not be loaded and why, whether the path is missing, not a library at all, or a
+/// real shared library without the PKCS#11 entry point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pkcs11_module_exits_3_naming_it() {
+    let mut s = stopped_server_with_data().await;
+    let config = std::fs::read_to_string(s.config_path()).unwrap();
+    let module_line = config
+        .lines()
+        .find(|l| l.starts_with("module = "))
+        .expect("a module line in [hsm]")
+        .to_owned();
+    let not_a_library = s.scratch_dir().join("not-a-library.so");
+    std::fs::write(&not_a_library, b"just text").unwrap();
+    // A real shared library that is not a PKCS#11 module (no C_GetFunctionList).
+    let libz = [
+        "/usr/lib/x86_64-linux-gnu/libz.so.1",
+        "/lib/x86_64-linux-gnu/libz.so.1",
+    ]
+    .into_iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.is_file());
+    let mut cases = vec![
+        (
+            s.scratch_dir().join("no-such-module.so"),
+            "No such file",
+            "missing",
+        ),
+        (not_a_library, "libloading", "not a library"),
+    ];
+    match libz {
+        Some(p) => cases.push((p, "C_GetFunctionList", "a library without PKCS#11")),
+        None => eprintln!("libz.so.1 not found: the non-PKCS#11 library case is not run"),
+    }
+    for (path, why, what) in cases {
+        let line = format!("module = \"{}\"", path.display());
+        s.edit_config(|t| t.replace(&module_line, &line));
+        let f = s.serve_expect_failure(&s.config_path(), &[]);
+        assert_exit(&f, 3, &["pkcs#11 module"], what);
+        let said = format!(
+            "ward-server: HSM: cannot load PKCS#11 module {}",
+            path.display()
+        );
+        assert!(
+            f.stderr.contains(&said) && f.stderr.contains(why),
+            "{what}: the message should say {said:?} and {why:?}\n--- stderr ---\n{}",
+            f.stderr
+        );
+        s.edit_config(|t| t.replace(&line, &module_line));
+    }
+    assert_still_works(&mut s).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_errors_exit_4() {
     let mut s = stopped_server_with_data().await;
