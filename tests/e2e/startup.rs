@@ -5,6 +5,7 @@ use std::process::Command;
 
 use ward_tests::{move_entries, run_tool, server_bin, FailedStart, TestServer};
 
+use crate::hsm_faults::{init_token, token_label};
 use crate::{assert_value, put};
 
 fn assert_exit(f: &FailedStart, code: i32, mentions: &[&str], what: &str) {
@@ -86,21 +87,10 @@ async fn config_errors_and_wrong_pin() {
 async fn missing_token_or_master_key_fails_closed() {
     let mut s = stopped_server_with_data().await;
     let dir = s.data_dir().to_path_buf();
-    let (conf, tokendir) = s.softhsm_paths();
+    let (_, tokendir) = s.softhsm_paths();
     let backup = s.scratch_dir().join("tokens-backup");
 
-    // The token's label, from SoftHSM itself.
-    let mut cmd = Command::new("softhsm2-util");
-    cmd.arg("--show-slots").env("SOFTHSM2_CONF", &conf);
-    let slots = run_tool(cmd, None);
-    let slots = String::from_utf8_lossy(&slots.stdout).into_owned();
-    let label = slots
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Label:"))
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or_else(|| panic!("no labelled token in:\n{slots}"))
-        .to_owned();
+    let label = token_label(&s);
 
     // No token at all: 3.
     move_entries(&tokendir, &backup);
@@ -110,24 +100,7 @@ async fn missing_token_or_master_key_fails_closed() {
     // A token with the right label and PIN but no master key: 3, and serve must not create one
     // (a second attempt fails the same way).
     let pin = std::fs::read_to_string(dir.join("hsm.pin")).unwrap();
-    let mut cmd = Command::new("softhsm2-util");
-    cmd.args([
-        "--init-token",
-        "--free",
-        "--label",
-        &label,
-        "--so-pin",
-        "so-pin-5678",
-        "--pin",
-        pin.trim(),
-    ])
-    .env("SOFTHSM2_CONF", &conf);
-    let o = run_tool(cmd, None);
-    assert!(
-        o.status.success(),
-        "softhsm2-util --init-token: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    init_token(&s, &label, pin.trim());
     for attempt in 1..=2 {
         let f = s.serve_expect_failure(&s.config_path(), &[]);
         assert_exit(
