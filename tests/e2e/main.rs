@@ -32,6 +32,7 @@ mod rpcs;
 mod scan;
 mod sdk;
 mod semantics;
+mod shutdown;
 mod startup;
 mod storage;
 mod tools;
