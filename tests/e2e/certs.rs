@@ -117,9 +117,42 @@ pub async fn tls_probe_as(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> (std::net::SocketAddr, Result<(), String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (local, tls) = tls_connect(s, ca, identity).await;
+    let mut tls = match tls {
+        Ok(tls) => tls,
+        Err(e) => return (local, Err(e)),
+    };
+    let exchange = async {
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await?;
+        tls.flush().await?;
+        let mut buf = [0u8; 64];
+        match tls.read(&mut buf).await? {
+            0 => Err(std::io::Error::other("closed without an answer")),
+            _ => Ok(()),
+        }
+    };
+    let answer = match tokio::time::timeout(WAIT, exchange).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer".into()),
+    };
+    (local, answer)
+}
+
+/// Opens a bare TLS 1.3 connection (ALPN h2) to the server, trusting `ca` and presenting
+/// `identity` (cert, key; `None`: no certificate): its local address (the server logs it) and
+/// the stream, or the client-side error of the handshake.
+pub async fn tls_connect(
+    s: &TestServer,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> (
+    std::net::SocketAddr,
+    Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String>,
+) {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_file_iter(ca).unwrap() {
@@ -143,28 +176,11 @@ pub async fn tls_probe_as(
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
     let local = tcp.local_addr().unwrap();
-    let mut tls = match tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-    {
-        Ok(tls) => tls,
-        Err(e) => return (local, Err(e.to_string())),
-    };
-    let exchange = async {
-        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-            .await?;
-        tls.flush().await?;
-        let mut buf = [0u8; 64];
-        match tls.read(&mut buf).await? {
-            0 => Err(std::io::Error::other("closed without an answer")),
-            _ => Ok(()),
-        }
-    };
-    let answer = match tokio::time::timeout(WAIT, exchange).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err("no answer".into()),
-    };
-    (local, answer)
+        .map_err(|e| e.to_string());
+    (local, tls)
 }
 
 /// Asserts that a call on a connection the server closed failed at the transport level.

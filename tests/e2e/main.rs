@@ -33,6 +33,7 @@ mod scan;
 mod sdk;
 mod semantics;
 mod shutdown;
+mod slow_watcher;
 mod startup;
 mod storage;
 mod tools;
