@@ -10,6 +10,9 @@ use ward_tests::{ok, pb, until_synced, TestServer, STOP_TIMEOUT};
 
 use crate::{assert_value, put_req};
 
+/// An acknowledged put: name, version, value.
+type Acked = (String, u64, Vec<u8>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_exits_cleanly_and_keeps_every_acknowledged_write() {
     let mut s = TestServer::start();
@@ -48,7 +51,7 @@ async fn sigint_exits_cleanly_and_keeps_every_acknowledged_write() {
     until_synced(&mut watch).await;
 
     // Writers run until the server stops answering; each remembers what was acknowledged.
-    let acked: Arc<Mutex<Vec<(String, u64, Vec<u8>)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Acked>>> = Arc::default();
     let mut writers = Vec::new();
     for w in 0..4 {
         let mut c = s.raw_client("admin").await;
