@@ -19,7 +19,10 @@ const NO_CRL_FOR_ISSUER: Refusal = Refusal {
     alert: "UnknownCA",
 };
 
-/// A second client CA with its own key, so a test can sign revocation lists of any date.
+/// A second client CA with its own key, so a test can sign revocation lists of any date. (The
+/// harness's `TestCa` keeps its key to itself and `dev_crl` has fixed dates; once the harness
+/// can sign a CRL with a chosen nextUpdate and a client certificate with a chosen serial, this
+/// goes.)
 struct CrlCa {
     pem: String,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,

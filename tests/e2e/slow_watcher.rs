@@ -2,7 +2,7 @@
 //! section documents ("a watcher too slow to keep up recomputes its difference instead of
 //! holding writers back"): its HTTP/2 window fills, the server's stream for it blocks, the
 //! change broadcast passes it by; puts, and other watchers, carry on. When it reads again it
-//! gets the latest state of every secret.
+//! gets the latest state of every secret, even once the broadcast no longer holds their names.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -19,6 +19,8 @@ use crate::put_req;
 const WRITERS: u64 = 4;
 const PUTS_PER_WRITER: u64 = 400;
 const NAMES: u64 = 40;
+/// Puts per writer outside the watched prefix, afterwards (4 × 300 > 1,024).
+const ELSEWHERE_PER_WRITER: u64 = 300;
 /// The never-reading client's HTTP/2 windows: a few events fill them.
 const WINDOW: u32 = 1024;
 
@@ -133,10 +135,28 @@ async fn a_watcher_that_never_reads_does_not_hold_writers_back() {
             *e = (*e).max(v);
         }
     }
+    // Then changes elsewhere, more than the broadcast holds: none of the slow/ names is left in
+    // it, so only recomputing tells the slow watcher where they ended up.
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let mut c = s.raw_client("admin").await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..ELSEWHERE_PER_WRITER {
+                let name = format!("busy/w{w}-{}", i % 20);
+                ok(c.put_secret(put_req(&name, b"elsewhere")).await, "put");
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(180), t)
+            .await
+            .expect("the writers were held back: puts elsewhere not done within 180 s")
+            .unwrap();
+    }
     let took = started.elapsed();
     eprintln!(
         "{} puts with a stuck watcher took {took:?}",
-        WRITERS * PUTS_PER_WRITER
+        WRITERS * (PUTS_PER_WRITER + ELSEWHERE_PER_WRITER)
     );
 
     // The other watcher still hears about a change at once.
