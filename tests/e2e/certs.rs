@@ -78,6 +78,8 @@ pub async fn assert_probe_refused(
     what: &str,
     why: Refusal,
 ) {
+    // Only lines logged from here on: an earlier connection may have had the same port.
+    let from = s.count_in_stderr("");
     let (local, alert) = tls_probe_as(s, ca, identity).await;
     assert_eq!(
         alert,
@@ -85,13 +87,24 @@ pub async fn assert_probe_refused(
         "{what}: the alert the client received"
     );
     let mine = format!("{local} ");
-    s.wait_for_stderr(&mine, 1, WAIT);
-    let line = s
-        .stderr_tail(usize::MAX)
-        .lines()
-        .find(|l| l.contains(&mine) && l.contains(REFUSED))
-        .map(str::to_owned)
-        .unwrap_or_else(|| panic!("{what}: no {REFUSED:?} line for {local}"));
+    let deadline = std::time::Instant::now() + WAIT;
+    let line = loop {
+        let found = s
+            .stderr_tail(usize::MAX)
+            .lines()
+            .skip(from)
+            .find(|l| l.contains(&mine) && l.contains(REFUSED))
+            .map(str::to_owned);
+        if let Some(line) = found {
+            break line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: no {REFUSED:?} line for {local} within {WAIT:?}\n{}",
+            s.stderr_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
         line.contains(why.log),
         "{what}: the refusal does not say {:?}: {line}",
