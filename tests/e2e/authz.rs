@@ -3,6 +3,7 @@
 
 use std::error::Error as _;
 
+use crate::certs::{assert_probe_refused, tls_probe, Refusal, UNKNOWN_ISSUER};
 use tonic::Code;
 use ward_tests::{connect_raw, foreign_identity, ok, pb, CertFiles, RawClient, TestServer};
 
@@ -197,6 +198,12 @@ async fn assert_transport_refused(conn: Result<RawClient, tonic::transport::Erro
     }
 }
 
+/// No client certificate at all: TLS 1.3's certificate_required alert.
+const NO_CERTIFICATE: Refusal = Refusal {
+    log: "no certificates",
+    alert: "CertificateRequired",
+};
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_certificate_or_foreign_ca_is_refused() {
     let s = TestServer::start();
@@ -206,6 +213,7 @@ async fn no_certificate_or_foreign_ca_is_refused() {
 
     // No client certificate at all.
     assert_transport_refused(connect_raw(s.addr(), &ca, None).await, "no client cert").await;
+    assert_probe_refused(&s, &s.ca_path(), None, "no client cert", NO_CERTIFICATE).await;
 
     // A client certificate from a foreign CA, named like the admin.
     let foreign = foreign_identity(&s.scratch_dir(), "admin");
@@ -216,6 +224,14 @@ async fn no_certificate_or_foreign_ca_is_refused() {
     assert_transport_refused(
         s.raw_client_with(&presented).await,
         "foreign-CA client cert",
+    )
+    .await;
+    assert_probe_refused(
+        &s,
+        &presented.ca,
+        Some((&presented.cert, &presented.key)),
+        "foreign-CA client cert",
+        UNKNOWN_ISSUER,
     )
     .await;
 
@@ -230,6 +246,11 @@ async fn no_certificate_or_foreign_ca_is_refused() {
         "foreign server trust",
     )
     .await;
+    assert_eq!(
+        tls_probe(&s, &trusting_foreign).await.1,
+        Err("invalid peer certificate: UnknownIssuer".to_owned()),
+        "why a client trusting only the foreign CA refuses the server"
+    );
 
     // Nothing was written by the refused callers.
     assert_code(

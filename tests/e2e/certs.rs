@@ -6,6 +6,7 @@
 //! describes; connections are bounded in age; and a certificate whose CN looks like a URI, or
 //! whose identity holds a control character, names no identity.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,13 +24,31 @@ const REFUSED: &str = "TLS handshake refused";
 const CLOSING: &str = "closing connection: its client certificate no longer verifies";
 const WAIT: Duration = Duration::from_secs(15);
 
-/// Asserts that connecting with `files` fails at the transport level (the handshake, or the
-/// first call on a TLS 1.3 connection whose client certificate the server refused) and never
-/// gets an answer from the service. If `reason` is given, the server's refusal log line for
-/// this attempt must contain it.
-async fn assert_refused(s: &TestServer, files: &CertFiles, what: &str, reason: Option<&str>) {
-    let before = s.count_in_stderr(REFUSED);
-    let with_reason = reason.map(|r| (r, s.count_in_stderr(r)));
+/// Why the server refuses a client certificate: the text its `TLS handshake refused` log line
+/// carries (rustls's verifier error), and the TLS alert the client receives.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal {
+    /// In the server's log line, e.g. `UnknownIssuer`, `Revoked`, `certificate expired`.
+    pub log: &'static str,
+    /// The alert rustls sends the client, as its `Debug` name, e.g. `UnknownCA`.
+    pub alert: &'static str,
+}
+
+/// Chains to no CA in the client CA bundle.
+pub const UNKNOWN_ISSUER: Refusal = Refusal {
+    log: "UnknownIssuer",
+    alert: "UnknownCA",
+};
+/// Revoked by a configured CRL.
+pub const REVOKED: Refusal = Refusal {
+    log: "Revoked",
+    alert: "CertificateRevoked",
+};
+
+/// Asserts that connecting with `files` is refused by the server in the TLS handshake for
+/// `why`: a gRPC client never gets an answer from the service, a raw TLS client receives
+/// `why.alert`, and every `TLS handshake refused` line the attempts caused names `why.log`.
+pub async fn assert_refused(s: &TestServer, files: &CertFiles, what: &str, why: Refusal) {
     if let Ok(mut c) = s.raw_client_with(files).await {
         // With TLS 1.3 the client finishes its side of the handshake before the server checks
         // the client certificate, so the refusal shows on the first call.
@@ -46,10 +65,135 @@ async fn assert_refused(s: &TestServer, files: &CertFiles, what: &str, reason: O
             ),
         }
     }
-    if let Some((reason, n)) = with_reason {
-        s.wait_for_stderr(REFUSED, before + 1, WAIT);
-        s.wait_for_stderr(reason, n + 1, WAIT);
+    assert_probe_refused(s, &files.ca, Some((&files.cert, &files.key)), what, why).await;
+}
+
+/// Asserts that a bare TLS client trusting `ca` and presenting `identity` (cert, key; `None`:
+/// no certificate) receives `why.alert`, and that the server's refusal line for that very
+/// connection (its client port; the log may colour the field names) names `why.log`.
+pub async fn assert_probe_refused(
+    s: &TestServer,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    what: &str,
+    why: Refusal,
+) {
+    // Only lines logged from here on: an earlier connection may have had the same port.
+    let from = s.count_in_stderr("");
+    let (local, alert) = tls_probe_as(s, ca, identity).await;
+    assert_eq!(
+        alert,
+        Err(format!("received fatal alert: {}", why.alert)),
+        "{what}: the alert the client received"
+    );
+    let mine = format!("{local} ");
+    let deadline = std::time::Instant::now() + WAIT;
+    let line = loop {
+        let found = s
+            .stderr_tail(usize::MAX)
+            .lines()
+            .skip(from)
+            .find(|l| l.contains(&mine) && l.contains(REFUSED))
+            .map(str::to_owned);
+        if let Some(line) = found {
+            break line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: no {REFUSED:?} line for {local} within {WAIT:?}\n{}",
+            s.stderr_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        line.contains(why.log),
+        "{what}: the refusal does not say {:?}: {line}",
+        why.log
+    );
+}
+
+/// [`tls_probe_as`] with the CA and client certificate of `files`.
+pub async fn tls_probe(
+    s: &TestServer,
+    files: &CertFiles,
+) -> (std::net::SocketAddr, Result<(), String>) {
+    tls_probe_as(s, &files.ca, Some((&files.cert, &files.key))).await
+}
+
+/// Opens a bare TLS 1.3 connection (ALPN h2) trusting `ca` and presenting `identity` (cert,
+/// key; `None`: no certificate), sends the HTTP/2 preface and reads the answer. Returns the connection's local address (the server logs it) and `Ok(())` if the
+/// server answers, else the client-side error (a refused client certificate shows as
+/// `received fatal alert: …`, a server certificate the client does not trust as `invalid peer
+/// certificate: …`).
+pub async fn tls_probe_as(
+    s: &TestServer,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> (std::net::SocketAddr, Result<(), String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (local, tls) = tls_connect(s, ca, identity).await;
+    let mut tls = match tls {
+        Ok(tls) => tls,
+        Err(e) => return (local, Err(e)),
+    };
+    let exchange = async {
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await?;
+        tls.flush().await?;
+        let mut buf = [0u8; 64];
+        match tls.read(&mut buf).await? {
+            0 => Err(std::io::Error::other("closed without an answer")),
+            _ => Ok(()),
+        }
+    };
+    let answer = match tokio::time::timeout(WAIT, exchange).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer".into()),
+    };
+    (local, answer)
+}
+
+/// Opens a bare TLS 1.3 connection (ALPN h2) to the server, trusting `ca` and presenting
+/// `identity` (cert, key; `None`: no certificate): its local address (the server logs it) and
+/// the stream, or the client-side error of the handshake.
+pub async fn tls_connect(
+    s: &TestServer,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> (
+    std::net::SocketAddr,
+    Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String>,
+) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
     }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_file(key).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let local = tcp.local_addr().unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string());
+    (local, tls)
 }
 
 /// Asserts that a call on a connection the server closed failed at the transport level.
@@ -68,7 +212,8 @@ fn assert_transport_failure<T: std::fmt::Debug>(r: Result<T, tonic::Status>, wha
     }
 }
 
-async fn assert_accepted(s: &TestServer, files: &CertFiles, what: &str) -> RawClient {
+/// Asserts that `files` connect and get the service's answer; returns the client.
+pub async fn assert_accepted(s: &TestServer, files: &CertFiles, what: &str) -> RawClient {
     let mut c = s
         .raw_client_with(files)
         .await
@@ -101,20 +246,27 @@ async fn bad_client_certificates_fail_the_handshake() {
     let server_eku = s.issue_dev_cert_with("admin", |p| {
         p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     });
+    const EXPIRED: Refusal = Refusal {
+        log: "certificate expired",
+        alert: "CertificateExpired",
+    };
+    // rustls's alert for "not currently valid" is certificate_expired too (RFC 8446).
+    const NOT_YET_VALID: Refusal = Refusal {
+        log: "not valid yet",
+        alert: "CertificateExpired",
+    };
+    const SERVER_EKU: Refusal = Refusal {
+        log: "extended key usage",
+        alert: "UnsupportedCertificate",
+    };
     let foreign = CertFiles {
         ca: s.ca_path(),
         ..foreign_identity(&s.scratch_dir(), "admin")
     };
-    assert_refused(&s, &expired, "expired", Some("certificate expired")).await;
-    assert_refused(&s, &not_yet, "not yet valid", Some("not valid yet")).await;
-    assert_refused(
-        &s,
-        &server_eku,
-        "serverAuth EKU",
-        Some("extended key usage"),
-    )
-    .await;
-    assert_refused(&s, &foreign, "foreign CA", Some("UnknownIssuer")).await;
+    assert_refused(&s, &expired, "expired", EXPIRED).await;
+    assert_refused(&s, &not_yet, "not yet valid", NOT_YET_VALID).await;
+    assert_refused(&s, &server_eku, "serverAuth EKU", SERVER_EKU).await;
+    assert_refused(&s, &foreign, "foreign CA", UNKNOWN_ISSUER).await;
 
     // The same name with a good certificate is admin.
     let good = s.issue_dev_cert_with("admin", |_| {});
@@ -148,7 +300,7 @@ async fn revoked_certificate_is_refused_once_the_crl_changes() {
     let reloads = s.count_in_stderr(RELOADED);
     replace_file(&crl, s.dev_crl(2, &[1002]).as_bytes(), 0o644);
     s.wait_for_stderr(RELOADED, reloads + 1, WAIT);
-    assert_refused(&s, &doomed, "revoked", Some("Revoked")).await;
+    assert_refused(&s, &doomed, "revoked", REVOKED).await;
     assert_accepted(&s, &good, "other certificate after the CRL change").await;
     put(&mut good_conn, "certs/crl", b"good").await;
     // The connection established before the revocation is closed by the reload: its next call
@@ -173,14 +325,14 @@ async fn revoked_certificate_is_refused_once_the_crl_changes() {
         0o644,
     );
     s.wait_for_stderr(RELOAD_FAILED, failures + 1, WAIT);
-    assert_refused(&s, &doomed, "revoked, after a bad CRL", None).await;
+    assert_refused(&s, &doomed, "revoked, after a bad CRL", REVOKED).await;
     assert_accepted(&s, &good, "good, after a bad CRL").await;
 
     // At start-up too: the revoked certificate is refused, the other accepted.
     replace_file(&crl, s.dev_crl(3, &[1002]).as_bytes(), 0o644);
     drop((good_conn, doomed_conn));
     s.restart();
-    assert_refused(&s, &doomed, "revoked, after restart", Some("Revoked")).await;
+    assert_refused(&s, &doomed, "revoked, after restart", REVOKED).await;
     assert_accepted(&s, &good, "good, after restart").await;
 }
 
@@ -247,7 +399,7 @@ async fn ca_rotation_with_overlap_on_sighup_keeps_established_connections() {
         &s,
         &new_admin,
         "new-CA client before the overlap",
-        Some("UnknownIssuer"),
+        UNKNOWN_ISSUER,
     )
     .await;
 
@@ -270,6 +422,7 @@ async fn ca_rotation_with_overlap_on_sighup_keeps_established_connections() {
         ca: new_ca_file.clone(),
         ..f.clone()
     };
+    // A client trusting only the old CA refuses the new server certificate, for that reason.
     assert!(
         s.raw_client_with(&old_admin).await.is_err() || {
             // Some clients report the server-certificate failure on the first call instead.
@@ -277,6 +430,11 @@ async fn ca_rotation_with_overlap_on_sighup_keeps_established_connections() {
             fetch(&mut c, "certs/probe", 0).await.is_err()
         },
         "a client trusting only the old CA accepted the new server certificate"
+    );
+    assert_eq!(
+        tls_probe(&s, &old_admin).await.1,
+        Err("invalid peer certificate: UnknownIssuer".to_owned()),
+        "why a client trusting only the old CA refuses the new server certificate"
     );
     assert_accepted(
         &s,
@@ -315,7 +473,7 @@ async fn ca_rotation_with_overlap_on_sighup_keeps_established_connections() {
         &s,
         &trusting_new(&old_admin),
         "old-CA client after the overlap",
-        Some("UnknownIssuer"),
+        UNKNOWN_ISSUER,
     )
     .await;
     assert_accepted(
@@ -340,7 +498,7 @@ async fn ca_rotation_with_overlap_on_sighup_keeps_established_connections() {
         &s,
         &trusting_new(&old_admin),
         "old CA, after refused reloads",
-        None,
+        UNKNOWN_ISSUER,
     )
     .await;
 

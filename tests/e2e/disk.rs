@@ -1,12 +1,20 @@
 //! What reaches the disk: no plaintext value or API key anywhere under the data dir (nor in the
-//! server's output), and a ciphertext moved to another name or version fails with DATA_LOSS.
+//! server's output, nor in what the audit, watch and backup streams send) after every RPC has
+//! run, and a ciphertext moved to another name or version fails with DATA_LOSS.
 
 use std::path::Path;
 
 use base64::Engine;
+use envoy_types::pb::envoy::service::auth::v3::{
+    attribute_context, AttributeContext, CheckRequest,
+};
+use prost::Message;
 use tonic::Code;
-use ward_tests::{files_containing, ok, pb, random_hex, TestServer};
+use ward_tests::{
+    files_containing, next_event, ok, pb, random_hex, until_synced, RawClient, TestServer,
+};
 
+use crate::rpcs::assert_every_rpc_served;
 use crate::{assert_value, fetch, put};
 
 /// Asserts that no file under `dir` holds any of `needles` (labelled for the message).
@@ -124,6 +132,10 @@ async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
             .unwrap();
     }
     put(&mut c, "leak/after-rotation", value2.as_bytes()).await;
+    let life = lifecycle_and_the_other_services(&s, &mut c, &key_dev).await;
+    // Every RPC in the descriptor sets answered OK at least once: a new RPC is either exercised
+    // here or fails this test.
+    assert_every_rpc_served(&s, |code| code == "OK", "leak test");
     drop((c, app, admin));
 
     let body = |k: &str| k[k.len() - ward::keyformat::BODY_LEN..].to_owned();
@@ -140,7 +152,26 @@ async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
         ("prod API key body", body_prod.clone().into_bytes()),
         ("rotated API key", key_rotated.clone().into_bytes()),
         ("rotated API key body", body_rotated.clone().into_bytes()),
+        ("lifecycle value 1", life.values[0].clone().into_bytes()),
+        ("lifecycle value 2", life.values[1].clone().into_bytes()),
+        (
+            "lifecycle rotated value",
+            life.values[2].clone().into_bytes(),
+        ),
     ];
+    // What the audit stream, the watch stream and the backup handed out holds none of it.
+    for (what, needle) in &needles {
+        for (from, bytes) in [
+            ("StreamAudit", &life.audit_bytes),
+            ("WatchSecrets", &life.watch_bytes),
+            ("StreamBackup", &life.backup_bytes),
+        ] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == &needle[..]),
+                "{what} in what {from} sent"
+            );
+        }
+    }
     let needle_refs: Vec<(&str, &[u8])> = needles.iter().map(|(w, n)| (*w, &n[..])).collect();
 
     s.stop();
@@ -183,6 +214,171 @@ async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
             !output.contains(needle.as_str()),
             "{what} appears in the server's output"
         );
+    }
+}
+
+/// What [`lifecycle_and_the_other_services`] used and received.
+struct Lifecycle {
+    /// The values put and rotated in under `leak/life`.
+    values: [String; 3],
+    /// Every StreamAudit response, encoded.
+    audit_bytes: Vec<u8>,
+    /// Every WatchSecrets event, encoded.
+    watch_bytes: Vec<u8>,
+    /// The backup file.
+    backup_bytes: Vec<u8>,
+}
+
+/// Runs the RPCs the rest of the leak test does not: the lifecycle (rotate a STATIC secret,
+/// revoke, set-state, destroy, watch), the Keys, Audit and Backup services and Envoy's Check.
+async fn lifecycle_and_the_other_services(
+    s: &TestServer,
+    c: &mut RawClient,
+    api_key: &str,
+) -> Lifecycle {
+    let values = [
+        format!("LIFE-ONE-CANARY-{}", random_hex(40)),
+        format!("LIFE-TWO-CANARY-{}", random_hex(40)),
+        format!("LIFE-ROTATED-CANARY-{}", random_hex(40)),
+    ];
+    let mut watch = ok(
+        c.watch_secrets(pb::WatchSecretsRequest {
+            name_prefix: "leak/".into(),
+            ..Default::default()
+        })
+        .await,
+        "watch",
+    );
+    let mut events = until_synced(&mut watch).await;
+    put(c, "leak/life", values[0].as_bytes()).await;
+    put(c, "leak/life", values[1].as_bytes()).await;
+    ok(
+        c.rotate_secret(pb::RotateSecretRequest {
+            name: "leak/life".into(),
+            value: values[2].clone().into_bytes(),
+            ..Default::default()
+        })
+        .await,
+        "rotate a static secret",
+    );
+    ok(
+        c.revoke_secret(pb::RevokeSecretRequest {
+            name: "leak/life".into(),
+            version: 1,
+            reason: "leak test".into(),
+            ..Default::default()
+        })
+        .await,
+        "revoke v1",
+    );
+    ok(
+        c.set_version_state(pb::SetVersionStateRequest {
+            name: "leak/life".into(),
+            version: 2,
+            state: pb::VersionState::Inactive as i32,
+            ..Default::default()
+        })
+        .await,
+        "set v2 inactive",
+    );
+    ok(
+        c.destroy_version(pb::DestroyVersionRequest {
+            name: "leak/life".into(),
+            version: 2,
+            ..Default::default()
+        })
+        .await,
+        "destroy v2",
+    );
+    // put, put, rotate, revoke, set-state, destroy: one event each.
+    for _ in 0..6 {
+        events.push(next_event(&mut watch).await);
+    }
+    drop(watch);
+
+    let mut keys = s.keys_client("admin").await;
+    ok(
+        keys.update_key_policy(pb::UpdateKeyPolicyRequest {
+            name: "leak/key".into(),
+            policy: Some(pb::KeyPolicy {
+                scopes: vec!["orders:read".into()],
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["scopes".into()],
+            }),
+            ..Default::default()
+        })
+        .await,
+        "update key policy",
+    );
+    ok(
+        keys.get_key_usage(pb::GetKeyUsageRequest {
+            name: "leak/key".into(),
+            version: 0,
+        })
+        .await,
+        "get key usage",
+    );
+    let mut envoy = s.authz_client("admin").await;
+    ok(envoy.check(check_request(api_key)).await, "ext_authz Check");
+
+    let mut audit = s.audit_client("admin").await;
+    let mut stream = ok(
+        audit.stream_audit(pb::StreamAuditRequest::default()).await,
+        "stream audit",
+    );
+    let mut audit_bytes = Vec::new();
+    while let Some(r) = stream.message().await.expect("audit stream") {
+        audit_bytes.extend(r.encode_to_vec());
+    }
+    assert!(!audit_bytes.is_empty(), "the audit stream sent nothing");
+    let v = ok(
+        audit
+            .verify_audit_log(pb::VerifyAuditLogRequest::default())
+            .await,
+        "verify audit log",
+    );
+    assert!(v.ok, "audit log: {v:?}");
+
+    let mut backup = pb::backup_client::BackupClient::new(s.channel("admin").await);
+    let mut chunks = ok(
+        backup.stream_backup(pb::StreamBackupRequest {}).await,
+        "stream backup",
+    );
+    let mut backup_bytes = Vec::new();
+    while let Some(chunk) = chunks.message().await.expect("backup stream") {
+        backup_bytes.extend(chunk.data);
+    }
+    assert!(
+        backup_bytes.len() > 1000,
+        "the backup is {} bytes",
+        backup_bytes.len()
+    );
+
+    Lifecycle {
+        values,
+        audit_bytes,
+        watch_bytes: events.iter().flat_map(|e| e.encode_to_vec()).collect(),
+        backup_bytes,
+    }
+}
+
+/// An ext_authz request presenting `api_key` as a bearer token.
+fn check_request(api_key: &str) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    method: "GET".into(),
+                    path: "/orders".into(),
+                    headers: [("authorization".to_string(), format!("Bearer {api_key}"))].into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
     }
 }
 

@@ -1,13 +1,16 @@
 //! The HSM failing while the server runs, for real: the SoftHSM token's directory is moved away
 //! under the running server and later put back. Calls that need the HSM fail UNAVAILABLE with a
-//! message that names it; fetch, put and verify keep working from the unsealed keyring, and
-//! their audit records keep being written; checkpoint signing warns and retries. Once the token
-//! is back the same process serves every call again, and after a restart everything decrypts.
+//! message that names it; fetch, put, issue, rotate and verify keep working from the unsealed
+//! keyring, and their audit records keep being written; checkpoint signing warns and retries.
+//! Once the token is back the same process serves every call again, and after a restart
+//! everything decrypts. A token that refuses the PIN when the server reconnects is not tried
+//! again (a real HSM may lock itself after repeated failures) until a restart.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tonic::{Code, Status};
-use ward_tests::{move_entries, ok, pb, AuditClient, TestServer};
+use ward_tests::{move_entries, ok, pb, run_tool, AuditClient, TestServer};
 
 use crate::{assert_value, put};
 
@@ -133,11 +136,47 @@ async fn an_hsm_that_fails_while_serving_fails_closed_and_recovers_without_a_res
     put(&mut c, "hsm/b", b"during").await;
     assert_value(&mut c, "hsm/a", 2, b"during").await;
     verify_key_valid(&mut keys, &key, "verify during").await;
+    // Issuing and rotating need no HSM either: new data keys are wrapped by the keyring.
+    let issued = ok(
+        c.issue_key(pb::IssueKeyRequest {
+            name: "hsm/key-during".into(),
+            ..Default::default()
+        })
+        .await,
+        "IssueKey during the outage",
+    )
+    .api_key;
+    verify_key_valid(&mut keys, &issued, "verify a key issued during").await;
+    let rotated_key = ok(
+        c.rotate_secret(pb::RotateSecretRequest {
+            name: "hsm/key".into(),
+            ..Default::default()
+        })
+        .await,
+        "RotateSecret of an API key during the outage",
+    )
+    .api_key;
+    verify_key_valid(&mut keys, &rotated_key, "verify a key rotated during").await;
+    // The old key stays valid for the grace period.
+    verify_key_valid(&mut keys, &key, "verify the old key during its grace").await;
+    ok(
+        c.rotate_secret(pb::RotateSecretRequest {
+            name: "hsm/a".into(),
+            value: b"rotated during".to_vec(),
+            ..Default::default()
+        })
+        .await,
+        "RotateSecret of a static secret during the outage",
+    );
+    assert_value(&mut c, "hsm/a", 3, b"rotated during").await;
     let records = crate::audit::all_records(&mut audit).await;
     for (method, target) in [
         ("FetchSecret", "hsm/a"),
         ("PutSecret", "hsm/b"),
         ("VerifyKey", "hsm/key"),
+        ("IssueKey", "hsm/key-during"),
+        ("RotateSecret", "hsm/key"),
+        ("RotateSecret", "hsm/a"),
     ] {
         assert!(
             records.iter().any(|r| r.seq > from
@@ -194,17 +233,28 @@ async fn an_hsm_that_fails_while_serving_fails_closed_and_recovers_without_a_res
     for (name, version, value) in [
         ("hsm/a", 1, &b"before"[..]),
         ("hsm/a", 2, b"during"),
+        ("hsm/a", 3, b"rotated during"),
         ("hsm/b", 1, b"during"),
         ("hsm/c", 1, b"after"),
+        ("hsm/key-during", 1, issued.as_bytes()),
+        ("hsm/key", 2, rotated_key.as_bytes()),
     ] {
         assert_value(&mut c, name, version, value).await;
     }
-    verify_key_valid(
-        &mut s.keys_client("admin").await,
-        &key,
-        "verify after restart",
-    )
-    .await;
+    let mut keys = s.keys_client("admin").await;
+    for (k, what) in [
+        (&key, "verify after restart"),
+        (
+            &issued,
+            "verify the key issued during the outage after restart",
+        ),
+        (
+            &rotated_key,
+            "verify the key rotated during the outage after restart",
+        ),
+    ] {
+        verify_key_valid(&mut keys, k, what).await;
+    }
     let v = verify_log(&mut s.audit_client("admin").await)
         .await
         .unwrap();
@@ -219,4 +269,143 @@ async fn an_hsm_that_fails_while_serving_fails_closed_and_recovers_without_a_res
 async fn verify_log_head(s: &TestServer) -> u64 {
     let records = crate::audit::all_records(&mut s.audit_client("admin").await).await;
     records.last().map_or(0, |r| r.seq)
+}
+
+/// The label of the server's SoftHSM token, from SoftHSM itself.
+pub fn token_label(s: &TestServer) -> String {
+    let (conf, _) = s.softhsm_paths();
+    let mut cmd = Command::new("softhsm2-util");
+    cmd.arg("--show-slots").env("SOFTHSM2_CONF", &conf);
+    let slots = run_tool(cmd, None);
+    let slots = String::from_utf8_lossy(&slots.stdout).into_owned();
+    slots
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Label:"))
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_else(|| panic!("no labelled token in:\n{slots}"))
+        .to_owned()
+}
+
+/// Creates an empty token labelled `label` with user PIN `pin` in the server's SoftHSM token
+/// directory.
+pub fn init_token(s: &TestServer, label: &str, pin: &str) {
+    let (conf, _) = s.softhsm_paths();
+    let mut cmd = Command::new("softhsm2-util");
+    cmd.args([
+        "--init-token",
+        "--free",
+        "--label",
+        label,
+        "--so-pin",
+        "so-pin-5678",
+        "--pin",
+        pin,
+    ])
+    .env("SOFTHSM2_CONF", &conf);
+    let o = run_tool(cmd, None);
+    assert!(
+        o.status.success(),
+        "softhsm2-util --init-token: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// How many stderr lines contain every one of `needles`.
+fn lines_with(s: &TestServer, needles: &[&str]) -> usize {
+    s.stderr_tail(usize::MAX)
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
+/// README: "A PIN the token refuses on reconnect is not retried (an HSM may lock the token
+/// after repeated failures): fix it and restart." The token goes away and a token with the
+/// same label but another PIN takes its place: the reconnect is refused once, later calls fail
+/// without logging in again (even once the real token is back), the data path keeps working,
+/// and a restart serves everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_refused_on_reconnect_is_not_retried_until_a_restart() {
+    const REFUSED: [&str; 2] = [
+        "cannot reconnect the PKCS#11 token",
+        "the PIN does not open token",
+    ];
+    let mut s = TestServer::start();
+    let pin = std::fs::read_to_string(s.data_dir().join("hsm.pin")).unwrap();
+    let pin = pin.trim().to_owned();
+    let label = token_label(&s);
+    let mut c = s.raw_client("admin").await;
+    let mut admin: AdminClient = pb::admin_client::AdminClient::new(s.channel("admin").await);
+    put(&mut c, "pin/a", b"before").await;
+
+    // The real token goes; a token with its label and another PIN appears.
+    let (_, tokendir) = s.softhsm_paths();
+    let aside = s.scratch_dir().join("token-aside");
+    move_entries(&tokendir, &aside);
+    init_token(&s, &label, "another-pin-4242");
+
+    // Calls that need the HSM fail UNAVAILABLE, saying the PIN is refused (not what it is).
+    for attempt in 1..=5 {
+        let status = admin
+            .rotate_keyring(pb::RotateKeyringRequest {})
+            .await
+            .expect_err("RotateKeyring with the PIN refused");
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "attempt {attempt}: {status:?}"
+        );
+        assert!(!status.message().contains(&pin), "the PIN is shown");
+        if attempt > 1 {
+            assert!(
+                status.message().starts_with("HSM unavailable: ")
+                    && status.message().contains("PIN"),
+                "attempt {attempt}: {:?}",
+                status.message()
+            );
+        }
+    }
+    s.wait_for_stderr(REFUSED[1], 1, Duration::from_secs(15));
+    assert_eq!(
+        lines_with(&s, &REFUSED),
+        1,
+        "the refused PIN was tried again\n{}",
+        s.stderr_tail(40)
+    );
+    // The data path does not need the HSM.
+    put(&mut c, "pin/a", b"during").await;
+    assert_value(&mut c, "pin/a", 2, b"during").await;
+
+    // The real token back: still not retried in this process.
+    for e in std::fs::read_dir(&tokendir).unwrap() {
+        std::fs::remove_dir_all(e.unwrap().path()).unwrap();
+    }
+    move_entries(&aside, &tokendir);
+    let status = admin
+        .rotate_keyring(pb::RotateKeyringRequest {})
+        .await
+        .expect_err("RotateKeyring after the token came back, without a restart");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("PIN"), "{:?}", status.message());
+    assert_eq!(
+        lines_with(&s, &REFUSED),
+        1,
+        "the refused PIN was tried again"
+    );
+
+    // A restart logs in again and serves everything.
+    drop((c, admin));
+    s.restart();
+    let mut admin: AdminClient = pb::admin_client::AdminClient::new(s.channel("admin").await);
+    ok(
+        admin.rotate_keyring(pb::RotateKeyringRequest {}).await,
+        "RotateKeyring after a restart",
+    );
+    let mut c = s.raw_client("admin").await;
+    assert_value(&mut c, "pin/a", 1, b"before").await;
+    assert_value(&mut c, "pin/a", 2, b"during").await;
+    assert!(
+        !s.all_output().contains(&pin),
+        "the PIN is in the server's output"
+    );
 }

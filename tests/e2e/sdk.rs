@@ -184,4 +184,19 @@ async fn sdk_with_foreign_certificate_gets_unavailable() {
         Code::NotFound,
         "foreign put stored",
     );
+    // Refused for the reason the SDK cannot see: the certificate's issuer is unknown.
+    s.wait_for_stderr(
+        "TLS handshake refused",
+        1,
+        std::time::Duration::from_secs(15),
+    );
+    let refusals = s.stderr_tail(usize::MAX);
+    let refusals: Vec<&str> = refusals
+        .lines()
+        .filter(|l| l.contains("TLS handshake refused"))
+        .collect();
+    assert!(
+        refusals.iter().all(|l| l.contains("UnknownIssuer")),
+        "{refusals:#?}"
+    );
 }

@@ -5,6 +5,7 @@ use std::process::Command;
 
 use ward_tests::{move_entries, run_tool, server_bin, FailedStart, TestServer};
 
+use crate::hsm_faults::{init_token, token_label};
 use crate::{assert_value, put};
 
 fn assert_exit(f: &FailedStart, code: i32, mentions: &[&str], what: &str) {
@@ -86,21 +87,10 @@ async fn config_errors_and_wrong_pin() {
 async fn missing_token_or_master_key_fails_closed() {
     let mut s = stopped_server_with_data().await;
     let dir = s.data_dir().to_path_buf();
-    let (conf, tokendir) = s.softhsm_paths();
+    let (_, tokendir) = s.softhsm_paths();
     let backup = s.scratch_dir().join("tokens-backup");
 
-    // The token's label, from SoftHSM itself.
-    let mut cmd = Command::new("softhsm2-util");
-    cmd.arg("--show-slots").env("SOFTHSM2_CONF", &conf);
-    let slots = run_tool(cmd, None);
-    let slots = String::from_utf8_lossy(&slots.stdout).into_owned();
-    let label = slots
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Label:"))
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or_else(|| panic!("no labelled token in:\n{slots}"))
-        .to_owned();
+    let label = token_label(&s);
 
     // No token at all: 3.
     move_entries(&tokendir, &backup);
@@ -110,24 +100,7 @@ async fn missing_token_or_master_key_fails_closed() {
     // A token with the right label and PIN but no master key: 3, and serve must not create one
     // (a second attempt fails the same way).
     let pin = std::fs::read_to_string(dir.join("hsm.pin")).unwrap();
-    let mut cmd = Command::new("softhsm2-util");
-    cmd.args([
-        "--init-token",
-        "--free",
-        "--label",
-        &label,
-        "--so-pin",
-        "so-pin-5678",
-        "--pin",
-        pin.trim(),
-    ])
-    .env("SOFTHSM2_CONF", &conf);
-    let o = run_tool(cmd, None);
-    assert!(
-        o.status.success(),
-        "softhsm2-util --init-token: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    init_token(&s, &label, pin.trim());
     for attempt in 1..=2 {
         let f = s.serve_expect_failure(&s.config_path(), &[]);
         assert_exit(
@@ -143,6 +116,59 @@ async fn missing_token_or_master_key_fails_closed() {
         std::fs::remove_dir_all(e.unwrap().path()).unwrap();
     }
     move_entries(&backup, &tokendir);
+    assert_still_works(&mut s).await;
+}
+
+/// `[hsm] module` naming no PKCS#11 library: exit 3 (HSM), and a message that says which
+/// module could not be loaded and why, whether the path is missing, not a library at all, or a
+/// real shared library without the PKCS#11 entry point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pkcs11_module_exits_3_naming_it() {
+    let mut s = stopped_server_with_data().await;
+    let config = std::fs::read_to_string(s.config_path()).unwrap();
+    let module_line = config
+        .lines()
+        .find(|l| l.starts_with("module = "))
+        .expect("a module line in [hsm]")
+        .to_owned();
+    let not_a_library = s.scratch_dir().join("not-a-library.so");
+    std::fs::write(&not_a_library, b"just text").unwrap();
+    // A real shared library that is not a PKCS#11 module (no C_GetFunctionList).
+    let libz = [
+        "/usr/lib/x86_64-linux-gnu/libz.so.1",
+        "/lib/x86_64-linux-gnu/libz.so.1",
+    ]
+    .into_iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.is_file());
+    let mut cases = vec![
+        (
+            s.scratch_dir().join("no-such-module.so"),
+            "No such file",
+            "missing",
+        ),
+        (not_a_library, "libloading", "not a library"),
+    ];
+    match libz {
+        Some(p) => cases.push((p, "C_GetFunctionList", "a library without PKCS#11")),
+        None => eprintln!("libz.so.1 not found: the non-PKCS#11 library case is not run"),
+    }
+    for (path, why, what) in cases {
+        let line = format!("module = \"{}\"", path.display());
+        s.edit_config(|t| t.replace(&module_line, &line));
+        let f = s.serve_expect_failure(&s.config_path(), &[]);
+        assert_exit(&f, 3, &["pkcs#11 module"], what);
+        let said = format!(
+            "ward-server: HSM: cannot load PKCS#11 module {}",
+            path.display()
+        );
+        assert!(
+            f.stderr.contains(&said) && f.stderr.contains(why),
+            "{what}: the message should say {said:?} and {why:?}\n--- stderr ---\n{}",
+            f.stderr
+        );
+        s.edit_config(|t| t.replace(&line, &module_line));
+    }
     assert_still_works(&mut s).await;
 }
 

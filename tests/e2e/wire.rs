@@ -1,5 +1,6 @@
-//! Bad input at the wire: each RPC gets its malformed variants as raw bytes (empty, wrong wire
-//! types, truncated, invalid UTF-8, deeply nested unknown groups, oversized, huge repeated
+//! Bad input at the wire: each RPC (every method of the descriptor sets the server serves, so a
+//! new one is covered or fails the test) gets its malformed variants as raw bytes (empty, wrong
+//! wire types, truncated, invalid UTF-8, deeply nested unknown groups, oversized, huge repeated
 //! fields and maps, deep and bogus pagination tokens) and must answer with the status README
 //! documents — and keep serving afterwards.
 //!
@@ -8,12 +9,15 @@
 
 use bytes::{Buf, BufMut};
 use prost::Message;
+use std::collections::BTreeMap;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
+
 use ward_tests::{pb, TestServer};
 
+use crate::rpcs::{assert_every_rpc_served, every_rpc, Rpc};
 use crate::{assert_value, put};
 
 /// Passes bytes through unchanged, so a test can send anything as a request body.
@@ -54,16 +58,36 @@ impl Decoder for RawDecoder {
     }
 }
 
-/// Sends `body` to `method` (e.g. `/ward.v1.Secrets/PutSecret`); the status code it got.
-async fn call(channel: &Channel, method: &str, body: Vec<u8>) -> Code {
+/// Sends `body` to `rpc`; the status code it got. A streaming answer counts as OK once its
+/// first message (or its clean end) arrives: a live watch never ends by itself.
+async fn call(channel: &Channel, rpc: &Rpc, body: Vec<u8>) -> Code {
     let mut grpc = tonic::client::Grpc::new(channel.clone())
         .max_encoding_message_size(64 * 1024 * 1024)
         .max_decoding_message_size(64 * 1024 * 1024);
     grpc.ready().await.expect("channel ready");
-    let path = PathAndQuery::try_from(method).unwrap();
-    match grpc.unary(tonic::Request::new(body), path, RawCodec).await {
-        Ok(_) => Code::Ok,
+    let path = PathAndQuery::try_from(rpc.path.as_str()).unwrap();
+    let req = tonic::Request::new(body);
+    if !rpc.server_streaming {
+        return match grpc.unary(req, path, RawCodec).await {
+            Ok(_) => Code::Ok,
+            Err(st) => st.code(),
+        };
+    }
+    match grpc.server_streaming(req, path, RawCodec).await {
+        Ok(resp) => match resp.into_inner().message().await {
+            Ok(_) => Code::Ok,
+            Err(st) => st.code(),
+        },
         Err(st) => st.code(),
+    }
+}
+
+/// An RPC that is not in the descriptor (to check the server's answer to unknown methods).
+fn unknown(path: &str) -> Rpc {
+    Rpc {
+        path: path.to_owned(),
+        server_streaming: false,
+        fieldless_request: true,
     }
 }
 
@@ -73,12 +97,21 @@ const FETCH: &str = "/ward.v1.Secrets/FetchSecret";
 const BATCH: &str = "/ward.v1.Secrets/BatchFetchSecrets";
 const DESCRIBE: &str = "/ward.v1.Secrets/DescribeSecret";
 const LIST: &str = "/ward.v1.Secrets/ListSecrets";
+const ROTATE: &str = "/ward.v1.Secrets/RotateSecret";
+const REVOKE: &str = "/ward.v1.Secrets/RevokeSecret";
+const SET_STATE: &str = "/ward.v1.Secrets/SetVersionState";
+const DESTROY: &str = "/ward.v1.Secrets/DestroyVersion";
+const WATCH: &str = "/ward.v1.Secrets/WatchSecrets";
 const ROTATE_KEYRING: &str = "/ward.v1.Admin/RotateKeyring";
 const ROTATE_MASTER: &str = "/ward.v1.Admin/RotateMasterKey";
 const DESCRIBE_KEYRING: &str = "/ward.v1.Admin/DescribeKeyring";
 const VERIFY: &str = "/ward.v1.Keys/VerifyKey";
 const UPDATE_POLICY: &str = "/ward.v1.Keys/UpdateKeyPolicy";
+const GET_USAGE: &str = "/ward.v1.Keys/GetKeyUsage";
 const STREAM_AUDIT: &str = "/ward.v1.Audit/StreamAudit";
+const VERIFY_AUDIT: &str = "/ward.v1.Audit/VerifyAuditLog";
+const BACKUP: &str = "/ward.v1.Backup/StreamBackup";
+const CHECK: &str = "/envoy.service.auth.v3.Authorization/Check";
 
 fn b64(s: &str) -> String {
     use base64::Engine;
@@ -117,60 +150,86 @@ async fn malformed_requests_get_their_documented_status() {
         .into_iter()
         .chain(std::iter::repeat_n(b'a', 6 * 1024 * 1024))
         .collect::<Vec<u8>>();
-    let all = [
-        PUT,
-        ISSUE,
-        FETCH,
-        BATCH,
-        DESCRIBE,
-        LIST,
-        ROTATE_KEYRING,
-        ROTATE_MASTER,
-        DESCRIBE_KEYRING,
-    ];
+    // Every RPC the server serves, from its descriptor sets: a new one gets the same treatment
+    // without anyone listing it here.
+    let rpcs: BTreeMap<String, Rpc> = every_rpc()
+        .into_iter()
+        .map(|r| (r.path.clone(), r))
+        .collect();
+    let rpc = |path: &str| -> Rpc {
+        rpcs.get(path)
+            .cloned()
+            .unwrap_or_else(|| panic!("{path} is not in the descriptor sets"))
+    };
     let mut failures = Vec::new();
     let mut check = |what: String, got: Code, want: Code| {
         if got != want {
             failures.push(format!("{what}: expected {want:?}, got {got:?}"));
         }
     };
-    for method in all {
+    for method in rpcs.values() {
         for (i, (what, body)) in undecodable.iter().enumerate() {
-            // RotateKeyring and DescribeKeyring requests have no fields: the first and third
-            // variants are then well-formed unknown fields, skipped as proto3 says.
-            let fieldless = method == ROTATE_KEYRING || method == DESCRIBE_KEYRING;
-            let want = if fieldless && (i == 0 || i == 2) {
+            // A request with no fields (RotateKeyring, DescribeKeyring, StreamBackup): the
+            // first and third variants are then well-formed unknown fields, skipped as proto3
+            // says.
+            let want = if method.fieldless_request && (i == 0 || i == 2) {
                 Code::Ok
             } else {
                 Code::Internal
             };
             check(
-                format!("{method} {what}"),
+                format!("{} {what}", method.path),
                 call(&channel, method, body.clone()).await,
                 want,
             );
         }
         check(
-            format!("{method} 6 MiB"),
+            format!("{} 6 MiB", method.path),
             call(&channel, method, oversized.clone()).await,
             Code::ResourceExhausted,
         );
     }
 
-    // Empty messages: every field at its default.
-    for (method, want) in [
+    // Empty messages: every field at its default. Every RPC must have its row.
+    let empty: BTreeMap<&str, Code> = [
         (PUT, Code::InvalidArgument),
         (ISSUE, Code::InvalidArgument),
         (FETCH, Code::InvalidArgument),
         (BATCH, Code::InvalidArgument),
         (DESCRIBE, Code::InvalidArgument),
         (LIST, Code::Ok),
+        (ROTATE, Code::InvalidArgument),
+        (REVOKE, Code::InvalidArgument),
+        (SET_STATE, Code::InvalidArgument),
+        (DESTROY, Code::InvalidArgument),
+        // No names and no prefix: every secret the caller may read.
+        (WATCH, Code::Ok),
+        (ROTATE_KEYRING, Code::Ok),
+        // An empty new_label: the server picks the next label.
+        (ROTATE_MASTER, Code::Ok),
         (DESCRIBE_KEYRING, Code::Ok),
-    ] {
+        (VERIFY, Code::Ok),
+        (UPDATE_POLICY, Code::InvalidArgument),
+        (GET_USAGE, Code::InvalidArgument),
+        (STREAM_AUDIT, Code::Ok),
+        (VERIFY_AUDIT, Code::Ok),
+        (BACKUP, Code::Ok),
+        (CHECK, Code::Ok),
+    ]
+    .into();
+    let unlisted: Vec<&String> = rpcs
+        .keys()
+        .filter(|p| !empty.contains_key(p.as_str()))
+        .collect();
+    assert!(
+        unlisted.is_empty(),
+        "RPCs with no expectation for an empty request: {unlisted:?}"
+    );
+    for (method, want) in &empty {
         check(
             format!("{method} empty"),
-            call(&channel, method, Vec::new()).await,
-            want,
+            call(&channel, &rpc(method), Vec::new()).await,
+            *want,
         );
     }
 
@@ -446,6 +505,126 @@ async fn malformed_requests_get_their_documented_status() {
             Code::InvalidArgument,
         ),
         (
+            "1 MiB name",
+            ROTATE,
+            pb::RotateSecretRequest {
+                name: big(1 << 20),
+                value: b"v".to_vec(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "1 MiB value",
+            ROTATE,
+            pb::RotateSecretRequest {
+                name: "wire/a".into(),
+                value: vec![1; 1 << 20],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "1 MiB reason",
+            REVOKE,
+            pb::RevokeSecretRequest {
+                name: "wire/a".into(),
+                version: 1,
+                reason: big(1 << 20),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "no reason",
+            REVOKE,
+            pb::RevokeSecretRequest {
+                name: "wire/a".into(),
+                version: 1,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "state 99",
+            SET_STATE,
+            pb::SetVersionStateRequest {
+                name: "wire/a".into(),
+                version: 1,
+                state: 99,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "1 MiB request_id",
+            DESTROY,
+            pb::DestroyVersionRequest {
+                name: "wire/a".into(),
+                version: 1,
+                request_id: big(1 << 20),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "version u64::MAX",
+            DESTROY,
+            pb::DestroyVersionRequest {
+                name: "wire/a".into(),
+                version: u64::MAX,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::NotFound,
+        ),
+        (
+            "100 000 names",
+            WATCH,
+            pb::WatchSecretsRequest {
+                names: vec!["wire/a".into(); 100_000],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "1 MiB name_prefix",
+            WATCH,
+            pb::WatchSecretsRequest {
+                name_prefix: big(1 << 20),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "1 MiB name",
+            GET_USAGE,
+            pb::GetKeyUsageRequest {
+                name: big(1 << 20),
+                version: 0,
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
+            "from_seq past to_seq",
+            VERIFY_AUDIT,
+            pb::VerifyAuditLogRequest {
+                from_seq: 10,
+                to_seq: 2,
+            }
+            .encode_to_vec(),
+            Code::InvalidArgument,
+        ),
+        (
             "unknown fields are ignored",
             FETCH,
             {
@@ -473,13 +652,17 @@ async fn malformed_requests_get_their_documented_status() {
         ),
     ];
     for (what, method, body, want) in table {
+        let target = rpcs.get(method).cloned().unwrap_or_else(|| unknown(method));
         check(
             format!("{method} {what}"),
-            call(&channel, method, body).await,
+            call(&channel, &target, body).await,
             want,
         );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The server itself saw every RPC (a path the descriptor and the server spell differently
+    // would count as "unknown" there).
+    assert_every_rpc_served(&s, |_| true, "malformed requests");
 
     // None of it left a trace or hurt the server.
     assert_value(&mut c, "wire/a", 1, b"first").await;
