@@ -4,16 +4,16 @@ use super::*;
 
 /// The judgement of a run.
 pub(super) struct Verdict {
-    errors: u64,
-    audit_ok: bool,
-    rss_first_kib: f64,
-    rss_last_kib: f64,
-    rss_growth_pct: f64,
-    fd_first: u64,
-    fd_last: u64,
-    disk_mib_per_min: f64,
-    max_rss_growth: f64,
-    max_fd_growth: u64,
+    pub(super) errors: u64,
+    pub(super) audit_ok: bool,
+    pub(super) rss_first_kib: f64,
+    pub(super) rss_last_kib: f64,
+    pub(super) rss_growth_pct: f64,
+    pub(super) fd_first: u64,
+    pub(super) fd_last: u64,
+    pub(super) disk_mib_per_min: f64,
+    pub(super) max_rss_growth: f64,
+    pub(super) max_fd_growth: u64,
 }
 
 impl Verdict {
