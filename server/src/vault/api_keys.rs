@@ -11,8 +11,8 @@ use crate::identity::Peer;
 use crate::model::input::{LifecycleInput, LifecyclePolicy};
 use crate::model::keypolicy::{parse_cidrs, KeyPolicyInput, PolicyMask, RateLimit};
 use crate::model::{
-    check_labels, check_scopes, check_text, KeyPolicy, Kind, RequestId, SecretLife, SecretName,
-    SecretRecord, MAX_DESCRIPTION,
+    check_labels, check_scopes, check_text, KeyPolicy, Kind, SecretLife, SecretRecord,
+    MAX_DESCRIPTION,
 };
 use crate::policy::Verb;
 use crate::store::{decode, encode, Tree};
@@ -79,16 +79,14 @@ impl Vault {
         input: IssueInput,
         policy_input: KeyPolicyInput,
     ) -> Result<Issued> {
-        let call = Call {
+        let call = Call::new(
             peer,
-            method: "IssueKey",
-            name: &input.name,
-            request_id: &input.request_id,
-        };
-        self.write(call, |_| {
-            let name = SecretName::parse(&input.name)?;
-            self.authorize(peer, Verb::Issue, &name, None)?;
-            let request_id = RequestId::parse_optional(&input.request_id)?;
+            "IssueKey",
+            Verb::Issue,
+            &input.name,
+            &input.request_id,
+        );
+        self.write(call, |_, name| {
             check_scopes(&input.scopes)?;
             if policy_input.expire_ms.is_some_and(|t| t <= self.now()) {
                 return Err(Error::invalid("expire_time is not in the future"));
@@ -101,14 +99,14 @@ impl Vault {
             )?;
             check_labels(&input.labels)?;
             check_text("description", &input.description, MAX_DESCRIPTION)?;
-            self.check_owner(peer, &name, &input.owner)?;
+            self.check_owner(peer, name, &input.owner)?;
             let environment = if input.environment.is_empty() {
                 self.settings.default_environment.clone()
             } else {
                 self.check_environment(&input.environment)?;
                 input.environment.clone()
             };
-            self.authorize(peer, Verb::Issue, &name, Some(&environment))?;
+            self.authorize(peer, Verb::Issue, name, Some(&environment))?;
             let policy = LifecyclePolicy::parse(&input.lifecycle, self.now())?;
             let fingerprint = self.fingerprint(
                 "IssueKey",
@@ -203,8 +201,6 @@ impl Vault {
                 })
             };
             Ok(Plan {
-                name,
-                request_id,
                 fingerprint,
                 replayed,
                 attempt,
@@ -220,16 +216,14 @@ impl Vault {
         peer: &Peer,
         input: PolicyUpdate,
     ) -> Result<SecretRecord> {
-        let call = Call {
+        let call = Call::new(
             peer,
-            method: "UpdateKeyPolicy",
-            name: &input.name,
-            request_id: &input.request_id,
-        };
-        self.write(call, |_| {
-            let name = SecretName::parse(&input.name)?;
-            self.authorize(peer, Verb::Issue, &name, None)?;
-            let request_id = RequestId::parse_optional(&input.request_id)?;
+            "UpdateKeyPolicy",
+            Verb::Issue,
+            &input.name,
+            &input.request_id,
+        );
+        self.write(call, |_, name| {
             let mask = PolicyMask::parse(&input.mask)?;
             if mask.scopes {
                 check_scopes(&input.scopes)?;
@@ -280,8 +274,6 @@ impl Vault {
                 })
             };
             Ok(Plan {
-                name,
-                request_id,
                 fingerprint,
                 replayed,
                 attempt,

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::identity::Peer;
 use crate::model::input::{self, RawDuration, RawExpiration};
 use crate::model::machine::Replaced;
-use crate::model::{Kind, RequestId, SecretName, SecretRecord, VersionState};
+use crate::model::{Kind, SecretName, SecretRecord, VersionState};
 use crate::policy::Verb;
 use crate::store::{encode, version_key, Tree};
 use ward::keyformat::ApiKey;
@@ -126,16 +126,14 @@ pub struct DestroyDone {
 impl Vault {
     /// Creates a new PRIMARY version and demotes the old one for the grace period.
     pub async fn rotate(&self, peer: &Peer, input: RotateInput) -> Result<Rotated> {
-        let call = Call {
+        let call = Call::new(
             peer,
-            method: "RotateSecret",
-            name: &input.name,
-            request_id: &input.request_id,
-        };
-        self.write(call, |_| {
-            let name = SecretName::parse(&input.name)?;
-            self.authorize(peer, Verb::Rotate, &name, None)?;
-            let request_id = RequestId::parse_optional(&input.request_id)?;
+            "RotateSecret",
+            Verb::Rotate,
+            &input.name,
+            &input.request_id,
+        );
+        self.write(call, |_, name| {
             let grace = input
                 .grace_period
                 .map(|g| input::grace("grace_period", g))
@@ -198,8 +196,6 @@ impl Vault {
                 })
             };
             Ok(Plan {
-                name,
-                request_id,
                 fingerprint,
                 replayed,
                 attempt,
@@ -246,16 +242,14 @@ impl Vault {
 
     /// Revokes one version or the whole secret; effective on the very next call.
     pub async fn revoke(&self, peer: &Peer, input: RevokeInput) -> Result<RevokeDone> {
-        let call = Call {
+        let call = Call::new(
             peer,
-            method: "RevokeSecret",
-            name: &input.name,
-            request_id: &input.request_id,
-        };
-        self.write(call, |_| {
-            let name = SecretName::parse(&input.name)?;
-            self.authorize(peer, Verb::Revoke, &name, None)?;
-            let request_id = RequestId::parse_optional(&input.request_id)?;
+            "RevokeSecret",
+            Verb::Revoke,
+            &input.name,
+            &input.request_id,
+        );
+        self.write(call, |_, name| {
             let reason = input::reason(&input.reason)?;
             match (input.all_versions, input.version, input.successor_version) {
                 (true, 0, 0) => {}
@@ -337,8 +331,6 @@ impl Vault {
                 })
             };
             Ok(Plan {
-                name,
-                request_id,
                 fingerprint,
                 replayed,
                 attempt,
@@ -349,16 +341,14 @@ impl Vault {
 
     /// Moves a version between ACTIVE and INACTIVE, or promotes an ACTIVE one to PRIMARY.
     pub async fn set_state(&self, peer: &Peer, input: SetStateInput) -> Result<StateSet> {
-        let call = Call {
+        let call = Call::new(
             peer,
-            method: "SetVersionState",
-            name: &input.name,
-            request_id: &input.request_id,
-        };
-        self.write(call, |rec| {
-            let name = SecretName::parse(&input.name)?;
-            self.authorize(peer, Verb::Rotate, &name, None)?;
-            let request_id = RequestId::parse_optional(&input.request_id)?;
+            "SetVersionState",
+            Verb::Rotate,
+            &input.name,
+            &input.request_id,
+        );
+        self.write(call, |rec, name| {
             if input.version == 0 {
                 return Err(Error::invalid("name the version to move (1, 2, ...)"));
             }
@@ -439,8 +429,6 @@ impl Vault {
                 })
             };
             Ok(Plan {
-                name,
-                request_id,
                 fingerprint,
                 replayed,
                 attempt,
@@ -452,16 +440,14 @@ impl Vault {
     /// Deletes a version's sealed value (wrapped data key and ciphertext) for good; its
     /// metadata stays and reads as DESTROYED.
     pub async fn destroy(&self, peer: &Peer, input: DestroyInput) -> Result<DestroyDone> {
-        let call = Call {
+        let call = Call::new(
             peer,
-            method: "DestroyVersion",
-            name: &input.name,
-            request_id: &input.request_id,
-        };
-        self.write(call, |rec| {
-            let name = SecretName::parse(&input.name)?;
-            self.authorize(peer, Verb::Destroy, &name, None)?;
-            let request_id = RequestId::parse_optional(&input.request_id)?;
+            "DestroyVersion",
+            Verb::Destroy,
+            &input.name,
+            &input.request_id,
+        );
+        self.write(call, |rec, name| {
             if input.version == 0 {
                 return Err(Error::invalid(
                     "name the version to destroy explicitly (1, 2, ...); 0 is not accepted here",
@@ -515,8 +501,6 @@ impl Vault {
                 })
             };
             Ok(Plan {
-                name,
-                request_id,
                 fingerprint,
                 replayed,
                 attempt,

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::identity::Peer;
 use crate::model::input::{LifecycleInput, LifecyclePolicy};
 use crate::model::{
-    check_labels, check_text, KeyPolicy, Kind, RequestId, SecretLife, SecretName, SecretRecord,
+    check_labels, check_text, KeyPolicy, Kind, SecretLife, SecretName, SecretRecord,
     MAX_DESCRIPTION,
 };
 use crate::policy::Verb;
@@ -81,23 +81,21 @@ pub struct Page {
 impl Vault {
     /// Stores a caller-supplied value as a new PRIMARY version.
     pub async fn put(&self, peer: &Peer, input: PutInput) -> Result<Written> {
-        let call = Call {
+        let call = Call::new(
             peer,
-            method: "PutSecret",
-            name: &input.name,
-            request_id: &input.request_id,
-        };
-        self.write(call, |_| {
-        let name = SecretName::parse(&input.name)?;
-        self.authorize(peer, Verb::Write, &name, None)?;
-        let request_id = RequestId::parse_optional(&input.request_id)?;
+            "PutSecret",
+            Verb::Write,
+            &input.name,
+            &input.request_id,
+        );
+        self.write(call, |_, name| {
         if input.value.is_empty() {
             return Err(Error::invalid("value is empty"));
         }
         self.check_value_size(input.value.len())?;
         check_labels(&input.labels)?;
         check_text("description", &input.description, MAX_DESCRIPTION)?;
-        self.check_owner(peer, &name, &input.owner)?;
+        self.check_owner(peer, name, &input.owner)?;
         if !input.environment.is_empty() {
             self.check_environment(&input.environment)?;
         }
@@ -198,8 +196,6 @@ impl Vault {
             })
         };
         Ok(Plan {
-            name,
-            request_id,
             fingerprint,
             replayed,
             attempt,

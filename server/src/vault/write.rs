@@ -3,8 +3,9 @@
 //! [`Vault::write`] runs it the same way:
 //!
 //! 1. an audit record for the call, naming the secret as sent;
-//! 2. the plan: parse and validate the input, authorize, digest the request (a refusal here
-//!    is audited like any other);
+//! 2. the name parsed, the verb required on it (in some environment), the idempotency key
+//!    parsed; then the plan: validate the rest of the input, digest the request (a refusal
+//!    at any of these steps is audited like any other);
 //! 3. up to [`MAX_ATTEMPTS`] optimistic attempts, each: answer a retried request (same
 //!    `request_id`, same digest) from its first result; else read, check compare-and-set,
 //!    change the record, seal, and stage a batch guarded on what was read; add the request
@@ -21,6 +22,7 @@ use crate::clock::Millis;
 use crate::error::{Code, Error, Result};
 use crate::identity::Peer;
 use crate::model::{RequestId, RequestRecord, SecretName, SecretRecord};
+use crate::policy::Verb;
 use crate::store::{decode, encode, request_key, Batch, StoreError, Tree};
 
 /// Optimistic-concurrency attempts before a write gives up with ABORTED.
@@ -64,21 +66,39 @@ impl Written {
 /// A write call as received.
 pub(crate) struct Call<'a> {
     /// The caller.
-    pub peer: &'a Peer,
+    peer: &'a Peer,
     /// RPC name, as audited and as the request record keeps it.
-    pub method: &'static str,
+    method: &'static str,
+    /// The verb the caller needs on the secret.
+    verb: Verb,
     /// The secret's name as sent (audited even when it does not parse).
-    pub name: &'a str,
+    name: &'a str,
     /// The idempotency key as sent, or empty.
-    pub request_id: &'a str,
+    request_id: &'a str,
+}
+
+impl<'a> Call<'a> {
+    /// `peer` calls `method`, needing `verb` on the secret `name`, with idempotency key
+    /// `request_id` (all as sent).
+    pub(crate) fn new(
+        peer: &'a Peer,
+        method: &'static str,
+        verb: Verb,
+        name: &'a str,
+        request_id: &'a str,
+    ) -> Self {
+        Self {
+            peer,
+            method,
+            verb,
+            name,
+            request_id,
+        }
+    }
 }
 
 /// A validated write, ready to run.
 pub(crate) struct Plan<R, A> {
-    /// The secret written.
-    pub name: SecretName,
-    /// Idempotency key, if any.
-    pub request_id: Option<RequestId>,
     /// Keyed digest of the request's fields: a retry under the same id must match it.
     pub fingerprint: [u8; 32],
     /// Rebuilds the answer of a request that already succeeded, from what it wrote.
@@ -99,11 +119,13 @@ pub(crate) struct Staged<T> {
 }
 
 impl Vault {
-    /// Runs a write call through the one write path (see the module docs).
+    /// Runs a write call through the one write path (see the module docs). Before `plan`
+    /// sees the call, the name is parsed, the caller must hold the verb on it in some
+    /// environment, and the idempotency key is parsed.
     pub(crate) async fn write<T, R, A>(
         &self,
         call: Call<'_>,
-        plan: impl FnOnce(&mut AuditRecord) -> Result<Plan<R, A>>,
+        plan: impl FnOnce(&mut AuditRecord, &SecretName) -> Result<Plan<R, A>>,
     ) -> Result<T>
     where
         R: FnMut(Written, &mut AuditRecord) -> Result<T>,
@@ -112,8 +134,18 @@ impl Vault {
         let mut rec = AuditRecord::new(call.peer, call.method, self.now());
         rec.targets.push((call.name.to_owned(), 0));
         rec.request_id = call.request_id.to_owned();
-        let result = match plan(&mut rec) {
-            Ok(plan) => self.attempts(&call, plan, &mut rec).await,
+        let planned = (|| {
+            let name = SecretName::parse(call.name)?;
+            self.authorize(call.peer, call.verb, &name, None)?;
+            let request_id = RequestId::parse_optional(call.request_id)?;
+            let plan = plan(&mut rec, &name)?;
+            Ok((name, request_id, plan))
+        })();
+        let result = match planned {
+            Ok((name, request_id, plan)) => {
+                self.attempts(&call, &name, request_id, plan, &mut rec)
+                    .await
+            }
             Err(e) => Err(e),
         };
         let answer = self.finish_write(rec, result).await?;
@@ -124,6 +156,8 @@ impl Vault {
     async fn attempts<T, R, A>(
         &self,
         call: &Call<'_>,
+        name: &SecretName,
+        request_id: Option<RequestId>,
         mut plan: Plan<R, A>,
         rec: &mut AuditRecord,
     ) -> Result<T>
@@ -132,7 +166,7 @@ impl Vault {
         A: FnMut(&mut AuditRecord) -> Result<Staged<T>>,
     {
         for _ in 0..MAX_ATTEMPTS {
-            if let Some(id) = &plan.request_id {
+            if let Some(id) = &request_id {
                 if let Some(done) = self.replay(call.peer, id, call.method, &plan.fingerprint)? {
                     return (plan.replayed)(done, rec);
                 }
@@ -142,7 +176,7 @@ impl Vault {
                 written,
                 answer,
             } = (plan.attempt)(rec)?;
-            if let Some(id) = &plan.request_id {
+            if let Some(id) = &request_id {
                 stage_request(
                     &mut batch,
                     call.peer,
@@ -159,8 +193,7 @@ impl Vault {
             return Ok(answer);
         }
         Err(Error::Conflict(format!(
-            "{} is being changed concurrently; retry",
-            plan.name
+            "{name} is being changed concurrently; retry"
         )))
     }
 
