@@ -1,13 +1,13 @@
-//! Every conversion between the wire types (`ward.v1`) and the domain's, and the validation
-//! of wire-only forms (protobuf durations and timestamps). The services call these and decide
-//! nothing here.
+//! Every conversion between the wire types (`ward.v1`) and the domain's. The services call
+//! these and decide nothing here; durations and times are checked where the lifecycle's are,
+//! in model/input.rs.
 
 use crate::audit::{code_name, AuditRecord, Event, Problem, StreamItem, UsageFact, Verification};
 use crate::changes::watch::{EventKind, WatchEvent};
 use crate::clock::{to_timestamp, Millis};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::keys::{Verdict, VerifyResult};
-use crate::model::input::{RawDuration, RawExpiration};
+use crate::model::input::{self, RawDuration, RawExpiration};
 use crate::model::keypolicy::{KeyPolicy, KeyPolicyInput};
 use crate::model::{Kind, SecretRecord, VersionState};
 use crate::vault::Fetched;
@@ -236,31 +236,6 @@ pub fn duration_out(ms: u64) -> prost_types::Duration {
     }
 }
 
-/// A protobuf duration in milliseconds (rounded up); negative or malformed ones are invalid.
-fn duration_ms(field: &str, d: &prost_types::Duration) -> Result<u64> {
-    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
-        return Err(Error::invalid(format!(
-            "{field} must be a positive duration"
-        )));
-    }
-    let secs = u64::try_from(d.seconds).unwrap_or(u64::MAX);
-    Ok(secs
-        .saturating_mul(1000)
-        .saturating_add((d.nanos as u64).div_ceil(1_000_000)))
-}
-
-/// A protobuf timestamp in milliseconds since the epoch; before 1970 is invalid.
-fn timestamp_ms(field: &str, t: &prost_types::Timestamp) -> Result<Millis> {
-    if t.seconds < 0 || t.nanos < 0 || t.nanos >= 1_000_000_000 {
-        return Err(Error::invalid(format!(
-            "{field} is not a valid time after 1970"
-        )));
-    }
-    Ok((t.seconds as u64)
-        .saturating_mul(1000)
-        .saturating_add(t.nanos as u64 / 1_000_000))
-}
-
 /// The domain input of a policy's wire fields (shared with IssueKey).
 pub fn policy_input(
     allowed_cidrs: Vec<String>,
@@ -273,7 +248,7 @@ pub fn policy_input(
             let period = r
                 .period
                 .as_ref()
-                .map(|d| duration_ms("rate_limit.period", d))
+                .map(|d| input::period_ms("rate_limit.period", raw_duration(*d)))
                 .transpose()?
                 .unwrap_or(0);
             Ok((r.requests, period, r.burst))
@@ -284,14 +259,14 @@ pub fn policy_input(
             let period = q
                 .refill_period
                 .as_ref()
-                .map(|d| duration_ms("quota.refill_period", d))
+                .map(|d| input::period_ms("quota.refill_period", raw_duration(*d)))
                 .transpose()?;
             Ok((q.limit, q.refill, period))
         })
         .transpose()?;
     let expire_ms = expire_time
         .as_ref()
-        .map(|t| timestamp_ms("expire_time", t))
+        .map(|t| input::time_ms("expire_time", t.seconds, t.nanos))
         .transpose()?;
     Ok(KeyPolicyInput {
         allowed_cidrs,
@@ -426,16 +401,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_and_times() {
+    fn durations_both_ways() {
         let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
-        assert_eq!(duration_ms("x", &d(1, 500_000)).unwrap(), 1001);
-        assert!(duration_ms("x", &d(-1, 0)).is_err());
-        assert!(duration_ms("x", &d(0, 1_000_000_000)).is_err());
         assert_eq!(duration_out(1500), d(1, 500_000_000));
-        let t = prost_types::Timestamp {
-            seconds: -5,
-            nanos: 0,
-        };
-        assert!(timestamp_ms("t", &t).is_err());
+        assert_eq!(
+            raw_duration(d(1, 2)),
+            RawDuration {
+                seconds: 1,
+                nanos: 2
+            }
+        );
     }
 }

@@ -1,6 +1,6 @@
-//! Lifecycle fields as received (durations, expiries, reasons), and their parsing into checked
-//! values. The service layer copies wire fields into the raw types here; nothing else reads
-//! them unparsed.
+//! Lifecycle and key-policy fields as received (durations, times, expiries, reasons), and their
+//! parsing into checked values. The service layer copies wire fields into the raw types here;
+//! nothing else reads them unparsed.
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
@@ -115,6 +115,32 @@ pub fn millis(field: &str, d: RawDuration) -> Result<u64> {
         .ok_or_else(|| Error::invalid(format!("{field} is out of range")))
 }
 
+/// A key-policy period (rate-limit period, quota refill) in milliseconds, rounded up so that a
+/// period is never shortened, and saturating; negative or malformed durations are refused.
+pub fn period_ms(field: &str, d: RawDuration) -> Result<u64> {
+    if d.seconds < 0 || !(0..1_000_000_000).contains(&d.nanos) {
+        return Err(Error::invalid(format!(
+            "{field} must be a positive duration"
+        )));
+    }
+    let secs = u64::try_from(d.seconds).unwrap_or(u64::MAX);
+    Ok(secs
+        .saturating_mul(1000)
+        .saturating_add((d.nanos as u64).div_ceil(1_000_000)))
+}
+
+/// A time in milliseconds since the epoch (a key policy's expiry); before 1970 is invalid.
+pub fn time_ms(field: &str, seconds: i64, nanos: i32) -> Result<Millis> {
+    if seconds < 0 || !(0..1_000_000_000).contains(&nanos) {
+        return Err(Error::invalid(format!(
+            "{field} is not a valid time after 1970"
+        )));
+    }
+    Ok((seconds as u64)
+        .saturating_mul(1000)
+        .saturating_add(nanos as u64 / 1_000_000))
+}
+
 /// A grace period: 0 (retire at once) up to a year.
 pub fn grace(field: &str, d: RawDuration) -> Result<u64> {
     let ms = millis(field, d)?;
@@ -190,6 +216,15 @@ pub fn reason(s: &str) -> Result<String> {
 mod tests {
     use super::*;
     use crate::error::Code;
+
+    #[test]
+    fn key_policy_periods_round_up_and_times_start_in_1970() {
+        assert_eq!(period_ms("x", d(1, 500_000)).unwrap(), 1001);
+        assert!(period_ms("x", d(-1, 0)).is_err());
+        assert!(period_ms("x", d(0, 1_000_000_000)).is_err());
+        assert_eq!(time_ms("t", 2, 5_000_000).unwrap(), 2005);
+        assert!(time_ms("t", -5, 0).is_err());
+    }
 
     fn d(seconds: i64, nanos: i32) -> RawDuration {
         RawDuration { seconds, nanos }
