@@ -120,3 +120,20 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
         })
         .collect()
 }
+
+/// The environment variable that lets a test skip what this machine cannot do (`=1`).
+pub const ALLOW_SKIP_ENV: &str = "WARD_TEST_ALLOW_SKIP";
+
+/// For a test that cannot run here (`why`): fails it, unless skipping was asked for explicitly
+/// with [`ALLOW_SKIP_ENV`]`=1`, in which case it says SKIPPED and returns (the caller returns
+/// too). A test that quietly passes without running would hide that CI never ran it.
+pub fn skip_or_fail(test: &str, why: &str) {
+    if std::env::var(ALLOW_SKIP_ENV).as_deref() == Ok("1") {
+        eprintln!("SKIPPED {test}: {why} ({ALLOW_SKIP_ENV}=1)");
+        return;
+    }
+    panic!(
+        "{test} cannot run here: {why}. Run it where it can (as root on Linux), or set \
+         {ALLOW_SKIP_ENV}=1 to skip it explicitly"
+    );
+}

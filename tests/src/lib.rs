@@ -14,11 +14,14 @@
 //! - `clients`: mTLS channels, generated clients, the SDK, the metrics listener;
 //! - `tools`: `wardctl` and `grpcurl` runs;
 //! - `token`: the dev SoftHSM token and its key objects;
+//! - `faults`: storage faults injected into a running server; `disk`: a tmpfs to fill;
 //! - `helpers`: call results, checksums, files, watch streams.
 // A harness step that fails is a failed test; unwrap/expect with a message is how it says so.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod clients;
+mod disk;
+mod faults;
 mod helpers;
 mod logs;
 mod pki;
@@ -30,9 +33,11 @@ mod tools;
 pub use ward::v1 as pb;
 
 pub use clients::{connect_channel, connect_raw, AuditClient, AuthzClient, KeysClient, RawClient};
+pub use disk::Tmpfs;
+pub use faults::FAULT_FILE_ENV;
 pub use helpers::{
     crc32c, expect_code, files_containing, files_under, move_entries, next_event, ok, random_hex,
-    replace_file, until_synced,
+    replace_file, skip_or_fail, until_synced, ALLOW_SKIP_ENV,
 };
 pub use pki::{foreign_identity, CertFiles, TestCa};
 pub use process::{
