@@ -480,8 +480,8 @@ async fn a_storage_write_error_fails_calls_closed_and_the_store_reopens() {
         s.stderr_tail(20)
     );
 
-    // The disk recovers: the store reopens by itself, nothing acknowledged is lost, the
-    // refused writes left nothing, and the audit chain is whole.
+    // The disk recovers: the store reopens by itself, nothing acknowledged is lost, and the
+    // refused writes left nothing.
     s.inject_faults("");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while crate::fetch(&mut c, "full/before", 0).await.is_err() {
@@ -492,7 +492,6 @@ async fn a_storage_write_error_fails_calls_closed_and_the_store_reopens() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(s.count_in_stderr("storage reopened after a failure") > 0);
     guard_lifted(&mut c, &acked, &refused).await;
     assert_eq!(
         crate::describe(&mut c, "full/while")
@@ -501,13 +500,7 @@ async fn a_storage_write_error_fails_calls_closed_and_the_store_reopens() {
             .code(),
         Code::NotFound
     );
-    let v = s
-        .client("admin")
-        .await
-        .verify_audit_log(0, 0)
-        .await
-        .unwrap();
-    assert!(v.ok, "{v:?}");
+    // (The reopening and the audit chain across it: audit.rs, an_audit_write_error_….)
     drop(c);
     s.restart();
     let mut c = s.raw_client("admin").await;

@@ -9,9 +9,6 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
-
-use crate::TestServer;
 
 /// Lines of server output kept per stream; a line past it is dropped, counted, and fails the
 /// test (see the module doc).
@@ -68,6 +65,35 @@ impl Logs {
         );
     }
 
+    /// How many stderr lines contain `needle` (panics if lines were dropped).
+    pub(crate) fn count_in_stderr(&self, needle: &str) -> usize {
+        self.assert_complete();
+        self.stderr
+            .lines
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// The last `n` stderr lines, joined.
+    pub(crate) fn stderr_tail(&self, n: usize) -> String {
+        self.stderr.tail(n)
+    }
+
+    /// The last `n` stdout lines, joined.
+    pub(crate) fn stdout_tail(&self, n: usize) -> String {
+        self.stdout.tail(n)
+    }
+
+    /// Every line, stdout then stderr (panics if lines were dropped).
+    pub(crate) fn all_output(&self) -> String {
+        self.assert_complete();
+        let mut s = self.stdout.tail(usize::MAX);
+        s.push('\n');
+        s.push_str(&self.stderr.tail(usize::MAX));
+        s
+    }
+
     /// How many stderr lines have been written so far: a mark for [`Logs::stderr_from`].
     pub(crate) fn stderr_mark(&self) -> usize {
         self.stderr.pushed
@@ -118,55 +144,6 @@ pub(crate) fn pump(
             }
         }
     })
-}
-
-impl TestServer {
-    /// How many lines the server(s) wrote to stderr containing `needle` (panics if the log
-    /// lost lines).
-    pub fn count_in_stderr(&self, needle: &str) -> usize {
-        let l = self.logs.lock().unwrap();
-        l.assert_complete();
-        l.stderr
-            .lines
-            .iter()
-            .filter(|line| line.contains(needle))
-            .count()
-    }
-
-    /// Waits until at least `n` stderr lines contain `needle`; panics with the log tail after
-    /// `timeout`.
-    pub fn wait_for_stderr(&self, needle: &str, n: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.count_in_stderr(needle) < n {
-            assert!(
-                Instant::now() < deadline,
-                "no {n} stderr lines with {needle:?} within {timeout:?}\n--- stderr ---\n{}",
-                self.stderr_tail(30)
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The last `n` lines the server(s) wrote to stderr.
-    pub fn stderr_tail(&self, n: usize) -> String {
-        self.logs.lock().unwrap().stderr.tail(n)
-    }
-
-    /// The last `n` lines the server(s) wrote to stdout.
-    pub fn stdout_tail(&self, n: usize) -> String {
-        self.logs.lock().unwrap().stdout.tail(n)
-    }
-
-    /// Everything every server process in this data dir printed so far (stdout, then stderr;
-    /// panics if the log lost lines).
-    pub fn all_output(&self) -> String {
-        let l = self.logs.lock().unwrap();
-        l.assert_complete();
-        let mut s = l.stdout.tail(usize::MAX);
-        s.push('\n');
-        s.push_str(&l.stderr.tail(usize::MAX));
-        s
-    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ pub const TEST_SWEEP_INTERVAL_MS: u64 = 50;
 
 impl TestServer {
     /// Spawns `ward-server dev --data-dir <fresh tempdir> --listen 127.0.0.1:0` and waits for
-    /// its ready line (panics with the server's stderr after [`START_TIMEOUT`]).
+    /// its ready line (panics with the server's stderr after [`START_TIMEOUT`](crate::START_TIMEOUT)).
     pub fn start() -> TestServer {
         Self::start_with_env(&[])
     }
@@ -153,7 +153,7 @@ impl TestServer {
 
     /// Starts `serve --config DIR/ward.toml` (stopping the running server first) and reports
     /// whether it became ready; if it exited instead, its exit code and the stderr it wrote.
-    /// Panics if it neither gets ready nor exits within [`START_TIMEOUT`].
+    /// Panics if it neither gets ready nor exits within [`START_TIMEOUT`](crate::START_TIMEOUT).
     pub fn try_restart(&mut self) -> Result<(), FailedStart> {
         if self.proc.is_some() {
             self.stop();
@@ -336,6 +336,45 @@ impl TestServer {
             .open(self.config_path())
             .unwrap();
         writeln!(f, "\n{text}").unwrap();
+    }
+}
+
+/// What the server processes printed (kept by the `logs` module).
+impl TestServer {
+    /// How many lines the server(s) wrote to stderr containing `needle` (panics if the log
+    /// lost lines).
+    pub fn count_in_stderr(&self, needle: &str) -> usize {
+        self.logs.lock().unwrap().count_in_stderr(needle)
+    }
+
+    /// Waits until at least `n` stderr lines contain `needle`; panics with the log tail after
+    /// `timeout`.
+    pub fn wait_for_stderr(&self, needle: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.count_in_stderr(needle) < n {
+            assert!(
+                Instant::now() < deadline,
+                "no {n} stderr lines with {needle:?} within {timeout:?}\n--- stderr ---\n{}",
+                self.stderr_tail(30)
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The last `n` lines the server(s) wrote to stderr.
+    pub fn stderr_tail(&self, n: usize) -> String {
+        self.logs.lock().unwrap().stderr_tail(n)
+    }
+
+    /// The last `n` lines the server(s) wrote to stdout.
+    pub fn stdout_tail(&self, n: usize) -> String {
+        self.logs.lock().unwrap().stdout_tail(n)
+    }
+
+    /// Everything every server process in this data dir printed so far (stdout, then stderr;
+    /// panics if the log lost lines).
+    pub fn all_output(&self) -> String {
+        self.logs.lock().unwrap().all_output()
     }
 }
 
