@@ -24,6 +24,46 @@ fn name_model(s: &str) -> bool {
         && b.last() != Some(&b'/')
 }
 
+/// CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320), bit by bit: the model of the
+/// checksum in an API key, written independently of the table-driven `crc32fast` the key format
+/// uses.
+fn crc32_model(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The six checksum characters a key body must end with: the CRC-32 of the 32 random
+/// characters in base62 (digits, then upper case, then lower case), most significant first,
+/// padded with '0'.
+fn checksum_model(random: &str) -> String {
+    const DIGITS: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut n = crc32_model(random.as_bytes());
+    let mut out = [b'0'; 6];
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8(out.to_vec()).unwrap()
+}
+
+/// Whether `body` (what follows the second '_') is a body the key format accepts: 32 base62
+/// characters and their checksum.
+fn body_model(body: &str) -> bool {
+    body.len() == 38
+        && body.bytes().all(|b| b.is_ascii_alphanumeric())
+        && checksum_model(&body[..32]) == body[32..]
+}
+
 /// Strings mostly from the name alphabet, with some characters from outside it.
 fn name_like() -> impl Strategy<Value = String> {
     let unit = prop_oneof![
@@ -78,6 +118,8 @@ proptest! {
         let again = ApiKey::parse(&text).unwrap();
         prop_assert_eq!((again.issuer(), again.environment()), (issuer.as_str(), env.as_str()));
         let body_start = text.len() - BODY_LEN;
+        // What generate wrote carries the checksum the model computes.
+        prop_assert!(body_model(&text[body_start..]), "{}", key.redacted());
         let mut bytes = text.clone().into_bytes();
         if bytes[body_start + pos] != replacement {
             bytes[body_start + pos] = replacement;
@@ -96,14 +138,49 @@ proptest! {
     }
 
     #[test]
+    fn parse_accepts_exactly_the_bodies_whose_checksum_matches(
+        issuer in "[a-z0-9]{1,16}",
+        env in "[a-z0-9]{1,32}",
+        random in "[0-9A-Za-z]{32}",
+        other in "[0-9A-Za-z]{6}",
+        honest in any::<bool>(),
+    ) {
+        // Half the cases carry the model's checksum, half six random characters (which match
+        // about once in 62^6).
+        let sum = if honest { checksum_model(&random) } else { other };
+        let text = format!("{issuer}_{env}_{random}{sum}");
+        let matches = checksum_model(&random) == sum;
+        match ApiKey::parse(&text) {
+            Ok(k) => {
+                prop_assert!(matches, "accepted a key whose checksum does not match");
+                prop_assert_eq!(k.expose(), text.as_str());
+            }
+            Err(e) => {
+                prop_assert!(!matches, "refused a key whose checksum matches: {:?}", e);
+                prop_assert_eq!(e, KeyFormatError::Checksum);
+            }
+        }
+        // Every one-character change of an accepted key is refused (CRC-32 catches every
+        // single-character error).
+        if matches {
+            for pos in 0..BODY_LEN {
+                let mut bytes = text.clone().into_bytes();
+                let at = text.len() - BODY_LEN + pos;
+                bytes[at] = if bytes[at] == b'z' { b'0' } else { b'z' };
+                let typo = String::from_utf8(bytes).unwrap();
+                prop_assert!(!body_model(&typo[typo.len() - BODY_LEN..]));
+                prop_assert_eq!(ApiKey::parse(&typo).err(), Some(KeyFormatError::Checksum));
+            }
+        }
+    }
+
+    #[test]
     fn key_shaped_text_is_checked_to_the_last_character(
         s in "[a-z0-9]{1,4}_[a-z0-9]{1,4}_[0-9A-Za-z]{36,40}",
     ) {
-        // Random bodies almost never carry a valid checksum; none may slip through unchecked.
-        if let Ok(k) = ApiKey::parse(&s) {
-            let body = &k.expose()[k.expose().len() - BODY_LEN..];
-            prop_assert_eq!(body.len(), BODY_LEN);
-        }
+        // Whatever the body's length, parse accepts it exactly when the model does.
+        let body = s.splitn(3, '_').nth(2).unwrap();
+        prop_assert_eq!(ApiKey::parse(&s).is_ok(), body_model(body), "{:?}", s);
     }
 
     #[test]
@@ -181,4 +258,14 @@ proptest! {
             },
         }
     }
+}
+
+#[test]
+fn the_checksum_model_matches_the_crc32_check_value() {
+    // The standard check value of CRC-32/IEEE: CRC("123456789") = 0xCBF43926.
+    assert_eq!(crc32_model(b"123456789"), 0xCBF4_3926);
+    assert_eq!(crc32_model(b""), 0);
+    assert_eq!(checksum_model(""), "000000");
+    // 0xCBF43926 = 3421780262 = 3·62^5 + 45·62^4 + 35·62^3 + 27·62^2 + 22·62 + 14.
+    assert_eq!(checksum_model("123456789"), "3jZRME");
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use tonic::Code;
-use ward_tests::{ok, pb, AuditClient, TestServer};
+use ward_tests::{ok, pb, AuditClient, TestServer, Tmpfs};
 
 use crate::{assert_code, assert_value, fetch, put, put_req};
 
@@ -804,36 +804,6 @@ async fn a_consumer_that_stops_reading_does_not_stall_fetches() {
     }
 }
 
-/// A tmpfs mounted for the life of the value (unmounted lazily on drop).
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(dir: &Path, size: &str) -> Option<Mount> {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .stderr(Stdio::piped())
-            .output()
-            .ok()?;
-        if out.status.success() {
-            Some(Mount(dir.to_path_buf()))
-        } else {
-            eprintln!(
-                "cannot mount a tmpfs ({}); needs root",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            None
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// Fills the filesystem of `dir` with a file until it is full; returns the file.
 fn fill(dir: &Path) -> PathBuf {
     use std::io::Write;
@@ -859,9 +829,15 @@ async fn a_full_audit_disk_fails_fetches_closed_and_the_server_recovers() {
         .prefix("ward-e2e-tmpfs-")
         .tempdir()
         .unwrap();
-    let Some(_mount) = Mount::tmpfs(mnt_dir.path(), "4m") else {
-        eprintln!("SKIPPED: a_full_audit_disk_fails_fetches_closed_and_the_server_recovers");
-        return;
+    let _mount = match Tmpfs::mount(mnt_dir.path(), "4m") {
+        Ok(m) => m,
+        // The same paths without mount: the injected-fault test below.
+        Err(why) => {
+            return ward_tests::skip_or_fail(
+                "a_full_audit_disk_fails_fetches_closed_and_the_server_recovers",
+                &format!("cannot mount a tmpfs ({why})"),
+            )
+        }
     };
     let data = mnt_dir.path().join("data");
     let cp = Command::new("cp")
@@ -881,12 +857,34 @@ async fn a_full_audit_disk_fails_fetches_closed_and_the_server_recovers() {
     // free-space guard (which would refuse writes on a 4 MiB disk from the start) is off.
     s.set_limit("min_free_bytes", "0");
     s.restart();
-    let mut c = s.raw_client("admin").await;
-    assert_value(&mut c, "full/db", 0, b"full-disk-value").await;
-
-    let filler = fill(mnt_dir.path());
     // sled writes into space it already holds for a while; the first write that needs more
     // fails, and from then on every call that must be audited fails closed.
+    let filler = fetches_fail_closed_on_a_full_disk(&mut s, |_| fill(mnt_dir.path())).await;
+    fetches_resume_once_space_returns(&mut s, |_| std::fs::remove_file(&filler).unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_write_error_fails_fetches_closed_and_the_server_recovers() {
+    let mut s = TestServer::start();
+    let mut c = s.raw_client("admin").await;
+    put(&mut c, "full/db", b"full-disk-value").await;
+    drop(c);
+    // The store fails its next write as sled does on a full disk (see store/fault.rs).
+    s.restart_with_faults();
+    fetches_fail_closed_on_a_full_disk(&mut s, |s| s.inject_faults("write")).await;
+    fetches_resume_once_space_returns(&mut s, |s| s.inject_faults("")).await;
+}
+
+/// With the server up and serving "full/db", fills the disk with `fill` and fetches until one
+/// is refused: it fails UNAVAILABLE without showing the value, and so do the fetches and the
+/// put after it; the server stays up. Returns what `fill` returned.
+async fn fetches_fail_closed_on_a_full_disk<T>(
+    s: &mut TestServer,
+    fill: impl FnOnce(&TestServer) -> T,
+) -> T {
+    let mut c = s.raw_client("admin").await;
+    assert_value(&mut c, "full/db", 0, b"full-disk-value").await;
+    let filled = fill(s);
     let mut failed_at = None;
     for i in 0..2000 {
         match fetch(&mut c, "full/db", 0).await {
@@ -914,9 +912,14 @@ async fn a_full_audit_disk_fails_fetches_closed_and_the_server_recovers() {
         "put on a full disk",
     );
     assert!(s.is_running(), "the server died on a full disk");
+    filled
+}
 
-    // Space returns: the store reopens and calls succeed again.
-    std::fs::remove_file(&filler).unwrap();
+/// Frees the disk with `free`: the store reopens, fetches and puts succeed again, and the audit
+/// chain verifies (nothing acknowledged lost, nothing unacknowledged linked in).
+async fn fetches_resume_once_space_returns(s: &mut TestServer, free: impl FnOnce(&TestServer)) {
+    let mut c = s.raw_client("admin").await;
+    free(s);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match fetch(&mut c, "full/db", 0).await {
@@ -939,7 +942,6 @@ async fn a_full_audit_disk_fails_fetches_closed_and_the_server_recovers() {
         "recovered without reopening the store?\n{}",
         s.stderr_tail(30)
     );
-    // The chain survived: nothing acknowledged was lost, nothing unacknowledged linked in.
     let v = s
         .client("admin")
         .await

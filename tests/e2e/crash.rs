@@ -29,6 +29,10 @@
 //!
 //! At the end the whole log, across every kill, is covered by a verified HSM checkpoint.
 //!
+//! Before a kill, every call must succeed or be refused as the contract allows (ABORTED,
+//! FAILED_PRECONDITION): any other error fails the test. Over the run every kind of operation
+//! must have been acknowledged, and at least one kill must have cut off calls in flight.
+//!
 //! Seeded: the seed picks the kill moments, the number of writers, every worker's choices and
 //! pacing and the second quota, and is printed; rerun with `WARD_CRASH_SEED=<seed>` (thread
 //! interleavings still vary run to run). `WARD_CRASH_KILLS` sets the number of kills
@@ -85,7 +89,22 @@ struct Ledger {
     quotas: BTreeMap<String, QuotaKey>,
     /// VerifyKey answers received, by the secret they named (each needs an audit record).
     answers: HashMap<String, u64>,
+    /// Acknowledged calls, by kind of operation (every kind in [`OPERATIONS`] must occur).
+    ops: BTreeMap<&'static str, usize>,
 }
+
+/// Every kind of operation the workers make; each must be acknowledged at least once a run.
+const OPERATIONS: [&str; 9] = [
+    "PutSecret",
+    "RotateKeyring",
+    "RotateSecret (static)",
+    "RotateSecret (API key)",
+    "RevokeSecret (version)",
+    "SetVersionState INACTIVE",
+    "IssueKey",
+    "RevokeSecret (all versions)",
+    "VerifyKey",
+];
 
 #[derive(Clone)]
 struct QuotaKey {
@@ -101,6 +120,10 @@ struct QuotaKey {
 }
 
 impl Ledger {
+    fn count(&mut self, op: &'static str) {
+        *self.ops.entry(op).or_default() += 1;
+    }
+
     fn send_value(&mut self, name: &str, value: &[u8]) {
         self.names.insert(name.to_owned());
         self.sent
@@ -174,6 +197,8 @@ struct Round {
     number: usize,
     ledger: Arc<Mutex<Ledger>>,
     stop: Arc<AtomicBool>,
+    /// Set just before the kill: a transport error from then on is the kill's doing.
+    killing: Arc<AtomicBool>,
     in_flight: Arc<AtomicU32>,
 }
 
@@ -186,6 +211,26 @@ impl Round {
         self.ledger.lock().unwrap()
     }
 
+    /// Whether a worker carries on after `st`: yes when the server refused the call as its
+    /// contract allows (nothing done), no when the kill cut it off (outcome unknown). Any other
+    /// error, and any transport error before the kill, fails the test.
+    fn carry_on(&self, what: &str, st: &Status) -> bool {
+        match st.code() {
+            // Compare-and-set lost too often; a version already retired or revoked.
+            Code::Aborted | Code::FailedPrecondition => true,
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+                if self.killing.load(Ordering::SeqCst) =>
+            {
+                false
+            }
+            other => panic!(
+                "round {}: {what} failed before the kill: {other:?}: {}",
+                self.number,
+                st.message()
+            ),
+        }
+    }
+
     /// Runs one call, counted as in flight while it runs.
     async fn call<T>(
         &self,
@@ -195,17 +240,6 @@ impl Round {
         let r = f.await;
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         r.map(tonic::Response::into_inner)
-    }
-}
-
-/// Whether a failed call was refused by the server (nothing done, by contract: the worker
-/// carries on) rather than cut off by the kill (outcome unknown: the worker stops).
-fn refused(st: &Status) -> bool {
-    match st.code() {
-        // Compare-and-set lost too often; a version already retired or revoked.
-        Code::Aborted | Code::FailedPrecondition => true,
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal => false,
-        other => panic!("unexpected {other:?} from a live call: {}", st.message()),
     }
 }
 
@@ -239,6 +273,7 @@ async fn acknowledged_operations_survive_random_sigkills() {
     setup(&s, &ledger, rng.gen_range(50..=200)).await;
     let mut seen = Seen::new();
     let mut in_flight_at_kill = 0usize;
+    let mut kills_with_calls_in_flight = 0usize;
     let mut unacked_present = 0usize;
 
     for number in 0..kills {
@@ -246,6 +281,7 @@ async fn acknowledged_operations_survive_random_sigkills() {
             number,
             ledger: ledger.clone(),
             stop: Arc::new(AtomicBool::new(false)),
+            killing: Arc::new(AtomicBool::new(false)),
             in_flight: Arc::new(AtomicU32::new(0)),
         };
         let writers = rng.gen_range(2..=5);
@@ -283,7 +319,10 @@ async fn acknowledged_operations_survive_random_sigkills() {
             )));
         }
         tokio::time::sleep(kill_after).await;
-        in_flight_at_kill += round.in_flight.load(Ordering::Relaxed) as usize;
+        round.killing.store(true, Ordering::SeqCst);
+        let in_flight = round.in_flight.load(Ordering::SeqCst) as usize;
+        in_flight_at_kill += in_flight;
+        kills_with_calls_in_flight += usize::from(in_flight > 0);
         s.kill9();
         round.stop.store(true, Ordering::Relaxed);
         for t in tasks {
@@ -335,7 +374,8 @@ async fn acknowledged_operations_survive_random_sigkills() {
     eprintln!(
         "crash test: seed {seed}: {kills} kills in {:.1} s; {} values acknowledged of {sent} \
          sent, {} API keys, {} rotations, {} revocations ({} whole secrets), {} retirements \
-         acknowledged; keyring term {}; {in_flight_at_kill} calls in flight at the kills, \
+         acknowledged; keyring term {}; {in_flight_at_kill} calls in flight at the kills \
+         ({kills_with_calls_in_flight} kills with some), acknowledged by kind {:?}, \
          {unacked_present} unacknowledged versions complete on disk; quotas: {}; audit log: \
          {} records, {} checkpoints verified",
         started.elapsed().as_secs_f64(),
@@ -346,6 +386,7 @@ async fn acknowledged_operations_survive_random_sigkills() {
         l.revoked_all.len(),
         l.retired.len(),
         l.acked_term,
+        l.ops,
         quotas.join("; "),
         v.head_seq,
         v.checkpoints_verified,
@@ -353,6 +394,21 @@ async fn acknowledged_operations_survive_random_sigkills() {
     assert!(
         l.acked.len() >= kills,
         "too few writes acknowledged to mean anything"
+    );
+    assert!(
+        kills_with_calls_in_flight > 0,
+        "no kill cut off a call: only idle servers were killed"
+    );
+    // (A short rerun to debug something may end before every kind of operation ran.)
+    let missing: Vec<&str> = OPERATIONS
+        .iter()
+        .filter(|op| l.ops.get(*op).copied().unwrap_or(0) == 0)
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty() || kills < 10,
+        "never acknowledged: {missing:?} (acknowledged: {:?})",
+        l.ops
     );
     // (A short rerun to debug something may end before the quota does.)
     let small = l.quotas.values().find(|q| q.limit == SMALL_QUOTA).unwrap();
@@ -438,8 +494,12 @@ async fn writer(round: Round, mut c: RawClient, mut rng: StdRng, tag: String) {
             .call(c.put_secret(crate::put_req(&name, &value)))
             .await
         {
-            Ok(r) => round.ledger().ack_value(&name, r.version, value),
-            Err(st) if refused(&st) => {}
+            Ok(r) => {
+                let mut l = round.ledger();
+                l.ack_value(&name, r.version, value);
+                l.count("PutSecret");
+            }
+            Err(st) if round.carry_on("PutSecret", &st) => {}
             Err(_) => return,
         }
     }
@@ -460,7 +520,9 @@ async fn keyring_rotator(
             Ok(r) => {
                 let mut l = round.ledger();
                 l.acked_term = l.acked_term.max(r.term);
+                l.count("RotateKeyring");
             }
+            Err(st) if round.carry_on("RotateKeyring", &st) => {}
             Err(_) => return,
         }
     }
@@ -492,6 +554,7 @@ async fn lifecycle(
                     let mut l = round.ledger();
                     l.ack_value(&name, r.version, value);
                     l.rotations += 1;
+                    l.count("RotateSecret (static)");
                 })
             }
             1 => {
@@ -504,6 +567,7 @@ async fn lifecycle(
                     let mut l = round.ledger();
                     l.ack_key(&name, r.version, r.api_key);
                     l.rotations += 1;
+                    l.count("RotateSecret (API key)");
                 })
             }
             2 if !replaced.is_empty() => {
@@ -516,7 +580,9 @@ async fn lifecycle(
                     ..Default::default()
                 };
                 round.call(c.revoke_secret(req)).await.map(|_| {
-                    round.ledger().revoked.insert((name, version));
+                    let mut l = round.ledger();
+                    l.revoked.insert((name, version));
+                    l.count("RevokeSecret (version)");
                 })
             }
             3 if !replaced.is_empty() => {
@@ -529,7 +595,9 @@ async fn lifecycle(
                     ..Default::default()
                 };
                 round.call(c.set_version_state(req)).await.map(|_| {
-                    round.ledger().retired.insert((name, version));
+                    let mut l = round.ledger();
+                    l.retired.insert((name, version));
+                    l.count("SetVersionState INACTIVE");
                 })
             }
             4 if !throwaway_done => {
@@ -540,7 +608,7 @@ async fn lifecycle(
         };
         match result {
             Ok(()) => {}
-            Err(st) if refused(&st) => {}
+            Err(st) if round.carry_on("a lifecycle call", &st) => {}
             Err(_) => return,
         }
     }
@@ -555,6 +623,7 @@ async fn throwaway(round: &Round, c: &mut RawClient, name: &str) -> Result<(), S
     };
     let r = round.call(c.issue_key(req)).await?;
     round.ledger().ack_key(name, r.version, r.api_key);
+    round.ledger().count("IssueKey");
     round.ledger().revoke_all_sent.insert(name.to_owned());
     let req = pb::RevokeSecretRequest {
         name: name.to_owned(),
@@ -564,6 +633,7 @@ async fn throwaway(round: &Round, c: &mut RawClient, name: &str) -> Result<(), S
     };
     round.call(c.revoke_secret(req)).await?;
     round.ledger().revoked_all.insert(name.to_owned());
+    round.ledger().count("RevokeSecret (all versions)");
     Ok(())
 }
 
@@ -585,6 +655,7 @@ async fn verifier(round: Round, mut k: KeysClient, mut rng: StdRng) {
             Ok(v) => {
                 let mut l = round.ledger();
                 *l.answers.entry(name.clone()).or_default() += 1;
+                l.count("VerifyKey");
                 let q = l.quotas.get_mut(name).unwrap();
                 match v.result() {
                     pb::VerifyResult::Valid => q.valid += 1,
@@ -595,7 +666,7 @@ async fn verifier(round: Round, mut k: KeysClient, mut rng: StdRng) {
                     other => panic!("{name}: unexpected {other:?}"),
                 }
             }
-            Err(st) if refused(&st) => {}
+            Err(st) if round.carry_on("VerifyKey", &st) => {}
             Err(_) => return,
         }
     }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use tonic::Code;
-use ward_tests::{pb, TestServer};
+use ward_tests::{pb, TestServer, Tmpfs};
 
 use crate::put;
 
@@ -189,45 +189,6 @@ async fn corrupted_or_truncated_database_never_yields_wrong_plaintext() {
     }
 }
 
-/// A tmpfs mounted over a directory for the life of the guard (unmounted on drop, even when the
-/// test fails).
-struct Tmpfs {
-    dir: std::path::PathBuf,
-}
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `size` (e.g. "16m") on `dir`, or says why this machine does not allow
-    /// it.
-    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
-        let o = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !o.status.success() {
-            return Err(String::from_utf8_lossy(&o.stderr).trim().to_owned());
-        }
-        Ok(Tmpfs {
-            dir: dir.to_path_buf(),
-        })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.dir)
-            .status();
-    }
-}
-
 /// Free bytes on the file system holding `dir`.
 fn free_bytes(dir: &Path) -> u64 {
     let o = std::process::Command::new("df")
@@ -309,6 +270,76 @@ async fn check_acked(c: &mut ward_tests::RawClient, acked: &[(String, u64, Vec<u
     }
 }
 
+/// Puts values until the free-space guard refuses one: that put and a read both fail
+/// UNAVAILABLE. Returns what was acknowledged before, and the name of the refused put.
+async fn guard_refuses(
+    c: &mut ward_tests::RawClient,
+    s: &TestServer,
+) -> (Vec<(String, u64, Vec<u8>)>, String) {
+    let (acked, (name, st)) = fill(c, "guard").await;
+    assert_eq!(st.code(), Code::Unavailable, "full disk: {st:?}");
+    let read = crate::fetch(c, "full/before", 0).await;
+    assert_eq!(
+        read.map(|_| ()).unwrap_err().code(),
+        Code::Unavailable,
+        "read on a full disk"
+    );
+    assert!(
+        s.count_in_stderr("disk nearly full") > 0,
+        "refused for another reason?\n{}",
+        s.stderr_tail(20)
+    );
+    (acked, name)
+}
+
+/// Once space is back (no restart): writes and reads work, every acknowledged write is there,
+/// and the put the guard refused left no version of `refused`.
+async fn guard_lifted(
+    c: &mut ward_tests::RawClient,
+    acked: &[(String, u64, Vec<u8>)],
+    refused: &str,
+) {
+    put(c, "full/after", b"space is back").await;
+    crate::assert_value(c, "full/before", 0, b"before the disk filled").await;
+    check_acked(c, acked, "after space returned").await;
+    let m = crate::describe(c, refused).await.unwrap();
+    assert!(
+        acked
+            .iter()
+            .any(|(n, v, _)| n == refused && *v == m.primary_version),
+        "the refused put left a version of {refused}"
+    );
+}
+
+/// Waits up to `timeout` for the server to exit by itself; its exit code if it did.
+fn exited_within(s: &mut TestServer, timeout: std::time::Duration) -> Option<Option<i32>> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(code) = s.exit_code() {
+            return Some(code);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The server stopped for a stalled storage: exit code 4 and the log says why.
+fn assert_stalled_exit(s: &TestServer, status: Option<i32>) {
+    assert_eq!(
+        status,
+        Some(4),
+        "exit code after a stall\n{}",
+        s.stderr_tail(20)
+    );
+    let log = s.stderr_tail(20);
+    assert!(
+        log.contains("flush did not finish in time") && log.contains("storage stalled"),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_fails_calls_unavailable_and_recovers() {
     let mut s = TestServer::start();
@@ -324,11 +355,11 @@ async fn disk_full_fails_calls_unavailable_and_recovers() {
     let _tmpfs = match Tmpfs::mount(&data, "16m") {
         Ok(t) => t,
         Err(why) => {
-            eprintln!(
-                "SKIPPED disk_full_fails_calls_unavailable_and_recovers: cannot mount a tmpfs \
-                 here ({why}); run as root on Linux to exercise a full disk"
+            // The same paths without mount: the injected-fault tests below.
+            return ward_tests::skip_or_fail(
+                "disk_full_fails_calls_unavailable_and_recovers",
+                &format!("cannot mount a tmpfs ({why})"),
             );
-            return;
         }
     };
     copy_dir(&saved, &data);
@@ -341,25 +372,10 @@ async fn disk_full_fails_calls_unavailable_and_recovers() {
     //    without a restart.
     let ballast = fill_disk(&data, 6 * 1024 * 1024);
     let mut c = s.raw_client("admin").await;
-    let (mut acked, (name, st)) = fill(&mut c, "guard").await;
-    assert_eq!(st.code(), Code::Unavailable, "full disk: {st:?}");
+    let (mut acked, refused) = guard_refuses(&mut c, &s).await;
     assert!(!acked.is_empty(), "nothing fitted before the guard");
-    let read = crate::fetch(&mut c, "full/before", 0).await;
-    assert_eq!(
-        read.map(|_| ()).unwrap_err().code(),
-        Code::Unavailable,
-        "read on a full disk"
-    );
     std::fs::remove_file(&ballast).unwrap();
-    put(&mut c, "full/after", b"space is back").await;
-    check_acked(&mut c, &acked, "after space returned").await;
-    let m = crate::describe(&mut c, &name).await.unwrap();
-    assert!(
-        acked
-            .iter()
-            .any(|(n, v, _)| *n == name && *v == m.primary_version),
-        "the refused put left a version of {name}"
-    );
+    guard_lifted(&mut c, &acked, &refused).await;
     drop(c);
 
     // 2. The backstop: with the guard off, sled itself hits ENOSPC. Depending on timing it
@@ -367,6 +383,7 @@ async fn disk_full_fails_calls_unavailable_and_recovers() {
     //    it once space returns (calls fail UNAVAILABLE meanwhile, the server stays up) — or
     //    wedges in a flush, which the flush timeout turns into a stall and exit 4 so that a
     //    supervisor restarts it. Both fail closed; neither may lose an acknowledged write.
+    //    (Each branch is also tested deterministically, by injection, below.)
     s.edit_config(|t| t.replace("min_free_bytes = 4194304", "min_free_bytes = 0"));
     s.restart();
     let ballast = fill_disk(&data, 256 * 1024);
@@ -382,30 +399,8 @@ async fn disk_full_fails_calls_unavailable_and_recovers() {
     );
     drop(c);
     // Give a wedged flush time to hit its 2 s timeout.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let exited = loop {
-        if let Some(code) = s.exit_code() {
-            break Some(code);
-        }
-        if std::time::Instant::now() >= deadline {
-            break None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    match exited {
-        Some(status) => {
-            assert_eq!(
-                status,
-                Some(4),
-                "exit code after a stall\n{}",
-                s.stderr_tail(20)
-            );
-            assert!(
-                s.stderr_tail(5).contains("storage stalled"),
-                "{}",
-                s.stderr_tail(20)
-            );
-        }
+    match exited_within(&mut s, std::time::Duration::from_secs(5)) {
+        Some(status) => assert_stalled_exit(&s, status),
         None => {
             // Still up: the engine was taken out of service; calls fail closed until space
             // returns.
@@ -421,4 +416,120 @@ async fn disk_full_fails_calls_unavailable_and_recovers() {
     check_acked(&mut c, &acked, "after the stall and a restart").await;
     crate::assert_value(&mut c, "full/after", 1, b"space is back").await;
     put(&mut c, "full/after", b"and writable").await;
+}
+
+/// A server armed for storage fault injection, holding "full/before" and a few acknowledged
+/// values of the names [`fill`] writes.
+async fn faulty_server(
+    limits: &[(&str, &str)],
+) -> (
+    TestServer,
+    ward_tests::RawClient,
+    Vec<(String, u64, Vec<u8>)>,
+) {
+    let mut s = TestServer::start();
+    for (key, value) in limits {
+        s.set_limit(key, value);
+    }
+    s.restart_with_faults();
+    let mut c = s.raw_client("admin").await;
+    put(&mut c, "full/before", b"before the disk filled").await;
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        let (name, value) = (format!("full/s{i}"), format!("acked-{i}").into_bytes());
+        let r = put(&mut c, &name, &value).await;
+        acked.push((name, r.version, value));
+    }
+    (s, c, acked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_space_guard_refuses_calls_until_space_returns_injected() {
+    let (s, mut c, acked) = faulty_server(&[("min_free_bytes", "4194304")]).await;
+    s.inject_faults("free-bytes 1048576");
+    let (more, refused) = guard_refuses(&mut c, &s).await;
+    assert!(more.is_empty(), "writes went on below the minimum");
+    s.inject_faults("");
+    guard_lifted(&mut c, &acked, &refused).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_write_error_fails_calls_closed_and_the_store_reopens() {
+    let (mut s, mut c, acked) = faulty_server(&[]).await;
+    // sled's answer to a full disk, on the next commit: the store takes the engine out of
+    // service, and reopening it fails as long as the disk stays full.
+    s.inject_faults("write");
+    let (more, (refused, st)) = fill(&mut c, "write-error").await;
+    assert!(
+        more.is_empty(),
+        "a write was acknowledged on a failing disk"
+    );
+    assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+    for _ in 0..3 {
+        let read = crate::fetch(&mut c, "full/before", 0).await;
+        assert_eq!(read.unwrap_err().code(), Code::Unavailable, "read");
+        let write = c.put_secret(crate::put_req("full/while", b"x")).await;
+        assert_eq!(write.unwrap_err().code(), Code::Unavailable, "write");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert!(s.is_running(), "the server died on a storage error");
+    assert!(
+        s.count_in_stderr("storage failed; reopening the database") > 0
+            && s.count_in_stderr("storage still unavailable; retrying") > 0,
+        "{}",
+        s.stderr_tail(20)
+    );
+
+    // The disk recovers: the store reopens by itself, nothing acknowledged is lost, and the
+    // refused writes left nothing.
+    s.inject_faults("");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while crate::fetch(&mut c, "full/before", 0).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recovery 30 s after the disk did\n{}",
+            s.stderr_tail(20)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    guard_lifted(&mut c, &acked, &refused).await;
+    assert_eq!(
+        crate::describe(&mut c, "full/while")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    // (The reopening and the audit chain across it: audit.rs, an_audit_write_error_….)
+    drop(c);
+    s.restart();
+    let mut c = s.raw_client("admin").await;
+    check_acked(&mut c, &acked, "after a restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_that_never_returns_stalls_the_server_with_exit_4() {
+    let (mut s, mut c, acked) = faulty_server(&[("flush_timeout_ms", "1000")]).await;
+    s.inject_faults("flush-hang");
+    // The write commits, but its flush never returns: after the flush timeout the store is
+    // stalled, the write fails instead of being acknowledged, and the server exits 4 so that a
+    // supervisor restarts it.
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        c.put_secret(crate::put_req("stall/put", b"never acknowledged")),
+    )
+    .await
+    .expect("a put hung on a stalled flush instead of failing");
+    assert!(r.is_err(), "a write was acknowledged without its flush");
+    drop(c);
+    let status = exited_within(&mut s, std::time::Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("still running after a stall\n{}", s.stderr_tail(20)));
+    assert_stalled_exit(&s, status);
+
+    // Restarted with the device fixed: everything acknowledged is there, and it writes again.
+    s.inject_faults("");
+    s.restart();
+    let mut c = s.raw_client("admin").await;
+    check_acked(&mut c, &acked, "after the stall and a restart").await;
+    put(&mut c, "stall/after", b"writable").await;
 }

@@ -498,34 +498,110 @@ async fn hammer(c: &Client, key: &str, workers: usize, each: usize) -> usize {
     total
 }
 
+/// Charges `key` from eight verifiers on raw clients (no retries) until `kill_after` VALID
+/// answers came back, then SIGKILLs the server with charges in flight. Returns the VALID
+/// answers received and how many calls may have been cut off by the kill (at least every call
+/// in flight when it landed). Any error before the kill fails the test.
+async fn charge_until_killed(s: &mut TestServer, key: &str, kill_after: u64) -> (u64, u64) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    let (valid, in_flight) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let killing = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let mut k = s.keys_client("admin").await;
+        let (valid, in_flight, killing) = (valid.clone(), in_flight.clone(), killing.clone());
+        let key = key.to_owned();
+        workers.push(tokio::spawn(async move {
+            loop {
+                // Counted in flight before looking at the flag: a call that starts after the
+                // main task read the count cannot exist (sequentially consistent order).
+                in_flight.fetch_add(1, SeqCst);
+                if killing.load(SeqCst) {
+                    return;
+                }
+                let r = k.verify_key(req(&key)).await;
+                match r.map(|r| r.into_inner().result()) {
+                    Ok(pb::VerifyResult::Valid) => valid.fetch_add(1, SeqCst),
+                    Ok(other) => panic!("unexpected {other:?} before the quota is spent"),
+                    Err(st) => {
+                        assert!(
+                            killing.load(SeqCst),
+                            "a charge failed before the kill: {:?}: {}",
+                            st.code(),
+                            st.message()
+                        );
+                        return;
+                    }
+                };
+                in_flight.fetch_sub(1, SeqCst);
+            }
+        }));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while valid.load(SeqCst) < kill_after {
+        assert!(std::time::Instant::now() < deadline, "too few charges");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    killing.store(true, SeqCst);
+    let cut_off = in_flight.load(SeqCst);
+    s.kill9();
+    for w in workers {
+        w.await.unwrap();
+    }
+    (valid.load(SeqCst), cut_off)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_admits_exactly_its_limit_under_concurrency_and_across_kill_9() {
+    const LIMIT: u64 = 1000;
     let mut s = TestServer::start();
     let admin = s.client("admin").await;
     let mut r = issue_req("quota/key");
     r.quota = Some(pb::Quota {
-        limit: 1000,
+        limit: LIMIT,
         ..Default::default()
     });
     let key = issue(&admin, r).await;
-
-    // 16 verifiers, 640 attempts: every one admitted.
-    assert_eq!(hammer(&admin, &key, 16, 40).await, 640);
-    drop(admin);
-    // A crash right after: every acknowledged charge is on disk.
-    s.kill9();
-    s.restart();
-    let admin = s.client("admin").await;
     let check = pb::VerifyKeyRequest {
         cost: Some(0),
         ..req(&key)
     };
-    assert_eq!(
-        verify(&admin, check.clone()).await.quota_remaining,
-        Some(360)
+
+    // 16 verifiers, 640 attempts: every one admitted.
+    assert_eq!(hammer(&admin, &key, 16, 40).await, 640);
+    drop(admin);
+    let (mut seen, mut cut_off) = (640, 0);
+    // Three crashes with charges in flight: every charge a client saw admitted is on disk
+    // after the restart, and the ledger holds no more than that plus the calls the kill cut
+    // off (their replies were lost, so they may or may not have been charged).
+    for round in 0..3 {
+        let (valid, in_flight) = charge_until_killed(&mut s, &key, 30).await;
+        assert!(
+            in_flight > 0,
+            "round {round}: no charge in flight at the kill"
+        );
+        seen += valid;
+        cut_off += in_flight;
+        s.restart();
+        let admin = s.client("admin").await;
+        let left = verify(&admin, check.clone()).await.quota_remaining.unwrap();
+        let charged = LIMIT - left;
+        assert!(
+            seen <= charged && charged <= seen + cut_off,
+            "round {round}: {charged} charged, {seen} VALID answers seen, {cut_off} cut off"
+        );
+    }
+
+    // What is left is admitted exactly, and never more than the limit in all.
+    let admin = s.client("admin").await;
+    let left = verify(&admin, check.clone()).await.quota_remaining.unwrap();
+    let each = (left as usize).div_ceil(16) + 10;
+    assert_eq!(hammer(&admin, &key, 16, each).await as u64, left);
+    seen += left;
+    assert!(
+        seen <= LIMIT && seen + cut_off >= LIMIT,
+        "{seen} VALID answers seen with a limit of {LIMIT} ({cut_off} cut off by kills)"
     );
-    // 640 more attempts: exactly the 360 left are admitted, 1000 in all.
-    assert_eq!(hammer(&admin, &key, 16, 40).await, 360);
     let v = verify(&admin, check).await;
     assert_eq!(v.quota_remaining, Some(0));
     let usage = admin.get_key_usage("quota/key", 0).await.unwrap();

@@ -27,7 +27,11 @@
 //!   the database (not fsynced: after a power loss it may hold an older mark, which only weakens
 //!   the check). A database whose mark is behind the file's has lost acknowledged writes: it is
 //!   refused at open (exit 4), naming both numbers.
+//!
+//! The end-to-end tests drive the full-disk and wedged-flush paths by injection (`store/fault.rs`,
+//! a test-only feature) as well as on a real full tmpfs.
 
+use super::fault::Faults;
 use super::{Batch, Entry, Store, StoreError, Tree};
 use futures::future::BoxFuture;
 use sled::transaction::{abort, TransactionError};
@@ -104,6 +108,8 @@ struct Shared {
     marks: std::sync::Mutex<(u64, std::fs::File)>,
     /// The last free-space reading: see [`SledStore::check_writable`].
     free: FreeSpace,
+    /// Faults the end-to-end tests inject (none unless built and started for it).
+    faults: Faults,
 }
 
 /// Free space on the store's file system, read at most once per [`FREE_SPACE_TTL`] while far
@@ -185,6 +191,7 @@ impl SledStore {
                 bytes: AtomicU64::new(0),
                 epoch: std::time::Instant::now(),
             },
+            faults: Faults::from_env(),
         });
         tokio::spawn(flusher(shared.clone()));
         Ok(Self { shared })
@@ -327,6 +334,9 @@ impl Shared {
     /// it shows at least twice `min` free; near or below `min` every call reads afresh, so a
     /// refusal ends as soon as space returns.
     fn free_bytes(&self, min: u64) -> Result<u64, StoreError> {
+        if let Some(injected) = self.faults.free_bytes() {
+            return Ok(injected);
+        }
         let f = &self.free;
         let now = (f.epoch.elapsed().as_micros() as u64).max(1);
         let at = f.read_at_us.load(Ordering::Acquire);
@@ -434,7 +444,12 @@ async fn recover(shared: Arc<Shared>, old: Option<Arc<Engine>>) {
         let path = shared.path.clone();
         let generation = shared.generation.load(Ordering::SeqCst) + 1;
         let cache = shared.options.cache_bytes;
-        match tokio::task::spawn_blocking(move || Engine::open(&path, generation, cache)).await {
+        let faults = shared.faults.clone();
+        let reopen = move || match faults.write_error() {
+            Some(e) => Err(engine_error(e)),
+            None => Engine::open(&path, generation, cache),
+        };
+        match tokio::task::spawn_blocking(reopen).await {
             Ok(Ok(engine)) => {
                 // The generation moves before the new engine serves anything: a caller that
                 // reads the old number after this sees no engine or a refusing one.
@@ -491,7 +506,11 @@ async fn flusher(shared: Arc<Shared>) {
                     }
                     let flushing = engine.clone();
                     // sled's flush blocks on fsync: keep it off the async workers, and bound it.
-                    let flush = tokio::task::spawn_blocking(move || flushing.db.flush());
+                    let faults = shared.faults.clone();
+                    let flush = tokio::task::spawn_blocking(move || {
+                        faults.hang_flush();
+                        flushing.db.flush()
+                    });
                     let timeout = shared.options.flush_timeout;
                     let Ok(flushed) = tokio::time::timeout(timeout, flush).await else {
                         tracing::error!(
@@ -574,6 +593,9 @@ impl Store for SledStore {
             return Err(StoreError::Unavailable(
                 "storage was reopened after a failure; retry".into(),
             ));
+        }
+        if let Some(e) = self.shared.faults.write_error() {
+            return Err(self.failed(e));
         }
         // A lone unconditional write (an audit record of a read) needs no transaction.
         if let ([part], 0) = (&batch.parts[..], batch.guards().count()) {
