@@ -281,10 +281,6 @@ impl Store for DirectoryStore {
         self.inner.sync()
     }
 
-    fn next_id(&self) -> Result<u64, StoreError> {
-        self.inner.next_id()
-    }
-
     fn last(&self, tree: Tree) -> Result<Option<crate::store::Entry>, StoreError> {
         self.inner.last(tree)
     }

@@ -257,9 +257,6 @@ pub trait Store: Send + Sync + 'static {
     /// share one fsync (group commit).
     fn sync(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 
-    /// A unique, increasing number.
-    fn next_id(&self) -> Result<u64, StoreError>;
-
     /// Changes whenever the backend had to be reopened after a failure (a full disk, an I/O
     /// error). Commits made before a change that no [`Store::sync`] confirmed before it are
     /// lost: a caller that compares the generation of its commit with the one after its sync
@@ -279,8 +276,6 @@ pub trait Store: Send + Sync + 'static {
 pub struct Snapshot {
     /// Each tree's entries, in key order.
     pub trees: Vec<(Tree, Vec<Entry>)>,
-    /// Greater than every id [`Store::next_id`] has returned: a restored store continues here.
-    pub next_id: u64,
 }
 
 impl Tree {

@@ -178,10 +178,6 @@ impl Store for SealedStore {
         self.inner.sync()
     }
 
-    fn next_id(&self) -> Result<u64, StoreError> {
-        self.inner.next_id()
-    }
-
     fn generation(&self) -> u64 {
         self.inner.generation()
     }

@@ -51,7 +51,6 @@ const REOPEN_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Durati
 /// sled tree private to this file: the flush mark.
 const MARK_TREE: &str = "__ward_store";
 const MARK_KEY: &[u8] = b"flush_mark";
-const ID_OFFSET_KEY: &[u8] = b"id_offset";
 /// File beside the database holding the last flush mark known durable.
 pub const MARK_FILE: &str = "ward-flush-mark";
 
@@ -133,8 +132,6 @@ struct Engine {
     trees: Vec<sled::Tree>,
     /// The flush mark's tree.
     marks: sled::Tree,
-    /// Added to sled's id generator: a restored store continues above its source's ids.
-    id_offset: u64,
     /// [`Store::generation`] this engine serves.
     generation: u64,
 }
@@ -219,9 +216,6 @@ impl SledStore {
                 entries += 1;
             }
         }
-        db.open_tree(MARK_TREE)
-            .and_then(|m| m.insert(ID_OFFSET_KEY, &snapshot.next_id.to_be_bytes()[..]))
-            .map_err(engine_error)?;
         db.flush().map_err(engine_error)?;
         Ok(entries)
     }
@@ -295,12 +289,10 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()
             .map_err(engine_error)?;
         let marks = db.open_tree(MARK_TREE).map_err(engine_error)?;
-        let id_offset = read_u64(&marks, ID_OFFSET_KEY)?;
         let engine = Self {
             db,
             trees,
             marks,
-            id_offset,
             generation,
         };
         let stored = engine.stored_mark()?;
@@ -668,11 +660,6 @@ impl Store for SledStore {
         })
     }
 
-    fn next_id(&self) -> Result<u64, StoreError> {
-        let engine = self.engine()?;
-        Ok(engine.db.generate_id().map_err(|e| self.failed(e))? + engine.id_offset)
-    }
-
     fn snapshot(&self) -> Result<super::Snapshot, StoreError> {
         let _gate = self
             .shared
@@ -689,10 +676,7 @@ impl Store for SledStore {
             }
             trees.push((t, items));
         }
-        Ok(super::Snapshot {
-            trees,
-            next_id: self.next_id()?,
-        })
+        Ok(super::Snapshot { trees })
     }
 
     fn generation(&self) -> u64 {
@@ -815,33 +799,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn restored_store_holds_the_snapshot_and_continues_its_ids() {
+    async fn restored_store_holds_the_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(&dir.path().join("a")).unwrap();
-        let mut used = 0;
-        for i in 0..50u32 {
-            used = s.next_id().unwrap();
+        for i in 0..50u64 {
             let mut b = Batch::new();
             b.put(
                 Tree::Audit,
-                used.to_be_bytes().to_vec(),
+                i.to_be_bytes().to_vec(),
                 i.to_be_bytes().to_vec(),
             );
             s.commit(b).unwrap();
         }
         s.sync().await.unwrap();
         let snap = s.snapshot().unwrap();
-        assert!(snap.next_id > used);
         let to = dir.path().join("b");
         assert_eq!(SledStore::restore_into(&to, &snap).unwrap(), 50);
         // Not over an existing database.
         assert!(SledStore::restore_into(&dir.path().join("a"), &snap).is_err());
         let r = SledStore::open(&to).unwrap();
         assert_eq!(r.scan(Tree::Audit, b"", b"", 1000).unwrap().len(), 50);
-        assert!(
-            r.next_id().unwrap() > used,
-            "ids would collide with restored records"
-        );
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@
 //! ```text
 //! "WARDBAK2"
 //! { 0x01, u16 tree-name length, tree name, u32 key length, key, u32 value length, value }*
-//! 0x00, u64 next id, u64 entry count                      (the body ends here)
+//! 0x00, u64 reserved (0), u64 entry count                      (the body ends here)
 //! u16 key-label length, key label, u16 signature length, signature
 //! SHA-256 of every byte before it
 //! ```
@@ -26,6 +26,9 @@ use ward_hsm::{HsmError, MacSigner};
 
 /// First bytes of every backup file.
 pub const MAGIC: &[u8; 8] = b"WARDBAK2";
+/// The u64 after the last entry: reserved, written as 0 (files written before 2026-12-03 hold
+/// a store id counter there, which restore ignores).
+const RESERVED: u64 = 0;
 /// Bytes per streamed chunk.
 const CHUNK: usize = 64 * 1024;
 /// Largest key or value a backup may hold (far above anything Ward stores).
@@ -101,7 +104,7 @@ pub fn encode(
         }
     }
     buf.push(0);
-    buf.extend_from_slice(&snapshot.next_id.to_be_bytes());
+    buf.extend_from_slice(&RESERVED.to_be_bytes());
     buf.extend_from_slice(&count.to_be_bytes());
     // The body's digest, before anything of the trailer is hashed.
     let mut body = hash.clone();
@@ -203,7 +206,9 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<BackupFile, String> {
                 count += 1;
             }
             0 => {
-                let next_id = r.u64()?;
+                // Reserved (written as 0): older files carry a store id counter here,
+                // which nothing reads any more.
+                r.u64()?;
                 if r.u64()? != count {
                     return Err("backup is inconsistent: entry count is wrong".into());
                 }
@@ -218,7 +223,7 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<BackupFile, String> {
                     return Err("backup is inconsistent: bytes after the signature".into());
                 }
                 return Ok(BackupFile {
-                    snapshot: Snapshot { trees, next_id },
+                    snapshot: Snapshot { trees },
                     signature: Signature { key_label, mac },
                     body_digest,
                 });
@@ -285,7 +290,6 @@ mod tests {
                 ),
                 (Tree::Meta, vec![]),
             ],
-            next_id: 42,
         }
     }
 
@@ -316,7 +320,6 @@ mod tests {
         back.verify(&hsm).unwrap();
         assert_eq!(back.signature.key_label, "audit");
         let back = back.snapshot;
-        assert_eq!(back.next_id, 42);
         assert_eq!(back.trees.len(), 2, "empty trees carry no records");
         assert_eq!(back.trees[1].1.len(), 3000);
         for i in [0, 9, file.len() / 2, file.len() - 40, file.len() - 1] {
