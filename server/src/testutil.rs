@@ -6,13 +6,17 @@ use crate::audit::{AuditLog, AuditSettings};
 use crate::changes::sweeper::SweepIndex;
 use crate::changes::watch::WatchHub;
 use crate::clock::{Clock, ManualClock};
+use crate::identity::Peer;
+use crate::model::input::LifecycleInput;
 use crate::policy::Policy;
 use crate::store::Store;
 use crate::unseal::unseal;
-use crate::vault::{Settings, Vault};
+use crate::vault::{PutInput, Settings, Vault};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use ward_hsm::memory::InMemoryWrapper;
 use ward_hsm::{KeyWrapper, MacSigner};
+use zeroize::Zeroizing;
 
 /// A vault over `store`: keyring unsealed by an in-memory master key, an audit log signed by
 /// an in-memory MAC key, environments dev and prod, `policy` (TOML) and a replaced PRIMARY's
@@ -75,4 +79,27 @@ pub(crate) struct Followers {
     pub hub: Arc<WatchHub>,
     /// The sweeper's deadline index.
     pub sweep: Arc<SweepIndex>,
+}
+
+/// A caller `identity` from a loopback address.
+pub(crate) fn peer(identity: &str) -> Peer {
+    Peer {
+        identity: identity.into(),
+        addr: "127.0.0.1:1".parse().unwrap(),
+    }
+}
+
+/// PutSecret of `value` under `name`, every other field empty.
+pub(crate) fn put(name: &str, value: &[u8]) -> PutInput {
+    PutInput {
+        name: name.into(),
+        value: Zeroizing::new(value.to_vec()),
+        environment: String::new(),
+        owner: String::new(),
+        labels: BTreeMap::new(),
+        description: String::new(),
+        expected_version: None,
+        request_id: String::new(),
+        lifecycle: LifecycleInput::default(),
+    }
 }

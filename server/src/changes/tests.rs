@@ -5,14 +5,14 @@ use super::watch::{EventKind, WatchInput};
 use crate::audit::AuditRecord;
 use crate::clock::ManualClock;
 use crate::error::Code;
-use crate::identity::Peer;
 use crate::model::input::{LifecycleInput, RawDuration, RawExpiration};
 use crate::model::{KeyIndexEntry, SecretRecord, VersionState};
 use crate::store::sled_store::SledStore;
 use crate::store::{decode, version_key, Store, Tree};
 use crate::testutil::Followers;
+use crate::testutil::{peer, put};
 use crate::vault::{DestroyInput, RevokeInput, RotateInput, SetStateInput};
-use crate::vault::{IssueInput, PutInput, Vault};
+use crate::vault::{IssueInput, Vault};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,32 +50,11 @@ async fn fixture() -> Fixture {
     }
 }
 
-fn peer(identity: &str) -> Peer {
-    Peer {
-        identity: identity.into(),
-        addr: "127.0.0.1:1".parse().unwrap(),
-    }
-}
-
 fn secs(s: i64) -> Option<RawDuration> {
     Some(RawDuration {
         seconds: s,
         nanos: 0,
     })
-}
-
-fn put(name: &str, value: &[u8]) -> PutInput {
-    PutInput {
-        name: name.into(),
-        value: Zeroizing::new(value.to_vec()),
-        environment: String::new(),
-        owner: String::new(),
-        labels: BTreeMap::new(),
-        description: String::new(),
-        expected_version: None,
-        request_id: String::new(),
-        lifecycle: LifecycleInput::default(),
-    }
 }
 
 fn issue(name: &str, lifecycle: LifecycleInput) -> IssueInput {

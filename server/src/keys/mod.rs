@@ -516,6 +516,7 @@ mod tests {
     use crate::clock::{Clock, ManualClock};
     use crate::model::keypolicy::KeyPolicyInput;
     use crate::model::VersionMeta;
+    use crate::testutil::peer;
 
     use crate::store::sled_store::SledStore;
     use crate::store::{decode, encode, Batch, Store, Tree};
@@ -563,13 +564,6 @@ mod tests {
             vault,
             clock,
             _dir: dir,
-        }
-    }
-
-    fn peer(identity: &str) -> Peer {
-        Peer {
-            identity: identity.into(),
-            addr: "127.0.0.1:1".parse().unwrap(),
         }
     }
 

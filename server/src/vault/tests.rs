@@ -7,7 +7,7 @@ use crate::error::Code;
 use crate::model::input::LifecycleInput;
 use crate::model::KeyIndexEntry;
 use crate::store::sled_store::SledStore;
-use zeroize::Zeroizing;
+use crate::testutil::{peer, put};
 
 const POLICY: &str = r#"
     [[rule]]
@@ -35,27 +35,6 @@ async fn fixture() -> Fixture {
         vault,
         clock,
         _dir: dir,
-    }
-}
-
-fn peer(identity: &str) -> Peer {
-    Peer {
-        identity: identity.into(),
-        addr: "127.0.0.1:1".parse().unwrap(),
-    }
-}
-
-fn put(name: &str, value: &[u8]) -> PutInput {
-    PutInput {
-        name: name.into(),
-        value: Zeroizing::new(value.to_vec()),
-        environment: String::new(),
-        owner: String::new(),
-        labels: BTreeMap::new(),
-        description: String::new(),
-        expected_version: None,
-        request_id: String::new(),
-        lifecycle: LifecycleInput::default(),
     }
 }
 
