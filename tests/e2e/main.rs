@@ -1,8 +1,11 @@
 //! Ward end-to-end suite: one test binary, every test against its own real `ward-server`
 //! process (SoftHSM token, mTLS, sled) in a temporary data directory.
 //!
-//! Build the binaries first (`cargo build --workspace --bins`; `make test` does), then run
-//! `cargo nextest run -p ward-tests` or `cargo test -p ward-tests`.
+//! Build the binaries first, with every feature (`cargo build --workspace --bins
+//! --all-features`; `make test` does): the storage-fault tests need ward-server's
+//! `fault-injection` feature. Then run `cargo nextest run -p ward-tests --all-features`. The
+//! two tmpfs tests fail where `mount` is refused, unless `WARD_TEST_ALLOW_SKIP=1` asks to skip
+//! them (the injected-fault tests cover the same paths without a mount).
 // Tests state their expectations with unwrap/expect and a message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
