@@ -28,11 +28,12 @@ use tokio::sync::{broadcast, watch, Notify};
 use tonic::Code;
 use zeroize::Zeroizing;
 
-use crate::proto::{
+use crate::client::Client;
+use crate::error::Error;
+use ward::v1::{
     HeldSecret, HeldVersion, SecretKind, SecretMetadata, VersionState, WatchEvent, WatchEventType,
     WatchSecretsRequest,
 };
-use crate::{Client, Error};
 
 /// How long a cache keeps serving after losing the server, unless configured.
 pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(300);

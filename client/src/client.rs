@@ -9,13 +9,17 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::Code;
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::config::{ClientConfig, DEFAULT_TIMEOUT};
 use crate::error::transport_causes;
-use crate::proto::admin_client::AdminClient;
-use crate::proto::audit_client::AuditClient;
-use crate::proto::backup_client::BackupClient;
-use crate::proto::keys_client::KeysClient;
-use crate::proto::secrets_client::SecretsClient;
-use crate::proto::{
+use crate::error::Error;
+use crate::retry::RetryPolicy;
+use crate::retry::{is_retryable, CallKind};
+use ward::v1::admin_client::AdminClient;
+use ward::v1::audit_client::AuditClient;
+use ward::v1::backup_client::BackupClient;
+use ward::v1::keys_client::KeysClient;
+use ward::v1::secrets_client::SecretsClient;
+use ward::v1::{
     batch_fetch_result, BatchFetchSecretsRequest, BatchFetchSecretsResponse,
     DescribeKeyringRequest, DescribeSecretRequest, DestroyVersionRequest, DestroyVersionResponse,
     FetchSecretRequest, FetchSecretResponse, GetKeyUsageRequest, GetKeyUsageResponse,
@@ -27,8 +31,6 @@ use crate::proto::{
     UpdateKeyPolicyRequest, UpdateKeyPolicyResponse, VerifyAuditLogRequest, VerifyAuditLogResponse,
     VerifyKeyRequest, VerifyKeyResponse, WatchEvent, WatchSecretsRequest,
 };
-use crate::retry::{is_retryable, CallKind};
-use crate::{ClientConfig, Error, RetryPolicy, DEFAULT_TIMEOUT};
 
 /// HTTP/2 keep-alive ping interval: finds a dead connection before a call has to time out on it.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -376,12 +378,10 @@ impl Client {
     /// are the backup file (`ward-server restore --from FILE`). Never retried, and not limited
     /// by the per-call timeout (a large store takes as long as it takes; the connection's
     /// keep-alive notices a dead server).
-    pub async fn backup_stream(
-        &self,
-    ) -> Result<tonic::Streaming<crate::proto::BackupChunk>, Error> {
+    pub async fn backup_stream(&self) -> Result<tonic::Streaming<ward::v1::BackupChunk>, Error> {
         let mut c = self.backup.clone();
         let resp = c
-            .stream_backup(crate::proto::StreamBackupRequest {})
+            .stream_backup(ward::v1::StreamBackupRequest {})
             .await
             .map_err(Error::from)?;
         Ok(resp.into_inner())

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use crate::{Error, RetryPolicy};
+use crate::error::Error;
+use crate::retry::RetryPolicy;
 
 /// Address used when none is given.
 pub const DEFAULT_ADDR: &str = "https://127.0.0.1:8443";

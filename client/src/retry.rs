@@ -5,7 +5,7 @@ use std::time::Duration;
 use rand::Rng;
 use tonic::Code;
 
-use crate::Error;
+use crate::error::Error;
 
 /// How often and how patiently a safe-to-repeat call is retried.
 ///
