@@ -333,7 +333,7 @@ async fn every_call_kind_allowed_and_denied_leaves_exactly_one_record_without_se
     }
 }
 
-// ---- the documented encoding, re-implemented from the README for the tamper tests ---------
+// ---- the documented encoding, re-implemented from docs/security.md for the tamper tests ---------
 
 /// A stored record, parsed per the documented format 2.
 #[derive(Debug, Clone)]

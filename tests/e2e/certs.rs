@@ -2,7 +2,7 @@
 //! client certificate; the server certificate, key, client CA bundle and CRLs reload on SIGHUP
 //! and on file change without disturbing established connections whose certificate still
 //! verifies, and closing those whose certificate no longer does (revoked, CA removed); a bad
-//! reload keeps the previous configuration; a CA is rotated with an overlap, as README
+//! reload keeps the previous configuration; a CA is rotated with an overlap, as docs/operating.md
 //! describes; connections are bounded in age; and a certificate whose CN looks like a URI, or
 //! whose identity holds a control character, names no identity.
 

@@ -1,4 +1,4 @@
-//! Certificate revocation lists, as README's "Certificates" section documents them: with any
+//! Certificate revocation lists, as docs/operating.md documents them: with any
 //! CRL configured, a client CA that has none is refused (fail closed); a CRL past its
 //! nextUpdate is still applied and logged as a warning; a CRL may be PEM or DER, at start-up and
 //! on reload.
@@ -19,73 +19,11 @@ const NO_CRL_FOR_ISSUER: Refusal = Refusal {
     alert: "UnknownCA",
 };
 
-/// A second client CA with its own key, so a test can sign revocation lists of any date. (The
-/// harness's `TestCa` keeps its key to itself and `dev_crl` has fixed dates; once the harness
-/// can sign a CRL with a chosen nextUpdate and a client certificate with a chosen serial, this
-/// goes.)
-struct CrlCa {
-    pem: String,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl CrlCa {
-    fn new(cn: &str) -> CrlCa {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        CrlCa {
-            pem: cert.pem(),
-            issuer: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    /// A client certificate for CN `cn` with serial number `serial`, written under the
-    /// server's scratch dir (trusting the dev CA for the server).
-    fn client(&self, s: &TestServer, cn: &str, serial: u64) -> CertFiles {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        params.serial_number = Some(serial.into());
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        s.write_client_files(cn, &cert.pem(), &key.serialize_pem())
-    }
-
-    /// A CRL (PEM) revoking `revoked`, issued in 2024 with the given nextUpdate year.
-    fn crl(&self, next_update_year: i32, revoked: &[u64]) -> String {
-        rcgen::CertificateRevocationListParams {
-            this_update: rcgen::date_time_ymd(2024, 1, 1),
-            next_update: rcgen::date_time_ymd(next_update_year, 1, 1),
-            crl_number: rcgen::SerialNumber::from(1u64),
-            issuing_distribution_point: None,
-            revoked_certs: revoked
-                .iter()
-                .map(|serial| rcgen::RevokedCertParams {
-                    serial_number: rcgen::SerialNumber::from(*serial),
-                    revocation_time: rcgen::date_time_ymd(2024, 6, 1),
-                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-                    invalidity_date: None,
-                })
-                .collect(),
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        }
-        .signed_by(&self.issuer)
-        .unwrap()
-        .pem()
-        .unwrap()
-    }
+/// A client certificate of `ca` for CN `cn` with serial `serial`, written under the server's
+/// scratch dir (trusting the dev CA for the server).
+fn client_with_serial(s: &TestServer, ca: &TestCa, cn: &str, serial: u64) -> CertFiles {
+    let (cert, key) = ca.client_cert_serial(cn, serial);
+    s.write_client_files(cn, &cert, &key)
 }
 
 /// The DER bytes of a PEM CRL.
@@ -161,11 +99,11 @@ async fn with_crls_configured_a_client_ca_without_one_is_refused() {
 async fn a_crl_past_its_next_update_is_applied_and_warned_about() {
     let mut s = TestServer::start();
     let dev_ca = std::fs::read_to_string(s.ca_path()).unwrap();
-    let ca = CrlCa::new("Ward test CA with a stale CRL");
+    let ca = TestCa::new("Ward test CA with a stale CRL");
     let tls = s.data_dir().join("tls");
     std::fs::write(tls.join("dev.crl.pem"), s.dev_crl(1, &[])).unwrap();
     // nextUpdate 2025-01-01: long past.
-    std::fs::write(tls.join("stale.crl.pem"), ca.crl(2025, &[77])).unwrap();
+    std::fs::write(tls.join("stale.crl.pem"), ca.crl(1, 2025, &[77])).unwrap();
     configure(
         &s,
         &format!("{dev_ca}{}", ca.pem),
@@ -189,8 +127,8 @@ async fn a_crl_past_its_next_update_is_applied_and_warned_about() {
     );
 
     // Still applied: the revoked serial is refused, another serial of that CA gets in.
-    let revoked = ca.client(&s, "admin", 77);
-    let good = ca.client(&s, "admin", 78);
+    let revoked = client_with_serial(&s, &ca, "admin", 77);
+    let good = client_with_serial(&s, &ca, "admin", 78);
     assert_refused(&s, &revoked, "revoked by a stale CRL", REVOKED).await;
     assert_accepted(&s, &good, "not revoked, stale CRL").await;
 
@@ -198,7 +136,7 @@ async fn a_crl_past_its_next_update_is_applied_and_warned_about() {
     let reloads = s.count_in_stderr(RELOADED);
     replace_file(
         &tls.join("stale.crl.pem"),
-        ca.crl(2099, &[77]).as_bytes(),
+        ca.crl(2, 2099, &[77]).as_bytes(),
         0o644,
     );
     s.wait_for_stderr(RELOADED, reloads + 1, WAIT);

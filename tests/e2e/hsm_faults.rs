@@ -319,7 +319,7 @@ fn lines_with(s: &TestServer, needles: &[&str]) -> usize {
         .count()
 }
 
-/// README: "A PIN the token refuses on reconnect is not retried (an HSM may lock the token
+/// docs/operating.md: "A PIN the token refuses on reconnect is not retried (an HSM may lock the token
 /// after repeated failures): fix it and restart." The token goes away and a token with the
 /// same label but another PIN takes its place: the reconnect is refused once, later calls fail
 /// without logging in again (even once the real token is back), the data path keeps working,

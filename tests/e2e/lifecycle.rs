@@ -643,7 +643,7 @@ async fn destroyed_versions_are_unrecoverable_and_still_described() {
 
     // The sealed values (wrapped data key and ciphertext) are gone from the store, and stay
     // gone after a restart. (sled may keep the removed bytes in a log segment until it
-    // rewrites that segment; they are still sealed under the keyring. README: Security model.)
+    // rewrites that segment; they are still sealed under the keyring. docs/security.md.)
     s.stop();
     {
         let db = sled::open(s.data_dir().join("data")).expect("open sled");

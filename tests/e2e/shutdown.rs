@@ -1,6 +1,6 @@
 //! SIGINT (Ctrl-C) shuts the server down gracefully, like SIGTERM: exit code 0, open watch
 //! streams ended with UNAVAILABLE, every acknowledged write (made right up to the signal) and
-//! the usage counters kept, as README's "Running a server" documents.
+//! the usage counters kept, as docs/operating.md documents.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

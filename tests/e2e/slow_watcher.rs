@@ -1,8 +1,9 @@
-//! A WatchSecrets client that stops reading does not hold writers back, as README's lifecycle
-//! section documents ("a watcher too slow to keep up recomputes its difference instead of
-//! holding writers back"): its HTTP/2 window fills, the server's stream for it blocks, the
-//! change broadcast passes it by; puts, and other watchers, carry on. When it reads again it
-//! gets the latest state of every secret, even once the broadcast no longer holds their names.
+//! A WatchSecrets client that stops reading does not hold writers back, as docs/api.md's
+//! WatchSecrets section documents ("a watcher too slow to keep up recomputes its difference
+//! instead of holding writers back"): its HTTP/2 window fills, the server's stream for it
+//! blocks, the change broadcast passes it by; puts, and other watchers, carry on. When it
+//! reads again it gets the latest state of every secret, even once the broadcast no longer
+//! holds their names.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

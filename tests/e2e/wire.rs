@@ -1,11 +1,11 @@
 //! Bad input at the wire: each RPC (every method of the descriptor sets the server serves, so a
 //! new one is covered or fails the test) gets its malformed variants as raw bytes (empty, wrong
 //! wire types, truncated, invalid UTF-8, deeply nested unknown groups, oversized, huge repeated
-//! fields and maps, deep and bogus pagination tokens) and must answer with the status README
+//! fields and maps, deep and bogus pagination tokens) and must answer with the status docs/api.md
 //! documents — and keep serving afterwards.
 //!
 //! Undecodable protobuf gets INTERNAL: that is gRPC's convention for a message the server
-//! cannot parse (tonic's prost codec applies it before any Ward code runs); README says so.
+//! cannot parse (tonic's prost codec applies it before any Ward code runs); docs/api.md says so.
 
 use bytes::{Buf, BufMut};
 use prost::Message;

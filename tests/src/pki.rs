@@ -110,6 +110,17 @@ impl TestCa {
         client_cert(cn, None, &self.issuer)
     }
 
+    /// A client certificate for CN `cn` with serial number `serial` (to revoke it by a CRL).
+    pub fn client_cert_serial(&self, cn: &str, serial: u64) -> (String, String) {
+        client_cert_with(cn, &self.issuer, |p| p.serial_number = Some(serial.into()))
+    }
+
+    /// A CRL (PEM) of this CA revoking the given serial numbers, with CRL number `number` and
+    /// its nextUpdate on 1 January of `next_update_year` (a past year makes a stale list).
+    pub fn crl(&self, number: u64, next_update_year: i32, revoked: &[u64]) -> String {
+        crl_pem(&self.issuer, number, next_update_year, revoked)
+    }
+
     /// A server certificate for localhost / 127.0.0.1: (cert PEM, key PEM).
     pub fn server_cert(&self) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -126,11 +137,16 @@ impl TestCa {
 }
 
 /// A CRL (PEM) signed by `issuer` that revokes the certificates with the given serial numbers,
-/// valid from 2024 to 2099.
-fn crl_pem(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, number: u64, revoked: &[u64]) -> String {
+/// issued in 2024 with its nextUpdate on 1 January of `next_update_year`.
+fn crl_pem(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    number: u64,
+    next_update_year: i32,
+    revoked: &[u64],
+) -> String {
     let params = rcgen::CertificateRevocationListParams {
         this_update: rcgen::date_time_ymd(2024, 1, 1),
-        next_update: rcgen::date_time_ymd(2099, 1, 1),
+        next_update: rcgen::date_time_ymd(next_update_year, 1, 1),
         crl_number: rcgen::SerialNumber::from(number),
         issuing_distribution_point: None,
         revoked_certs: revoked
@@ -237,7 +253,7 @@ impl TestServer {
     /// A CRL (PEM) signed by the dev CA revoking the given serial numbers; `number` is its CRL
     /// number (increase it with each new list).
     pub fn dev_crl(&self, number: u64, revoked: &[u64]) -> String {
-        crl_pem(&self.dev_issuer(), number, revoked)
+        crl_pem(&self.dev_issuer(), number, 2099, revoked)
     }
 
     fn dev_issuer(&self) -> rcgen::Issuer<'static, rcgen::KeyPair> {
