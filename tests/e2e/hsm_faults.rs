@@ -319,11 +319,11 @@ fn lines_with(s: &TestServer, needles: &[&str]) -> usize {
         .count()
 }
 
-/// docs/operating.md: "A PIN the token refuses on reconnect is not retried (an HSM may lock the token
-/// after repeated failures): fix it and restart." The token goes away and a token with the
-/// same label but another PIN takes its place: the reconnect is refused once, later calls fail
-/// without logging in again (even once the real token is back), the data path keeps working,
-/// and a restart serves everything.
+/// docs/operating.md: "A PIN the token refuses on reconnect is not retried (an HSM may lock
+/// the token after repeated failures): fix it and restart." The token goes away and a token
+/// with the same label but another PIN takes its place: the reconnect is refused once, later
+/// calls fail without logging in again (even once the real token is back), the data path keeps
+/// working, and a restart serves everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pin_refused_on_reconnect_is_not_retried_until_a_restart() {
     const REFUSED: [&str; 2] = [
