@@ -2,6 +2,7 @@
 //! through the SDK with a fixed number of concurrent workers for a fixed time.
 
 mod echo;
+mod open_loop;
 mod scale;
 mod server;
 mod soak;

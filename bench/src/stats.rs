@@ -56,6 +56,8 @@ pub struct Summary {
     pub p50_us: u32,
     /// 99th-percentile latency, microseconds.
     pub p99_us: u32,
+    /// 99.9th-percentile latency, microseconds.
+    pub p999_us: u32,
     /// Largest latency, microseconds.
     pub max_us: u32,
     /// Mean latency, microseconds.
@@ -83,6 +85,7 @@ impl Summary {
             ops_per_sec: if secs > 0.0 { ops as f64 / secs } else { 0.0 },
             p50_us: percentile(&all, 0.50),
             p99_us: percentile(&all, 0.99),
+            p999_us: percentile(&all, 0.999),
             max_us: all.last().copied().unwrap_or(0),
             mean_us: if all.is_empty() {
                 0.0
@@ -108,6 +111,7 @@ impl Summary {
             "latency_us": {
                 "p50": self.p50_us,
                 "p99": self.p99_us,
+                "p999": self.p999_us,
                 "max": self.max_us,
                 "mean": self.mean_us,
             },

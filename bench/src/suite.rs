@@ -4,6 +4,7 @@
 //! with client-certificate auth from Ward's dev CA; drives each workload at each concurrency
 //! through the same client stack; prints one table and the ratios against the targets.
 
+use crate::open_loop::{self, Paced};
 use crate::server::{free_port, server_bin, spawn_ready, DevServer, Proc};
 use crate::stats::Summary;
 use crate::workload::{
@@ -46,6 +47,22 @@ pub struct SuiteArgs {
     /// Also write the results as JSON to FILE
     #[arg(long)]
     json: Option<PathBuf>,
+    /// After the closed-loop rows, run echo, fetch and verify open loop (a fixed request
+    /// rate, latency counted from when each call was due) at 50 % and 80 % of the highest
+    /// echo rate just measured, and report p50/p99/p999
+    #[arg(long)]
+    open_loop: bool,
+}
+
+/// Fractions of the echo floor's highest rate the open-loop rows offer.
+const OPEN_LOOP_LOADS: [f64; 2] = [0.5, 0.8];
+
+/// One open-loop row.
+struct OpenRow {
+    workload: &'static str,
+    load: f64,
+    rate: f64,
+    summary: Summary,
 }
 
 struct Row {
@@ -145,7 +162,46 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
             rows.push(measure("etcd-put", c, EtcdPut::new(v), etcd, &spec).await?);
         }
     }
-    report(&rows, &args, warmup, duration)
+    let mut open_rows = Vec::new();
+    if args.open_loop {
+        let floor = rows
+            .iter()
+            .filter(|r| r.workload == "echo")
+            .map(|r| r.summary.ops_per_sec)
+            .fold(0.0, f64::max);
+        for load in OPEN_LOOP_LOADS {
+            let paced = |name| Paced {
+                name,
+                rate: floor * load,
+                warmup: Duration::from_secs_f64(warmup),
+                duration: Duration::from_secs_f64(duration),
+                call_timeout: Duration::from_secs(10),
+            };
+            let runs = [
+                (
+                    "echo",
+                    paced_run(Fetch::echo(v), &paced("echo"), &echo).await?,
+                ),
+                (
+                    "fetch",
+                    paced_run(Fetch::new(v), &paced("fetch"), &ward).await?,
+                ),
+                (
+                    "verify",
+                    paced_run(Verify::default(), &paced("verify"), &ward).await?,
+                ),
+            ];
+            for (workload, summary) in runs {
+                open_rows.push(OpenRow {
+                    workload,
+                    load,
+                    rate: floor * load,
+                    summary,
+                });
+            }
+        }
+    }
+    report(&rows, &open_rows, &args, warmup, duration)
 }
 
 async fn measure<W: Workload>(
@@ -165,6 +221,19 @@ async fn measure<W: Workload>(
         concurrency,
         summary,
     })
+}
+
+/// Sets `workload` up, then drives it open loop.
+async fn paced_run<W: Workload>(
+    workload: W,
+    paced: &Paced,
+    clients: &[W::Client],
+) -> Result<Summary, String> {
+    workload
+        .setup(&clients[0])
+        .await
+        .map_err(|e| format!("{} setup: {e}", paced.name))?;
+    open_loop::drive(workload, paced, clients).await
 }
 
 async fn start_etcd(
@@ -247,7 +316,13 @@ fn find<'a>(rows: &'a [Row], workload: &str, c: u32) -> Option<&'a Summary> {
         .map(|r| &r.summary)
 }
 
-fn report(rows: &[Row], args: &SuiteArgs, warmup: f64, duration: f64) -> Result<(), String> {
+fn report(
+    rows: &[Row],
+    open_rows: &[OpenRow],
+    args: &SuiteArgs,
+    warmup: f64,
+    duration: f64,
+) -> Result<(), String> {
     println!(
         "ward-bench suite: value {} B, {} connection(s), warm-up {warmup} s, {duration} s per row",
         args.value_size, args.connections
@@ -266,6 +341,26 @@ fn report(rows: &[Row], args: &SuiteArgs, warmup: f64, duration: f64) -> Result<
             r.summary.p99_us,
             r.summary.error_count()
         );
+    }
+    if !open_rows.is_empty() {
+        println!("open loop (latency from when each call was due):");
+        println!(
+            "{:<11} {:>5} {:>11} {:>11} {:>10} {:>10} {:>10} {:>7}",
+            "workload", "load", "offered/s", "answered/s", "p50 µs", "p99 µs", "p999 µs", "errors"
+        );
+        for r in open_rows {
+            println!(
+                "{:<11} {:>4.0}% {:>11.0} {:>11.0} {:>10} {:>10} {:>10} {:>7}",
+                r.workload,
+                r.load * 100.0,
+                r.rate,
+                r.summary.ops_per_sec,
+                r.summary.p50_us,
+                r.summary.p99_us,
+                r.summary.p999_us,
+                r.summary.error_count()
+            );
+        }
     }
     let c = args.concurrency.iter().copied().max().unwrap_or(64);
     let ratio = |a: &str, b: &str, p99: bool| -> Option<f64> {
@@ -338,6 +433,15 @@ fn report(rows: &[Row], args: &SuiteArgs, warmup: f64, duration: f64) -> Result<
                 if let Value::Object(m) = &mut v {
                     m.insert("workload".into(), r.workload.into());
                     m.insert("concurrency".into(), r.concurrency.into());
+                }
+                v
+            }).collect::<Vec<_>>(),
+            "open_loop": open_rows.iter().map(|r| {
+                let mut v = r.summary.to_json();
+                if let Value::Object(m) = &mut v {
+                    m.insert("workload".into(), r.workload.into());
+                    m.insert("load".into(), r.load.into());
+                    m.insert("offered_per_sec".into(), r.rate.into());
                 }
                 v
             }).collect::<Vec<_>>(),
