@@ -322,7 +322,7 @@ async fn every_call_kind_allowed_and_denied_leaves_exactly_one_record_without_se
     drop((admin, app, mallory, audit_admin, audit_app));
     let mut s = s;
     s.stop();
-    let db = sled::open(s.data_dir().join("data")).unwrap();
+    let db = ward_tests::open_stopped_db(s.data_dir());
     let tree = db.open_tree("audit").unwrap();
     assert!(tree.len() >= records.len());
     for item in tree.iter() {
@@ -418,7 +418,7 @@ fn encode(r: &Raw) -> (Vec<u8>, [u8; 32]) {
 }
 
 fn audit_tree(dir: &Path) -> (sled::Db, sled::Tree) {
-    let db = sled::open(dir.join("data")).expect("open sled at DIR/data");
+    let db = ward_tests::open_stopped_db(dir);
     let tree = db.open_tree("audit").unwrap();
     (db, tree)
 }

@@ -407,7 +407,7 @@ async fn ciphertext_moved_to_another_name_or_version_is_data_loss() {
     s.stop();
 
     {
-        let db = sled::open(s.data_dir().join("data")).expect("open sled at DIR/data");
+        let db = ward_tests::open_stopped_db(s.data_dir());
         let versions = db.open_tree("versions").unwrap();
         let get = |name: &str, v: u64| {
             versions

@@ -38,7 +38,7 @@ fn splice(bytes: &[u8], from: &[u8], to: &[u8], what: &str) -> Vec<u8> {
 
 /// Rewrites the value at `key` of sled tree `tree` in the stopped server's database.
 fn edit(data_dir: &Path, tree: &str, key: &[u8], f: impl FnOnce(&[u8]) -> Vec<u8>) {
-    let db = sled::open(data_dir.join("data")).expect("open sled at DIR/data");
+    let db = ward_tests::open_stopped_db(data_dir);
     let t = db.open_tree(tree).unwrap();
     let old = t.get(key).unwrap().expect("record to edit");
     t.insert(key, f(&old)).unwrap();
@@ -47,7 +47,7 @@ fn edit(data_dir: &Path, tree: &str, key: &[u8], f: impl FnOnce(&[u8]) -> Vec<u8
 
 /// The key of the only entry of `tree` whose value contains `needle`.
 fn key_of(data_dir: &Path, tree: &str, needle: &[u8]) -> Vec<u8> {
-    let db = sled::open(data_dir.join("data")).expect("open sled at DIR/data");
+    let db = ward_tests::open_stopped_db(data_dir);
     let t = db.open_tree(tree).unwrap();
     let keys: Vec<Vec<u8>> = t
         .iter()
@@ -293,7 +293,7 @@ async fn describe_shows_a_keyed_fingerprint_and_nothing_stores_the_checksum() {
     drop(c);
     s.stop();
     // On disk: the record holds no CRC32C of the value (as postcard stored it, a varint).
-    let db = sled::open(s.data_dir().join("data")).unwrap();
+    let db = ward_tests::open_stopped_db(s.data_dir());
     let record = db
         .open_tree("secrets")
         .unwrap()

@@ -646,7 +646,7 @@ async fn destroyed_versions_are_unrecoverable_and_still_described() {
     // rewrites that segment; they are still sealed under the keyring. docs/security.md.)
     s.stop();
     {
-        let db = sled::open(s.data_dir().join("data")).expect("open sled");
+        let db = ward_tests::open_stopped_db(s.data_dir());
         let versions = db.open_tree("versions").unwrap();
         let key = |v: u64| {
             let mut k = name.as_bytes().to_vec();

@@ -137,3 +137,25 @@ pub fn skip_or_fail(test: &str, why: &str) {
          {ALLOW_SKIP_ENV}=1 to skip it explicitly"
     );
 }
+
+/// Opens the sled database of a stopped server (`DIR/data`) to read or edit it. sled releases
+/// its file lock only when the background threads of the last handle have exited, a moment
+/// after that handle (a previous call's, or the server's) is gone: wait for it, up to 10 s.
+pub fn open_stopped_db(data_dir: &Path) -> sled::Db {
+    let path = data_dir.join("data");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match sled::open(&path) {
+            Ok(db) => return db,
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{}: still locked after 10 s: {e}",
+                    path.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("open sled at {}: {e}", path.display()),
+        }
+    }
+}

@@ -36,8 +36,8 @@ pub use clients::{connect_channel, connect_raw, AuditClient, AuthzClient, KeysCl
 pub use disk::Tmpfs;
 pub use faults::FAULT_FILE_ENV;
 pub use helpers::{
-    crc32c, expect_code, files_containing, files_under, move_entries, next_event, ok, random_hex,
-    replace_file, skip_or_fail, until_synced, ALLOW_SKIP_ENV,
+    crc32c, expect_code, files_containing, files_under, move_entries, next_event, ok,
+    open_stopped_db, random_hex, replace_file, skip_or_fail, until_synced, ALLOW_SKIP_ENV,
 };
 pub use pki::{foreign_identity, CertFiles, TestCa};
 pub use process::{
