@@ -6,7 +6,7 @@
 use std::fmt;
 
 /// A status code, numbered as gRPC numbers them. The domain decides the code here; the wire
-/// layer (`status.rs`) only converts it.
+/// layer (`grpc/status.rs`) only converts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(i32)]
 #[non_exhaustive]

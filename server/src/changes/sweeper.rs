@@ -14,8 +14,9 @@
 //! A pass does not read every secret: a [`SweepIndex`] keeps each secret's next deadline (the
 //! earliest time at which a pass could have work for it, [`next_deadline`]) and a pass reads
 //! only the secrets whose deadline has come. The index is built by one full scan at the first
-//! pass, kept current by the write path (every commit that writes a secret record goes through
-//! `Vault::commit_with_audit`, which marks the name dirty; the next pass re-reads it), and
+//! pass, kept current by the write path (the index is a `ChangeSink`: every commit that writes
+//! a secret record, in `Vault::commit_with_audit`, marks the name dirty; the next pass re-reads
+//! it), and
 //! rebuilt by a full scan every [`FULL_SCAN_EVERY`] as a backstop. Before, every pass decoded
 //! every secret: at a million secrets that was seconds of CPU every 5 s, and it pulled the
 //! whole store through the page cache (BENCHMARKS.md).
@@ -116,14 +117,6 @@ impl Deadlines {
 }
 
 impl SweepIndex {
-    /// Marks the secrets `names` as changed: the next pass re-reads them.
-    pub fn touch<'a>(&self, names: impl Iterator<Item = &'a [u8]>) {
-        let mut dirty = self.dirty.lock().unwrap_or_else(PoisonError::into_inner);
-        for name in names {
-            dirty.insert(name.to_vec());
-        }
-    }
-
     fn take_dirty(&self) -> HashSet<Vec<u8>> {
         std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -143,10 +136,14 @@ impl SweepIndex {
     }
 }
 
-/// Every commit that writes a secret record marks its name dirty.
 impl ChangeSink for SweepIndex {
+    /// Every commit that writes a secret record marks its name dirty: the next pass re-reads
+    /// it.
     fn committed(&self, name: &[u8]) {
-        self.touch(std::iter::once(name));
+        self.dirty
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_vec());
     }
 }
 
@@ -200,7 +197,7 @@ impl SweepIndex {
                 continue;
             };
             match self.sweep_one(vault, raw).await {
-                // Written through commit_with_audit, so dirty: the next pass re-reads it.
+                // Committed, so marked dirty: the next pass re-reads it.
                 Ok(Some(name)) => changed.push(name),
                 // Nothing to do, or a caller changed it first (dirty too): keep the entry.
                 Ok(None) => {}

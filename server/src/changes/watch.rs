@@ -43,12 +43,6 @@ pub struct WatchHub {
     max_per_identity: usize,
 }
 
-impl Default for WatchHub {
-    fn default() -> Self {
-        Self::new(crate::config::Limits::default().max_watches_per_identity)
-    }
-}
-
 impl WatchHub {
     /// A hub with no watchers, allowing `max_per_identity` open streams per identity.
     pub fn new(max_per_identity: usize) -> Self {
@@ -76,11 +70,6 @@ impl WatchHub {
             })
     }
 
-    /// Tells watchers that `name` changed. Never blocks; with no watchers it is a no-op.
-    pub fn publish(&self, name: &str) {
-        let _ = self.changes.send(Arc::from(name));
-    }
-
     /// Ends every watch stream (with UNAVAILABLE, so clients reconnect) and the sweeper.
     pub fn close(&self) {
         self.closed.send_replace(true);
@@ -97,8 +86,9 @@ impl WatchHub {
 }
 
 impl ChangeSink for WatchHub {
+    /// Tells watchers that `name` changed. Never blocks; with no watchers it is a no-op.
     fn durable(&self, name: &str) {
-        self.publish(name);
+        let _ = self.changes.send(Arc::from(name));
     }
 }
 
