@@ -299,6 +299,9 @@ pub struct AuditConfig {
     pub prune_interval: Duration,
     /// Most StreamAudit calls open at once.
     pub max_streams: usize,
+    /// Size of each audit segment file under `data_dir/audit/`, in bytes (allocated whole
+    /// when the segment starts; retention deletes whole segments).
+    pub segment_bytes: u64,
 }
 
 /// How the log checkpoints and prunes.
@@ -314,11 +317,13 @@ pub struct AuditSettings {
     pub retention: Duration,
     /// How often pruning runs.
     pub prune_interval: Duration,
+    /// Size of each segment file.
+    pub segment_bytes: u64,
 }
 
 impl Default for AuditSettings {
     /// A checkpoint every 10,000 records or 60 s, signed by `ward-audit-1`; 90 days' retention,
-    /// pruned hourly.
+    /// pruned hourly; 64 MiB segments.
     fn default() -> Self {
         Self {
             checkpoint_every: 10_000,
@@ -326,6 +331,7 @@ impl Default for AuditSettings {
             key_label: "ward-audit-1".into(),
             retention: Duration::from_secs(90 * 24 * 3600),
             prune_interval: Duration::from_secs(3600),
+            segment_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -340,6 +346,7 @@ impl Default for AuditConfig {
             retention: s.retention,
             prune_interval: s.prune_interval,
             max_streams: 64,
+            segment_bytes: s.segment_bytes,
         }
     }
 }
@@ -353,6 +360,7 @@ impl AuditConfig {
             key_label: self.checkpoint_key_label.clone(),
             retention: self.retention,
             prune_interval: self.prune_interval,
+            segment_bytes: self.segment_bytes,
         }
     }
 }
@@ -611,6 +619,14 @@ impl Config {
         if a.max_streams == 0 || a.max_streams > 10_000 {
             return Err("audit.max_streams must be between 1 and 10000".into());
         }
+        let seg = crate::audit::MIN_SEGMENT_SIZE..=(1 << 30);
+        if !seg.contains(&a.segment_bytes) {
+            return Err(format!(
+                "audit.segment_bytes must be between {} and {}",
+                seg.start(),
+                seg.end()
+            ));
+        }
         Ok(())
     }
 
@@ -720,6 +736,7 @@ mod tests {
             "retention = \"500ms\"",
             "checkpoint_interval = \"10ms\"",
             "checkpoint_key_label = \"ward-master-1\"",
+            "segment_bytes = 4096",
             "surprise = true",
         ] {
             std::fs::write(&path, format!("{MINIMAL}\n[audit]\n{bad}\n")).unwrap();

@@ -23,6 +23,7 @@ pub mod config;
 pub mod dev;
 pub mod envelope;
 pub mod error;
+pub(crate) mod faults;
 pub mod grpc;
 pub mod harden;
 pub mod identity;

@@ -99,7 +99,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
         }
         // The backup's signature is checked in the HSM before anything is written.
         let hsm = server::open_hsm(&cfg)?;
-        let r = ward_server::vault::backup::restore(from, &cfg.data_dir, &hsm)
+        let r = ward_server::vault::backup::restore(from, &cfg.data_dir, cfg.audit.segment_bytes, &hsm)
             .map_err(StartError::Storage)?;
         println!(
             "restored {} entries into {}; serving it needs master key(s) {} on token {:?}",

@@ -69,6 +69,9 @@ pub enum StartError {
     /// The store cannot be opened or read (exit 4).
     #[error("storage: {0}")]
     Storage(String),
+    /// The audit log's files are damaged, or miss records the store names (exit 5).
+    #[error("audit log: {0}")]
+    AuditLog(String),
     /// Anything else (exit 1).
     #[error("{0}")]
     Other(String),
@@ -81,6 +84,7 @@ impl StartError {
             StartError::Config(_) => 2,
             StartError::Hsm(_) => 3,
             StartError::Storage(_) => 4,
+            StartError::AuditLog(_) => 5,
             StartError::Other(_) => 1,
         }
     }
@@ -225,8 +229,18 @@ pub async fn serve(
         scan_budget: cfg.limits.scan_budget,
     };
     let signer = mac.clone();
-    let audit = AuditLog::open(store.clone(), clock.clone(), signer, cfg.audit.settings())
-        .map_err(|e| StartError::Storage(format!("audit log: {e}")))?;
+    let audit = AuditLog::open(
+        store.clone(),
+        &cfg.data_dir.join("audit"),
+        clock.clone(),
+        signer,
+        cfg.audit.settings(),
+    )
+    .await
+    .map_err(|e| match e {
+        crate::error::Error::DataLoss(m) => StartError::AuditLog(m),
+        other => StartError::Storage(format!("audit log: {other}")),
+    })?;
     audit.start_background();
     let access = Arc::new(
         AuditAccess::new(
@@ -376,11 +390,9 @@ pub async fn serve(
     hub.close();
     let _ = sweeper.await;
     flusher.abort();
-    // Usage counters since the last periodic flush, made durable before exit.
-    let flushed = vault.usage().flush(&*store);
-    if let Err(e) = flushed
-        .map(drop)
-        .and(store.sync().await.map_err(Into::into))
+    // Usage counters and facts since the last periodic flush, made durable before exit.
+    let flushed = write_usage(&vault);
+    if let Err(e) = flushed.and(store.sync().await.map_err(Into::into))
     {
         tracing::warn!(error = %e, "final usage flush failed");
     }
@@ -427,14 +439,22 @@ fn served_methods() -> HashSet<String> {
     out
 }
 
-/// Writes usage counters to the store every `every`.
+/// Writes the API keys' usage counters and the audit log's usage facts to the store (no
+/// sync: they ride the next group commit, or the caller's).
+fn write_usage(vault: &Vault) -> crate::error::Result<()> {
+    vault.usage().flush(&**vault.store())?;
+    vault.audit().flush_usage()?;
+    Ok(())
+}
+
+/// Writes usage counters and facts to the store every `every`.
 async fn flush_usage(vault: Arc<Vault>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let v = vault.clone();
-        match tokio::task::spawn_blocking(move || v.usage().flush(&**v.store())).await {
+        match tokio::task::spawn_blocking(move || write_usage(&v)).await {
             Ok(Err(e)) => tracing::warn!(error = %e, "usage flush failed"),
             Err(e) => tracing::warn!(error = %e, "usage flush task failed"),
             Ok(Ok(_)) => {}

@@ -43,8 +43,15 @@ pub(crate) async fn followed_vault_over(
     let wrapper: Arc<dyn KeyWrapper> = hsm.clone();
     let clock = Arc::new(ManualClock::new(1_000_000));
     let (keyring, index) = unseal(&store, &wrapper, "m", clock.now_ms()).await.unwrap();
-    let audit =
-        AuditLog::open(store.clone(), clock.clone(), hsm, AuditSettings::default()).unwrap();
+    let audit = AuditLog::open(
+        store.clone(),
+        &audit_dir(),
+        clock.clone(),
+        hsm,
+        test_audit_settings(),
+    )
+    .await
+    .unwrap();
     let settings = Settings {
         issuer: "ward".into(),
         environments: vec!["dev".into(), "prod".into()],
@@ -71,6 +78,25 @@ pub(crate) async fn followed_vault_over(
         vec![followers.hub.clone(), followers.sweep.clone()],
     );
     (Arc::new(vault), clock, followers)
+}
+
+/// A fresh directory for a test's audit segments (left in the temporary directory: the log
+/// may outlive the test's own handles).
+pub(crate) fn audit_dir() -> std::path::PathBuf {
+    tempfile::Builder::new()
+        .prefix("ward-unit-audit-")
+        .tempdir()
+        .map(tempfile::TempDir::into_path)
+        .unwrap()
+        .join("audit")
+}
+
+/// The default audit settings with the smallest segments (unit tests make many logs).
+pub(crate) fn test_audit_settings() -> AuditSettings {
+    AuditSettings {
+        segment_bytes: crate::audit::MIN_SEGMENT_SIZE,
+        ..AuditSettings::default()
+    }
 }
 
 /// What follows a test vault's changes.

@@ -8,7 +8,7 @@
 //! the async workers, at most `scan_budget` records at a time, so a caller whose filters or
 //! grants match few of many records never holds a worker.
 
-use super::{AuditLog, AuditRecord, Event, Stored, Verification};
+use super::{AuditLog, AuditRecord, Stored, Verification};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::identity::Peer;
@@ -377,6 +377,6 @@ impl Scan {
             && (q.name_prefix.is_empty()
                 || r.targets.iter().any(|(n, _)| n.starts_with(&q.name_prefix)))
             && self.outcome.matches(r.code)
-            && (matches!(r.event, Event::Call) || self.visibility.everything)
+            && (r.event.is_call() || self.visibility.everything)
     }
 }

@@ -1,9 +1,11 @@
-//! [`AuditLog`]: owns the chain head, appends records, publishes the durable head to readers,
-//! and runs checkpointing and retention in the background.
+//! [`AuditLog`]: owns the chain head, appends records to the segment files, publishes the
+//! durable head to readers, writes changes to the store after their records, and runs
+//! checkpointing, retention and the usage facts in the background.
 
+use super::segments::{SegmentError, Segments, Tail};
 use super::{
-    decode, key_seq, record_key, AuditRecord, Checkpoint, Event, Stored, CHECKPOINT_METHOD,
-    GENESIS, PRUNE_METHOD, USE_METHODS,
+    decode, AuditRecord, Checkpoint, DecodeError, Event, Stored, CHECKPOINT_METHOD, GENESIS,
+    PRUNE_METHOD, USE_METHODS, VOID_METHOD,
 };
 use crate::clock::{Clock, Millis};
 use crate::config::AuditSettings;
@@ -11,21 +13,31 @@ use crate::error::{Code, Error, Result};
 use crate::store::{version_key, Batch, Store, StoreError, Tree};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use ward_hsm::MacSigner;
 
-/// Records read per storage scan.
+/// Records read per scan.
 const CHUNK: usize = 512;
 /// Usage facts are rewritten at most this often per secret version: a stale-key report counts
-/// in days, and a hot secret would otherwise cost a second write on every fetch.
+/// in days.
 const USAGE_RESOLUTION_MS: u64 = 60_000;
-/// Versions whose last usage write is remembered before the memory is cleared.
+/// Versions whose last usage write is remembered before the memory is cleared; also the most
+/// facts waiting to be written.
 const USAGE_MEMORY: usize = 100_000;
 /// Pause after a failed checkpoint before the next attempt.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(5);
+/// Least time between two attempts to reopen a failed log.
+const REOPEN_EVERY: Duration = Duration::from_millis(200);
+/// Meta key: every change record up to this sequence number (u64 BE) is resolved — its change
+/// was committed, or a void record says it was not.
+pub const APPLIED_MARK: &[u8] = b"audit_applied";
+/// Meta key: the newest checkpoint record (u64 BE seq, then its 32-byte hash), so that a log
+/// cut before it is refused at start-up.
+pub const CHECKPOINT_MARK: &[u8] = b"audit_checkpoint";
 
 /// The last use of a secret version, kept from the audit log's own events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,13 +57,14 @@ pub struct PruneReport {
     pub oldest: u64,
 }
 
-/// The audit log. One per store; the vault and the Audit service share it.
+/// The audit log. One per node; the vault and the Audit service share it.
 pub struct AuditLog {
     store: Arc<dyn Store>,
+    segments: Arc<Segments>,
     clock: Arc<dyn Clock>,
     signer: Arc<dyn MacSigner>,
     settings: AuditSettings,
-    /// The chain head. Held across staging and the store commit, never across an await.
+    /// The chain head. Held while a record is staged, never across an await.
     chain: Mutex<Chain>,
     /// Highest sequence number known durable; readers follow it and never see a record that
     /// a crash could still take back.
@@ -60,41 +73,47 @@ pub struct AuditLog {
     checkpoint_due: Notify,
     /// Lowest sequence number kept (0 while the log is empty).
     oldest: AtomicU64,
-    /// When each version's usage fact was last written by this process.
-    usage_written: Mutex<HashMap<Vec<u8>, Millis>>,
-    /// Writes waiting to be committed; the caller that is [`Leader`] commits them together.
-    waiting: Mutex<Vec<Arc<Mutex<Waiting>>>>,
-    /// A caller is committing the queue.
-    committing: std::sync::atomic::AtomicBool,
-    /// Counts finished commit rounds: waiting callers wake to look for their outcome.
-    rounds: watch::Sender<u64>,
+    /// Usage facts: when each version's fact was last taken, and the facts not yet written.
+    usage: Mutex<UsageFacts>,
+    /// Changes for the writer task (see [`AuditLog::commit`]).
+    changes: tokio::sync::mpsc::UnboundedSender<Queued>,
+    /// Held by whoever commits to the store on the log's behalf (the writer task, a
+    /// checkpoint, reconciliation).
+    writer: tokio::sync::Mutex<WriterState>,
+    /// When the log last tried to reopen after a failure (ms on the monotonic epoch).
+    reopening: Mutex<Option<std::time::Instant>>,
+    /// Whether the store generation changed under a commit (the store reopened).
+    reconcile_due: AtomicBool,
 }
 
-/// The one caller committing the waiting writes. Dropped (also when its call is cancelled),
-/// it lets the next caller lead and wakes the waiting ones.
-struct Leader<'a>(&'a AuditLog);
-
-impl<'a> Leader<'a> {
-    fn elect(log: &'a AuditLog) -> Option<Self> {
-        log.committing
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-            .then_some(Leader(log))
-    }
+#[derive(Default)]
+struct UsageFacts {
+    taken: HashMap<Vec<u8>, Millis>,
+    waiting: HashMap<Vec<u8>, UsageFact>,
 }
 
-impl Drop for Leader<'_> {
-    fn drop(&mut self) {
-        self.0.committing.store(false, Ordering::Release);
-        self.0.rounds.send_modify(|n| *n = n.wrapping_add(1));
-    }
-}
-
-/// A write waiting to be committed with its record, then its outcome.
-struct Waiting {
-    batch: Option<Batch>,
+/// A change waiting for the writer task, and where its outcome goes.
+struct Queued {
+    batch: Batch,
     rec: AuditRecord,
-    outcome: Option<Result<(), StoreError>>,
+    reply: tokio::sync::oneshot::Sender<(Result<(), StoreError>, AuditRecord)>,
+}
+
+impl Queued {
+    fn answer(mut self, outcome: Result<(), StoreError>) {
+        if outcome.is_err() {
+            // Not in the store: the caller must not take this number for its change.
+            self.rec.seq = 0;
+        }
+        // The caller may have gone away; the change is settled either way.
+        let _ = self.reply.send((outcome, self.rec));
+    }
+}
+
+/// What the one store writer keeps.
+struct WriterState {
+    /// Store generation the last commit went to.
+    generation: u64,
 }
 
 struct Chain {
@@ -102,46 +121,80 @@ struct Chain {
     seq: u64,
     /// Hash of the head ([`GENESIS`] for an empty log).
     hash: [u8; 32],
-    /// Store generation the head was read under.
-    generation: u64,
     /// Sequence number of the newest checkpoint record (0: none since start-up).
     last_checkpoint: u64,
 }
 
+fn segment_error(e: SegmentError) -> Error {
+    match e {
+        SegmentError::Damaged(m) => Error::DataLoss(m),
+        SegmentError::Io(m) => Error::Unavailable(m),
+    }
+}
+
+fn audit_down(e: impl std::fmt::Display) -> Error {
+    tracing::error!(error = %e, "audit log write failed; failing the call closed");
+    Error::Unavailable("audit log unavailable".into())
+}
+
+fn read_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+}
+
 impl AuditLog {
-    /// Opens the log over `store`, reading its head.
-    pub fn open(
+    /// Opens the log in `dir` (`data_dir/audit`): moves a log that a previous version kept in
+    /// the store into segment files, checks the files and that they hold every record the
+    /// store names, and resolves change records whose commit a crash interrupted.
+    pub async fn open(
         store: Arc<dyn Store>,
+        dir: &Path,
         clock: Arc<dyn Clock>,
         signer: Arc<dyn MacSigner>,
         settings: AuditSettings,
     ) -> Result<Arc<Self>> {
-        let generation = store.generation();
-        let (seq, hash, checkpoint) = read_head(&*store)?;
-        let oldest = match store.scan(Tree::Audit, b"", b"", 1)?.first() {
-            Some((k, _)) => key_seq(k).unwrap_or(0),
-            None => 0,
+        let (segments, tail) = {
+            let (store, dir, signer) = (store.clone(), dir.to_owned(), signer.clone());
+            let size = settings.segment_bytes;
+            tokio::task::spawn_blocking(move || {
+                super::migrate::from_store(&*store, &dir, size, &*signer)?;
+                Segments::open(&dir, size).map_err(segment_error)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("audit open task: {e}")))??
         };
+        if tail.cut_bytes > 0 {
+            tracing::warn!(
+                bytes = tail.cut_bytes,
+                "the audit log ended in a torn write (a crash); it was cut at the last whole record"
+            );
+        }
+        let (seq, hash, checkpoint) = head_of(&tail);
         let (durable, _) = watch::channel(seq);
-        Ok(Arc::new(Self {
+        let (changes, queue) = tokio::sync::mpsc::unbounded_channel();
+        let log = Arc::new(Self {
+            changes,
+            oldest: AtomicU64::new(segments.oldest()),
             store,
+            segments,
             clock,
             signer,
             settings,
             chain: Mutex::new(Chain {
                 seq,
                 hash,
-                generation,
                 last_checkpoint: if checkpoint { seq } else { 0 },
             }),
             durable,
             checkpoint_due: Notify::new(),
-            oldest: AtomicU64::new(oldest),
-            usage_written: Mutex::new(HashMap::new()),
-            waiting: Mutex::new(Vec::new()),
-            committing: std::sync::atomic::AtomicBool::new(false),
-            rounds: watch::channel(0).0,
-        }))
+            usage: Mutex::new(UsageFacts::default()),
+            writer: tokio::sync::Mutex::new(WriterState { generation: 0 }),
+            reopening: Mutex::new(None),
+            reconcile_due: AtomicBool::new(false),
+        });
+        log.check_marks()?;
+        log.reconcile().await?;
+        tokio::spawn(Self::write_changes(Arc::downgrade(&log), queue));
+        Ok(log)
     }
 
     /// The settings in force.
@@ -149,7 +202,7 @@ impl AuditLog {
         &self.settings
     }
 
-    /// The store the log lives in.
+    /// The store the changes go to.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -174,191 +227,422 @@ impl AuditLog {
         self.oldest.load(Ordering::SeqCst)
     }
 
-    /// Stages `rec` as the next record and commits it with `batch`, atomically, under the
-    /// chain lock: either both apply and the head advances, or neither does (a guard did not
-    /// hold: [`StoreError::Conflict`]; `rec.seq` is then 0). Durable only after
-    /// [`AuditLog::synced`].
-    ///
-    /// Concurrent writes are combined: each queues itself, and one caller at a time (the
-    /// [`Leader`]) commits every queued write in one storage transaction (sled 0.34 pays two
-    /// synchronous log writes per transaction, whatever its size). Parts apply in queue order
-    /// with their own guards, exactly as one after another; if any guard fails, each is
-    /// committed alone so that only that one fails.
-    pub async fn commit(&self, batch: Batch, rec: &mut AuditRecord) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            // A read's record: a lone insert, with no transaction to share.
-            let mut chain = self.lock();
-            self.refresh(&mut chain)?;
-            return self.commit_locked(&mut chain, batch, rec);
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.segments.count()
+    }
+
+    /// Refuses a log that ends before a record the store names (see the module docs of
+    /// [`crate::audit`]): segments were deleted or cut.
+    fn check_marks(&self) -> Result<()> {
+        let head = self.lock().seq;
+        let refuse = |what: String| {
+            Err(Error::DataLoss(format!(
+                "the audit log in {} ends at record {head}, but {what}: audit segments were \
+                 deleted, truncated or replaced. Restore the data directory (store and audit/ \
+                 together) from a backup",
+                self.segments.dir().display()
+            )))
+        };
+        if let Some(raw) = self.store.get(Tree::Meta, APPLIED_MARK)? {
+            let applied = read_u64(&raw).unwrap_or(0);
+            if applied > head {
+                return refuse(format!("the store holds changes recorded up to record {applied}"));
+            }
         }
-        let mine = Arc::new(Mutex::new(Waiting {
-            batch: Some(batch),
-            rec: rec.clone(),
-            outcome: None,
-        }));
-        lock(&self.waiting).push(mine.clone());
-        let mut rounds = self.rounds.subscribe();
-        loop {
-            let outcome = {
-                let mut w = lock(&mine);
-                let outcome = w.outcome.take();
-                if outcome.is_some() {
-                    std::mem::swap(rec, &mut w.rec);
+        if let Some(raw) = self.store.get(Tree::Meta, CHECKPOINT_MARK)? {
+            let seq = read_u64(&raw).unwrap_or(0);
+            if seq > head {
+                return refuse(format!("checkpoint record {seq} was written"));
+            }
+            if seq >= self.oldest() && seq > 0 {
+                let found = self.read(seq, 1)?;
+                let same = match found.first() {
+                    Some((s, Ok(stored))) => *s == seq && raw.get(8..40) == Some(&stored.hash[..]),
+                    _ => false,
+                };
+                if !same {
+                    return refuse(format!(
+                        "checkpoint record {seq} differs from the one written"
+                    ));
                 }
-                outcome
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves the change records after the store's applied mark: each whose change the
+    /// store does not hold (a crash or a store failure came between the record and the
+    /// commit) gets a void record; then the mark moves to the head.
+    async fn reconcile(&self) -> Result<()> {
+        let mut writer = self.writer.lock().await;
+        self.reconcile_locked(&mut writer).await
+    }
+
+    async fn reconcile_locked(&self, writer: &mut WriterState) -> Result<()> {
+        writer.generation = self.store.generation();
+        self.reconcile_due.store(false, Ordering::Release);
+        let applied = match self.store.get(Tree::Meta, APPLIED_MARK)? {
+            Some(raw) => read_u64(&raw).unwrap_or(0),
+            None => 0,
+        };
+        let head = self.durable_head();
+        if head <= applied {
+            return Ok(());
+        }
+        let mut open: Vec<u64> = Vec::new();
+        let mut next = (applied + 1).max(self.oldest());
+        while next <= head {
+            let chunk = self.read(next, CHUNK)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for (seq, stored) in chunk {
+                next = seq + 1;
+                match stored.map(|s| s.record.event) {
+                    Ok(Event::Change) => open.push(seq),
+                    Ok(Event::Void { seq: v }) => open.retain(|s| *s != v),
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(Error::DataLoss(format!(
+                            "audit record {seq} cannot be read: {e}"
+                        )))
+                    }
+                }
+            }
+        }
+        for seq in &open {
+            self.void(*seq, Code::Unavailable).await?;
+        }
+        if !open.is_empty() {
+            tracing::warn!(
+                records = open.len(),
+                "change records whose commit never happened were voided"
+            );
+        }
+        let mut batch = Batch::new();
+        batch.put(Tree::Meta, APPLIED_MARK, self.durable_head().to_be_bytes().to_vec());
+        self.store.commit(batch)?;
+        self.store.sync().await?;
+        Ok(())
+    }
+
+    /// Appends a record saying that change record `seq` was not applied (`code`: why), and
+    /// waits until it is durable.
+    async fn void(&self, seq: u64, code: Code) -> Result<()> {
+        let mut rec = AuditRecord::system(VOID_METHOD, self.clock.now_ms(), Event::Void { seq });
+        rec.code = code.as_i32();
+        self.append_record(&mut rec)?;
+        self.durable(rec.seq).await
+    }
+
+    /// Writes `rec` on its own (a read or a refusal) and waits until it is durable. Any
+    /// failure is UNAVAILABLE: the caller must then release nothing.
+    pub async fn append(&self, mut rec: AuditRecord) -> Result<()> {
+        let started = std::time::Instant::now();
+        self.append_record(&mut rec).map_err(audit_down)?;
+        let result = self.durable(rec.seq).await.map_err(audit_down);
+        if result.is_ok() {
+            self.note_usage(&rec);
+        }
+        crate::metrics::global().observe_audit_write(started.elapsed());
+        result
+    }
+
+    /// Commits `batch` to the store after its record `rec` (a change record) is durable:
+    /// the record first, so that nothing can be in the store without its record. The batch
+    /// also moves the store's applied mark to the record. If the commit fails (a guard did not
+    /// hold: [`StoreError::Conflict`], or the store failed), a void record says so before
+    /// anything else is committed. Durable only after [`AuditLog::synced`].
+    ///
+    /// Changes go to one writer task, which takes every change queued meanwhile as one group:
+    /// their records share one `fdatasync` (with any reads' records), then their batches one
+    /// store transaction, applied in queue order with their own guards; if any guard fails,
+    /// each is committed alone so that only that one fails. The task finishes a group even if
+    /// its callers go away, so a change is never left between its record and its commit.
+    pub async fn commit(&self, batch: Batch, rec: &mut AuditRecord) -> Result<(), StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.changes
+            .send(Queued {
+                batch,
+                rec: rec.clone(),
+                reply,
+            })
+            .map_err(|_| StoreError::Unavailable("audit log closed".into()))?;
+        let (outcome, back) = answer
+            .await
+            .map_err(|_| StoreError::Unavailable("audit log closed".into()))?;
+        *rec = back;
+        outcome
+    }
+
+    /// The writer task: commits queued changes in groups until the log is dropped.
+    async fn write_changes(log: Weak<Self>, mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>) {
+        while let Some(first) = queue.recv().await {
+            let mut group = vec![first];
+            while let Ok(more) = queue.try_recv() {
+                group.push(more);
+            }
+            let Some(log) = log.upgrade() else {
+                return;
             };
-            if let Some(outcome) = outcome {
-                return outcome;
-            }
-            if let Some(_leader) = Leader::elect(self) {
-                // Let the writers that are already runnable queue up first: they share this
-                // commit. No timer, so a lone write is committed at once.
-                tokio::task::yield_now().await;
-                let queued = std::mem::take(&mut *lock(&self.waiting));
-                if !queued.is_empty() {
-                    let mut chain = self.lock();
-                    self.commit_queued(&mut chain, &queued);
+            let mut writer = log.writer.lock().await;
+            if log.reconcile_due.load(Ordering::Acquire) {
+                if let Err(e) = log.reconcile_locked(&mut writer).await {
+                    for q in group {
+                        q.answer(Err(store_down(&e)));
+                    }
+                    continue;
                 }
-                continue;
             }
-            // Another caller is committing the queue; its round may or may not include this
-            // write (it may have taken the queue before this write joined it).
-            if rounds.changed().await.is_err() {
-                return Err(StoreError::Unavailable("audit log closed".into()));
-            }
+            log.commit_group(group).await;
         }
     }
 
-    /// Commits the queued writes, in order, as one transaction if their guards allow.
-    fn commit_queued(&self, chain: &mut Chain, queued: &[Arc<Mutex<Waiting>>]) {
-        let mut waiting: Vec<_> = queued.iter().map(|w| lock(w)).collect();
-        if let Err(e) = self.refresh(chain) {
-            for w in &mut waiting {
-                w.outcome = Some(Err(e.clone()));
+    /// Records, syncs and commits one group of changes (see [`AuditLog::commit`]).
+    async fn commit_group(&self, group: Vec<Queued>) {
+        let generation = self.store.generation();
+        let mut staged = Vec::with_capacity(group.len());
+        for mut q in group {
+            q.rec.event = Event::Change;
+            q.rec.generation = generation;
+            match self.append_record(&mut q.rec) {
+                Ok(()) => staged.push(q),
+                Err(e) => q.answer(Err(store_down(e))),
+            }
+        }
+        let Some(last) = staged.last().map(|q| q.rec.seq) else {
+            return;
+        };
+        if let Err(e) = self.durable(last).await {
+            // Not durable: nothing was committed. Records that reached the disk anyway are
+            // voided when the log reopens.
+            for q in staged {
+                q.answer(Err(store_down(&e)));
             }
             return;
         }
-        if let [w] = &mut waiting[..] {
-            let batch = w.batch.take().unwrap_or_default();
-            w.outcome = Some(self.commit_locked(chain, batch, &mut w.rec));
-            return;
-        }
-        let mut all = Batch::new();
-        let (mut seq, mut hash) = (chain.seq, chain.hash);
-        let mut hashes = Vec::with_capacity(waiting.len());
-        for w in &mut waiting {
-            let mut batch = w.batch.clone().unwrap_or_default();
-            hash = stage(&mut batch, &mut w.rec, seq, hash, chain.generation);
-            seq = w.rec.seq;
-            hashes.push(hash);
-            all.merge(batch);
-        }
-        all.require_generation(chain.generation);
-        match self.store.commit(all) {
+        let marked = |q: &Queued| {
+            let mut b = q.batch.clone();
+            b.put(Tree::Meta, APPLIED_MARK, q.rec.seq.to_be_bytes().to_vec());
+            b.require_generation(generation);
+            b
+        };
+        let outcome = if let [q] = &staged[..] {
+            self.store.commit(marked(q))
+        } else {
+            let mut all = Batch::new();
+            for q in &staged {
+                all.merge(marked(q));
+            }
+            all.require_generation(generation);
+            self.store.commit(all)
+        };
+        match outcome {
             Ok(()) => {
-                for (w, hash) in waiting.iter_mut().zip(hashes) {
-                    self.advance(chain, &w.rec, hash);
-                    w.outcome = Some(Ok(()));
+                for q in staged {
+                    q.answer(Ok(()));
                 }
             }
-            Err(StoreError::Conflict) => {
-                for w in &mut waiting {
-                    let batch = w.batch.take().unwrap_or_default();
-                    w.outcome = Some(self.commit_locked(chain, batch, &mut w.rec));
+            Err(StoreError::Conflict) if staged.len() > 1 => {
+                for q in staged {
+                    let result = self.store.commit(marked(&q));
+                    self.settle(q, result).await;
                 }
             }
             Err(e) => {
-                for w in &mut waiting {
-                    w.rec.seq = 0;
-                    w.outcome = Some(Err(e.clone()));
+                for q in staged {
+                    self.settle(q, Err(e.clone())).await;
                 }
             }
         }
     }
 
-    /// Waits until `rec` (committed by [`AuditLog::commit`]) is durable, then lets readers see
-    /// it. Fails if the store was reopened since the commit, which may have lost it.
+    /// Answers a change whose commit is known; a failed one is voided first, so that no later
+    /// commit moves the applied mark past an unresolved record.
+    async fn settle(&self, q: Queued, result: Result<(), StoreError>) {
+        if let Err(e) = &result {
+            let code = match e {
+                StoreError::Conflict => Code::Aborted,
+                _ => Code::Unavailable,
+            };
+            if let Err(v) = self.void(q.rec.seq, code).await {
+                tracing::error!(seq = q.rec.seq, error = %v, "could not void a change record; it is resolved before the next change");
+                self.reconcile_due.store(true, Ordering::Release);
+            }
+        }
+        q.answer(result);
+    }
+
+    /// Waits until the change committed by [`AuditLog::commit`] is durable in the store.
+    /// Fails if the store was reopened since the commit, which may have lost it.
     pub async fn synced(&self, rec: &AuditRecord) -> Result<(), StoreError> {
-        self.store.sync().await?;
-        if self.store.generation() != rec.generation {
+        let result = self.store.sync().await;
+        if result.is_err() || self.store.generation() != rec.generation {
+            // A reopened store may have lost the change: resolve its record first.
+            self.reconcile_due.store(true, Ordering::Release);
+            result?;
             return Err(StoreError::Unavailable(
                 "storage was reopened before the write was confirmed durable".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Stages `rec` as the next record (sequence number, link, bounded input) and hands it
+    /// to the segment files. Not yet durable: see [`AuditLog::durable`].
+    fn append_record(&self, rec: &mut AuditRecord) -> Result<()> {
+        if self.segments.failed() {
+            self.reopen()?;
+        }
+        let mut chain = self.lock();
+        rec.seq = chain.seq + 1;
+        rec.prev_hash = chain.hash;
+        rec.bound_input();
+        let (stored, hash) = rec.encode();
+        if let Err(e) = self.segments.append(rec.seq, &stored) {
+            rec.seq = 0;
+            return Err(segment_error(e));
+        }
+        chain.seq = rec.seq;
+        chain.hash = hash;
+        if matches!(rec.event, Event::Checkpoint(_)) {
+            chain.last_checkpoint = rec.seq;
+        }
+        if self.oldest.load(Ordering::SeqCst) == 0 {
+            self.oldest.store(rec.seq, Ordering::SeqCst);
+        }
+        if chain.seq.saturating_sub(chain.last_checkpoint) >= self.settings.checkpoint_every {
+            self.checkpoint_due.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Waits until record `seq` is durable, then lets readers see it.
+    async fn durable(&self, seq: u64) -> Result<()> {
+        self.segments.sync(seq).await.map_err(segment_error)?;
         self.durable.send_if_modified(|d| {
-            let newer = rec.seq > *d;
+            let newer = seq > *d;
             if newer {
-                *d = rec.seq;
+                *d = seq;
             }
             newer
         });
         Ok(())
     }
 
-    /// Writes `rec` on its own (a read or a refusal) and waits until it is durable, recording
-    /// the usage facts of a successful read in the same fsync. Any failure is UNAVAILABLE: the
-    /// caller must then release nothing.
-    pub async fn append(&self, mut rec: AuditRecord) -> Result<()> {
-        let started = std::time::Instant::now();
-        self.commit(Batch::new(), &mut rec)
-            .await
-            .map_err(audit_down)?;
-        self.record_usage(&rec);
-        let result = self.synced(&rec).await.map_err(audit_down);
-        crate::metrics::global().observe_audit_write(started.elapsed());
-        result
+    /// Reopens the segment files after a failed write (at most every [`REOPEN_EVERY`]):
+    /// what was not durable is dropped, and the chain continues from the last durable
+    /// record. Change records are resolved before the next commit.
+    fn reopen(&self) -> Result<()> {
+        {
+            let mut last = self.reopening.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+                return Err(Error::Unavailable("audit log unavailable; reopening".into()));
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let mut chain = self.lock();
+        if !self.segments.failed() {
+            return Ok(());
+        }
+        let tail = self.segments.recover().map_err(segment_error)?;
+        let (seq, hash, checkpoint) = head_of(&tail);
+        *chain = Chain {
+            seq,
+            hash,
+            last_checkpoint: if checkpoint {
+                seq
+            } else {
+                chain.last_checkpoint.min(seq)
+            },
+        };
+        self.durable.send_replace(seq);
+        self.reconcile_due.store(true, Ordering::Release);
+        tracing::warn!(seq, "audit log reopened after a failure");
+        Ok(())
     }
 
     /// The last use of each version of `name` (version → fact), from the usage facts.
     pub fn usage(&self, name: &str) -> Result<Vec<(u64, UsageFact)>> {
         let mut prefix = name.as_bytes().to_vec();
         prefix.push(0);
-        let mut out = Vec::new();
-        for (k, v) in self.store.scan(Tree::Usage, &prefix, b"", usize::MAX)? {
-            let Some(version) = k
-                .get(prefix.len()..)
+        let mut facts: HashMap<u64, UsageFact> = HashMap::new();
+        let version_of = |k: &[u8]| {
+            k.get(prefix.len()..)
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map(u64::from_be_bytes)
-            else {
-                continue;
-            };
-            out.push((version, crate::store::decode("usage fact", &v)?));
+        };
+        for (k, v) in self.store.scan(Tree::Usage, &prefix, b"", usize::MAX)? {
+            if let Some(version) = version_of(&k) {
+                facts.insert(version, crate::store::decode("usage fact", &v)?);
+            }
         }
+        let usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        for (k, fact) in &usage.waiting {
+            if !k.starts_with(&prefix) {
+                continue;
+            }
+            if let Some(version) = version_of(k) {
+                let newer = facts.get(&version).is_none_or(|f| f.seq < fact.seq);
+                if newer {
+                    facts.insert(version, *fact);
+                }
+            }
+        }
+        let mut out: Vec<_> = facts.into_iter().collect();
+        out.sort_unstable_by_key(|(v, _)| *v);
         Ok(out)
     }
 
-    /// Up to `limit` durable records from `from` on, as stored: (sequence number from the key,
-    /// decoded record or why not).
-    pub fn read(
-        &self,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Result<Stored, super::DecodeError>)>> {
+    /// Up to `limit` durable records from `from` on: (sequence number, decoded record or why
+    /// not).
+    pub fn read(&self, from: u64, limit: usize) -> Result<Vec<(u64, Result<Stored, DecodeError>)>> {
+        let raw = self
+            .segments
+            .read(from, limit, self.durable_head())
+            .map_err(segment_error)?;
+        Ok(raw
+            .into_iter()
+            .map(|(seq, r)| (seq, r.map_err(DecodeError).and_then(|b| decode(&b))))
+            .collect())
+    }
+
+    /// Every durable record as stored, keyed by its sequence number (u64 BE), for a backup.
+    /// A record that cannot be read fails the export (DATA_LOSS). Blocking.
+    pub fn export(&self) -> Result<Vec<crate::store::Entry>> {
         let head = self.durable_head();
         let mut out = Vec::new();
-        for (k, v) in self
-            .store
-            .scan(Tree::Audit, b"", &record_key(from), limit)?
-        {
-            let Some(seq) = key_seq(&k) else { continue };
-            if seq > head {
+        let mut next = self.oldest().max(1);
+        while next <= head {
+            let chunk = self
+                .segments
+                .read(next, CHUNK, head)
+                .map_err(segment_error)?;
+            let Some(last) = chunk.last().map(|(s, _)| *s) else {
                 break;
+            };
+            for (seq, stored) in chunk {
+                let stored = stored.map_err(|e| {
+                    Error::DataLoss(format!("audit record {seq} cannot be read: {e}"))
+                })?;
+                out.push((super::record_key(seq).to_vec(), stored));
             }
-            out.push((seq, decode(&v)));
+            next = last + 1;
         }
         Ok(out)
     }
 
     /// Appends a checkpoint over the current head, signed in the HSM, unless nothing but a
-    /// checkpoint was appended since the last one. Returns its sequence number.
+    /// checkpoint was appended since the last one; then notes it in the store (the mark that
+    /// start-up checks) with the applied mark. Returns its sequence number.
     pub async fn checkpoint(&self) -> Result<Option<u64>> {
-        let (covers_seq, covers_hash, generation) = {
-            let mut chain = self.lock();
-            self.refresh(&mut chain)?;
+        let (covers_seq, covers_hash) = {
+            let chain = self.lock();
             if chain.seq == 0 || chain.seq == chain.last_checkpoint {
                 return Ok(None);
             }
-            (chain.seq, chain.hash, chain.generation)
+            (chain.seq, chain.hash)
         };
         let every = self.settings.checkpoint_every;
         let message = Checkpoint::message(covers_seq, &covers_hash, every);
@@ -377,24 +661,28 @@ impl AuditLog {
                 mac,
             }),
         );
-        {
-            let mut chain = self.lock();
-            self.refresh(&mut chain)?;
-            if chain.generation != generation || chain.seq < covers_seq {
-                // The store was reopened and may have lost the record just signed.
-                return Err(Error::Unavailable(
-                    "storage was reopened; checkpoint dropped".into(),
-                ));
-            }
-            self.commit_locked(&mut chain, Batch::new(), &mut rec)?;
+        // Under the writer lock: no change record is between its record and its commit, so
+        // every one up to here is resolved and the applied mark may move to the checkpoint.
+        let _writer = self.writer.lock().await;
+        self.append_record(&mut rec)?;
+        self.durable(rec.seq).await?;
+        let hash = rec.encode().1;
+        let mut mark = rec.seq.to_be_bytes().to_vec();
+        mark.extend_from_slice(&hash);
+        let mut batch = Batch::new();
+        batch.put(Tree::Meta, CHECKPOINT_MARK, mark);
+        if !self.reconcile_due.load(Ordering::Acquire) {
+            batch.put(Tree::Meta, APPLIED_MARK, rec.seq.to_be_bytes().to_vec());
         }
-        self.synced(&rec).await?;
+        self.store.commit(batch)?;
+        self.store.sync().await?;
         tracing::debug!(seq = rec.seq, covers = covers_seq, "audit checkpoint");
         Ok(Some(rec.seq))
     }
 
-    /// Deletes the records that are older than the retention period, down to one a checkpoint
-    /// signs, after appending a prune record that names the first one kept.
+    /// Deletes the segments whose records are all older than the retention period and come
+    /// before a record a checkpoint signs, after appending a prune record that names the
+    /// first one kept.
     pub async fn prune(&self) -> Result<PruneReport> {
         let retention = u64::try_from(self.settings.retention.as_millis()).unwrap_or(u64::MAX);
         let cutoff = self.clock.now_ms().saturating_sub(retention);
@@ -420,7 +708,7 @@ impl AuditLog {
                         anchor = Some(c.covers_seq);
                         calls_before = calls;
                     }
-                    Event::Call => calls += 1,
+                    Event::Call | Event::Change => calls += 1,
                     _ => {}
                 }
             }
@@ -428,47 +716,54 @@ impl AuditLog {
                 break;
             }
         }
-        // Only system records to drop: not worth a prune record (which would itself age out).
-        let Some(below) = anchor.filter(|_| calls_before > 0) else {
+        // Whole segments only: the first kept is the one holding the signed record.
+        let below = anchor
+            .filter(|_| calls_before > 0)
+            .map(|a| self.segments.segment_start(a))
+            .filter(|b| *b > oldest);
+        let Some(below) = below else {
             return Ok(PruneReport { deleted: 0, oldest });
         };
         let mut rec =
             AuditRecord::system(PRUNE_METHOD, self.clock.now_ms(), Event::Prune { below });
-        self.commit(Batch::new(), &mut rec)
-            .await
-            .map_err(audit_down)?;
-        self.synced(&rec).await.map_err(audit_down)?;
-        let mut deleted = 0;
-        loop {
-            let keys: Vec<Vec<u8>> = self
-                .store
-                .scan(Tree::Audit, b"", b"", CHUNK)?
-                .into_iter()
-                .map(|(k, _)| k)
-                .take_while(|k| key_seq(k).is_some_and(|s| s < below))
-                .collect();
-            if keys.is_empty() {
-                break;
-            }
-            let mut batch = Batch::new();
-            deleted += keys.len() as u64;
-            for k in keys {
-                batch.remove(Tree::Audit, k);
-            }
-            self.store.commit(batch)?;
-        }
-        self.store.sync().await?;
-        self.oldest.store(below, Ordering::SeqCst);
-        tracing::info!(deleted, oldest = below, "audit log pruned");
+        self.append_record(&mut rec).map_err(audit_down)?;
+        self.durable(rec.seq).await.map_err(audit_down)?;
+        let kept = self.segments.remove_below(below).map_err(segment_error)?;
+        self.oldest.store(kept, Ordering::SeqCst);
+        let deleted = kept.saturating_sub(oldest);
+        tracing::info!(deleted, oldest = kept, "audit log pruned");
         Ok(PruneReport {
             deleted,
-            oldest: below,
+            oldest: kept,
         })
     }
 
+    /// Writes the usage facts taken since the last call, in one store commit (no sync of its
+    /// own: facts are derived data and ride the next group commit). The server calls it with
+    /// the API keys' usage counters, every `keys.usage_flush_seconds` and at shutdown.
+    pub fn flush_usage(&self) -> Result<usize> {
+        let waiting = std::mem::take(
+            &mut self
+                .usage
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .waiting,
+        );
+        if waiting.is_empty() {
+            return Ok(0);
+        }
+        let n = waiting.len();
+        let mut batch = Batch::new();
+        for (key, fact) in waiting {
+            batch.put(Tree::Usage, key, crate::store::encode(&fact));
+        }
+        self.store.commit(batch)?;
+        Ok(n)
+    }
+
     /// Starts checkpointing (now, if the log ends in unsigned records, then as due) and
-    /// pruning (every `prune_interval`). The tasks end once the log is dropped (checked between
-    /// rounds).
+    /// pruning (every `prune_interval`). The tasks end once the log is
+    /// dropped (checked between rounds).
     pub fn start_background(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         let interval = self.settings.checkpoint_interval;
@@ -503,162 +798,67 @@ impl AuditLog {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Chain> {
-        // Every critical section leaves the chain consistent (the head moves only after a
-        // successful commit), so a poisoned lock is safe to keep using.
+        // Every critical section leaves the chain consistent (the head moves only after the
+        // record was handed to the segments), so a poisoned lock is safe to keep using.
         self.chain.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Re-reads the head if the store was reopened (it may have lost unflushed records).
-    fn refresh(&self, chain: &mut Chain) -> Result<(), StoreError> {
-        let generation = self.store.generation();
-        if generation == chain.generation {
-            return Ok(());
-        }
-        let (seq, hash, checkpoint) = read_head(&*self.store).map_err(|e| match e {
-            Error::Unavailable(m) => StoreError::Unavailable(m),
-            other => StoreError::Unavailable(other.to_string()),
-        })?;
-        tracing::warn!(
-            seq,
-            "audit chain head reloaded after the store was reopened"
-        );
-        *chain = Chain {
-            seq,
-            hash,
-            generation,
-            last_checkpoint: if checkpoint {
-                seq
-            } else {
-                chain.last_checkpoint.min(seq)
-            },
-        };
-        Ok(())
-    }
-
-    fn commit_locked(
-        &self,
-        chain: &mut Chain,
-        mut batch: Batch,
-        rec: &mut AuditRecord,
-    ) -> Result<(), StoreError> {
-        let hash = stage(&mut batch, rec, chain.seq, chain.hash, chain.generation);
-        batch.require_generation(chain.generation);
-        if let Err(e) = self.store.commit(batch) {
-            // Not in the log: the caller must not take this number for its record.
-            rec.seq = 0;
-            return Err(e);
-        }
-        self.advance(chain, rec, hash);
-        Ok(())
-    }
-
-    /// Moves the head to `rec`, just committed, whose hash is `hash`.
-    fn advance(&self, chain: &mut Chain, rec: &AuditRecord, hash: [u8; 32]) {
-        chain.seq = rec.seq;
-        chain.hash = hash;
-        if matches!(rec.event, Event::Checkpoint(_)) {
-            chain.last_checkpoint = rec.seq;
-        }
-        if self.oldest.load(Ordering::SeqCst) == 0 {
-            self.oldest.store(rec.seq, Ordering::SeqCst);
-        }
-        if chain.seq.saturating_sub(chain.last_checkpoint) >= self.settings.checkpoint_every {
-            self.checkpoint_due.notify_one();
-        }
-    }
-
-    /// Sets the last-use facts of a successful read, to within [`USAGE_RESOLUTION_MS`].
-    /// Derived data: written beside the record (same fsync, no transaction, so no global lock
-    /// on the fetch path); if it fails the record still stands and the fact lags.
-    fn record_usage(&self, rec: &AuditRecord) {
+    /// Takes the last-use facts of a successful read, to within [`USAGE_RESOLUTION_MS`], for
+    /// the background writer: a fetch makes no store write of its own.
+    fn note_usage(&self, rec: &AuditRecord) {
         if !USE_METHODS.contains(&rec.method.as_str()) {
             return;
         }
-        let fact = crate::store::encode(&UsageFact {
-            last_used_ms: rec.time_ms,
-            seq: rec.seq,
-        });
-        let due: Vec<Vec<u8>> = {
-            let mut written = self
-                .usage_written
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if written.len() > USAGE_MEMORY {
-                written.clear();
+        let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        if usage.taken.len() > USAGE_MEMORY {
+            usage.taken.clear();
+        }
+        for (i, (name, version)) in rec.targets.iter().enumerate() {
+            if rec.target_code(i) != Code::Ok.as_i32() || *version == 0 {
+                continue;
             }
-            rec.targets
-                .iter()
-                .enumerate()
-                .filter(|(i, (_, version))| {
-                    rec.target_code(*i) == Code::Ok.as_i32() && *version != 0
-                })
-                .map(|(_, (name, version))| version_key(name, *version))
-                .filter(|key| {
-                    let last = written.get(key).copied();
-                    let due = last.is_none_or(|t| {
-                        rec.time_ms >= t.saturating_add(USAGE_RESOLUTION_MS) || rec.time_ms < t
-                    });
-                    if due {
-                        written.insert(key.clone(), rec.time_ms);
-                    }
-                    due
-                })
-                .collect()
-        };
-        for key in due {
-            let mut batch = Batch::new();
-            batch.put(Tree::Usage, key, fact.clone());
-            if let Err(e) = self.store.commit(batch) {
-                tracing::warn!(error = %e, "usage fact not recorded");
+            let key = version_key(name, *version);
+            let due = usage.taken.get(&key).is_none_or(|t| {
+                rec.time_ms >= t.saturating_add(USAGE_RESOLUTION_MS) || rec.time_ms < *t
+            });
+            if !due || usage.waiting.len() >= USAGE_MEMORY {
+                continue;
             }
+            usage.taken.insert(key.clone(), rec.time_ms);
+            usage.waiting.insert(
+                key,
+                UsageFact {
+                    last_used_ms: rec.time_ms,
+                    seq: rec.seq,
+                },
+            );
         }
     }
 }
 
-/// Makes `rec` the record after (`seq`, `hash`) and adds it to `batch`; returns its hash.
-fn stage(
-    batch: &mut Batch,
-    rec: &mut AuditRecord,
-    seq: u64,
-    hash: [u8; 32],
-    generation: u64,
-) -> [u8; 32] {
-    rec.seq = seq + 1;
-    rec.prev_hash = hash;
-    rec.generation = generation;
-    rec.bound_input();
-    let (stored, hash) = rec.encode();
-    batch.put(Tree::Audit, record_key(rec.seq).to_vec(), stored);
-    hash
+fn store_down(e: impl std::fmt::Display) -> StoreError {
+    tracing::error!(error = %e, "audit log write failed; failing the change closed");
+    StoreError::Unavailable("audit log unavailable".into())
 }
 
-/// Locks `m`, poisoned or not: every critical section here leaves its data whole.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// The head of the stored chain: (seq, hash, whether it is a checkpoint).
-fn read_head(store: &dyn Store) -> Result<(u64, [u8; 32], bool)> {
-    let Some((key, value)) = store.last(Tree::Audit)? else {
-        return Ok((0, GENESIS, false));
+/// The head found at the end of the files: (seq, hash, whether it is a checkpoint).
+fn head_of(tail: &Tail) -> (u64, [u8; 32], bool) {
+    let Some((seq, stored)) = &tail.last else {
+        return (0, GENESIS, false);
     };
-    let seq = key_seq(&key).ok_or_else(|| {
-        Error::DataLoss("the audit log's last key is not a sequence number".into())
-    })?;
-    match decode(&value) {
+    match decode(stored) {
         Ok(Stored { record, hash, .. }) => {
-            Ok((seq, hash, matches!(record.event, Event::Checkpoint(_))))
+            (*seq, hash, matches!(record.event, Event::Checkpoint(_)))
         }
-        // Refusing to start would let anyone who can write the database stop the vault; chain
-        // on instead, and leave it to verification to report the record.
+        // Refusing to start would let anyone who can write the files stop the vault; chain on
+        // from the hash the record carries, and leave it to verification to report it.
         Err(e) => {
             tracing::error!(seq, error = %e, "the audit log's last record does not decode; VerifyAuditLog will report it");
-            Ok((seq, GENESIS, false))
+            let mut hash = [0u8; 32];
+            if stored.len() >= 32 {
+                hash.copy_from_slice(&stored[stored.len() - 32..]);
+            }
+            (*seq, hash, false)
         }
     }
-}
-
-fn audit_down(e: impl std::fmt::Display) -> Error {
-    tracing::error!(error = %e, "audit log write failed; failing the call closed");
-    Error::Unavailable("audit log unavailable".into())
 }

@@ -16,20 +16,39 @@
 //! most 4 KiB, those of an answered call at most 64 KiB; the rest are summed up in one last
 //! target. A caller with no grant cannot make the log keep (and fsync, and retain) its input.
 //!
-//! # Fail closed
+//! # Where records live
 //!
-//! A mutation's record is committed in the same guarded batch as the change
-//! ([`AuditLog::commit`]); a read's record is committed and made durable before anything is
-//! returned ([`AuditLog::append`]). Durability is the store's group commit, shared by
-//! concurrent calls. If the record cannot be written the call fails UNAVAILABLE.
+//! Each node keeps its own log in append-only segment files under `data_dir/audit/`
+//! ([`segments`]: framing, group `fdatasync`, torn-tail recovery), apart from the store. A
+//! read's record is durable before anything is returned ([`AuditLog::append`]); concurrent
+//! calls share one `fdatasync`. If the record cannot be written the call fails UNAVAILABLE.
+//!
+//! # Writes and their records agree after any crash
+//!
+//! A change's record (kind *change*) is made durable **before** the change is committed to the
+//! store, and the commit moves the store's applied mark (`meta/audit_applied`) to that record's
+//! sequence number ([`AuditLog::commit`]). Changes are committed one group at a time, in
+//! sequence order. So:
+//!
+//! - nothing is in the store without its record (the record came first);
+//! - nothing is answered without its record durable (the answer waits for the store's sync,
+//!   which comes after);
+//! - a change record whose commit failed gets a *void* record (kind 5, naming it, with the
+//!   reason) before any later commit; one whose commit a crash (or a store failure that lost
+//!   it) interrupted lies after the applied mark, and at start-up (or before the next commit)
+//!   every change record after the mark without a void gets one. The mark then moves to the
+//!   head. A change record is therefore applied exactly when no void record names it.
+//!
+//! At start-up the log must reach every record the store names — the applied mark, and the
+//! newest checkpoint (`meta/audit_checkpoint`: its sequence number and hash) — or the server
+//! refuses to start (exit 5): segments were deleted, cut or replaced.
 //!
 //! # The chain
 //!
 //! Record `n` carries `prev_hash = H(n-1)` (`H(0)` is 32 zero bytes), and `H(n)` is the SHA-256
 //! of record `n`'s canonical body. Sequence numbers come from the chain head, under one lock
-//! that also covers the store commit, so they are strictly consecutive; a commit that fails (a
-//! guard did not hold) leaves the head where it was. The fsync happens after the lock is
-//! released, so concurrent calls still share one.
+//! held while the record is staged, so they are strictly consecutive; the `fdatasync` happens
+//! after the lock is released, so concurrent calls share one.
 //!
 //! # Canonical encoding (format 2)
 //!
@@ -41,7 +60,7 @@
 //! u64   seq
 //! u64   time_ms              milliseconds since the Unix epoch
 //! [32]  prev_hash
-//! u8    kind                 0 call, 1 checkpoint, 2 prune
+//! u8    kind                 0 call, 1 checkpoint, 2 prune, 4 change, 5 void
 //! str   identity
 //! str   peer
 //! str   method
@@ -52,9 +71,11 @@
 //! str   key_id
 //! kind 1 (checkpoint): u64 covers_seq, [32] covers_hash, u64 every, str key_label, bytes mac
 //! kind 2 (prune):      u64 pruned_below
+//! kind 4 (change):     nothing more (a call whose store change follows its record)
+//! kind 5 (void):       u64 voided_seq (the change record whose change was not applied)
 //! ```
 //!
-//! and nothing after it. Stored under key `seq` (u64 BE) in tree `audit` is `body || H(body)`:
+//! and nothing after it. A record is stored as `body || H(body)` (one frame of a segment file):
 //! the stored hash makes an edit of a record show at that record, and the next record's
 //! `prev_hash` makes a recomputed one show at the link.
 //!
@@ -77,18 +98,25 @@
 //!
 //! # Usage facts
 //!
-//! Successful reads ([`USE_METHODS`]) also set `usage[name, version] = (time, seq)` in the same
-//! fsync as their record; a stale-key report reads them without scanning the log.
+//! Successful reads ([`USE_METHODS`]) also note `usage[name, version] = (time, seq)` in memory;
+//! a background task writes the facts to the store every few seconds (a fetch makes no store
+//! write), and a stale-key report reads them without scanning the log. A crash loses at most
+//! the last few seconds of facts, which only makes a version look unused a little longer.
+
+pub use segments::MIN_SEGMENT_SIZE;
 
 mod access;
 mod log;
+mod migrate;
+pub mod segments;
 #[cfg(test)]
 mod tests;
 mod verify;
 
 pub use crate::config::AuditSettings;
 pub use access::{code_name, AuditAccess, Outcome, StreamItem, StreamQuery, StreamReader};
-pub use log::{AuditLog, PruneReport, UsageFact};
+pub use migrate::import;
+pub use log::{AuditLog, PruneReport, UsageFact, APPLIED_MARK, CHECKPOINT_MARK};
 pub use verify::{Broken, Problem, Verification};
 
 use crate::clock::Millis;
@@ -110,6 +138,8 @@ pub const SERVER_IDENTITY: &str = "ward-server";
 pub const CHECKPOINT_METHOD: &str = "AuditCheckpoint";
 /// Method name of prune records.
 pub const PRUNE_METHOD: &str = "AuditPrune";
+/// Method name of void records.
+pub const VOID_METHOD: &str = "ChangeNotApplied";
 /// Methods whose successful targets count as a use of that secret version (the API-key
 /// verification RPC belongs here too).
 pub const USE_METHODS: &[&str] = &["FetchSecret", "BatchFetchSecrets"];
@@ -128,6 +158,21 @@ pub enum Event {
         /// First sequence number kept.
         below: u64,
     },
+    /// A call that changes the store: its change is committed after this record is durable,
+    /// and applied unless a [`Event::Void`] record names it.
+    Change,
+    /// The change of record `seq` was not applied (the record's `code` says why).
+    Void {
+        /// The change record.
+        seq: u64,
+    },
+}
+
+impl Event {
+    /// Whether the record is about a call (a read, a refusal or a change).
+    pub fn is_call(&self) -> bool {
+        matches!(self, Event::Call | Event::Change)
+    }
 }
 
 /// The signed part of a checkpoint record.
@@ -300,6 +345,8 @@ impl AuditRecord {
             Event::Call => 0,
             Event::Checkpoint(_) => 1,
             Event::Prune { .. } => 2,
+            Event::Change => 4,
+            Event::Void { .. } => 5,
         });
         put_str(&mut b, &self.identity);
         put_str(&mut b, &self.peer);
@@ -326,6 +373,8 @@ impl AuditRecord {
                 put_bytes(&mut b, &c.mac);
             }
             Event::Prune { below } => b.extend_from_slice(&below.to_be_bytes()),
+            Event::Change => {}
+            Event::Void { seq } => b.extend_from_slice(&seq.to_be_bytes()),
         }
         b
     }
@@ -458,6 +507,8 @@ pub fn decode(stored: &[u8]) -> Result<Stored, DecodeError> {
             mac: r.bytes()?.to_vec(),
         }),
         2 => Event::Prune { below: r.u64()? },
+        4 => Event::Change,
+        5 => Event::Void { seq: r.u64()? },
         k => return Err(DecodeError(format!("unknown record kind {k}"))),
     };
     if !r.0.is_empty() {
@@ -549,15 +600,14 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The call records in the store's audit tree, in order (for unit tests elsewhere).
+/// The call records of `log`, in order (for unit tests elsewhere).
 #[cfg(test)]
-pub(crate) fn call_records(store: &dyn crate::store::Store) -> Vec<AuditRecord> {
-    store
-        .scan(crate::store::Tree::Audit, b"", b"", usize::MAX)
+pub(crate) fn call_records(log: &AuditLog) -> Vec<AuditRecord> {
+    log.read(1, usize::MAX)
         .unwrap_or_default()
-        .iter()
-        .filter_map(|(_, v)| match decode(v) {
-            Ok(Stored { record, .. }) if record.event == Event::Call => Some(*record),
+        .into_iter()
+        .filter_map(|(_, r)| match r {
+            Ok(Stored { record, .. }) if record.event.is_call() => Some(*record),
             _ => None,
         })
         .collect()

@@ -2,9 +2,8 @@
 //! HSM signature of every checkpoint in it, and that checkpoints and the log's start are where
 //! they must be. Reports the first broken record and why.
 
-use super::{decode, record_key, AuditLog, Checkpoint, Event, Stored};
+use super::{AuditLog, Checkpoint, Event, Stored};
 use crate::error::{Error, Result};
-use crate::store::Tree;
 use std::collections::VecDeque;
 use ward_hsm::HsmError;
 
@@ -154,8 +153,8 @@ impl AuditLog {
             // range starts after the oldest record): without it the range's first link would go
             // unchecked.
             let before = v.from - 1;
-            let problem = match self.store().get(Tree::Audit, &record_key(before))? {
-                Some(raw) => match decode(&raw) {
+            let problem = match self.read(before, 1)?.pop() {
+                Some((seq, stored)) if seq == before => match stored {
                     Ok(Stored { hash, intact, .. }) if intact => {
                         w.prev = Some(hash);
                         None
@@ -163,7 +162,7 @@ impl AuditLog {
                     Ok(_) => Some((Problem::Altered, format!("record {before} was altered: its contents do not match its stored hash"))),
                     Err(e) => Some((Problem::Undecodable, format!("record {before}: {e}"))),
                 },
-                None => Some((Problem::Missing, format!("record {before} is missing"))),
+                _ => Some((Problem::Missing, format!("record {before} is missing"))),
             };
             if let Some((problem, reason)) = problem {
                 v.first_broken = Some(Broken {
@@ -303,7 +302,7 @@ impl AuditLog {
                         }
                     }
                     Event::Prune { below } => w.newest_prune = Some(*below),
-                    Event::Call => {}
+                    Event::Call | Event::Change | Event::Void { .. } => {}
                 }
                 v.records_checked += 1;
                 w.prev = Some(hash);
@@ -387,14 +386,11 @@ impl AuditLog {
         }
         let actual = match w.recent.iter().rev().find(|(s, _)| *s == c.covers_seq) {
             Some((_, h)) => Some(*h),
-            None => match self.store().get(Tree::Audit, &record_key(c.covers_seq))? {
-                Some(raw) => match decode(&raw) {
-                    Ok(Stored { hash, .. }) => Some(hash),
-                    _ => Some([0xff; 32]),
-                },
-                // Pruned: the signature alone vouches for what came before.
-                None if c.covers_seq < v.oldest => None,
-                None => Some([0xff; 32]),
+            // Pruned: the signature alone vouches for what came before.
+            None if c.covers_seq < v.oldest => None,
+            None => match self.read(c.covers_seq, 1)?.pop() {
+                Some((s, Ok(Stored { hash, .. }))) if s == c.covers_seq => Some(hash),
+                _ => Some([0xff; 32]),
             },
         };
         if actual.is_some_and(|h| h != c.covers_hash) {

@@ -122,7 +122,7 @@ impl Fixture {
     }
 
     fn audit(&self) -> Vec<AuditRecord> {
-        crate::audit::call_records(&*self.vault.store)
+        crate::audit::call_records(self.vault.audit())
     }
 }
 

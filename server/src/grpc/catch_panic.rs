@@ -204,7 +204,7 @@ mod tests {
         let status = tonic::Status::from_header_map(res.headers()).unwrap();
         assert_eq!(status.code(), tonic::Code::Internal);
 
-        let audited: Vec<(String, String, i32)> = crate::audit::call_records(&*store)
+        let audited: Vec<(String, String, i32)> = crate::audit::call_records(vault.audit())
             .into_iter()
             .map(|r| (r.method, r.identity, r.code))
             .collect();

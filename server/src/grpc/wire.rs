@@ -328,10 +328,13 @@ pub fn audit_item(item: StreamItem) -> pb::StreamAuditResponse {
 
 /// The wire form of a record.
 pub fn audit_record(r: AuditRecord, hash: [u8; 32]) -> pb::AuditRecord {
-    let (kind, covers, below) = match &r.event {
-        Event::Call => (pb::AuditRecordKind::Call, 0, 0),
-        Event::Checkpoint(c) => (pb::AuditRecordKind::Checkpoint, c.covers_seq, 0),
-        Event::Prune { below } => (pb::AuditRecordKind::Prune, 0, *below),
+    let (kind, covers, below, voided) = match &r.event {
+        Event::Call => (pb::AuditRecordKind::Call, 0, 0, 0),
+        Event::Checkpoint(c) => (pb::AuditRecordKind::Checkpoint, c.covers_seq, 0, 0),
+        Event::Prune { below } => (pb::AuditRecordKind::Prune, 0, *below, 0),
+        // A change's record is a call record to readers; a void record says if it was undone.
+        Event::Change => (pb::AuditRecordKind::Call, 0, 0, 0),
+        Event::Void { seq } => (pb::AuditRecordKind::Void, 0, 0, *seq),
     };
     let targets = r
         .targets
@@ -359,6 +362,7 @@ pub fn audit_record(r: AuditRecord, hash: [u8; 32]) -> pb::AuditRecord {
         hash: hash.to_vec(),
         checkpoint_covers_seq: covers,
         pruned_below_seq: below,
+        voided_seq: voided,
     }
 }
 

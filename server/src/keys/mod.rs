@@ -797,7 +797,7 @@ mod tests {
             assert!(err.to_string().len() < 512, "{:.80}", err.to_string());
         }
         // Every call, refused or not, left one audit record; the not-verifiable key's says why.
-        let audit: Vec<AuditRecord> = crate::audit::call_records(&**f.vault.store())
+        let audit: Vec<AuditRecord> = crate::audit::call_records(f.vault.audit())
             .into_iter()
             .filter(|r| r.method == "VerifyKey")
             .collect();

@@ -5,7 +5,6 @@
 //! The rule every caller follows: commit the batch that holds the state change and its audit
 //! record, then await [`Store::sync`], then reply. Nothing is acknowledged before it is durable.
 
-mod fault;
 pub mod sealed;
 pub mod sled_store;
 

@@ -56,6 +56,11 @@ pub fn audit_line(r: &AuditRecord) -> String {
     match AuditRecordKind::try_from(r.kind) {
         Ok(AuditRecordKind::Checkpoint) => cols.push(format!("covers={}", r.checkpoint_covers_seq)),
         Ok(AuditRecordKind::Prune) => cols.push(format!("below={}", r.pruned_below_seq)),
+        Ok(AuditRecordKind::Void) => cols.push(format!(
+            "voids={} {}",
+            r.voided_seq,
+            code_name(Code::from_i32(r.code))
+        )),
         _ => {
             let targets: Vec<String> = r
                 .targets
@@ -111,6 +116,7 @@ pub fn audit_record_json(r: &AuditRecord) -> Value {
         "hash": hex(&r.hash),
         "checkpoint_covers_seq": r.checkpoint_covers_seq,
         "pruned_below_seq": r.pruned_below_seq,
+        "voided_seq": r.voided_seq,
     })
 }
 

@@ -1,6 +1,13 @@
-//! Backups: StreamBackup's durable, audited snapshot of the store (`admin` verb), the file
-//! format ([`format`]) and `ward-server restore`, which turns a backup file into a fresh data
-//! directory.
+//! Backups: StreamBackup's durable, audited snapshot of the store and the audit log (`admin`
+//! verb), the file format ([`format`]) and `ward-server restore`, which turns a backup file
+//! into a fresh data directory.
+//!
+//! The audit records travel as the entries of tree `audit` (key: sequence number), as they did
+//! when the log lived in the store, so the format is unchanged and older backups restore the
+//! same way. They are read after the store's snapshot, through the log's durable head: every
+//! change in the snapshot had its record durable before its commit, so the backup holds the
+//! record of everything it holds. Change records after the snapshot's applied mark (changes in
+//! flight) are voided when the restored server starts.
 
 pub mod format;
 
@@ -22,10 +29,25 @@ impl Vault {
     pub async fn backup(&self, peer: &Peer) -> Result<Snapshot> {
         let rec = AuditRecord::new(peer, "StreamBackup", self.now());
         let result = match self.authorize_admin(peer) {
-            Ok(()) => durable_snapshot(self.store.clone()).await,
+            Ok(()) => self.snapshot_with_audit().await,
             Err(e) => Err(e),
         };
         self.finish_read(rec, result).await
+    }
+}
+
+impl Vault {
+    async fn snapshot_with_audit(&self) -> Result<Snapshot> {
+        let mut snapshot = durable_snapshot(self.store.clone()).await?;
+        let audit = self.audit.clone();
+        let records = tokio::task::spawn_blocking(move || audit.export())
+            .await
+            .map_err(|e| Error::Internal(format!("audit export task: {e}")))??;
+        match snapshot.trees.iter_mut().find(|(t, _)| *t == Tree::Audit) {
+            Some((_, entries)) => *entries = records,
+            None => snapshot.trees.push((Tree::Audit, records)),
+        }
+        Ok(snapshot)
     }
 }
 
@@ -38,19 +60,22 @@ pub struct Restored {
     pub master_keys: Vec<String>,
 }
 
-/// Restores the backup file `from` into `data_dir`, which must not exist or be empty. Checks
-/// the whole file first — its digest, then its signature in the HSM (`signer`) — so a
-/// damaged or edited backup creates nothing. Blocking.
+/// Restores the backup file `from` into `data_dir`, which must not exist or be empty: the
+/// store, and the audit records into segment files of `segment_bytes` under `data_dir/audit`
+/// (the restored server continues the chain). Checks the whole file first — its digest, then
+/// its signature in the HSM (`signer`) — so a damaged or edited backup creates nothing.
+/// Blocking; not on an async worker.
 pub fn restore(
     from: &Path,
     data_dir: &Path,
+    segment_bytes: u64,
     signer: &dyn MacSigner,
 ) -> std::result::Result<Restored, String> {
     let bytes = std::fs::read(from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
     let file = decode(&bytes).map_err(|e| format!("{}: {e}", from.display()))?;
     file.verify(signer)
         .map_err(|e| format!("{}: {e}", from.display()))?;
-    let snapshot = file.snapshot;
+    let mut snapshot = file.snapshot;
     if let Ok(mut entries) = std::fs::read_dir(data_dir) {
         if entries.next().is_some() {
             return Err(format!(
@@ -61,7 +86,16 @@ pub fn restore(
         }
     }
     create_private_dir(data_dir)?;
-    let entries = SledStore::restore_into(data_dir, &snapshot).map_err(|e| e.to_string())?;
+    let audit: Vec<_> = snapshot
+        .trees
+        .iter_mut()
+        .filter(|(t, _)| *t == Tree::Audit)
+        .flat_map(|(_, entries)| std::mem::take(entries))
+        .collect();
+    let records = crate::audit::import(&data_dir.join("audit"), segment_bytes, &audit)
+        .map_err(|e| e.to_string())?;
+    let entries =
+        SledStore::restore_into(data_dir, &snapshot).map_err(|e| e.to_string())? + records;
     let mut master_keys: Vec<String> = snapshot
         .trees
         .iter()

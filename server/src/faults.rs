@@ -1,4 +1,4 @@
-//! Storage faults injected on demand, for the end-to-end tests of the paths a full or wedged
+//! Storage and audit-log faults injected on demand, for the end-to-end tests of the paths a full or wedged
 //! disk takes (a full disk cannot be made without `mount`, and a wedged flush only by luck).
 //!
 //! Compiled only with the cargo feature `fault-injection` (off by default; `--all-features`,
@@ -11,7 +11,10 @@
 //!   engine out of service and reopens it), and reopening fails too, until the line is gone;
 //! - `flush-hang`: a flush blocks until the line is gone (a wedged device: the flush timeout
 //!   marks the store stalled and the server exits 4);
-//! - `free-bytes N`: the free-space guard reads N bytes free on the store's file system.
+//! - `free-bytes N`: the free-space guards (the store's, and the audit log's when it starts a
+//!   segment) read N bytes free;
+//! - `audit-write`: the audit log's segment writes fail with ENOSPC (the log fails closed and
+//!   reopens once the line is gone).
 //!
 //! No file, or an empty one: no fault. Without the feature every method here answers "no
 //! fault" and the environment is never read.
@@ -61,6 +64,13 @@ impl Faults {
         })
     }
 
+    /// The I/O error a full disk gives the audit log's next segment write, while
+    /// `audit-write` is in force.
+    pub(crate) fn audit_write_error(&self) -> Option<std::io::Error> {
+        self.line("audit-write")
+            .map(|_| std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32))
+    }
+
     /// Blocks while `flush-hang` is in force. Blocking: call it where the flush blocks.
     pub(crate) fn hang_flush(&self) {
         if self.line("flush-hang").is_none() {
@@ -87,6 +97,11 @@ impl Faults {
 
     /// Never an error.
     pub(crate) fn write_error(&self) -> Option<sled::Error> {
+        None
+    }
+
+    /// Never an error.
+    pub(crate) fn audit_write_error(&self) -> Option<std::io::Error> {
         None
     }
 
