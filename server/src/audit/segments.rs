@@ -444,51 +444,48 @@ fn recover_active(file: &File, path: &Path, first: u64) -> Result<Active, Segmen
         let group_at = c.offset();
         let group = match c.peek().map_err(io)? {
             Parsed::End => return Ok(a),
-            Parsed::Frame(f) if f.kind == TYPE_GROUP && f.seq == next => f,
-            Parsed::Frame(_) => return torn(file, path, a, group_at, group_at + 1, next, limit),
-            Parsed::Invalid(_) | Parsed::Short(_) => {
-                return torn(file, path, a, group_at, group_at + 1, next, limit)
-            }
+            Parsed::Frame(f) if f.kind == TYPE_GROUP => f,
+            _ => return torn(file, path, a, group_at, group_at + 1, next),
         };
         let payload = group.payload(c.here());
         let end = u64_at(payload, 0);
         let count = u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]);
         if end > limit || end <= group_at {
-            return torn(file, path, a, group_at, group_at + 1, next, limit);
+            return torn(file, path, a, group_at, group_at + 1, next);
         }
         c.skip(group.len);
+        let mut index = Vec::new();
         let mut group_last = None;
         for _ in 0..count {
             let at = c.offset();
             match c.peek().map_err(io)? {
-                Parsed::Frame(f) if f.kind == TYPE_RECORD && f.seq == next && at + (f.len as u64) <= end => {
-                    if next % INDEX_EVERY == 0 || a.index.is_empty() {
-                        a.index.push((next, at));
+                // Whole frames only; whether the records follow one another is the chain's
+                // business (VerifyAuditLog reports a missing or misplaced record there).
+                Parsed::Frame(f) if f.kind == TYPE_RECORD && at + (f.len as u64) <= end => {
+                    if f.seq % INDEX_EVERY == 0 || (a.index.is_empty() && index.is_empty()) {
+                        index.push((f.seq, at));
                     }
-                    group_last = Some((next, f.payload(c.here()).to_vec()));
+                    group_last = Some((f.seq, f.payload(c.here()).to_vec()));
                     c.skip(f.len);
-                    next += 1;
                 }
-                _ => {
-                    if let Some(l) = group_last {
-                        a.last = Some(l);
-                    }
-                    return torn(file, path, a, at, end, next, limit);
-                }
+                _ => return torn(file, path, a, group_at, end, next),
             }
         }
         if c.offset() != end {
-            return torn(file, path, a, c.offset(), end, next, limit);
+            return torn(file, path, a, group_at, end, next);
         }
-        if let Some(l) = group_last {
-            a.last = Some(l);
+        if let Some((seq, payload)) = group_last {
+            next = seq + 1;
+            a.last = Some((seq, payload));
         }
+        a.index.extend(index);
         a.end = end;
     }
 }
 
-/// An invalid frame at `at`: if a later group follows (searched from `from`), records that
-/// were durable are damaged; otherwise the last group was torn by a crash and is cut.
+/// The group at `at` is not whole: if another group follows (searched from `from`), records
+/// that were durable are damaged; otherwise the group was torn by a crash during its write —
+/// so its `fdatasync` never returned and none of it was acknowledged — and it is cut.
 fn torn(
     file: &File,
     path: &Path,
@@ -496,34 +493,30 @@ fn torn(
     at: u64,
     from: u64,
     next: u64,
-    limit: u64,
 ) -> Result<Active, SegmentError> {
-    if let Some((off, seq)) = find_group(file, from, limit, next).map_err(|e| io_err(path.display(), e))? {
+    let limit = file
+        .metadata()
+        .map_err(|e| io_err(path.display(), e))?
+        .len()
+        - EDGE;
+    let later = find_group(file, from, limit).map_err(|e| io_err(path.display(), e))?;
+    if let Some((off, seq)) = later {
         return Err(damaged(
             path,
             format!(
-                "the frame at offset {at} (record {next} or its group) is damaged, and a later \
-                 group (record {seq}, offset {off}) follows it: records that were durable \
-                 were altered"
+                "the group at offset {at} (from record {next}) is damaged, and a later group \
+                 (record {seq}, offset {off}) follows it: records that were durable were altered"
             ),
         ));
     }
-    if a.last.as_ref().is_some_and(|(s, _)| *s + 1 != next) {
-        // Unreachable by construction; refuse rather than guess.
-        return Err(damaged(path, "inconsistent recovery"));
-    }
-    // Keep the whole records before `at` only if their group ended there; records of a torn
-    // group stay (they are whole and chained; they were never acknowledged).
-    let keep = at;
-    let cut = limit - keep;
-    zero_from(file, keep, limit).map_err(|e| io_err(path.display(), e))?;
-    a.end = keep;
-    a.cut = cut;
+    zero_from(file, at).map_err(|e| io_err(path.display(), e))?;
+    a.cut = limit - at;
+    a.end = at;
     Ok(a)
 }
 
-/// Looks for a valid group frame with a sequence number at or after `seq` from `from` on.
-fn find_group(file: &File, from: u64, limit: u64, seq: u64) -> io::Result<Option<(u64, u64)>> {
+/// Looks for a valid group frame from `from` on: (its offset, its first record).
+fn find_group(file: &File, from: u64, limit: u64) -> io::Result<Option<(u64, u64)>> {
     let mut at = from;
     while at + (GROUP_FRAME as u64) <= limit {
         let n = (READ_CHUNK as u64 + GROUP_FRAME as u64).min(limit - at) as usize;
@@ -535,9 +528,7 @@ fn find_group(file: &File, from: u64, limit: u64, seq: u64) -> io::Result<Option
                 continue;
             }
             if let Parsed::Frame(f) = parse_frame(&b[..GROUP_FRAME], GROUP_FRAME as u64) {
-                if f.seq >= seq {
-                    return Ok(Some((at + i as u64, f.seq)));
-                }
+                return Ok(Some((at + i as u64, f.seq)));
             }
         }
         at += n.saturating_sub(GROUP_FRAME - 1).max(1) as u64;
@@ -545,13 +536,12 @@ fn find_group(file: &File, from: u64, limit: u64, seq: u64) -> io::Result<Option
     Ok(None)
 }
 
-/// Zeros `[from, limit)` and keeps the space allocated.
-fn zero_from(file: &File, from: u64, limit: u64) -> io::Result<()> {
+/// Zeros everything from `from` to the end (footer space included) and keeps it allocated.
+fn zero_from(file: &File, from: u64) -> io::Result<()> {
     let len = file.metadata()?.len();
     file.set_len(from)?;
     file.set_len(len)?;
     allocate(file, len)?;
-    let _ = limit;
     file.sync_all()
 }
 
@@ -911,7 +901,7 @@ impl Segments {
             let disk = lock(&self.disk);
             let list = self.list.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(active) = list.last() {
-                zero_from(&active.file, disk.written, self.size - EDGE)
+                zero_from(&active.file, disk.written)
                     .map_err(|e| io_err(active.path.display(), e))?;
             }
         }
