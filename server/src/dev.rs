@@ -121,6 +121,7 @@ usage_flush_seconds = 5
 # retention = "90d"
 # prune_interval = "1h"
 # max_streams = 64
+# segment_bytes = 67108864          # each file under data/audit/ (64 MiB, allocated whole)
 "#,
             config = config.display(),
             module = module.display(),

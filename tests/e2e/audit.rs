@@ -3,7 +3,7 @@
 //! resume, a stalled consumer that does not stall the vault, and audit storage that fails
 //! (calls fail closed) and comes back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use tonic::Code;
-use ward_tests::{ok, pb, AuditClient, TestServer, Tmpfs};
+use ward_tests::{ok, pb, segments, AuditClient, TestServer, Tmpfs};
 
 use crate::{assert_code, assert_value, fetch, put, put_req};
 
@@ -322,13 +322,13 @@ async fn every_call_kind_allowed_and_denied_leaves_exactly_one_record_without_se
     drop((admin, app, mallory, audit_admin, audit_app));
     let mut s = s;
     s.stop();
-    let db = ward_tests::open_stopped_db(s.data_dir());
-    let tree = db.open_tree("audit").unwrap();
-    assert!(tree.len() >= records.len());
-    for item in tree.iter() {
-        let (_, v) = item.unwrap();
+    let dir = segments::audit_dir(s.data_dir());
+    let on_disk = segments::records(&dir);
+    assert!(on_disk.len() >= records.len());
+    for seg in segments::read_all(&dir) {
+        let bytes = std::fs::read(&seg.path).unwrap();
         for n in needles {
-            assert!(!v.windows(n.len()).any(|w| w == n.as_bytes()));
+            assert!(!bytes.windows(n.len()).any(|w| w == n.as_bytes()));
         }
     }
 }
@@ -417,10 +417,28 @@ fn encode(r: &Raw) -> (Vec<u8>, [u8; 32]) {
     (b, hash)
 }
 
-fn audit_tree(dir: &Path) -> (sled::Db, sled::Tree) {
-    let db = ward_tests::open_stopped_db(dir);
-    let tree = db.open_tree("audit").unwrap();
-    (db, tree)
+/// Size of the segment the tamper tests write (the whole log fits).
+const SEGMENT: usize = 1 << 20;
+
+/// The records of a stopped server's audit log, by sequence number.
+fn log_of(s: &TestServer) -> BTreeMap<u64, Vec<u8>> {
+    segments::records(&segments::audit_dir(s.data_dir()))
+        .into_iter()
+        .collect()
+}
+
+/// Writes `records` back as the stopped server's audit log.
+fn write_log(s: &TestServer, records: &BTreeMap<u64, Vec<u8>>) {
+    let list: Vec<(u64, Vec<u8>)> = records.iter().map(|(k, v)| (*k, v.clone())).collect();
+    segments::rewrite(&segments::audit_dir(s.data_dir()), &list, SEGMENT);
+}
+
+/// Removes the store's note of the newest checkpoint, as an attacker who rewrites the log's
+/// checkpoints must (otherwise the server refuses to start: see the marks test).
+fn drop_checkpoint_mark(s: &TestServer) {
+    let db = ward_tests::open_stopped_db(s.data_dir());
+    db.open_tree("meta").unwrap().remove("audit_checkpoint").unwrap();
+    db.flush().unwrap();
 }
 
 /// Asserts that VerifyAuditLog (through the SDK) finds `problem` first at `seq`.
@@ -461,29 +479,26 @@ async fn tampering_with_one_stored_record_is_reported_at_that_record() {
 
     for case in ["edit", "delete", "reorder"] {
         s.stop();
-        let (db, tree) = audit_tree(s.data_dir());
-        let key = |seq: u64| seq.to_be_bytes();
+        let mut log = log_of(&s);
         let original: Vec<(u64, Vec<u8>)> = [k, k + 1]
             .iter()
-            .map(|seq| (*seq, tree.get(key(*seq)).unwrap().unwrap().to_vec()))
+            .map(|seq| (*seq, log[seq].clone()))
             .collect();
         match case {
             "edit" => {
-                let mut v = original[0].1.clone();
+                let v = log.get_mut(&k).unwrap();
                 let at = v.windows(8).position(|w| w == b"tamper/4").unwrap();
                 v[at..at + 8].copy_from_slice(b"tamper/x");
-                tree.insert(key(k), v).unwrap();
             }
             "delete" => {
-                tree.remove(key(k)).unwrap();
+                log.remove(&k);
             }
             _ => {
-                tree.insert(key(k), original[1].1.clone()).unwrap();
-                tree.insert(key(k + 1), original[0].1.clone()).unwrap();
+                log.insert(k, original[1].1.clone());
+                log.insert(k + 1, original[0].1.clone());
             }
         }
-        db.flush().unwrap();
-        drop((tree, db));
+        write_log(&s, &log);
         s.restart();
         let problem = match case {
             "edit" => pb::AuditProblem::Altered,
@@ -514,14 +529,11 @@ async fn tampering_with_one_stored_record_is_reported_at_that_record() {
                 "ok is false (proto3 JSON omits it): {v}"
             );
         }
-        // Put the original records back for the next case.
+        // Put the original records back for the next case (keeping what was added since).
         s.stop();
-        let (db, tree) = audit_tree(s.data_dir());
-        for (seq, v) in &original {
-            tree.insert(key(*seq), v.clone()).unwrap();
-        }
-        db.flush().unwrap();
-        drop((tree, db));
+        let mut log = log_of(&s);
+        log.extend(original.iter().cloned());
+        write_log(&s, &log);
         s.restart();
         let v = s
             .client("admin")
@@ -568,12 +580,12 @@ async fn a_forged_rechained_log_fails_at_the_hsm_signed_checkpoint() {
     // The attacker can write the database but not use the HSM: rewrite record k, then
     // re-chain every record after it, including the hash each checkpoint claims to sign.
     {
-        let (db, tree) = audit_tree(s.data_dir());
-        let last = u64::from_be_bytes(tree.last().unwrap().unwrap().0.as_ref().try_into().unwrap());
+        let mut log = log_of(&s);
+        let last = *log.keys().last().unwrap();
         let mut rewritten: HashMap<u64, [u8; 32]> = HashMap::new();
         let mut prev = None;
         for seq in k..=last {
-            let mut r = parse(&tree.get(seq.to_be_bytes()).unwrap().unwrap());
+            let mut r = parse(&log[&seq]);
             if seq == k {
                 r.identity = "somebody-else".into();
             } else {
@@ -587,11 +599,12 @@ async fn a_forged_rechained_log_fails_at_the_hsm_signed_checkpoint() {
                 }
             }
             let (stored, hash) = encode(&r);
-            tree.insert(seq.to_be_bytes(), stored).unwrap();
+            log.insert(seq, stored);
             rewritten.insert(seq, hash);
             prev = Some(hash);
         }
-        db.flush().unwrap();
+        write_log(&s, &log);
+        drop_checkpoint_mark(&s);
     }
     s.restart();
     // Every link holds; the first checkpoint after the forgery does not.
@@ -636,22 +649,23 @@ async fn a_tail_rechained_from_genesis_behind_legacy_records_fails_verification(
     drop(a);
     s.stop();
     {
-        let (db, tree) = audit_tree(s.data_dir());
-        let last = u64::from_be_bytes(tree.last().unwrap().unwrap().0.as_ref().try_into().unwrap());
+        let mut log = log_of(&s);
+        let last = *log.keys().last().unwrap();
         assert!(last > cp, "no record after the last checkpoint");
         for seq in 1..=cp {
-            tree.insert(seq.to_be_bytes(), vec![1u8, 0, 0, 0]).unwrap();
+            log.insert(seq, vec![1u8, 0, 0, 0]);
         }
         let mut prev = [0u8; 32];
         for seq in cp + 1..=last {
-            let mut r = parse(&tree.get(seq.to_be_bytes()).unwrap().unwrap());
+            let mut r = parse(&log[&seq]);
             r.identity = "somebody-else".into();
             r.prev_hash = prev;
             let (stored, hash) = encode(&r);
-            tree.insert(seq.to_be_bytes(), stored).unwrap();
+            log.insert(seq, stored);
             prev = hash;
         }
-        db.flush().unwrap();
+        write_log(&s, &log);
+        drop_checkpoint_mark(&s);
     }
     s.restart();
     assert_broken_at(&s, 1, pb::AuditProblem::Undecodable, "downgraded start").await;
@@ -824,6 +838,12 @@ async fn a_full_audit_disk_fails_fetches_closed_and_the_server_recovers() {
     drop(c);
     s.stop();
 
+    // Small audit segments (the log rewritten into one, and new ones that size), so that the
+    // data directory fits a small disk and a new segment is needed soon.
+    let audit = segments::audit_dir(s.data_dir());
+    segments::rewrite(&audit, &segments::records(&audit), 256 * 1024);
+    s.append_config("[audit]\nsegment_bytes = 262144");
+
     // Move the store onto a small tmpfs of its own.
     let mnt_dir = tempfile::Builder::new()
         .prefix("ward-e2e-tmpfs-")
@@ -871,7 +891,7 @@ async fn an_audit_write_error_fails_fetches_closed_and_the_server_recovers() {
     drop(c);
     // The store fails its next write as sled does on a full disk (see store/fault.rs).
     s.restart_with_faults();
-    fetches_fail_closed_on_a_full_disk(&mut s, |s| s.inject_faults("write")).await;
+    fetches_fail_closed_on_a_full_disk(&mut s, |s| s.inject_faults("audit-write")).await;
     fetches_resume_once_space_returns(&mut s, |s| s.inject_faults("")).await;
 }
 
@@ -938,8 +958,8 @@ async fn fetches_resume_once_space_returns(s: &mut TestServer, free: impl FnOnce
     }
     put(&mut c, "full/after", b"ok").await;
     assert!(
-        s.all_output().contains("storage reopened after a failure"),
-        "recovered without reopening the store?\n{}",
+        s.all_output().contains("audit log reopened after a failure"),
+        "recovered without reopening the audit log?\n{}",
         s.stderr_tail(30)
     );
     let v = s

@@ -270,8 +270,9 @@ async fn check_acked(c: &mut ward_tests::RawClient, acked: &[(String, u64, Vec<u
     }
 }
 
-/// Puts values until the free-space guard refuses one: that put and a read both fail
-/// UNAVAILABLE. Returns what was acknowledged before, and the name of the refused put.
+/// Puts values until the free-space guard refuses one (UNAVAILABLE), while reads go on:
+/// their records go to the audit segment's space, allocated when it started. Returns what was
+/// acknowledged before, and the name of the refused put.
 async fn guard_refuses(
     c: &mut ward_tests::RawClient,
     s: &TestServer,
@@ -279,11 +280,7 @@ async fn guard_refuses(
     let (acked, (name, st)) = fill(c, "guard").await;
     assert_eq!(st.code(), Code::Unavailable, "full disk: {st:?}");
     let read = crate::fetch(c, "full/before", 0).await;
-    assert_eq!(
-        read.map(|_| ()).unwrap_err().code(),
-        Code::Unavailable,
-        "read on a full disk"
-    );
+    assert!(read.is_ok(), "a read on a nearly full disk: {read:?}");
     assert!(
         s.count_in_stderr("disk nearly full") > 0,
         "refused for another reason?\n{}",
@@ -349,6 +346,10 @@ async fn disk_full_fails_calls_unavailable_and_recovers() {
     s.stop();
     let data = s.data_dir().join("data");
     let saved = s.scratch_dir().join("data-saved");
+    // The audit log in one small segment, and small new ones, so that it fits the small disk.
+    let audit = ward_tests::segments::audit_dir(s.data_dir());
+    ward_tests::segments::rewrite(&audit, &ward_tests::segments::records(&audit), 1 << 20);
+    s.append_config("[audit]\nsegment_bytes = 1048576");
     copy_dir(&data, &saved);
     std::fs::remove_dir_all(&data).unwrap();
     std::fs::create_dir(&data).unwrap();

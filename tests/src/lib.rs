@@ -26,6 +26,7 @@ mod helpers;
 mod logs;
 mod pki;
 mod process;
+pub mod segments;
 mod server;
 mod token;
 mod tools;
