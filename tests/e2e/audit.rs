@@ -1124,17 +1124,50 @@ async fn wardctl_and_grpcurl_read_the_log() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_prunes_to_a_signed_record_and_tells_a_late_reader() {
-    let mut s = TestServer::start();
-    s.append_config(
-        "[audit]\nretention = \"1s\"\nprune_interval = \"200ms\"\ncheckpoint_interval = \"100ms\"",
-    );
+/// Rewrites the stopped server's log into one segment of [`SMALL_SEGMENT`] bytes and has new
+/// segments made that size (with `more` lines for the `[audit]` table), so that a test can
+/// span several segments with a few thousand records.
+fn small_segments(s: &mut TestServer, more: &str) {
+    s.stop();
+    let dir = segments::audit_dir(s.data_dir());
+    segments::rewrite(&dir, &segments::records(&dir), SMALL_SEGMENT as usize);
+    s.append_config(&format!("[audit]\nsegment_bytes = {SMALL_SEGMENT}\n{more}"));
     s.restart();
+}
+
+/// The smallest segment the server allows.
+const SMALL_SEGMENT: u64 = 256 * 1024;
+
+/// Fetches `name` `n` times, four callers at once.
+async fn fetch_many(s: &TestServer, name: &str, n: usize) {
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut c = s.raw_client("admin").await;
+        let name = name.to_owned();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n / 4 {
+                fetch(&mut c, &name, 0).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_whole_segments_to_a_signed_record_and_tells_a_late_reader() {
+    let mut s = TestServer::start();
+    small_segments(
+        &mut s,
+        "retention = \"1s\"\nprune_interval = \"200ms\"\ncheckpoint_interval = \"100ms\"",
+    );
     let mut c = s.raw_client("admin").await;
     for i in 0..5 {
         put(&mut c, &format!("old/{i}"), b"v").await;
     }
+    // Enough records for several segments: retention deletes whole ones.
+    fetch_many(&s, "old/0", 4000).await;
     let client = s.client("admin").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let v = loop {
@@ -1159,6 +1192,21 @@ async fn retention_prunes_to_a_signed_record_and_tells_a_late_reader() {
         .any(|r| r.kind == pb::AuditRecordKind::Prune as i32 && r.pruned_below_seq > 1));
     // Secrets are not the log: they stay.
     assert_value(&mut c, "old/0", 0, b"v").await;
+    // Whole segments went: the log starts where its first remaining file does.
+    let files = segments::read_all(&segments::audit_dir(s.data_dir()));
+    assert_eq!(files[0].first, v.oldest_seq, "{} files", files.len());
+    // A reader from the oldest record on crosses the segment boundaries without a gap.
+    let (records, gaps) = read_stream(
+        &mut s.audit_client("admin").await,
+        stream_req(v.oldest_seq, false),
+        usize::MAX,
+    )
+    .await;
+    assert!(gaps.is_empty(), "{gaps:?}");
+    for pair in records.windows(2) {
+        assert_eq!(pair[1].seq, pair[0].seq + 1);
+        assert_eq!(pair[1].prev_hash, pair[0].hash);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
