@@ -99,8 +99,9 @@ fn run(cli: Cli) -> Result<(), StartError> {
         }
         // The backup's signature is checked in the HSM before anything is written.
         let hsm = server::open_hsm(&cfg)?;
-        let r = ward_server::vault::backup::restore(from, &cfg.data_dir, cfg.audit.segment_bytes, &hsm)
-            .map_err(StartError::Storage)?;
+        let r =
+            ward_server::vault::backup::restore(from, &cfg.data_dir, cfg.audit.segment_bytes, &hsm)
+                .map_err(StartError::Storage)?;
         println!(
             "restored {} entries into {}; serving it needs master key(s) {} on token {:?}",
             r.entries,

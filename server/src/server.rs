@@ -392,8 +392,7 @@ pub async fn serve(
     flusher.abort();
     // Usage counters and facts since the last periodic flush, made durable before exit.
     let flushed = write_usage(&vault);
-    if let Err(e) = flushed.and(store.sync().await.map_err(Into::into))
-    {
+    if let Err(e) = flushed.and(store.sync().await.map_err(Into::into)) {
         tracing::warn!(error = %e, "final usage flush failed");
     }
     served?;

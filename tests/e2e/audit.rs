@@ -437,7 +437,10 @@ fn write_log(s: &TestServer, records: &BTreeMap<u64, Vec<u8>>) {
 /// checkpoints must (otherwise the server refuses to start: see the marks test).
 fn drop_checkpoint_mark(s: &TestServer) {
     let db = ward_tests::open_stopped_db(s.data_dir());
-    db.open_tree("meta").unwrap().remove("audit_checkpoint").unwrap();
+    db.open_tree("meta")
+        .unwrap()
+        .remove("audit_checkpoint")
+        .unwrap();
     db.flush().unwrap();
 }
 
@@ -958,7 +961,8 @@ async fn fetches_resume_once_space_returns(s: &mut TestServer, free: impl FnOnce
     }
     put(&mut c, "full/after", b"ok").await;
     assert!(
-        s.all_output().contains("audit log reopened after a failure"),
+        s.all_output()
+            .contains("audit log reopened after a failure"),
         "recovered without reopening the audit log?\n{}",
         s.stderr_tail(30)
     );

@@ -20,6 +20,8 @@ pub struct SegmentFile {
     pub records: Vec<(u64, Vec<u8>)>,
     /// Whether it has a footer (sealed).
     pub sealed: bool,
+    /// Offset after its last frame.
+    pub end: u64,
 }
 
 /// The audit directory of a stopped server's data directory.
@@ -93,6 +95,7 @@ fn read_one(path: &Path, first: u64) -> SegmentFile {
         first,
         records,
         sealed,
+        end: at as u64,
     }
 }
 

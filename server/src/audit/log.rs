@@ -247,7 +247,9 @@ impl AuditLog {
         if let Some(raw) = self.store.get(Tree::Meta, APPLIED_MARK)? {
             let applied = read_u64(&raw).unwrap_or(0);
             if applied > head {
-                return refuse(format!("the store holds changes recorded up to record {applied}"));
+                return refuse(format!(
+                    "the store holds changes recorded up to record {applied}"
+                ));
             }
         }
         if let Some(raw) = self.store.get(Tree::Meta, CHECKPOINT_MARK)? {
@@ -305,7 +307,9 @@ impl AuditLog {
                     Ok(_) => {}
                     // Whoever can write the files could otherwise stop the vault; the record
                     // is left to verification to report.
-                    Err(e) => tracing::error!(seq, error = %e, "an audit record after the applied mark cannot be read; VerifyAuditLog will report it"),
+                    Err(e) => {
+                        tracing::error!(seq, error = %e, "an audit record after the applied mark cannot be read; VerifyAuditLog will report it")
+                    }
                 }
             }
         }
@@ -319,7 +323,11 @@ impl AuditLog {
             );
         }
         let mut batch = Batch::new();
-        batch.put(Tree::Meta, APPLIED_MARK, self.durable_head().to_be_bytes().to_vec());
+        batch.put(
+            Tree::Meta,
+            APPLIED_MARK,
+            self.durable_head().to_be_bytes().to_vec(),
+        );
         self.store.commit(batch)?;
         self.store.sync().await?;
         Ok(())
@@ -375,7 +383,10 @@ impl AuditLog {
     }
 
     /// The writer task: commits queued changes in groups until the log is dropped.
-    async fn write_changes(log: Weak<Self>, mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>) {
+    async fn write_changes(
+        log: Weak<Self>,
+        mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>,
+    ) {
         while let Some(first) = queue.recv().await {
             let mut group = vec![first];
             while let Ok(more) = queue.try_recv() {
@@ -534,9 +545,14 @@ impl AuditLog {
     /// record. Change records are resolved before the next commit.
     fn reopen(&self) -> Result<()> {
         {
-            let mut last = self.reopening.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut last = self
+                .reopening
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
-                return Err(Error::Unavailable("audit log unavailable; reopening".into()));
+                return Err(Error::Unavailable(
+                    "audit log unavailable; reopening".into(),
+                ));
             }
             *last = Some(std::time::Instant::now());
         }

@@ -115,8 +115,8 @@ mod verify;
 
 pub use crate::config::AuditSettings;
 pub use access::{code_name, AuditAccess, Outcome, StreamItem, StreamQuery, StreamReader};
-pub use migrate::import;
 pub use log::{AuditLog, PruneReport, UsageFact, APPLIED_MARK, CHECKPOINT_MARK};
+pub use migrate::import;
 pub use verify::{Broken, Problem, Verification};
 
 use crate::clock::Millis;

@@ -641,7 +641,9 @@ fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), Segmen
                     // An empty active segment: the last record is the sealed one's.
                     let prev = &list[i - 1];
                     let seq = disk.last.map(|(s, _)| s).unwrap_or(0);
-                    tail.last = read_range(prev, seq, 1, seq)?.pop().and_then(|(s, r)| r.ok().map(|p| (s, p)));
+                    tail.last = read_range(prev, seq, 1, seq)?
+                        .pop()
+                        .and_then(|(s, r)| r.ok().map(|p| (s, p)));
                 }
                 None => {}
             }
@@ -703,10 +705,7 @@ fn read_range(
                 let seq = expect.unwrap_or(from.max(seg.first));
                 out.push((
                     seq,
-                    Err(format!(
-                        "{} offset {at}: {why}",
-                        seg.path.display()
-                    )),
+                    Err(format!("{} offset {at}: {why}", seg.path.display())),
                 ));
                 break;
             }
@@ -824,7 +823,12 @@ impl Segments {
 
     /// The lowest sequence number kept (0: empty).
     pub fn oldest(&self) -> u64 {
-        match self.list.read().unwrap_or_else(PoisonError::into_inner).first() {
+        match self
+            .list
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .first()
+        {
             Some(s) if self.durable() >= s.first => s.first,
             _ => 0,
         }
@@ -832,7 +836,10 @@ impl Segments {
 
     /// Number of segment files.
     pub fn count(&self) -> usize {
-        self.list.read().unwrap_or_else(PoisonError::into_inner).len()
+        self.list
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// The first sequence number of the segment holding `seq`.
@@ -846,7 +853,12 @@ impl Segments {
 
     /// Up to `limit` durable records from `from` through `through`, in order. A damaged
     /// frame ends the read with an error at the sequence number it should hold.
-    pub fn read(&self, from: u64, limit: usize, through: u64) -> Result<Vec<RawRecord>, SegmentError> {
+    pub fn read(
+        &self,
+        from: u64,
+        limit: usize,
+        through: u64,
+    ) -> Result<Vec<RawRecord>, SegmentError> {
         let list: Vec<Arc<Segment>> = self
             .list
             .read()
@@ -859,7 +871,10 @@ impl Segments {
             if out.len() >= limit || seg.first > through {
                 break;
             }
-            let from = out.last().map_or(from, |(s, _): &RawRecord| s + 1).max(seg.first);
+            let from = out
+                .last()
+                .map_or(from, |(s, _): &RawRecord| s + 1)
+                .max(seg.first);
             let more = read_range(seg, from, limit - out.len(), through)?;
             let broken = more.last().is_some_and(|(_, r)| r.is_err());
             out.extend(more);
@@ -1014,7 +1029,12 @@ impl Segments {
     /// Creates the segment that starts at record `first` and, if there is one, seals the
     /// active segment (in that order: a crash between the two leaves an empty new segment
     /// and an unsealed old one, which opening undoes).
-    fn roll(&self, disk: &mut Disk, first: u64, active: Option<&Arc<Segment>>) -> Result<(), SegmentError> {
+    fn roll(
+        &self,
+        disk: &mut Disk,
+        first: u64,
+        active: Option<&Arc<Segment>>,
+    ) -> Result<(), SegmentError> {
         self.check_space()?;
         let path = self.dir.join(segment_name(first));
         let tmp = self.dir.join(format!("{}.tmp", segment_name(first)));
@@ -1043,7 +1063,10 @@ impl Segments {
         if let Some(old) = active {
             let (last_seq, last_hash) = disk.last.unwrap_or((0, [0; 32]));
             old.file
-                .write_all_at(&footer(last_seq, &last_hash, disk.written), self.size - EDGE)
+                .write_all_at(
+                    &footer(last_seq, &last_hash, disk.written),
+                    self.size - EDGE,
+                )
                 .and_then(|()| old.file.sync_data())
                 .map_err(|e| io_err(old.path.display(), e))?;
         }
@@ -1067,8 +1090,9 @@ impl Segments {
         let free = match self.faults.free_bytes() {
             Some(f) => f,
             None => {
-                let st = nix::sys::statvfs::statvfs(&self.dir)
-                    .map_err(|e| SegmentError::Io(format!("statvfs {}: {e}", self.dir.display())))?;
+                let st = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| {
+                    SegmentError::Io(format!("statvfs {}: {e}", self.dir.display()))
+                })?;
                 (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64)
             }
         };

@@ -185,10 +185,24 @@ impl Keys {
                 tracing::info!(method, identity = %peer.identity, code = %e.code(), error = %e, "call refused");
             }
         }
-        self.vault.audit().append(rec).await?;
-        // A quota charge is committed before the audit record, not with it. The record's sync
-        // covers the charge unless the store was reopened in between (after an I/O error),
-        // which may have lost it: then a VALID answer could exceed the quota after a crash.
+        // A quota charge is committed to the store during the decision; the answer waits until
+        // both it and the call's audit record are durable (the two syncs run side by side).
+        let charged = matches!(&outcome, Ok(v) if v.result == VerifyResult::Valid && v.quota_remaining.is_some());
+        if charged {
+            let (audited, synced) =
+                tokio::join!(self.vault.audit().append(rec), self.vault.store().sync());
+            audited?;
+            synced.map_err(|e| {
+                tracing::error!(error = %e, "quota charge not durable");
+                Error::Unavailable(
+                    "storage unavailable: the quota charge is not confirmed durable".into(),
+                )
+            })?;
+        } else {
+            self.vault.audit().append(rec).await?;
+        }
+        // A store reopened in between (after an I/O error) may have lost the charge: then a
+        // VALID answer could exceed the quota after a crash.
         if matches!(&outcome, Ok(v) if v.result == VerifyResult::Valid)
             && self.vault.store().generation() != generation
         {

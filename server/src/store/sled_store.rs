@@ -31,8 +31,8 @@
 //! The end-to-end tests drive the full-disk and wedged-flush paths by injection (`store/fault.rs`,
 //! a test-only feature) as well as on a real full tmpfs.
 
-use crate::faults::Faults;
 use super::{Batch, Entry, Store, StoreError, Tree};
+use crate::faults::Faults;
 use futures::future::BoxFuture;
 use sled::transaction::{abort, TransactionError};
 use sled::Transactional;
