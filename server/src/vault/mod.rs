@@ -13,6 +13,7 @@
 mod admin;
 mod api_keys;
 pub mod backup;
+mod cache;
 mod lifecycle;
 mod secrets;
 pub mod usage;
@@ -88,6 +89,8 @@ pub struct Vault {
     usage: Arc<UsageBook>,
     /// Who follows changes (watch streams, the sweeper's index): told by the write path.
     sinks: Vec<Arc<dyn ChangeSink>>,
+    /// Decoded secret records for reads, invalidated by the write path.
+    records: cache::RecordCache,
 }
 
 impl Vault {
@@ -116,6 +119,7 @@ impl Vault {
             usage: Arc::new(UsageBook::default()),
             settings,
             sinks,
+            records: cache::RecordCache::default(),
         }
     }
 
@@ -246,6 +250,27 @@ impl Vault {
         let secret: SecretRecord = decode("secret", &raw)?;
         self.authorize(peer, verb, name, Some(&secret.environment))?;
         Ok((raw, secret))
+    }
+
+    /// [`Vault::load_for`] for a read: the decoded record, from the cache when it holds it
+    /// (see [`cache`]), without the stored bytes a write would guard on.
+    pub(crate) fn load_for_read(
+        &self,
+        peer: &Peer,
+        verb: Verb,
+        name: &SecretName,
+    ) -> Result<Arc<SecretRecord>> {
+        let (cached, epoch) = self.records.get(name.as_str(), self.store.generation());
+        if let Some(secret) = cached {
+            // The same checks, in the same order, as a read of the store.
+            self.authorize(peer, verb, name, None)?;
+            self.authorize(peer, verb, name, Some(&secret.environment))?;
+            return Ok(secret);
+        }
+        let (_, secret) = self.load_for(peer, verb, name)?;
+        let secret = Arc::new(secret);
+        self.records.keep(name.as_str(), secret.clone(), epoch);
+        Ok(secret)
     }
 
     pub(crate) fn check_environment(&self, env: &str) -> Result<()> {

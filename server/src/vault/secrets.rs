@@ -253,7 +253,7 @@ impl Vault {
 
     fn fetch_one(&self, peer: &Peer, name: &str, version: u64) -> Result<Fetched> {
         let name = SecretName::parse(name)?;
-        let (_, secret) = self.load_for(peer, Verb::Read, &name)?;
+        let secret = self.load_for_read(peer, Verb::Read, &name)?;
         self.read_version_of(&secret, &name, version)
     }
 

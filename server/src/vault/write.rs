@@ -250,6 +250,7 @@ impl Vault {
         match self.audit.commit(batch, rec).await {
             Ok(()) => {
                 for name in &written {
+                    self.records.invalidate(name);
                     for sink in &self.sinks {
                         sink.committed(name);
                     }
