@@ -74,16 +74,18 @@ async fn a_torn_tail_is_cut_and_nothing_acknowledged_goes_with_it() {
     frame.extend_from_slice(&[0; 4]);
     frame.extend_from_slice(&(record.len() as u32).to_le_bytes());
     frame.push(2);
-    frame.extend_from_slice(&(before.keys().last().unwrap() + 1).to_le_bytes());
+    frame.extend_from_slice(&(*before.keys().last().unwrap() + 1).to_le_bytes());
     frame.extend_from_slice(&record);
-    let group_end = end + 29 + frame.len() as u64;
+    let last = *before.keys().last().unwrap();
+    let group_end = end + 37 + frame.len() as u64;
     let mut group = Vec::new();
     group.extend_from_slice(&[0; 4]);
-    group.extend_from_slice(&12u32.to_le_bytes());
+    group.extend_from_slice(&20u32.to_le_bytes());
     group.push(1);
-    group.extend_from_slice(&(before.keys().last().unwrap() + 1).to_le_bytes());
+    group.extend_from_slice(&(last + 1).to_le_bytes());
     group.extend_from_slice(&group_end.to_le_bytes());
     group.extend_from_slice(&1u32.to_le_bytes());
+    group.extend_from_slice(&last.to_le_bytes());
     let crc = crc32c::crc32c(&group[4..]);
     group[..4].copy_from_slice(&crc.to_le_bytes());
     torn.extend_from_slice(&group);
@@ -122,7 +124,7 @@ async fn damaged_truncated_or_missing_segments_stop_the_server_with_exit_5() {
 
     // A flipped byte in an early record (later groups follow it): not a torn tail.
     let mut bad = original.clone();
-    bad[64 + 29 + 40] ^= 0x01;
+    bad[64 + 37 + 40] ^= 0x01;
     std::fs::write(&path, &bad).unwrap();
     expect_refusal(&s, "damaged record", "damaged");
 

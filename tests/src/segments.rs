@@ -133,9 +133,11 @@ pub fn rewrite(dir: &Path, records: &[(u64, Vec<u8>)], size: usize) {
     for (seq, stored) in records {
         let mut rec = Vec::new();
         frame(2, *seq, stored, &mut rec);
-        let end = (b.len() + FRAME_HEADER + 12 + rec.len()) as u64;
+        let end = (b.len() + FRAME_HEADER + 20 + rec.len()) as u64;
         let mut group = end.to_le_bytes().to_vec();
         group.extend_from_slice(&1u32.to_le_bytes());
+        // Written once everything before it was durable.
+        group.extend_from_slice(&seq.saturating_sub(1).to_le_bytes());
         frame(1, *seq, &group, &mut b);
         b.extend_from_slice(&rec);
     }

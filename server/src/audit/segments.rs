@@ -13,7 +13,8 @@
 //! frames  (from 64)            u32 crc32c(rest of the frame) u32 len u8 type u64 seq
 //!                              len bytes of payload
 //!   type 1 (group):            payload = u64 end offset of the group's last frame
-//!                              u32 records; seq = the group's first record
+//!                              u32 records, u64 the highest record durable when the
+//!                              group was written; seq = the group's first record
 //!   type 2 (record):           payload = the record as stored (body || H(body))
 //! zeros                        where nothing was written yet (len 0: the end)
 //! footer  (64 bytes at size-64, once sealed)
@@ -24,22 +25,23 @@
 //! # Writing
 //!
 //! Records are appended to a buffer under the caller's lock (no I/O). [`Segments::sync`]
-//! writes the buffered records as one *group* — a group frame naming where the group ends,
-//! then its records — with one `write`, then `fdatasync`s; concurrent callers wait for the
-//! one sync in flight and the next one covers them all. A group is written only after the
-//! previous group's `fdatasync` returned, which is what makes recovery exact (below). When the
-//! next group does not fit, the segment is sealed (footer, `fdatasync`) and a new one is
-//! created (`.tmp`, allocated, header, `fsync`, renamed, directory `fsync`).
+//! writes the buffered records as one *group* — a group frame naming where the group ends and
+//! how far the log was durable when it was written, then its records — with one `write`, then
+//! `fdatasync`s the file outside the write lock. Up to [`SYNCS`] syncs run at once (the kernel
+//! merges concurrent cache flushes); a sync makes durable everything written before it started.
+//! When the next group does not fit, the segment is sealed (footer, `fdatasync`) and a new one
+//! is created (`.tmp`, allocated, header, `fsync`, renamed, directory `fsync`).
 //!
 //! # Recovery
 //!
 //! Sealed segments must have their header and footer, and follow one another without a gap
 //! (footer's last sequence number + 1 = the next segment's first). In the last segment,
-//! groups are read until the zeros: an invalid frame in the *last* group is a torn tail (a
-//! crash during its write, so never acknowledged) and is cut; an invalid frame followed by
-//! another group is damage to records that were durable before that group was written, and
-//! opening fails. Anything else wrong — a missing, truncated or renamed segment, a bad header
-//! or footer — fails opening with a message that names the file.
+//! groups are read until the zeros. An invalid frame in a group is a torn write — a crash
+//! before that group's `fdatasync` returned, so none of it was acknowledged — and the log is
+//! cut at the group, unless a later group says it was written after the damaged group's records
+//! were durable: that is damage to acknowledged records, and opening fails. Anything else
+//! wrong — a missing, truncated or renamed segment, a bad header or footer — fails opening
+//! with a message that names the file.
 
 use crate::faults::Faults;
 use std::fs::{File, OpenOptions};
@@ -56,8 +58,8 @@ const VERSION: u32 = 1;
 const EDGE: u64 = 64;
 /// crc, len, type, seq.
 const FRAME_HEADER: usize = 4 + 4 + 1 + 8;
-/// A group frame's payload: end offset, record count.
-const GROUP_PAYLOAD: usize = 8 + 4;
+/// A group frame's payload: end offset, record count, the durable point when it was written.
+const GROUP_PAYLOAD: usize = 8 + 4 + 8;
 const GROUP_FRAME: usize = FRAME_HEADER + GROUP_PAYLOAD;
 const TYPE_GROUP: u8 = 1;
 const TYPE_RECORD: u8 = 2;
@@ -111,12 +113,14 @@ struct Pending {
     failed: bool,
 }
 
-/// What only the syncer touches (under `sync_lock`).
+/// The writing end, under its lock (held for writes and rolls, never for an `fdatasync`).
 struct Disk {
-    /// Offset after the last durable group in the active (last) segment.
+    /// Offset after the last group written to the active (last) segment.
     written: u64,
-    /// The last durable record (seq, hash).
+    /// The last record written (seq, hash).
     last: Option<(u64, [u8; 32])>,
+    /// Where the last durable group ends: (the segment's first record, offset).
+    durable_at: (u64, u64),
 }
 
 /// The segment files of one log.
@@ -128,12 +132,22 @@ pub struct Segments {
     disk: Mutex<Disk>,
     /// Highest durable sequence number (0: none).
     durable: AtomicU64,
-    /// One group write and sync at a time.
-    sync_lock: tokio::sync::Mutex<()>,
+    /// Highest sequence number an `fdatasync` in flight (or done) will make durable.
+    covered: AtomicU64,
+    /// Told when `durable` moves or a write fails.
+    woken: tokio::sync::watch::Sender<()>,
+    /// Groups written and synced at once (see [`Segments::sync`]).
+    syncs: Arc<tokio::sync::Semaphore>,
     /// Whether the log needs [`Segments::recover`] before the next append.
     failed: AtomicBool,
+    /// Counts [`Segments::recover`]s: records buffered before one are gone.
+    reopened: AtomicU64,
     faults: Faults,
 }
+
+/// `fdatasync`s in flight at once. The kernel merges concurrent cache flushes, so a few
+/// overlapping syncs make far more records durable per second than one at a time.
+const SYNCS: usize = 4;
 
 /// What opening found at the end of the log.
 #[derive(Debug, Clone, Default)]
@@ -185,10 +199,11 @@ fn put_frame(kind: u8, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn group_frame(first: u64, end: u64, count: u32) -> Vec<u8> {
+fn group_frame(first: u64, end: u64, count: u32, durable_through: u64) -> Vec<u8> {
     let mut payload = Vec::with_capacity(GROUP_PAYLOAD);
     payload.extend_from_slice(&end.to_le_bytes());
     payload.extend_from_slice(&count.to_le_bytes());
+    payload.extend_from_slice(&durable_through.to_le_bytes());
     let mut out = Vec::with_capacity(GROUP_FRAME);
     put_frame(TYPE_GROUP, first, &payload, &mut out);
     out
@@ -499,7 +514,7 @@ fn torn(
         .map_err(|e| io_err(path.display(), e))?
         .len()
         - EDGE;
-    let later = find_group(file, from, limit).map_err(|e| io_err(path.display(), e))?;
+    let later = find_group(file, from, limit, next).map_err(|e| io_err(path.display(), e))?;
     if let Some((off, seq)) = later {
         return Err(damaged(
             path,
@@ -515,8 +530,10 @@ fn torn(
     Ok(a)
 }
 
-/// Looks for a valid group frame from `from` on: (its offset, its first record).
-fn find_group(file: &File, from: u64, limit: u64) -> io::Result<Option<(u64, u64)>> {
+/// Looks from `from` on for a valid group frame written after record `next` was durable:
+/// (its offset, its first record). Groups written while `next` was still being synced (up to
+/// [`SYNCS`] overlap) do not count: a crash can tear an earlier group and keep a later one.
+fn find_group(file: &File, from: u64, limit: u64, next: u64) -> io::Result<Option<(u64, u64)>> {
     let mut at = from;
     while at + (GROUP_FRAME as u64) <= limit {
         let n = (READ_CHUNK as u64 + GROUP_FRAME as u64).min(limit - at) as usize;
@@ -528,7 +545,9 @@ fn find_group(file: &File, from: u64, limit: u64) -> io::Result<Option<(u64, u64
                 continue;
             }
             if let Parsed::Frame(f) = parse_frame(&b[..GROUP_FRAME], GROUP_FRAME as u64) {
-                return Ok(Some((at + i as u64, f.seq)));
+                if u64_at(&b[FRAME_HEADER..], 12) >= next {
+                    return Ok(Some((at + i as u64, f.seq)));
+                }
             }
         }
         at += n.saturating_sub(GROUP_FRAME - 1).max(1) as u64;
@@ -598,6 +617,7 @@ fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), Segmen
     let mut disk = Disk {
         written: EDGE,
         last: None,
+        durable_at: (0, EDGE),
     };
     let mut tail = Tail::default();
     for (i, &first) in firsts.iter().enumerate() {
@@ -635,6 +655,7 @@ fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), Segmen
                 tracing::warn!(segment = %path.display(), offset = a.end, "cut a torn audit log tail (a crash during a write that was never acknowledged)");
             }
             disk.written = a.end;
+            disk.durable_at = (first, a.end);
             match &a.last {
                 Some((seq, payload)) => disk.last = Some((*seq, stored_hash(payload))),
                 None if i > 0 => {
@@ -752,8 +773,11 @@ impl Segments {
                 pending: Mutex::new(Pending::default()),
                 disk: Mutex::new(disk),
                 durable: AtomicU64::new(durable),
-                sync_lock: tokio::sync::Mutex::new(()),
+                covered: AtomicU64::new(durable),
+                woken: tokio::sync::watch::channel(()).0,
+                syncs: Arc::new(tokio::sync::Semaphore::new(SYNCS)),
                 failed: AtomicBool::new(false),
+                reopened: AtomicU64::new(0),
                 faults: Faults::from_env(),
             }),
             tail,
@@ -785,35 +809,90 @@ impl Segments {
         Ok(())
     }
 
-    /// Waits until record `through` (appended) is durable: writes what is buffered as one
-    /// group and `fdatasync`s, unless a sync that covers it finishes first. Callers that
-    /// arrive during a sync share the next one.
+    /// Waits until record `through` (appended) is durable. If no `fdatasync` in flight
+    /// covers it, writes what is buffered as one group and syncs it; up to [`SYNCS`] groups are
+    /// synced at once, so callers that arrive during a sync start the next one instead of
+    /// waiting for it. Everything written before an `fdatasync` starts is durable when it
+    /// returns, so a sync moves the durable point to the last record written before it.
     pub async fn sync(self: &Arc<Self>, through: u64) -> Result<(), SegmentError> {
-        if self.durable() >= through {
-            return Ok(());
-        }
-        let _one = self.sync_lock.lock().await;
-        if self.durable() >= through {
-            return Ok(());
-        }
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.write_pending())
+        let mut woken = self.woken.subscribe();
+        let reopened = self.reopened.load(Ordering::Acquire);
+        loop {
+            if self.durable() >= through {
+                return Ok(());
+            }
+            if self.failed() || self.reopened.load(Ordering::Acquire) != reopened {
+                return Err(SegmentError::Io(
+                    "the audit write failed; the log is being reopened".into(),
+                ));
+            }
+            if self.covered.load(Ordering::Acquire) >= through {
+                // A sync in flight covers it.
+                let _ = woken.changed().await;
+                continue;
+            }
+            let permit = tokio::select! {
+                p = self.syncs.clone().acquire_owned() => p
+                    .map_err(|_| SegmentError::Io("audit log closed".into()))?,
+                _ = woken.changed() => continue,
+            };
+            if self.durable() >= through || self.covered.load(Ordering::Acquire) >= through {
+                continue;
+            }
+            let this = self.clone();
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                this.write_and_sync()
+            })
             .await
             .map_err(|e| SegmentError::Io(format!("audit sync task: {e}")))??;
-        if self.durable() >= through {
-            Ok(())
-        } else {
-            Err(SegmentError::Io(format!(
-                "record {through} was not written (the log was reopened)"
-            )))
         }
     }
 
-    /// Writes and syncs what is buffered, from a blocking context that holds no sync lock of
-    /// its own (start-up: migration and restore).
+    /// Writes and syncs what is buffered, from a blocking context (start-up: migration and
+    /// restore).
     pub fn sync_blocking(&self) -> Result<(), SegmentError> {
-        let _one = self.sync_lock.blocking_lock();
-        self.write_pending()
+        self.write_and_sync()
+    }
+
+    /// Writes the buffered records (one group per segment they go to) and `fdatasync`s the
+    /// active segment, outside the write lock.
+    fn write_and_sync(&self) -> Result<(), SegmentError> {
+        let (active, covered, at) = {
+            let mut disk = lock(&self.disk);
+            self.write_pending(&mut disk).map_err(|e| self.fail(e))?;
+            let Some((covered, _)) = disk.last else {
+                return Ok(());
+            };
+            let active = self
+                .list
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .last()
+                .cloned();
+            let Some(active) = active else {
+                return Ok(());
+            };
+            self.covered.fetch_max(covered, Ordering::AcqRel);
+            let at = (active.first, disk.written);
+            (active, covered, at)
+        };
+        if covered <= self.durable() {
+            return Ok(());
+        }
+        active
+            .file
+            .sync_data()
+            .map_err(|e| self.fail(io_err(active.path.display(), e)))?;
+        {
+            let mut disk = lock(&self.disk);
+            if at > disk.durable_at {
+                disk.durable_at = at;
+            }
+        }
+        self.durable.fetch_max(covered, Ordering::AcqRel);
+        self.woken.send_replace(());
+        Ok(())
     }
 
     /// The highest durable sequence number (0: none).
@@ -909,37 +988,46 @@ impl Segments {
     /// After a failed write: drops what was buffered, zeros what was written after the last
     /// durable group, and reopens the files as at start-up. Returns the tail found.
     pub fn recover(&self) -> Result<Tail, SegmentError> {
-        let Ok(_one) = self.sync_lock.try_lock() else {
-            return Err(SegmentError::Io("a sync is in progress".into()));
+        // No sync may be in flight: one finishing later would claim records zeroed here.
+        let Ok(_all) = self.syncs.clone().try_acquire_many_owned(SYNCS as u32) else {
+            return Err(SegmentError::Io("an audit sync is in progress".into()));
         };
         {
             let disk = lock(&self.disk);
             let list = self.list.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(active) = list.last() {
-                zero_from(&active.file, disk.written)
-                    .map_err(|e| io_err(active.path.display(), e))?;
+                let from = if disk.durable_at.0 == active.first {
+                    disk.durable_at.1
+                } else {
+                    EDGE
+                };
+                zero_from(&active.file, from).map_err(|e| io_err(active.path.display(), e))?;
             }
         }
         let (list, disk, tail) = load(&self.dir, self.size)?;
-        self.durable
-            .store(disk.last.map_or(0, |(s, _)| s), Ordering::Release);
+        let durable = disk.last.map_or(0, |(s, _)| s);
+        self.durable.store(durable, Ordering::Release);
+        self.covered.store(durable, Ordering::Release);
         *self.list.write().unwrap_or_else(PoisonError::into_inner) = list;
         *lock(&self.disk) = disk;
         *lock(&self.pending) = Pending::default();
+        self.reopened.fetch_add(1, Ordering::AcqRel);
         self.failed.store(false, Ordering::Release);
+        self.woken.send_replace(());
         Ok(tail)
     }
 
     fn fail(&self, e: SegmentError) -> SegmentError {
         lock(&self.pending).failed = true;
         self.failed.store(true, Ordering::Release);
+        self.woken.send_replace(());
         tracing::error!(error = %e, "audit log write failed; calls fail closed until it reopens");
         e
     }
 
-    /// Writes the buffered records as groups (rolling to a new segment when one is full)
-    /// and syncs them. Called with `sync_lock` held.
-    fn write_pending(&self) -> Result<(), SegmentError> {
+    /// Writes the buffered records as groups, rolling to a new segment when one is full.
+    /// Called with the write lock (`disk`) held.
+    fn write_pending(&self, disk: &mut Disk) -> Result<(), SegmentError> {
         let (buf, bounds) = {
             let mut p = lock(&self.pending);
             if p.failed {
@@ -950,9 +1038,7 @@ impl Segments {
         if bounds.is_empty() {
             return Ok(());
         }
-        let mut disk = lock(&self.disk);
-        self.write_groups(&mut disk, &buf, &bounds)
-            .map_err(|e| self.fail(e))
+        self.write_groups(disk, &buf, &bounds)
     }
 
     fn write_groups(
@@ -998,7 +1084,7 @@ impl Segments {
             let start = disk.written;
             let end = start + bytes;
             let body = &buf[bounds[i].1..frame_end(j - 1)];
-            let mut out = group_frame(bounds[i].0, end, (j - i) as u32);
+            let mut out = group_frame(bounds[i].0, end, (j - i) as u32, self.durable());
             out.extend_from_slice(body);
             if let Some(e) = self.faults.audit_write_error() {
                 return Err(io_err(active.path.display(), e));
@@ -1006,7 +1092,6 @@ impl Segments {
             active
                 .file
                 .write_all_at(&out, start)
-                .and_then(|()| active.file.sync_data())
                 .map_err(|e| io_err(active.path.display(), e))?;
             if let Some(index) = lock(&active.index).as_mut() {
                 for (seq, at) in &bounds[i..j] {
@@ -1020,7 +1105,6 @@ impl Segments {
             disk.written = end;
             disk.last = Some((bounds[j - 1].0, stored_hash(&last[FRAME_HEADER..])));
             active.end.store(end, Ordering::Release);
-            self.durable.store(bounds[j - 1].0, Ordering::Release);
             i = j;
         }
         Ok(())
