@@ -469,16 +469,12 @@ fn recover_active(file: &File, path: &Path, first: u64) -> Result<Active, Segmen
                     c.skip(f.len);
                     next += 1;
                 }
-                _ => {
-                    if let Some(l) = group_last {
-                        a.last = Some(l);
-                    }
-                    return torn(file, path, a, at, end, next, limit);
-                }
+                // The group is cut whole, from its group frame (see `torn`).
+                _ => return torn(file, path, a, group_at, end, group.seq, limit),
             }
         }
         if c.offset() != end {
-            return torn(file, path, a, c.offset(), end, next, limit);
+            return torn(file, path, a, group_at, end, group.seq, limit);
         }
         if let Some(l) = group_last {
             a.last = Some(l);
@@ -487,8 +483,12 @@ fn recover_active(file: &File, path: &Path, first: u64) -> Result<Active, Segmen
     }
 }
 
-/// An invalid frame at `at`: if a later group follows (searched from `from`), records that
-/// were durable are damaged; otherwise the last group was torn by a crash and is cut.
+/// The group at `at` (whose first record is `next`) is invalid: if a later group follows
+/// (searched from `from`), records that were durable are damaged; otherwise the last group
+/// was torn by a crash and is cut whole. None of its records was acknowledged (that waits for
+/// the group's `fdatasync`), and keeping some of them would leave its group frame naming an
+/// end and a count that the next group written after them contradicts — the next start-up
+/// would then take acknowledged records for damage, or cut them as a torn tail.
 fn torn(
     file: &File,
     path: &Path,
@@ -502,7 +502,7 @@ fn torn(
         return Err(damaged(
             path,
             format!(
-                "the frame at offset {at} (record {next} or its group) is damaged, and a later \
+                "the group at offset {at} (from record {next}) is damaged, and a later \
                  group (record {seq}, offset {off}) follows it: records that were durable \
                  were altered"
             ),
@@ -512,12 +512,9 @@ fn torn(
         // Unreachable by construction; refuse rather than guess.
         return Err(damaged(path, "inconsistent recovery"));
     }
-    // Keep the whole records before `at` only if their group ended there; records of a torn
-    // group stay (they are whole and chained; they were never acknowledged).
-    let keep = at;
-    let cut = limit - keep;
-    zero_from(file, keep, limit).map_err(|e| io_err(path.display(), e))?;
-    a.end = keep;
+    let cut = limit - at;
+    zero_from(file, at, limit).map_err(|e| io_err(path.display(), e))?;
+    a.end = at;
     a.cut = cut;
     Ok(a)
 }
@@ -1092,3 +1089,7 @@ impl Segments {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "segment_tests.rs"]
+mod tests;
