@@ -1011,3 +1011,271 @@ fn outcome_filters_parse_and_refusals_quote_only_an_excerpt() {
     assert_eq!(e.code(), crate::error::Code::InvalidArgument);
     assert!(e.to_string().len() < 512, "{:.80}", e.to_string());
 }
+
+/// A record `seq` chained after `prev` (stored bytes), as the log would write it.
+fn chained(prev: &[u8], seq: u64, mut r: AuditRecord) -> Vec<u8> {
+    r.seq = seq;
+    r.prev_hash = decode(prev).unwrap().hash;
+    r.encode().0
+}
+
+fn applied_mark(fx: &Fx) -> Option<u64> {
+    fx.store
+        .get(Tree::Meta, APPLIED_MARK)
+        .unwrap()
+        .map(|v| u64::from_be_bytes(v[..8].try_into().unwrap()))
+}
+
+fn refused_open(r: Result<Arc<AuditLog>>) -> String {
+    match r {
+        Err(Error::DataLoss(m)) => m,
+        Err(e) => panic!("refused as {e:?}, not as data loss"),
+        Ok(_) => panic!("a log missing records the store names was opened"),
+    }
+}
+
+#[tokio::test]
+async fn open_refuses_a_log_that_lost_records_the_store_names() {
+    // Cut below the applied mark: the store holds a change whose record is gone.
+    let mut fx = setup(1000).await;
+    calls(&fx, 3, 0).await;
+    let mut r = call(&fx, "admin", "PutSecret", "a", 0);
+    fx.log.commit(Batch::new(), &mut r).await.unwrap();
+    fx.log.synced(&r).await.unwrap();
+    assert_eq!(applied_mark(&fx), Some(4));
+    let all = raw_all(&fx);
+    write_segments(&fx, all[..3].to_vec()).await;
+    let m = refused_open(fx.open().await);
+    assert!(
+        m.contains("up to record 4") && m.contains("ends at record 3"),
+        "{m}"
+    );
+    // Every segment deleted: the same.
+    write_segments(&fx, Vec::new()).await;
+    let m = refused_open(fx.open().await);
+    assert!(m.contains("ends at record 0"), "{m}");
+    // The records back: it opens, as it was.
+    write_segments(&fx, all).await;
+    fx.reopen().await;
+    assert_eq!(fx.log.durable_head(), 4);
+
+    // The newest checkpoint's record replaced (the log re-chained from before it) or cut.
+    let fx = setup(5).await;
+    calls(&fx, 5, 5).await; // checkpoint 6
+    calls(&fx, 2, 0).await;
+    let all = raw_all(&fx);
+    let mut forged = all[..5].to_vec();
+    let mut cp = *decode(&all[5].1).unwrap().record;
+    cp.time_ms += 1;
+    forged.push((6, chained(&forged[4].1, 6, cp)));
+    write_segments(&fx, forged).await;
+    let m = refused_open(fx.open().await);
+    assert!(m.contains("checkpoint record 6 differs"), "{m}");
+    // Cut before it, with the applied mark gone too: the checkpoint mark alone refuses it.
+    write_segments(&fx, all[..5].to_vec()).await;
+    let mut b = Batch::new();
+    b.remove(Tree::Meta, APPLIED_MARK.to_vec());
+    fx.store.commit(b).unwrap();
+    let m = refused_open(fx.open().await);
+    assert!(m.contains("checkpoint record 6 was written"), "{m}");
+    assert!(m.contains(&fx.audit.display().to_string()), "{m}");
+}
+
+#[tokio::test]
+async fn start_up_voids_change_records_whose_commit_never_happened() {
+    let mut fx = setup(1000).await;
+    calls(&fx, 1, 0).await;
+    let mut r = call(&fx, "admin", "PutSecret", "a", 0);
+    let mut b = Batch::new();
+    b.put(Tree::Meta, b"applied-change".to_vec(), vec![1]);
+    fx.log.commit(b, &mut r).await.unwrap();
+    fx.log.synced(&r).await.unwrap();
+    assert_eq!((r.seq, applied_mark(&fx)), (2, Some(2)));
+    // A crash between change records and their commits: record 3's change never reached the
+    // store; record 4's commit failed and record 5 says so; record 6 is a read.
+    let mut all = raw_all(&fx);
+    let change = |name: &str| {
+        let mut c = call(&fx, "admin", "PutSecret", name, 0);
+        c.event = Event::Change;
+        c
+    };
+    let mut void = AuditRecord::system(VOID_METHOD, fx.clock.now_ms(), Event::Void { seq: 4 });
+    void.code = Code::Aborted.as_i32();
+    for (seq, rec) in [
+        (3, change("lost")),
+        (4, change("refused")),
+        (5, void),
+        (6, call(&fx, "app", "FetchSecret", "a", 0)),
+    ] {
+        let stored = chained(&all.last().unwrap().1, seq, rec);
+        all.push((seq, stored));
+    }
+    rewrite(&mut fx, all, Marks::Keep).await;
+    // Record 7 voids record 3 (UNAVAILABLE: not applied), and nothing else was voided.
+    assert_eq!(fx.log.durable_head(), 7);
+    let last = record_at(&fx, 7);
+    assert_eq!(last.event, Event::Void { seq: 3 });
+    assert_eq!(
+        (last.method.as_str(), last.identity.as_str(), last.code),
+        (VOID_METHOD, SERVER_IDENTITY, Code::Unavailable.as_i32())
+    );
+    assert_eq!(applied_mark(&fx), Some(7));
+    assert_eq!(
+        fx.store.get(Tree::Meta, b"applied-change").unwrap(),
+        Some(vec![1])
+    );
+    assert!(fx.log.verify(0, 0).await.unwrap().ok());
+    // Resolved once: the next start adds nothing, and changes go on.
+    fx.reopen().await;
+    assert_eq!(fx.log.durable_head(), 7);
+    let mut r = call(&fx, "admin", "PutSecret", "b", 0);
+    fx.log.commit(Batch::new(), &mut r).await.unwrap();
+    assert_eq!((r.seq, applied_mark(&fx)), (8, Some(8)));
+}
+
+/// A data directory as an earlier version left it: `entries` in the store's tree `audit`, no
+/// `audit/` directory. The log is not opened (`log` is `src`'s until [`Fx::reopen`]).
+fn sled_held(src: &Fx, entries: &[crate::store::Entry]) -> Fx {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let mut b = Batch::new();
+    for (k, v) in entries {
+        b.put(Tree::Audit, k.clone(), v.clone());
+    }
+    // (Not an empty batch: the sled store panics on one.)
+    if !entries.is_empty() {
+        store.commit(b).unwrap();
+    }
+    Fx {
+        log: src.log.clone(),
+        store,
+        clock: src.clock.clone(),
+        signer: src.signer.clone(),
+        settings: src.settings.clone(),
+        audit: dir.path().join("audit"),
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn a_sled_held_log_moves_into_segments_once_checked() {
+    let src = setup(5).await;
+    calls_sized(&src, 14, 5, PAD).await; // several segments' worth
+    let entries = src.log.export().unwrap();
+    assert_eq!(entries.len(), 16);
+    let mut fx = sled_held(&src, &entries);
+    // A copy a crash interrupted is thrown away and made again.
+    let building = fx.audit.with_extension("migrating");
+    std::fs::create_dir(&building).unwrap();
+    std::fs::write(building.join("00000000000000000001.seg"), b"half").unwrap();
+    fx.reopen().await;
+    assert!(!building.exists());
+    assert!(fx.log.segment_count() > 1);
+    assert_eq!(fx.log.durable_head(), 16);
+    assert_eq!(fx.log.export().unwrap(), entries);
+    assert!(fx.store.scan(Tree::Audit, b"", b"", 1).unwrap().is_empty());
+    let v = fx.log.verify(0, 0).await.unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!((v.records_checked, v.checkpoints_verified), (16, 2));
+    // The chain continues in the segments.
+    calls(&fx, 1, 1).await;
+    assert_eq!(
+        record_at(&fx, 17).prev_hash,
+        decode(&entries[15].1).unwrap().hash
+    );
+    assert!(fx.log.verify(0, 0).await.unwrap().ok());
+
+    // A crash after the switch and before the old records were all deleted: the next start
+    // finishes deleting them and keeps the segments as they are.
+    let mut b = Batch::new();
+    for (k, v) in &entries[..3] {
+        b.put(Tree::Audit, k.clone(), v.clone());
+    }
+    fx.store.commit(b).unwrap();
+    fx.reopen().await;
+    assert!(fx.store.scan(Tree::Audit, b"", b"", 1).unwrap().is_empty());
+    assert_eq!(fx.log.durable_head(), 18);
+}
+
+#[tokio::test]
+async fn an_altered_sled_held_log_is_not_moved_and_nothing_changes() {
+    let src = setup(5).await;
+    calls(&src, 10, 5).await;
+    let entries = src.log.export().unwrap();
+    let forged_sig = {
+        // A checkpoint whose MAC does not verify, re-chained so that only the MAC is wrong.
+        let mut e = entries.clone();
+        let mut cp = *decode(&e[5].1).unwrap().record;
+        if let Event::Checkpoint(c) = &mut cp.event {
+            c.mac[0] ^= 1;
+        }
+        e[5].1 = chained(&e[4].1, 6, cp);
+        for i in 6..e.len() {
+            let r = *decode(&e[i].1).unwrap().record;
+            e[i].1 = chained(&e[i - 1].1.clone(), i as u64 + 1, r);
+        }
+        e
+    };
+    let cases: Vec<(&str, Vec<crate::store::Entry>)> = vec![
+        ("was altered", {
+            let mut e = entries.clone();
+            let last = e[3].1.len() - 1;
+            e[3].1[last] ^= 1;
+            e
+        }),
+        ("does not follow", {
+            let mut e = entries.clone();
+            e.remove(3);
+            e
+        }),
+        ("does not decode", {
+            let mut e = entries.clone();
+            e[3].1 = b"garbage".to_vec();
+            e
+        }),
+        ("HSM signature", forged_sig),
+    ];
+    for (why, tree) in cases {
+        let fx = sled_held(&src, &tree);
+        let m = refused_open(fx.open().await);
+        assert!(
+            m.contains(why) && m.contains("Nothing was changed"),
+            "{why}: {m}"
+        );
+        // Nothing changed: the old log is whole in the store, no segments anywhere.
+        assert_eq!(
+            fx.store.scan(Tree::Audit, b"", b"", 1000).unwrap(),
+            tree,
+            "{why}"
+        );
+        assert!(!fx.audit.exists(), "{why}");
+        assert!(!fx.audit.with_extension("migrating").exists(), "{why}");
+    }
+}
+
+#[tokio::test]
+async fn an_imported_log_continues_its_chain() {
+    let src = setup(5).await;
+    calls_sized(&src, 12, 5, PAD).await;
+    let entries = src.log.export().unwrap();
+    let mut fx = sled_held(&src, &[]);
+    let (dir, size, e) = (fx.audit.clone(), fx.settings.segment_bytes, entries.clone());
+    let n = tokio::task::spawn_blocking(move || import(&dir, size, &e))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, entries.len() as u64);
+    fx.reopen().await;
+    assert_eq!(fx.log.export().unwrap(), entries);
+    calls(&fx, 3, 3).await;
+    let v = fx.log.verify(0, 0).await.unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.records_checked, entries.len() as u64 + 4);
+    // Only into a new directory.
+    let (dir, e) = (fx.audit.clone(), entries.clone());
+    let err = tokio::task::spawn_blocking(move || import(&dir, size, &e))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
