@@ -426,3 +426,62 @@ fn sizes_below_the_minimum_are_refused() {
         Err(SegmentError::Damaged(_))
     ));
 }
+
+#[test]
+fn many_small_records_are_found_through_the_index() {
+    // More than INDEX_EVERY records to a segment, in groups of 7: reads start from index
+    // entries inside segments, written as records arrive, rebuilt on reopening.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("audit");
+    let (s, _) = open(&d);
+    let n = 3000;
+    write(&s, 1..=n, 200, 7);
+    assert!(s.count() >= 2, "{}", s.count());
+    let check = |s: &Segments| {
+        for from in (1..=n).step_by(37).chain([127, 128, 129, 255, 256, 257, n]) {
+            let got = s.read(from, 3, u64::MAX).unwrap();
+            let want: Vec<u64> = (from..=n).take(3).collect();
+            assert_eq!(got.iter().map(|(q, _)| *q).collect::<Vec<_>>(), want);
+            for (seq, r) in got {
+                assert_eq!(r.unwrap(), payload(seq, 200));
+            }
+        }
+    };
+    check(&s);
+    drop(s);
+    let (s, _) = open(&d);
+    check(&s);
+}
+
+#[test]
+fn a_torn_first_group_of_a_segment_leaves_the_sealed_one_as_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("audit");
+    let (s, _) = open(&d);
+    let mut seq = 0;
+    let first = loop {
+        seq += 1;
+        s.append(seq, &payload(seq, LEN)).unwrap();
+        s.sync_blocking().unwrap();
+        if s.count() == 2 {
+            break seq;
+        }
+    };
+    drop(s);
+    // The new segment's only group loses its last bytes (a crash during its write).
+    let second = path(&d, first);
+    let end = written_end(&second);
+    let f = OpenOptions::new().write(true).open(&second).unwrap();
+    f.write_all_at(&[0u8; 10], end - 10).unwrap();
+    drop(f);
+    let (s, tail) = open(&d);
+    assert!(tail.cut_bytes > 0);
+    assert_eq!(s.durable(), first - 1);
+    assert_eq!(tail.last, Some((first - 1, payload(first - 1, LEN))));
+    write(&s, first..=first + 5, LEN, 1);
+    drop(s);
+    let (s, tail) = open(&d);
+    assert_eq!(tail.cut_bytes, 0);
+    assert_records(&s, 1, first + 5, LEN);
+    assert_eq!(firsts(&d), [1, first]);
+}
