@@ -462,7 +462,7 @@ fn recover_active(file: &File, path: &Path, first: u64) -> Result<Active, Segmen
             let at = c.offset();
             match c.peek().map_err(io)? {
                 Parsed::Frame(f) if f.kind == TYPE_RECORD && f.seq == next && at + (f.len as u64) <= end => {
-                    if next % INDEX_EVERY == 0 || a.index.is_empty() {
+                    if next.is_multiple_of(INDEX_EVERY) || a.index.is_empty() {
                         a.index.push((next, at));
                     }
                     group_last = Some((next, f.payload(c.here()).to_vec()));
@@ -730,7 +730,7 @@ fn build_index(seg: &Segment, end: u64) -> io::Result<Vec<(u64, u64)>> {
         let at = c.offset();
         match c.peek()? {
             Parsed::Frame(f) => {
-                if f.kind == TYPE_RECORD && (f.seq % INDEX_EVERY == 0 || index.is_empty()) {
+                if f.kind == TYPE_RECORD && (f.seq.is_multiple_of(INDEX_EVERY) || index.is_empty()) {
                     index.push((f.seq, at));
                 }
                 c.skip(f.len);
@@ -1002,7 +1002,7 @@ impl Segments {
                 .map_err(|e| io_err(active.path.display(), e))?;
             if let Some(index) = lock(&active.index).as_mut() {
                 for (seq, at) in &bounds[i..j] {
-                    if seq % INDEX_EVERY == 0 || index.is_empty() {
+                    if seq.is_multiple_of(INDEX_EVERY) || index.is_empty() {
                         let offset = start + GROUP_FRAME as u64 + (at - bounds[i].1) as u64;
                         index.push((*seq, offset));
                     }
