@@ -28,6 +28,13 @@ fn write(s: &Segments, seqs: std::ops::RangeInclusive<u64>, len: usize, per_grou
     s.sync_blocking().unwrap();
 }
 
+/// A new directory for a log (removed when the first value is dropped).
+fn scratch() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("audit");
+    (dir, d)
+}
+
 fn open(dir: &Path) -> (Arc<Segments>, Tail) {
     Segments::open(dir, SIZE).unwrap()
 }
@@ -38,6 +45,12 @@ fn refused(dir: &Path) -> String {
         Err(e) => panic!("refused as {e}, not as damaged"),
         Ok(_) => panic!("damaged segment files were opened"),
     }
+}
+
+/// Opening is refused with a message naming segment `first` and saying `why`.
+fn refused_naming(dir: &Path, first: u64, why: &str) {
+    let m = refused(dir);
+    assert!(m.contains(&segment_name(first)) && m.contains(why), "{m}");
 }
 
 fn firsts(dir: &Path) -> Vec<u64> {
@@ -85,8 +98,7 @@ fn xor_at(file: &Path, at: u64, mask: u8) {
 
 #[test]
 fn records_round_trip_across_rolls_and_read_from_anywhere() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     let (s, tail) = open(&d);
     assert!(tail.last.is_none());
     assert_eq!((s.durable(), s.oldest(), s.count()), (0, 0, 0));
@@ -133,8 +145,7 @@ fn records_round_trip_across_rolls_and_read_from_anywhere() {
 #[test]
 fn a_torn_last_group_is_cut_and_the_log_continues() {
     for garble in ["last record", "group frame"] {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().join("audit");
+        let (_dir, d) = scratch();
         let (s, _) = open(&d);
         write(&s, 1..=20, LEN, 1);
         // The last group: 21..=23, written by one sync.
@@ -190,8 +201,7 @@ fn a_torn_last_group_is_cut_and_the_log_continues() {
 
 #[test]
 fn a_damaged_record_before_a_later_group_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     let (s, _) = open(&d);
     write(&s, 1..=5, 1000, 1);
     drop(s);
@@ -207,6 +217,20 @@ fn a_damaged_record_before_a_later_group_is_refused() {
     assert_eq!(written_end(&file), five);
 }
 
+/// Appends records of [`LEN`] one at a time to an empty log until the second segment starts;
+/// returns its first record.
+fn until_second_segment(s: &Segments) -> u64 {
+    let mut seq = 0;
+    loop {
+        seq += 1;
+        s.append(seq, &payload(seq, LEN)).unwrap();
+        s.sync_blocking().unwrap();
+        if s.count() == 2 {
+            return seq;
+        }
+    }
+}
+
 /// A log of several segments (1.., then more), closed.
 fn several(d: &Path) -> Vec<u64> {
     let (s, _) = open(d);
@@ -220,57 +244,36 @@ fn several(d: &Path) -> Vec<u64> {
 #[test]
 fn missing_cut_unsealed_or_foreign_segments_are_refused_by_name() {
     // A missing middle segment.
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     let f = several(&d);
     std::fs::remove_file(path(&d, f[1])).unwrap();
-    let m = refused(&d);
-    assert!(
-        m.contains(&segment_name(f[2])) && m.contains("missing"),
-        "{m}"
-    );
+    refused_naming(&d, f[2], "missing");
 
     // A truncated sealed segment (cut at the end, or to a few records).
     for keep in [SIZE - 1, SIZE / 2] {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().join("audit");
+        let (_dir, d) = scratch();
         let f = several(&d);
         let file = OpenOptions::new().write(true).open(path(&d, f[1])).unwrap();
         file.set_len(keep).unwrap();
-        let m = refused(&d);
-        assert!(
-            m.contains(&segment_name(f[1])) && m.contains("truncated"),
-            "{m}"
-        );
+        refused_naming(&d, f[1], "truncated");
     }
 
     // A sealed segment without its footer (not the last one, and not an interrupted roll:
     // the segment after it holds records).
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     let f = several(&d);
     let file = OpenOptions::new().write(true).open(path(&d, f[1])).unwrap();
     file.write_all_at(&[0u8; 64], SIZE - EDGE).unwrap();
-    let m = refused(&d);
-    assert!(
-        m.contains(&segment_name(f[1])) && m.contains("footer"),
-        "{m}"
-    );
+    refused_naming(&d, f[1], "footer");
     // A footer edited (its checksum fails).
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     let f = several(&d);
     xor_at(&path(&d, f[0]), SIZE - EDGE + 9, 1);
-    let m = refused(&d);
-    assert!(
-        m.contains(&segment_name(f[0])) && m.contains("footer"),
-        "{m}"
-    );
+    refused_naming(&d, f[0], "footer");
 
     // A bad header: edited, or another file's header (renamed), or not a segment at all.
     for case in ["edited", "renamed", "foreign"] {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().join("audit");
+        let (_dir, d) = scratch();
         let f = several(&d);
         let victim = path(&d, f[2]);
         match case {
@@ -289,8 +292,7 @@ fn missing_cut_unsealed_or_foreign_segments_are_refused_by_name() {
     }
 
     // A stray file in the directory.
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     several(&d);
     std::fs::write(d.join("notes.txt"), b"hi").unwrap();
     assert!(refused(&d).contains("notes.txt"));
@@ -298,8 +300,7 @@ fn missing_cut_unsealed_or_foreign_segments_are_refused_by_name() {
 
 #[test]
 fn an_interrupted_roll_is_undone_and_a_finished_one_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     let f = several(&d);
     let last = *f.last().unwrap();
     // A crash after the new segment was made and before the old one was sealed (the active
@@ -328,18 +329,9 @@ fn an_interrupted_roll_is_undone_and_a_finished_one_kept() {
     drop(s);
 
     // A roll that finished (old segment sealed, new one empty): kept, and appended to.
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     let (s, _) = open(&d);
-    let mut seq = 0;
-    let before = loop {
-        seq += 1;
-        s.append(seq, &payload(seq, LEN)).unwrap();
-        s.sync_blocking().unwrap();
-        if s.count() == 2 {
-            break seq;
-        }
-    };
+    let before = until_second_segment(&s);
     drop(s);
     // Make the second segment empty again: as if the crash came right after the roll.
     let second = path(&d, before);
@@ -359,8 +351,7 @@ fn an_interrupted_roll_is_undone_and_a_finished_one_kept() {
 
 #[test]
 fn retention_removes_whole_segments_never_the_active_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     let f = several(&d);
     let (s, _) = open(&d);
     // Below the first segment's end: nothing.
@@ -388,8 +379,7 @@ fn retention_removes_whole_segments_never_the_active_one() {
 
 #[test]
 fn recovery_after_a_failed_write_drops_what_was_not_durable() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     let (s, _) = open(&d);
     write(&s, 1..=3, LEN, 1);
     // Record 5 cannot be written (larger than a segment): its sync fails after record 4's
@@ -431,8 +421,7 @@ fn sizes_below_the_minimum_are_refused() {
 fn many_small_records_are_found_through_the_index() {
     // More than INDEX_EVERY records to a segment, in groups of 7: reads start from index
     // entries inside segments, written as records arrive, rebuilt on reopening.
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     let (s, _) = open(&d);
     let n = 3000;
     write(&s, 1..=n, 200, 7);
@@ -455,18 +444,9 @@ fn many_small_records_are_found_through_the_index() {
 
 #[test]
 fn a_torn_first_group_of_a_segment_leaves_the_sealed_one_as_the_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().join("audit");
+    let (_dir, d) = scratch();
     let (s, _) = open(&d);
-    let mut seq = 0;
-    let first = loop {
-        seq += 1;
-        s.append(seq, &payload(seq, LEN)).unwrap();
-        s.sync_blocking().unwrap();
-        if s.count() == 2 {
-            break seq;
-        }
-    };
+    let first = until_second_segment(&s);
     drop(s);
     // The new segment's only group loses its last bytes (a crash during its write).
     let second = path(&d, first);

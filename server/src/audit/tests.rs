@@ -890,16 +890,22 @@ async fn a_tail_rechained_from_genesis_after_legacy_records_is_refused() {
     );
 }
 
+/// Commits `batch` as a PutSecret of `name` and waits until it is durable; returns the
+/// change record's sequence number.
+async fn commit_change(fx: &Fx, batch: Batch, name: &str) -> u64 {
+    let mut r = call(fx, "admin", "PutSecret", name, 0);
+    fx.log.commit(batch, &mut r).await.unwrap();
+    fx.log.synced(&r).await.unwrap();
+    r.seq
+}
+
 #[tokio::test]
 async fn a_garbled_last_record_is_reported_not_fatal() {
     let mut fx = setup(5).await;
     calls(&fx, 2, 0).await;
     // The last record a change, so that the store's applied mark covers it (start-up does
     // not resolve records before the mark; see the report on log.rs `reconcile_locked`).
-    let mut r = call(&fx, "admin", "PutSecret", "a", 0);
-    fx.log.commit(Batch::new(), &mut r).await.unwrap();
-    fx.log.synced(&r).await.unwrap();
-    assert_eq!(r.seq, 3);
+    assert_eq!(commit_change(&fx, Batch::new(), "a").await, 3);
     let mut all = raw_all(&fx);
     all[2].1 = b"garbage".to_vec();
     rewrite(&mut fx, all, Marks::Keep).await;
@@ -1039,9 +1045,7 @@ async fn open_refuses_a_log_that_lost_records_the_store_names() {
     // Cut below the applied mark: the store holds a change whose record is gone.
     let mut fx = setup(1000).await;
     calls(&fx, 3, 0).await;
-    let mut r = call(&fx, "admin", "PutSecret", "a", 0);
-    fx.log.commit(Batch::new(), &mut r).await.unwrap();
-    fx.log.synced(&r).await.unwrap();
+    assert_eq!(commit_change(&fx, Batch::new(), "a").await, 4);
     assert_eq!(applied_mark(&fx), Some(4));
     let all = raw_all(&fx);
     write_segments(&fx, all[..3].to_vec()).await;
@@ -1085,12 +1089,10 @@ async fn open_refuses_a_log_that_lost_records_the_store_names() {
 async fn start_up_voids_change_records_whose_commit_never_happened() {
     let mut fx = setup(1000).await;
     calls(&fx, 1, 0).await;
-    let mut r = call(&fx, "admin", "PutSecret", "a", 0);
     let mut b = Batch::new();
     b.put(Tree::Meta, b"applied-change".to_vec(), vec![1]);
-    fx.log.commit(b, &mut r).await.unwrap();
-    fx.log.synced(&r).await.unwrap();
-    assert_eq!((r.seq, applied_mark(&fx)), (2, Some(2)));
+    assert_eq!(commit_change(&fx, b, "a").await, 2);
+    assert_eq!(applied_mark(&fx), Some(2));
     // A crash between change records and their commits: record 3's change never reached the
     // store; record 4's commit failed and record 5 says so; record 6 is a read.
     let mut all = raw_all(&fx);
@@ -1128,9 +1130,8 @@ async fn start_up_voids_change_records_whose_commit_never_happened() {
     // Resolved once: the next start adds nothing, and changes go on.
     fx.reopen().await;
     assert_eq!(fx.log.durable_head(), 7);
-    let mut r = call(&fx, "admin", "PutSecret", "b", 0);
-    fx.log.commit(Batch::new(), &mut r).await.unwrap();
-    assert_eq!((r.seq, applied_mark(&fx)), (8, Some(8)));
+    assert_eq!(commit_change(&fx, Batch::new(), "b").await, 8);
+    assert_eq!(applied_mark(&fx), Some(8));
 }
 
 /// A data directory as an earlier version left it: `entries` in the store's tree `audit`, no
