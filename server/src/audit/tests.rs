@@ -1280,3 +1280,26 @@ async fn an_imported_log_continues_its_chain() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_pruned_sled_held_log_moves_with_its_start() {
+    let src = setup(5).await;
+    calls_sized(&src, 12, 5, PAD).await;
+    src.clock.advance(11 * DAY_MS);
+    calls_sized(&src, 3, 0, PAD).await;
+    assert_eq!(src.log.prune().await.unwrap().oldest, 10);
+    let entries = src.log.export().unwrap();
+    assert_eq!(key_seq(&entries[0].0), Some(10));
+    let mut fx = sled_held(&src, &entries);
+    fx.reopen().await;
+    assert_eq!((fx.log.oldest(), fx.log.durable_head()), (10, 18));
+    let v = fx.log.verify(0, 0).await.unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.from, 10);
+    // A start cut further than its prune record says is moved as it is (the copy checks
+    // each record and link, not where the log starts), and verification reports it.
+    let fx = sled_held(&src, &entries[2..]);
+    let log = fx.open().await.unwrap();
+    let v = log.verify(0, 0).await.unwrap();
+    assert_eq!(broken(&v), (10, Problem::Missing), "{v:?}");
+}
