@@ -465,3 +465,27 @@ fn a_torn_first_group_of_a_segment_leaves_the_sealed_one_as_the_tail() {
     assert_records(&s, 1, first + 5, LEN);
     assert_eq!(firsts(&d), [1, first]);
 }
+
+#[test]
+fn a_changed_segment_size_applies_to_new_segments_only() {
+    // `audit.segment_bytes` changed between two runs, up or down, while the active segment
+    // is partly (or more than the new size) full.
+    for (old, new, before) in [(SIZE, 2 * SIZE, 5), (2 * SIZE, SIZE, 20)] {
+        let (_dir, d) = scratch();
+        let (s, _) = Segments::open(&d, old).unwrap();
+        write(&s, 1..=before, LEN, 1);
+        drop(s);
+        let (s, _) = Segments::open(&d, new).unwrap();
+        write(&s, before + 1..=60, LEN, 1);
+        drop(s);
+        let (s, tail) = Segments::open(&d, new).unwrap();
+        assert_eq!(tail.cut_bytes, 0);
+        assert_records(&s, 1, 60, LEN);
+        let sizes: Vec<u64> = firsts(&d)
+            .iter()
+            .map(|f| std::fs::metadata(path(&d, *f)).unwrap().len())
+            .collect();
+        assert_eq!(sizes[0], old, "{sizes:?}");
+        assert!(sizes[1..].iter().all(|s| *s == new), "{sizes:?}");
+    }
+}

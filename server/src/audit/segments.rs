@@ -92,6 +92,9 @@ struct Segment {
     first: u64,
     path: PathBuf,
     file: File,
+    /// Its size, as its header says: the configured size when it was created, which may
+    /// since have changed (a new size applies to new segments only).
+    size: u64,
     /// Readers read frames up to here: the end of the last durable group (of the footer's
     /// end once sealed).
     end: AtomicU64,
@@ -366,8 +369,9 @@ fn footer(last_seq: u64, last_hash: &[u8; 32], end: u64) -> [u8; 64] {
     seal_edge(b)
 }
 
-/// Opens segment `first` and checks its size and header.
-fn open_segment(path: &Path, first: u64, size: u64) -> Result<File, SegmentError> {
+/// Opens segment `first` and checks its header and that it still has the size it was
+/// created with. Returns the file and that size.
+fn open_segment(path: &Path, first: u64) -> Result<(File, u64), SegmentError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -394,8 +398,7 @@ fn open_segment(path: &Path, first: u64, size: u64) -> Result<File, SegmentError
             format!("{len} bytes, but it was created with {made}: truncated or extended"),
         ));
     }
-    let _ = size;
-    Ok(file)
+    Ok((file, made))
 }
 
 /// The footer of a sealed segment: (last seq, last hash, end of frames).
@@ -562,7 +565,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Reads the segments in `dir`: the sealed ones' headers and footers, the active one whole.
-fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), SegmentError> {
+fn load(dir: &Path) -> Result<(Vec<Arc<Segment>>, Disk, Tail), SegmentError> {
     crate::harden::create_private_dir(dir).map_err(SegmentError::Io)?;
     let mut firsts = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir.display(), e))? {
@@ -589,9 +592,9 @@ fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), Segmen
         // sealed: the new one is empty and the old one has no footer. Undo the roll.
         let path = dir.join(segment_name(last));
         let prev = dir.join(segment_name(before));
-        let prev_file = open_segment(&prev, before, size)?;
+        let (prev_file, _) = open_segment(&prev, before)?;
         if read_footer(&prev_file, &prev).is_err()
-            && recover_active(&open_segment(&path, last, size)?, &path, last)?
+            && recover_active(&open_segment(&path, last)?.0, &path, last)?
                 .last
                 .is_none()
         {
@@ -609,7 +612,7 @@ fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), Segmen
     let mut tail = Tail::default();
     for (i, &first) in firsts.iter().enumerate() {
         let path = dir.join(segment_name(first));
-        let file = open_segment(&path, first, size)?;
+        let (file, size) = open_segment(&path, first)?;
         if let Some((seq, _)) = disk.last {
             if seq + 1 != first {
                 return Err(damaged(
@@ -633,6 +636,7 @@ fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), Segmen
                 first,
                 path,
                 file,
+                size,
                 end: AtomicU64::new(end),
                 index: Mutex::new(None),
             }));
@@ -660,6 +664,7 @@ fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), Segmen
                 first,
                 path,
                 file,
+                size,
                 end: AtomicU64::new(a.end),
                 index: Mutex::new(Some(a.index)),
             }));
@@ -750,7 +755,7 @@ impl Segments {
                 "segment size {size} is below the minimum {MIN_SEGMENT_SIZE}"
             )));
         }
-        let (list, disk, tail) = load(dir, size)?;
+        let (list, disk, tail) = load(dir)?;
         let durable = disk.last.map_or(0, |(s, _)| s);
         Ok((
             Arc::new(Self {
@@ -908,11 +913,11 @@ impl Segments {
             let disk = lock(&self.disk);
             let list = self.list.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(active) = list.last() {
-                zero_from(&active.file, disk.written, self.size - EDGE)
+                zero_from(&active.file, disk.written, active.size - EDGE)
                     .map_err(|e| io_err(active.path.display(), e))?;
             }
         }
-        let (list, disk, tail) = load(&self.dir, self.size)?;
+        let (list, disk, tail) = load(&self.dir)?;
         self.durable
             .store(disk.last.map_or(0, |(s, _)| s), Ordering::Release);
         *self.list.write().unwrap_or_else(PoisonError::into_inner) = list;
@@ -966,7 +971,9 @@ impl Segments {
                 self.roll(disk, bounds[i].0, None)?;
                 continue;
             };
-            let room = self.size - EDGE - disk.written;
+            // The active segment's own size: the configured one may have changed since it
+            // was created.
+            let room = (active.size - EDGE).saturating_sub(disk.written);
             let mut j = i;
             let mut bytes = GROUP_FRAME as u64;
             while j < bounds.len() {
@@ -981,7 +988,7 @@ impl Segments {
                 if disk.written == EDGE {
                     return Err(SegmentError::Io(format!(
                         "record {} does not fit in an empty segment of {} bytes",
-                        bounds[i].0, self.size
+                        bounds[i].0, active.size
                     )));
                 }
                 self.roll(disk, bounds[i].0, Some(&active))?;
@@ -1050,7 +1057,7 @@ impl Segments {
         if let Some(old) = active {
             let (last_seq, last_hash) = disk.last.unwrap_or((0, [0; 32]));
             old.file
-                .write_all_at(&footer(last_seq, &last_hash, disk.written), self.size - EDGE)
+                .write_all_at(&footer(last_seq, &last_hash, disk.written), old.size - EDGE)
                 .and_then(|()| old.file.sync_data())
                 .map_err(|e| io_err(old.path.display(), e))?;
         }
@@ -1061,6 +1068,7 @@ impl Segments {
                 first,
                 path,
                 file,
+                size: self.size,
                 end: AtomicU64::new(EDGE),
                 index: Mutex::new(Some(Vec::new())),
             }));
