@@ -489,3 +489,50 @@ fn a_changed_segment_size_applies_to_new_segments_only() {
         assert!(sizes[1..].iter().all(|s| *s == new), "{sizes:?}");
     }
 }
+
+#[test]
+fn an_edited_record_in_a_sealed_segment_is_reported_by_the_read_that_reaches_it() {
+    let (_dir, d) = scratch();
+    let f = several(&d);
+    // Record 3 of the first (sealed) segment: one group per record of LEN bytes.
+    let frame = (GROUP_FRAME + FRAME_HEADER + LEN) as u64;
+    let record3 = EDGE + 2 * frame + GROUP_FRAME as u64;
+    xor_at(&path(&d, 1), record3 + FRAME_HEADER as u64 + 10, 4);
+    // Opening checks sealed segments' edges only; the read stops at the damage and says
+    // where it is.
+    let (s, _) = open(&d);
+    let got = s.read(1, usize::MAX, u64::MAX).unwrap();
+    assert_eq!(got.len(), 3);
+    assert!(got[..2].iter().all(|(_, r)| r.is_ok()));
+    let (seq, r) = &got[2];
+    let why = r.as_ref().unwrap_err();
+    assert_eq!(*seq, 3);
+    assert!(
+        why.contains(&segment_name(1)) && why.contains("checksum"),
+        "{why}"
+    );
+    // Reads that start after it are not affected; one that starts at it fails there.
+    assert_records(&s, 4, 50, LEN);
+    assert_eq!(s.read(f[1], 1, u64::MAX).unwrap()[0].0, f[1]);
+    let at3 = s.read(3, 5, u64::MAX).unwrap();
+    assert_eq!(at3.len(), 1);
+    assert_eq!(at3[0].0, 3);
+    assert!(at3[0].1.is_err());
+    drop(s);
+
+    // Groups of five: a read that starts inside the damaged group fails at its start, not
+    // before it; one that starts in the next group reads on.
+    let (_dir, d) = scratch();
+    let (s, _) = open(&d);
+    write(&s, 1..=30, LEN, 5);
+    drop(s);
+    assert!(firsts(&d).len() > 1);
+    let record2 = EDGE + (GROUP_FRAME + FRAME_HEADER + LEN) as u64;
+    xor_at(&path(&d, 1), record2 + FRAME_HEADER as u64 + 10, 4);
+    let (s, _) = open(&d);
+    let got = s.read(4, 10, u64::MAX).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, 4);
+    assert!(got[0].1.is_err());
+    assert_records(&s, 6, 30, LEN);
+}

@@ -713,8 +713,19 @@ fn read_range(
             }
             Parsed::Invalid(why) => {
                 let seq = expect.unwrap_or(from.max(seg.first));
+                if seq < from {
+                    // The damage lies before the records asked for: go on from the next
+                    // whole group if `from` is in it or after it (never answer a record
+                    // before `from`, nor fail a read that does not reach the damage).
+                    let next = find_group(&seg.file, at + 1, end, seq).map_err(io)?;
+                    if let Some((off, first)) = next.filter(|(_, first)| *first <= from) {
+                        c = Cursor::new(&seg.file, off, end);
+                        expect = Some(first);
+                        continue;
+                    }
+                }
                 out.push((
-                    seq,
+                    seq.max(from),
                     Err(format!(
                         "{} offset {at}: {why}",
                         seg.path.display()
