@@ -1303,3 +1303,37 @@ async fn a_pruned_sled_held_log_moves_with_its_start() {
     let v = log.verify(0, 0).await.unwrap();
     assert_eq!(broken(&v), (10, Problem::Missing), "{v:?}");
 }
+
+#[tokio::test]
+async fn a_damaged_frame_in_a_sealed_segment_is_reported_where_it_is() {
+    let mut fx = setup(5).await;
+    calls_sized(&fx, 12, 5, PAD).await; // segments start at 1, 5, 10
+    let all = raw_all(&fx);
+    // Flip a byte inside record 2's frame (one group per record: group frame 29 bytes,
+    // record frame header 17) in the first, sealed segment.
+    let record2 = 64 + 29 + (17 + all[0].1.len()) + 29;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&segment_files(&fx)[0].1)
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, (record2 + 17 + 40) as u64)
+        .unwrap();
+    file.write_all_at(&[b[0] ^ 0x10], (record2 + 17 + 40) as u64)
+        .unwrap();
+    fx.reopen().await;
+    let v = fx.log.verify(0, 0).await.unwrap();
+    let b = v.first_broken.clone().expect("the damage was not found");
+    assert_eq!((b.seq, b.problem), (2, Problem::Undecodable), "{v:?}");
+    assert!(
+        b.reason.contains("00000000000000000001.seg"),
+        "{}",
+        b.reason
+    );
+    // A range after it, in the same segment, reads and verifies.
+    let v = fx.log.verify(4, 0).await.unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(record_at(&fx, 4).seq, 4);
+}
