@@ -73,20 +73,19 @@ pub(super) fn from_store(
         }
         store.commit(batch)?;
     }
-    tracing::info!(records = deleted, "old audit records removed from the store");
+    tracing::info!(
+        records = deleted,
+        "old audit records removed from the store"
+    );
     Ok(())
 }
 
 /// Copies every record into new segments in `dir`, checking as it goes that the records are
 /// whole, consecutive and linked and that every checkpoint's HSM signature verifies. Returns
 /// the number of records.
-fn copy(
-    store: &dyn Store,
-    dir: &Path,
-    segment_bytes: u64,
-    signer: &dyn MacSigner,
-) -> Result<u64> {
-    let (segments, _) = Segments::open(dir, segment_bytes).map_err(|e| Error::Unavailable(e.to_string()))?;
+fn copy(store: &dyn Store, dir: &Path, segment_bytes: u64, signer: &dyn MacSigner) -> Result<u64> {
+    let (segments, _) =
+        Segments::open(dir, segment_bytes).map_err(|e| Error::Unavailable(e.to_string()))?;
     let refuse = |seq: u64, why: String| {
         Err(Error::DataLoss(format!(
             "the audit log in the store cannot be moved to segment files: record {seq} {why}. \
@@ -128,8 +127,14 @@ fn copy(
             }
             if let Event::Checkpoint(c) = &record.event {
                 let message = Checkpoint::message(c.covers_seq, &c.covers_hash, c.every);
-                if !signer.verify_mac(&c.key_label, &message, &c.mac).unwrap_or(false) {
-                    return refuse(seq, "is a checkpoint whose HSM signature does not verify".into());
+                if !signer
+                    .verify_mac(&c.key_label, &message, &c.mac)
+                    .unwrap_or(false)
+                {
+                    return refuse(
+                        seq,
+                        "is a checkpoint whose HSM signature does not verify".into(),
+                    );
                 }
             }
             segments
@@ -162,8 +167,9 @@ pub fn import(dir: &Path, segment_bytes: u64, records: &[crate::store::Entry]) -
     let (segments, _) =
         Segments::open(dir, segment_bytes).map_err(|e| Error::Unavailable(e.to_string()))?;
     for (i, (key, value)) in records.iter().enumerate() {
-        let seq = key_seq(key)
-            .ok_or_else(|| Error::DataLoss("an audit entry's key is not a sequence number".into()))?;
+        let seq = key_seq(key).ok_or_else(|| {
+            Error::DataLoss("an audit entry's key is not a sequence number".into())
+        })?;
         segments
             .append(seq, value)
             .map_err(|e| Error::Unavailable(e.to_string()))?;

@@ -464,7 +464,9 @@ fn recover_active(file: &File, path: &Path, first: u64) -> Result<Active, Segmen
         for _ in 0..count {
             let at = c.offset();
             match c.peek().map_err(io)? {
-                Parsed::Frame(f) if f.kind == TYPE_RECORD && f.seq == next && at + (f.len as u64) <= end => {
+                Parsed::Frame(f)
+                    if f.kind == TYPE_RECORD && f.seq == next && at + (f.len as u64) <= end =>
+                {
                     if next.is_multiple_of(INDEX_EVERY) || a.index.is_empty() {
                         a.index.push((next, at));
                     }
@@ -501,7 +503,9 @@ fn torn(
     next: u64,
     limit: u64,
 ) -> Result<Active, SegmentError> {
-    if let Some((off, seq)) = find_group(file, from, limit, next).map_err(|e| io_err(path.display(), e))? {
+    if let Some((off, seq)) =
+        find_group(file, from, limit, next).map_err(|e| io_err(path.display(), e))?
+    {
         return Err(damaged(
             path,
             format!(
@@ -652,7 +656,9 @@ fn load(dir: &Path) -> Result<(Vec<Arc<Segment>>, Disk, Tail), SegmentError> {
                     // An empty active segment: the last record is the sealed one's.
                     let prev = &list[i - 1];
                     let seq = disk.last.map(|(s, _)| s).unwrap_or(0);
-                    tail.last = read_range(prev, seq, 1, seq)?.pop().and_then(|(s, r)| r.ok().map(|p| (s, p)));
+                    tail.last = read_range(prev, seq, 1, seq)?
+                        .pop()
+                        .and_then(|(s, r)| r.ok().map(|p| (s, p)));
                 }
                 None => {}
             }
@@ -726,10 +732,7 @@ fn read_range(
                 }
                 out.push((
                     seq.max(from),
-                    Err(format!(
-                        "{} offset {at}: {why}",
-                        seg.path.display()
-                    )),
+                    Err(format!("{} offset {at}: {why}", seg.path.display())),
                 ));
                 break;
             }
@@ -746,7 +749,8 @@ fn build_index(seg: &Segment, end: u64) -> io::Result<Vec<(u64, u64)>> {
         let at = c.offset();
         match c.peek()? {
             Parsed::Frame(f) => {
-                if f.kind == TYPE_RECORD && (f.seq.is_multiple_of(INDEX_EVERY) || index.is_empty()) {
+                if f.kind == TYPE_RECORD && (f.seq.is_multiple_of(INDEX_EVERY) || index.is_empty())
+                {
                     index.push((f.seq, at));
                 }
                 c.skip(f.len);
@@ -847,7 +851,12 @@ impl Segments {
 
     /// The lowest sequence number kept (0: empty).
     pub fn oldest(&self) -> u64 {
-        match self.list.read().unwrap_or_else(PoisonError::into_inner).first() {
+        match self
+            .list
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .first()
+        {
             Some(s) if self.durable() >= s.first => s.first,
             _ => 0,
         }
@@ -855,7 +864,10 @@ impl Segments {
 
     /// Number of segment files.
     pub fn count(&self) -> usize {
-        self.list.read().unwrap_or_else(PoisonError::into_inner).len()
+        self.list
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// The first sequence number of the segment holding `seq`.
@@ -869,7 +881,12 @@ impl Segments {
 
     /// Up to `limit` durable records from `from` through `through`, in order. A damaged
     /// frame ends the read with an error at the sequence number it should hold.
-    pub fn read(&self, from: u64, limit: usize, through: u64) -> Result<Vec<RawRecord>, SegmentError> {
+    pub fn read(
+        &self,
+        from: u64,
+        limit: usize,
+        through: u64,
+    ) -> Result<Vec<RawRecord>, SegmentError> {
         let list: Vec<Arc<Segment>> = self
             .list
             .read()
@@ -882,7 +899,10 @@ impl Segments {
             if out.len() >= limit || seg.first > through {
                 break;
             }
-            let from = out.last().map_or(from, |(s, _): &RawRecord| s + 1).max(seg.first);
+            let from = out
+                .last()
+                .map_or(from, |(s, _): &RawRecord| s + 1)
+                .max(seg.first);
             let more = read_range(seg, from, limit - out.len(), through)?;
             let broken = more.last().is_some_and(|(_, r)| r.is_err());
             out.extend(more);
@@ -1039,7 +1059,12 @@ impl Segments {
     /// Creates the segment that starts at record `first` and, if there is one, seals the
     /// active segment (in that order: a crash between the two leaves an empty new segment
     /// and an unsealed old one, which opening undoes).
-    fn roll(&self, disk: &mut Disk, first: u64, active: Option<&Arc<Segment>>) -> Result<(), SegmentError> {
+    fn roll(
+        &self,
+        disk: &mut Disk,
+        first: u64,
+        active: Option<&Arc<Segment>>,
+    ) -> Result<(), SegmentError> {
         self.check_space()?;
         let path = self.dir.join(segment_name(first));
         let tmp = self.dir.join(format!("{}.tmp", segment_name(first)));
@@ -1093,8 +1118,9 @@ impl Segments {
         let free = match self.faults.free_bytes() {
             Some(f) => f,
             None => {
-                let st = nix::sys::statvfs::statvfs(&self.dir)
-                    .map_err(|e| SegmentError::Io(format!("statvfs {}: {e}", self.dir.display())))?;
+                let st = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| {
+                    SegmentError::Io(format!("statvfs {}: {e}", self.dir.display()))
+                })?;
                 (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64)
             }
         };
