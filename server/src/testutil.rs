@@ -86,7 +86,7 @@ pub(crate) fn audit_dir() -> std::path::PathBuf {
     tempfile::Builder::new()
         .prefix("ward-unit-audit-")
         .tempdir()
-        .map(tempfile::TempDir::into_path)
+        .map(tempfile::TempDir::keep)
         .unwrap()
         .join("audit")
 }

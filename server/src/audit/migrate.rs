@@ -34,7 +34,15 @@ pub(super) fn from_store(
             std::fs::remove_dir_all(&building)
                 .map_err(|e| Error::Unavailable(format!("{}: {e}", building.display())))?;
         }
-        let copied = copy(store, &building, segment_bytes, signer)?;
+        let copied = match copy(store, &building, segment_bytes, signer) {
+            Ok(n) => n,
+            Err(e) => {
+                // A refused (or failed) copy changes nothing: no partial copy is left behind
+                // (its segments are allocated whole, up to the size of the old log).
+                let _ = std::fs::remove_dir_all(&building);
+                return Err(e);
+            }
+        };
         std::fs::rename(&building, dir)
             .map_err(|e| Error::Unavailable(format!("{}: {e}", dir.display())))?;
         if let Some(parent) = dir.parent() {

@@ -94,6 +94,9 @@ struct Segment {
     first: u64,
     path: PathBuf,
     file: File,
+    /// Its size, as its header says: the configured size when it was created, which may
+    /// since have changed (a new size applies to new segments only).
+    size: u64,
     /// Readers read frames up to here: the end of the last durable group (of the footer's
     /// end once sealed).
     end: AtomicU64,
@@ -381,8 +384,9 @@ fn footer(last_seq: u64, last_hash: &[u8; 32], end: u64) -> [u8; 64] {
     seal_edge(b)
 }
 
-/// Opens segment `first` and checks its size and header.
-fn open_segment(path: &Path, first: u64, size: u64) -> Result<File, SegmentError> {
+/// Opens segment `first` and checks its header and that it still has the size it was
+/// created with. Returns the file and that size.
+fn open_segment(path: &Path, first: u64) -> Result<(File, u64), SegmentError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -409,8 +413,7 @@ fn open_segment(path: &Path, first: u64, size: u64) -> Result<File, SegmentError
             format!("{len} bytes, but it was created with {made}: truncated or extended"),
         ));
     }
-    let _ = size;
-    Ok(file)
+    Ok((file, made))
 }
 
 /// The footer of a sealed segment: (last seq, last hash, end of frames).
@@ -477,7 +480,8 @@ fn recover_active(file: &File, path: &Path, first: u64) -> Result<Active, Segmen
                 // Whole frames only; whether the records follow one another is the chain's
                 // business (VerifyAuditLog reports a missing or misplaced record there).
                 Parsed::Frame(f) if f.kind == TYPE_RECORD && at + (f.len as u64) <= end => {
-                    if f.seq % INDEX_EVERY == 0 || (a.index.is_empty() && index.is_empty()) {
+                    if f.seq.is_multiple_of(INDEX_EVERY) || (a.index.is_empty() && index.is_empty())
+                    {
                         index.push((f.seq, at));
                     }
                     group_last = Some((f.seq, f.payload(c.here()).to_vec()));
@@ -514,7 +518,11 @@ fn torn(
         .map_err(|e| io_err(path.display(), e))?
         .len()
         - EDGE;
-    let later = find_group(file, from, limit, next).map_err(|e| io_err(path.display(), e))?;
+    // Only a group written after these records were durable proves them acknowledged.
+    let later = find_group(file, from, limit, |_, durable_through| {
+        durable_through >= next
+    })
+    .map_err(|e| io_err(path.display(), e))?;
     if let Some((off, seq)) = later {
         return Err(damaged(
             path,
@@ -530,10 +538,17 @@ fn torn(
     Ok(a)
 }
 
-/// Looks from `from` on for a valid group frame written after record `next` was durable:
-/// (its offset, its first record). Groups written while `next` was still being synced (up to
-/// [`SYNCS`] overlap) do not count: a crash can tear an earlier group and keep a later one.
-fn find_group(file: &File, from: u64, limit: u64, next: u64) -> io::Result<Option<(u64, u64)>> {
+/// Looks from `from` on for a valid group frame that `accept(first record, durable point when
+/// it was written)` takes: (its offset, its first record). Recovery asks for one written after
+/// the damaged records were durable — groups written while they were still being synced (up
+/// to [`SYNCS`] overlap) do not count, since a crash can tear an earlier group and keep a later
+/// one; a read asks for the next group at all.
+fn find_group(
+    file: &File,
+    from: u64,
+    limit: u64,
+    accept: impl Fn(u64, u64) -> bool,
+) -> io::Result<Option<(u64, u64)>> {
     let mut at = from;
     while at + (GROUP_FRAME as u64) <= limit {
         let n = (READ_CHUNK as u64 + GROUP_FRAME as u64).min(limit - at) as usize;
@@ -545,7 +560,7 @@ fn find_group(file: &File, from: u64, limit: u64, next: u64) -> io::Result<Optio
                 continue;
             }
             if let Parsed::Frame(f) = parse_frame(&b[..GROUP_FRAME], GROUP_FRAME as u64) {
-                if u64_at(&b[FRAME_HEADER..], 12) >= next {
+                if accept(f.seq, u64_at(&b[FRAME_HEADER..], 12)) {
                     return Ok(Some((at + i as u64, f.seq)));
                 }
             }
@@ -574,7 +589,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Reads the segments in `dir`: the sealed ones' headers and footers, the active one whole.
-fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), SegmentError> {
+fn load(dir: &Path) -> Result<(Vec<Arc<Segment>>, Disk, Tail), SegmentError> {
     crate::harden::create_private_dir(dir).map_err(SegmentError::Io)?;
     let mut firsts = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir.display(), e))? {
@@ -601,9 +616,9 @@ fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), Segmen
         // sealed: the new one is empty and the old one has no footer. Undo the roll.
         let path = dir.join(segment_name(last));
         let prev = dir.join(segment_name(before));
-        let prev_file = open_segment(&prev, before, size)?;
+        let (prev_file, _) = open_segment(&prev, before)?;
         if read_footer(&prev_file, &prev).is_err()
-            && recover_active(&open_segment(&path, last, size)?, &path, last)?
+            && recover_active(&open_segment(&path, last)?.0, &path, last)?
                 .last
                 .is_none()
         {
@@ -622,7 +637,7 @@ fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), Segmen
     let mut tail = Tail::default();
     for (i, &first) in firsts.iter().enumerate() {
         let path = dir.join(segment_name(first));
-        let file = open_segment(&path, first, size)?;
+        let (file, size) = open_segment(&path, first)?;
         if let Some((seq, _)) = disk.last {
             if seq + 1 != first {
                 return Err(damaged(
@@ -646,6 +661,7 @@ fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), Segmen
                 first,
                 path,
                 file,
+                size,
                 end: AtomicU64::new(end),
                 index: Mutex::new(None),
             }));
@@ -676,6 +692,7 @@ fn load(dir: &Path, size: u64) -> Result<(Vec<Arc<Segment>>, Disk, Tail), Segmen
                 first,
                 path,
                 file,
+                size,
                 end: AtomicU64::new(a.end),
                 index: Mutex::new(Some(a.index)),
             }));
@@ -724,8 +741,20 @@ fn read_range(
             }
             Parsed::Invalid(why) => {
                 let seq = expect.unwrap_or(from.max(seg.first));
+                if seq < from {
+                    // The damage lies before the records asked for: go on from the next
+                    // whole group if `from` is in it or after it (never answer a record
+                    // before `from`, nor fail a read that does not reach the damage).
+                    let next =
+                        find_group(&seg.file, at + 1, end, |first, _| first >= seq).map_err(io)?;
+                    if let Some((off, first)) = next.filter(|(_, first)| *first <= from) {
+                        c = Cursor::new(&seg.file, off, end);
+                        expect = Some(first);
+                        continue;
+                    }
+                }
                 out.push((
-                    seq,
+                    seq.max(from),
                     Err(format!("{} offset {at}: {why}", seg.path.display())),
                 ));
                 break;
@@ -743,7 +772,8 @@ fn build_index(seg: &Segment, end: u64) -> io::Result<Vec<(u64, u64)>> {
         let at = c.offset();
         match c.peek()? {
             Parsed::Frame(f) => {
-                if f.kind == TYPE_RECORD && (f.seq % INDEX_EVERY == 0 || index.is_empty()) {
+                if f.kind == TYPE_RECORD && (f.seq.is_multiple_of(INDEX_EVERY) || index.is_empty())
+                {
                     index.push((f.seq, at));
                 }
                 c.skip(f.len);
@@ -763,7 +793,7 @@ impl Segments {
                 "segment size {size} is below the minimum {MIN_SEGMENT_SIZE}"
             )));
         }
-        let (list, disk, tail) = load(dir, size)?;
+        let (list, disk, tail) = load(dir)?;
         let durable = disk.last.map_or(0, |(s, _)| s);
         Ok((
             Arc::new(Self {
@@ -1004,7 +1034,7 @@ impl Segments {
                 zero_from(&active.file, from).map_err(|e| io_err(active.path.display(), e))?;
             }
         }
-        let (list, disk, tail) = load(&self.dir, self.size)?;
+        let (list, disk, tail) = load(&self.dir)?;
         let durable = disk.last.map_or(0, |(s, _)| s);
         self.durable.store(durable, Ordering::Release);
         self.covered.store(durable, Ordering::Release);
@@ -1060,7 +1090,9 @@ impl Segments {
                 self.roll(disk, bounds[i].0, None)?;
                 continue;
             };
-            let room = self.size - EDGE - disk.written;
+            // The active segment's own size: the configured one may have changed since it
+            // was created.
+            let room = (active.size - EDGE).saturating_sub(disk.written);
             let mut j = i;
             let mut bytes = GROUP_FRAME as u64;
             while j < bounds.len() {
@@ -1075,7 +1107,7 @@ impl Segments {
                 if disk.written == EDGE {
                     return Err(SegmentError::Io(format!(
                         "record {} does not fit in an empty segment of {} bytes",
-                        bounds[i].0, self.size
+                        bounds[i].0, active.size
                     )));
                 }
                 self.roll(disk, bounds[i].0, Some(&active))?;
@@ -1095,7 +1127,7 @@ impl Segments {
                 .map_err(|e| io_err(active.path.display(), e))?;
             if let Some(index) = lock(&active.index).as_mut() {
                 for (seq, at) in &bounds[i..j] {
-                    if seq % INDEX_EVERY == 0 || index.is_empty() {
+                    if seq.is_multiple_of(INDEX_EVERY) || index.is_empty() {
                         let offset = start + GROUP_FRAME as u64 + (at - bounds[i].1) as u64;
                         index.push((*seq, offset));
                     }
@@ -1147,10 +1179,7 @@ impl Segments {
         if let Some(old) = active {
             let (last_seq, last_hash) = disk.last.unwrap_or((0, [0; 32]));
             old.file
-                .write_all_at(
-                    &footer(last_seq, &last_hash, disk.written),
-                    self.size - EDGE,
-                )
+                .write_all_at(&footer(last_seq, &last_hash, disk.written), old.size - EDGE)
                 .and_then(|()| old.file.sync_data())
                 .map_err(|e| io_err(old.path.display(), e))?;
         }
@@ -1161,6 +1190,7 @@ impl Segments {
                 first,
                 path,
                 file,
+                size: self.size,
                 end: AtomicU64::new(EDGE),
                 index: Mutex::new(Some(Vec::new())),
             }));
@@ -1190,3 +1220,7 @@ impl Segments {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "segment_tests.rs"]
+mod tests;

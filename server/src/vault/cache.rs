@@ -45,7 +45,9 @@ impl Default for RecordCache {
 impl RecordCache {
     fn shard(&self, name: &str) -> std::sync::MutexGuard<'_, Shard> {
         let i = (self.hasher.hash_one(name) as usize) % SHARDS;
-        self.shards[i].lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The record of `name` if cached under store generation `generation` (a newer

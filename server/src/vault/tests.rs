@@ -129,11 +129,7 @@ async fn every_call_leaves_one_audit_record_without_values() {
     f.vault.fetch(&admin, "db", 0).await.unwrap();
     let _ = f.vault.put(&app, put("db", b"x")).await;
     let _ = f.vault.fetch(&admin, "missing", 0).await;
-    let records = f.vault.store.scan(Tree::Audit, b"", b"", 100).unwrap();
-    let records: Vec<AuditRecord> = records
-        .iter()
-        .map(|(_, v)| *crate::audit::decode(v).unwrap().record)
-        .collect();
+    let records: Vec<AuditRecord> = crate::audit::call_records(f.vault.audit());
     let summary: Vec<_> = records
         .iter()
         .map(|r| (r.method.as_str(), r.code))
@@ -147,7 +143,7 @@ async fn every_call_leaves_one_audit_record_without_values() {
             ("FetchSecret", 5)
         ]
     );
-    for (_, v) in f.vault.store.scan(Tree::Audit, b"", b"", 100).unwrap() {
+    for (_, v) in f.vault.audit().export().unwrap() {
         assert!(!v.windows(18).any(|w| w == b"super-secret-value"));
     }
 }
@@ -163,14 +159,7 @@ async fn an_idempotent_replay_is_audited_too() {
     p.request_id = "once".into();
     let again = f.vault.put(&admin, p).await.unwrap();
     assert_eq!(first.version, again.version);
-    let records: Vec<AuditRecord> = f
-        .vault
-        .store
-        .scan(Tree::Audit, b"", b"", 100)
-        .unwrap()
-        .iter()
-        .map(|(_, v)| *crate::audit::decode(v).unwrap().record)
-        .collect();
+    let records: Vec<AuditRecord> = crate::audit::call_records(f.vault.audit());
     let puts: Vec<_> = records
         .iter()
         .map(|r| (r.method.as_str(), r.request_id.as_str(), r.targets[0].1))
