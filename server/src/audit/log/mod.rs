@@ -2,15 +2,18 @@
 //! durable head to readers, writes changes to the store after their records, and runs
 //! checkpointing, retention and the usage facts in the background.
 
+mod changes;
+
 use super::segments::{SegmentError, Segments, Tail};
 use super::{
     decode, AuditRecord, Checkpoint, DecodeError, Event, Stored, CHECKPOINT_METHOD, GENESIS,
-    PRUNE_METHOD, USE_METHODS, VOID_METHOD,
+    PRUNE_METHOD, USE_METHODS,
 };
 use crate::clock::{Clock, Millis};
 use crate::config::AuditSettings;
 use crate::error::{Code, Error, Result};
-use crate::store::{version_key, Batch, Store, StoreError, Tree};
+use crate::store::{version_key, Batch, Store, Tree};
+use changes::Queued;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -79,7 +82,7 @@ pub struct AuditLog {
     changes: tokio::sync::mpsc::UnboundedSender<Queued>,
     /// Held by whoever commits to the store on the log's behalf (the writer task, a
     /// checkpoint, reconciliation).
-    writer: tokio::sync::Mutex<WriterState>,
+    writer: tokio::sync::Mutex<()>,
     /// When the log last tried to reopen after a failure (ms on the monotonic epoch).
     reopening: Mutex<Option<std::time::Instant>>,
     /// Whether the store generation changed under a commit (the store reopened).
@@ -90,30 +93,6 @@ pub struct AuditLog {
 struct UsageFacts {
     taken: HashMap<Vec<u8>, Millis>,
     waiting: HashMap<Vec<u8>, UsageFact>,
-}
-
-/// A change waiting for the writer task, and where its outcome goes.
-struct Queued {
-    batch: Batch,
-    rec: AuditRecord,
-    reply: tokio::sync::oneshot::Sender<(Result<(), StoreError>, AuditRecord)>,
-}
-
-impl Queued {
-    fn answer(mut self, outcome: Result<(), StoreError>) {
-        if outcome.is_err() {
-            // Not in the store: the caller must not take this number for its change.
-            self.rec.seq = 0;
-        }
-        // The caller may have gone away; the change is settled either way.
-        let _ = self.reply.send((outcome, self.rec));
-    }
-}
-
-/// What the one store writer keeps.
-struct WriterState {
-    /// Store generation the last commit went to.
-    generation: u64,
 }
 
 struct Chain {
@@ -187,7 +166,7 @@ impl AuditLog {
             durable,
             checkpoint_due: Notify::new(),
             usage: Mutex::new(UsageFacts::default()),
-            writer: tokio::sync::Mutex::new(WriterState { generation: 0 }),
+            writer: tokio::sync::Mutex::new(()),
             reopening: Mutex::new(None),
             reconcile_due: AtomicBool::new(false),
         });
@@ -232,116 +211,6 @@ impl AuditLog {
         self.segments.count()
     }
 
-    /// Refuses a log that ends before a record the store names (see the module docs of
-    /// [`crate::audit`]): segments were deleted or cut.
-    fn check_marks(&self) -> Result<()> {
-        let head = self.lock().seq;
-        let refuse = |what: String| {
-            Err(Error::DataLoss(format!(
-                "the audit log in {} ends at record {head}, but {what}: audit segments were \
-                 deleted, truncated or replaced. Restore the data directory (store and audit/ \
-                 together) from a backup",
-                self.segments.dir().display()
-            )))
-        };
-        if let Some(raw) = self.store.get(Tree::Meta, APPLIED_MARK)? {
-            let applied = read_u64(&raw).unwrap_or(0);
-            if applied > head {
-                return refuse(format!(
-                    "the store holds changes recorded up to record {applied}"
-                ));
-            }
-        }
-        if let Some(raw) = self.store.get(Tree::Meta, CHECKPOINT_MARK)? {
-            let seq = read_u64(&raw).unwrap_or(0);
-            if seq > head {
-                return refuse(format!("checkpoint record {seq} was written"));
-            }
-            if seq >= self.oldest() && seq > 0 {
-                let found = self.read(seq, 1)?;
-                let same = match found.first() {
-                    Some((s, Ok(stored))) => *s == seq && raw.get(8..40) == Some(&stored.hash[..]),
-                    _ => false,
-                };
-                if !same {
-                    return refuse(format!(
-                        "checkpoint record {seq} differs from the one written"
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Resolves the change records after the store's applied mark: each whose change the
-    /// store does not hold (a crash or a store failure came between the record and the
-    /// commit) gets a void record; then the mark moves to the head.
-    async fn reconcile(&self) -> Result<()> {
-        let mut writer = self.writer.lock().await;
-        self.reconcile_locked(&mut writer).await
-    }
-
-    async fn reconcile_locked(&self, writer: &mut WriterState) -> Result<()> {
-        writer.generation = self.store.generation();
-        self.reconcile_due.store(false, Ordering::Release);
-        let applied = match self.store.get(Tree::Meta, APPLIED_MARK)? {
-            Some(raw) => read_u64(&raw).unwrap_or(0),
-            None => 0,
-        };
-        let head = self.durable_head();
-        if head <= applied {
-            return Ok(());
-        }
-        let mut open: Vec<u64> = Vec::new();
-        let mut next = (applied + 1).max(self.oldest());
-        while next <= head {
-            let chunk = self.read(next, CHUNK)?;
-            if chunk.is_empty() {
-                break;
-            }
-            for (seq, stored) in chunk {
-                next = seq + 1;
-                match stored.map(|s| s.record.event) {
-                    Ok(Event::Change) => open.push(seq),
-                    Ok(Event::Void { seq: v }) => open.retain(|s| *s != v),
-                    Ok(_) => {}
-                    // Whoever can write the files could otherwise stop the vault; the record
-                    // is left to verification to report.
-                    Err(e) => {
-                        tracing::error!(seq, error = %e, "an audit record after the applied mark cannot be read; VerifyAuditLog will report it")
-                    }
-                }
-            }
-        }
-        for seq in &open {
-            self.void(*seq, Code::Unavailable).await?;
-        }
-        if !open.is_empty() {
-            tracing::warn!(
-                records = open.len(),
-                "change records whose commit never happened were voided"
-            );
-        }
-        let mut batch = Batch::new();
-        batch.put(
-            Tree::Meta,
-            APPLIED_MARK,
-            self.durable_head().to_be_bytes().to_vec(),
-        );
-        self.store.commit(batch)?;
-        self.store.sync().await?;
-        Ok(())
-    }
-
-    /// Appends a record saying that change record `seq` was not applied (`code`: why), and
-    /// waits until it is durable.
-    async fn void(&self, seq: u64, code: Code) -> Result<()> {
-        let mut rec = AuditRecord::system(VOID_METHOD, self.clock.now_ms(), Event::Void { seq });
-        rec.code = code.as_i32();
-        self.append_record(&mut rec)?;
-        self.durable(rec.seq).await
-    }
-
     /// Writes `rec` on its own (a read or a refusal) and waits until it is durable. Any
     /// failure is UNAVAILABLE: the caller must then release nothing.
     pub async fn append(&self, mut rec: AuditRecord) -> Result<()> {
@@ -353,149 +222,6 @@ impl AuditLog {
         }
         crate::metrics::global().observe_audit_write(started.elapsed());
         result
-    }
-
-    /// Commits `batch` to the store after its record `rec` (a change record) is durable:
-    /// the record first, so that nothing can be in the store without its record. The batch
-    /// also moves the store's applied mark to the record. If the commit fails (a guard did not
-    /// hold: [`StoreError::Conflict`], or the store failed), a void record says so before
-    /// anything else is committed. Durable only after [`AuditLog::synced`].
-    ///
-    /// Changes go to one writer task, which takes every change queued meanwhile as one group:
-    /// their records share one `fdatasync` (with any reads' records), then their batches one
-    /// store transaction, applied in queue order with their own guards; if any guard fails,
-    /// each is committed alone so that only that one fails. The task finishes a group even if
-    /// its callers go away, so a change is never left between its record and its commit.
-    pub async fn commit(&self, batch: Batch, rec: &mut AuditRecord) -> Result<(), StoreError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.changes
-            .send(Queued {
-                batch,
-                rec: rec.clone(),
-                reply,
-            })
-            .map_err(|_| StoreError::Unavailable("audit log closed".into()))?;
-        let (outcome, back) = answer
-            .await
-            .map_err(|_| StoreError::Unavailable("audit log closed".into()))?;
-        *rec = back;
-        outcome
-    }
-
-    /// The writer task: commits queued changes in groups until the log is dropped.
-    async fn write_changes(
-        log: Weak<Self>,
-        mut queue: tokio::sync::mpsc::UnboundedReceiver<Queued>,
-    ) {
-        while let Some(first) = queue.recv().await {
-            let mut group = vec![first];
-            while let Ok(more) = queue.try_recv() {
-                group.push(more);
-            }
-            let Some(log) = log.upgrade() else {
-                return;
-            };
-            let mut writer = log.writer.lock().await;
-            if log.reconcile_due.load(Ordering::Acquire) {
-                if let Err(e) = log.reconcile_locked(&mut writer).await {
-                    for q in group {
-                        q.answer(Err(store_down(&e)));
-                    }
-                    continue;
-                }
-            }
-            log.commit_group(group).await;
-        }
-    }
-
-    /// Records, syncs and commits one group of changes (see [`AuditLog::commit`]).
-    async fn commit_group(&self, group: Vec<Queued>) {
-        let generation = self.store.generation();
-        let mut staged = Vec::with_capacity(group.len());
-        for mut q in group {
-            q.rec.event = Event::Change;
-            q.rec.generation = generation;
-            match self.append_record(&mut q.rec) {
-                Ok(()) => staged.push(q),
-                Err(e) => q.answer(Err(store_down(e))),
-            }
-        }
-        let Some(last) = staged.last().map(|q| q.rec.seq) else {
-            return;
-        };
-        if let Err(e) = self.durable(last).await {
-            // Not durable: nothing was committed. Records that reached the disk anyway are
-            // voided when the log reopens.
-            for q in staged {
-                q.answer(Err(store_down(&e)));
-            }
-            return;
-        }
-        let marked = |q: &Queued| {
-            let mut b = q.batch.clone();
-            b.put(Tree::Meta, APPLIED_MARK, q.rec.seq.to_be_bytes().to_vec());
-            b.require_generation(generation);
-            b
-        };
-        let outcome = if let [q] = &staged[..] {
-            self.store.commit(marked(q))
-        } else {
-            let mut all = Batch::new();
-            for q in &staged {
-                all.merge(marked(q));
-            }
-            all.require_generation(generation);
-            self.store.commit(all)
-        };
-        match outcome {
-            Ok(()) => {
-                for q in staged {
-                    q.answer(Ok(()));
-                }
-            }
-            Err(StoreError::Conflict) if staged.len() > 1 => {
-                for q in staged {
-                    let result = self.store.commit(marked(&q));
-                    self.settle(q, result).await;
-                }
-            }
-            Err(e) => {
-                for q in staged {
-                    self.settle(q, Err(e.clone())).await;
-                }
-            }
-        }
-    }
-
-    /// Answers a change whose commit is known; a failed one is voided first, so that no later
-    /// commit moves the applied mark past an unresolved record.
-    async fn settle(&self, q: Queued, result: Result<(), StoreError>) {
-        if let Err(e) = &result {
-            let code = match e {
-                StoreError::Conflict => Code::Aborted,
-                _ => Code::Unavailable,
-            };
-            if let Err(v) = self.void(q.rec.seq, code).await {
-                tracing::error!(seq = q.rec.seq, error = %v, "could not void a change record; it is resolved before the next change");
-                self.reconcile_due.store(true, Ordering::Release);
-            }
-        }
-        q.answer(result);
-    }
-
-    /// Waits until the change committed by [`AuditLog::commit`] is durable in the store.
-    /// Fails if the store was reopened since the commit, which may have lost it.
-    pub async fn synced(&self, rec: &AuditRecord) -> Result<(), StoreError> {
-        let result = self.store.sync().await;
-        if result.is_err() || self.store.generation() != rec.generation {
-            // A reopened store may have lost the change: resolve its record first.
-            self.reconcile_due.store(true, Ordering::Release);
-            result?;
-            return Err(StoreError::Unavailable(
-                "storage was reopened before the write was confirmed durable".into(),
-            ));
-        }
-        Ok(())
     }
 
     /// Stages `rec` as the next record (sequence number, link, bounded input) and hands it
@@ -848,11 +574,6 @@ impl AuditLog {
             );
         }
     }
-}
-
-fn store_down(e: impl std::fmt::Display) -> StoreError {
-    tracing::error!(error = %e, "audit log write failed; failing the change closed");
-    StoreError::Unavailable("audit log unavailable".into())
 }
 
 /// The head found at the end of the files: (seq, hash, whether it is a checkpoint).
