@@ -279,6 +279,10 @@ impl Default for Limits {
     }
 }
 
+/// Smallest audit segment allowed (`audit.segment_bytes`): the largest record (bounded to about
+/// 70 KiB) must fit twice.
+pub const MIN_SEGMENT_SIZE: u64 = 256 * 1024;
+
 /// Audit log settings (`[audit]`). Durations are strings with a unit: `500ms`, `30s`, `15m`,
 /// `12h`, `90d`.
 #[derive(Debug, Clone, Deserialize)]
@@ -619,7 +623,7 @@ impl Config {
         if a.max_streams == 0 || a.max_streams > 10_000 {
             return Err("audit.max_streams must be between 1 and 10000".into());
         }
-        let seg = crate::audit::MIN_SEGMENT_SIZE..=(1 << 30);
+        let seg = MIN_SEGMENT_SIZE..=(1 << 30);
         if !seg.contains(&a.segment_bytes) {
             return Err(format!(
                 "audit.segment_bytes must be between {} and {}",

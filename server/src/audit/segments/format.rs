@@ -23,8 +23,8 @@ pub(super) const TYPE_RECORD: u8 = 2;
 pub(super) const INDEX_EVERY: u64 = 128;
 /// Bytes read per read call when scanning.
 pub(super) const READ_CHUNK: usize = 256 * 1024;
-/// Smallest segment allowed: the largest record (bounded to about 70 KiB) must fit twice.
-pub const MIN_SEGMENT_SIZE: u64 = 256 * 1024;
+/// Smallest segment allowed (a bound of `audit.segment_bytes`).
+pub use crate::config::MIN_SEGMENT_SIZE;
 
 pub(super) fn put_frame(kind: u8, seq: u64, payload: &[u8], out: &mut Vec<u8>) {
     let start = out.len();
