@@ -22,6 +22,7 @@ mod grants;
 mod hardening;
 mod hsm_faults;
 mod integrity;
+mod key_schedule;
 mod keyring;
 mod keys;
 mod keys_lifecycle;

@@ -304,19 +304,26 @@ pub struct PolicyMask {
     pub quota: bool,
     /// Replace the expiry.
     pub expire_time: bool,
+    /// Replace the scheduled rotation period (only when named: not part of [`PolicyMask::ALL`]).
+    pub rotation_period: bool,
+    /// Replace the default grace period (only when named: not part of [`PolicyMask::ALL`]).
+    pub default_grace_period: bool,
 }
 
 impl PolicyMask {
-    /// Every field.
+    /// Every usage field (what an empty mask means). The schedule fields are left out: a caller
+    /// that predates them sends an empty mask and must not clear a key's scheduled rotation.
     pub const ALL: Self = Self {
         scopes: true,
         allowed_cidrs: true,
         rate_limit: true,
         quota: true,
         expire_time: true,
+        rotation_period: false,
+        default_grace_period: false,
     };
 
-    /// Parses field-mask paths (snake_case or lowerCamelCase); empty means every field.
+    /// Parses field-mask paths (snake_case or lowerCamelCase); empty means every usage field.
     pub fn parse(paths: &[String]) -> Result<Self> {
         if paths.is_empty() {
             return Ok(Self::ALL);
@@ -329,10 +336,12 @@ impl PolicyMask {
                 "rate_limit" | "rateLimit" => m.rate_limit = true,
                 "quota" => m.quota = true,
                 "expire_time" | "expireTime" => m.expire_time = true,
+                "rotation_period" | "rotationPeriod" => m.rotation_period = true,
+                "default_grace_period" | "defaultGracePeriod" => m.default_grace_period = true,
                 other => {
                     return Err(Error::invalid(format!(
                         "unknown update_mask path {} (expected scopes, allowed_cidrs, \
-                         rate_limit, quota, expire_time)",
+                         rate_limit, quota, expire_time, rotation_period, default_grace_period)",
                         excerpt(other)
                     )))
                 }
