@@ -332,7 +332,10 @@ impl Keys {
             Use {
                 result: v.result.number(),
                 endpoint: &input.endpoint,
-                used: charged.then_some((now, input.client_ip.as_str())),
+                at: now,
+                client_ip: &input.client_ip,
+                scopes: &input.required_scopes,
+                charged,
             },
         );
         Ok(v)
@@ -959,6 +962,7 @@ mod tests {
             policy,
             mask: mask.iter().map(|s| s.to_string()).collect(),
             request_id: id.into(),
+            ..Default::default()
         };
         let two = KeyPolicyInput {
             quota: Some((2, 0, None)),
