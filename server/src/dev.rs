@@ -109,6 +109,12 @@ default_grace_seconds = 86400
 enabled = true
 listen = "127.0.0.1:0"
 
+[portal]
+# The developer portal (HTTPS, client certificate required, same CA as gRPC). Port 0 picks a
+# free port; the server prints `ward-server portal addr=…` before its ready line.
+listen = "127.0.0.1:0"
+max_key_lifetime = "365d"
+
 [keys]
 unknown_key_burst = 100          # unknown keys a caller may present back to back …
 unknown_keys_per_minute = 600    # … and per minute in the long run (per client IP)

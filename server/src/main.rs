@@ -157,6 +157,10 @@ fn run(cli: Cli) -> Result<(), StartError> {
                 tracing::info!(addr = %m, "metrics listening");
                 println!("ward-server metrics addr={m}");
             }
+            if let Some(p) = at.portal {
+                tracing::info!(addr = %p, "portal listening");
+                println!("ward-server portal addr={p}");
+            }
             tracing::info!(%addr, "ready");
             println!("ward-server ready addr={addr}");
         })

@@ -22,7 +22,7 @@ use crate::clock::Millis;
 use crate::error::{Code, Error, Result};
 use crate::identity::Peer;
 use crate::metrics;
-use crate::model::keypolicy::{parse_client_ip, RateLimit};
+use crate::model::keypolicy::{grants_scopes, parse_client_ip, RateLimit};
 pub use crate::model::VerifyResult;
 use crate::model::{check_scopes, excerpt, SecretName, SecretRecord, VersionState};
 use crate::policy::Verb;
@@ -374,16 +374,10 @@ impl Keys {
         if !input.environment.is_empty() && input.environment != record.environment {
             return Ok(VerifyResult::WrongEnvironment);
         }
-        if !policy.allowed_cidrs.is_empty()
-            && !ip.is_some_and(|ip| policy.allowed_cidrs.iter().any(|c| c.contains(ip)))
-        {
+        if !policy.admits_ip(ip) {
             return Ok(VerifyResult::ForbiddenIp);
         }
-        if !input
-            .required_scopes
-            .iter()
-            .all(|s| record.scopes.contains(s))
-        {
+        if !grants_scopes(&record.scopes, &input.required_scopes) {
             return Ok(VerifyResult::InsufficientScope);
         }
         if let Some(limit) = policy.rate_limit {

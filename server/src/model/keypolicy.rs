@@ -264,6 +264,13 @@ pub struct KeyPolicy {
 }
 
 impl KeyPolicy {
+    /// Whether a verification from `ip` passes the CIDR check (no ranges: any client, even
+    /// one that sent no IP).
+    pub fn admits_ip(&self, ip: Option<IpAddr>) -> bool {
+        self.allowed_cidrs.is_empty()
+            || ip.is_some_and(|ip| self.allowed_cidrs.iter().any(|c| c.contains(ip)))
+    }
+
     /// Replaces the quota (`None` clears it). A new quota gets an epoch above every epoch this
     /// key has used, so its ledger starts at the new limit.
     pub fn set_quota(&mut self, quota: Option<(u64, u64, Option<u64>)>, now: Millis) -> Result<()> {
@@ -349,6 +356,11 @@ impl PolicyMask {
         }
         Ok(m)
     }
+}
+
+/// Whether a key granting `granted` has every scope in `required`.
+pub fn grants_scopes(granted: &[String], required: &[String]) -> bool {
+    required.iter().all(|s| granted.contains(s))
 }
 
 /// Parses CIDR strings, refusing duplicates and more than [`MAX_CIDRS`].

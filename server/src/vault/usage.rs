@@ -13,7 +13,8 @@
 
 use crate::clock::Millis;
 use crate::error::Result;
-use crate::model::keypolicy::canonical;
+use crate::model::keypolicy::{canonical, grants_scopes, KeyPolicy};
+use crate::model::VerifyResult;
 use crate::store::scan_all;
 use crate::store::{decode, encode, version_key, Batch, Store, Tree};
 use serde::{Deserialize, Serialize};
@@ -160,6 +161,20 @@ impl Activity {
         while self.recent.len() > RECENT {
             self.recent.pop_front();
         }
+    }
+
+    /// Of the VALID verifications remembered since `since`: how many a key with `policy` and
+    /// `scopes` would have refused (FORBIDDEN_IP or INSUFFICIENT_SCOPE, judged by the checks
+    /// VerifyKey makes), and how many there were.
+    pub fn would_refuse(&self, since: Millis, policy: &KeyPolicy, scopes: &[String]) -> (u64, u64) {
+        let valid = VerifyResult::Valid.number();
+        self.recent
+            .iter()
+            .filter(|s| s.at_ms >= since && usize::from(s.result) == valid)
+            .fold((0, 0), |(refused, of), s| {
+                let admitted = policy.admits_ip(s.client_ip) && grants_scopes(scopes, &s.scopes);
+                (refused + u64::from(!admitted), of + 1)
+            })
     }
 
     /// Networks seen since `since`, most recently seen first.
