@@ -31,6 +31,7 @@ mod lifecycle_tools;
 mod limits;
 mod metrics;
 mod pagination;
+mod portal;
 mod roundtrip;
 mod rpcs;
 mod scan;
