@@ -324,7 +324,7 @@ pub async fn serve(
         vault.clone(),
         Duration::from_secs(cfg.keys.usage_flush_seconds),
     ));
-    let audit_server = AuditServer::new(AuditService::new(access));
+    let audit_server = AuditServer::new(AuditService::new(access.clone()));
 
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -346,6 +346,7 @@ pub async fn serve(
             let portal = Arc::new(Portal::new(
                 vault.clone(),
                 keys.clone(),
+                access.clone(),
                 PortalSettings::from_config(&cfg.portal),
             ));
             let incoming =

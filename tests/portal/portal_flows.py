@@ -176,6 +176,19 @@ class Flows:
         check(self.verify(key2, "10.1.2.3").get("result") == "VERIFY_RESULT_VALID",
               "inside the range it verifies")
 
+        # The key's audit trail from the hash chain, and the chain check.
+        page.goto(f"{self.url}/key?name=portal/partner")
+        page.click("#audit-link")
+        methods = {m for m in page.locator("#trail tr").evaluate_all(
+            "rows => rows.map(r => r.getAttribute('data-method'))") if m}
+        for m in ["IssueKey", "RotateSecret", "RevokeSecret", "UpdateKeyPolicy"]:
+            check(m in methods, f"the audit trail lists {m}")
+        check(key1 not in page.content() and key2 not in page.content(), "no key in the trail")
+        page.click("#verify-chain button")
+        page.wait_for_selector("#chain-ok")
+        check("Chain intact" in page.inner_text("#chain-ok"), "the chain verifies")
+        self.shot(page, "portal-audit")
+
         # Expiry beyond max_key_lifetime is refused.
         page.goto(f"{self.url}/new")
         page.fill("input[name=name]", "portal/too-long")

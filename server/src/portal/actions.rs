@@ -29,6 +29,7 @@ pub async fn post(portal: &Portal, caller: &Caller, path: &str, form: &Form) -> 
             }
         }
         "/policy" => update_policy(portal, caller, form).await,
+        "/verify-chain" => return super::trail::verify(portal, caller, form).await,
         _ => return portal.error(StatusCode::NOT_FOUND, "no such page"),
     };
     match done {

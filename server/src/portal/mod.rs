@@ -8,14 +8,16 @@
 //!
 //! Files: [`web`] (security headers, cookie, CSRF, forms), [`pages`] (the HTML),
 //! [`actions`] (form → domain call), [`chart`] (the usage SVG), [`reveal`] (a new key shown
-//! once).
+//! once), [`trail`] (a key's audit trail and the chain check).
 
 pub mod actions;
 pub mod chart;
 pub mod pages;
 pub mod reveal;
+pub mod trail;
 pub mod web;
 
+use crate::audit::AuditAccess;
 use crate::config::PortalConfig;
 use crate::identity::Peer;
 use crate::keys::Keys;
@@ -64,6 +66,7 @@ impl PortalSettings {
 pub struct Portal {
     vault: Arc<Vault>,
     keys: Arc<Keys>,
+    audit: Arc<AuditAccess>,
     settings: PortalSettings,
     csrf: Csrf,
     reveals: reveal::Reveals,
@@ -83,10 +86,16 @@ pub struct Caller {
 
 impl Portal {
     /// A portal over the vault and the key verifier.
-    pub fn new(vault: Arc<Vault>, keys: Arc<Keys>, settings: PortalSettings) -> Self {
+    pub fn new(
+        vault: Arc<Vault>,
+        keys: Arc<Keys>,
+        audit: Arc<AuditAccess>,
+        settings: PortalSettings,
+    ) -> Self {
         Self {
             vault,
             keys,
+            audit,
             settings,
             csrf: Csrf::new(),
             reveals: reveal::Reveals::default(),
@@ -244,6 +253,11 @@ impl Portal {
     /// The key verifier (usage reports).
     pub fn keys(&self) -> &Arc<Keys> {
         &self.keys
+    }
+
+    /// Audit log access (the trail, the chain check).
+    pub fn audit(&self) -> &Arc<AuditAccess> {
+        &self.audit
     }
 
     /// The settings.

@@ -39,6 +39,7 @@ pub async fn get(
         "/new" => Ok(new_page(portal, caller)),
         "/reveal" => Ok(reveal_page(portal, caller)),
         "/key" => key_page(portal, caller, name, None).await,
+        "/audit" => super::trail::page(portal, caller, name).await,
         _ => return portal.error(StatusCode::NOT_FOUND, "no such page"),
     };
     match page {
@@ -51,7 +52,8 @@ pub async fn get(
     }
 }
 
-fn layout(caller: &Caller, title: &str, body: Markup) -> Markup {
+/// A page of the portal around `body`.
+pub fn layout(caller: &Caller, title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -230,15 +232,15 @@ fn new_page(portal: &Portal, caller: &Caller) -> Markup {
                 }
                 label { "Scopes (comma-separated) " input name="scopes" placeholder="orders:read"; }
                 label { "Description " input name="description"; }
-                (policy_fields(None, max_days))
+                (policy_fields(None, 90, max_days))
                 button type="submit" { "Create key" }
             }
         },
     )
 }
 
-/// The usage-policy fields, filled from `s` when editing.
-fn policy_fields(s: Option<&SecretRecord>, max_days: u64) -> Markup {
+/// The usage-policy fields, filled from `s` when editing; the expiry field starts at `days`.
+fn policy_fields(s: Option<&SecretRecord>, days: u64, max_days: u64) -> Markup {
     let cidrs = s.map(|s| {
         s.key_policy
             .allowed_cidrs
@@ -262,7 +264,7 @@ fn policy_fields(s: Option<&SecretRecord>, max_days: u64) -> Markup {
         }
         label { "Quota (verifications; empty: unlimited) " input name="quota" type="number" min="1" value=[quota.map(|q| q.limit)]; }
         label { "Expires in (days, required, at most " (max_days) ") "
-            input name="expires_days" type="number" min="1" max=(max_days) required value="90"; }
+            input name="expires_days" type="number" min="1" max=(max_days) required value=(days.clamp(1, max_days)); }
     }
 }
 
@@ -320,6 +322,11 @@ pub async fn key_page(
     let now = portal.vault().now();
     let max_days = portal.settings().max_key_lifetime_ms / DAY_MS;
     let revoked = s.life.revoked.is_some();
+    // Saving the edit form keeps the expiry unless it is changed: start from what is left.
+    let days_left = s
+        .life
+        .expire_ms
+        .map_or(90, |e| e.saturating_sub(now).div_ceil(DAY_MS));
     Ok(layout(
         caller,
         &s.name,
@@ -327,6 +334,7 @@ pub async fn key_page(
             p { "Environment " strong { (s.environment) } ", owner " (s.owner)
                 ", scopes " code { (s.scopes.join(", ")) } ", expires " (time(s.life.expire_ms))
                 @if let Some(r) = &s.life.revoked { ". " strong.revoked { "Revoked by " (r.by) ": " (r.reason) } } }
+            p { a #audit-link href=(web::link("/audit", &[("name", &s.name)])) { "Audit trail of this key" } }
             h2 { "Versions" }
             table #versions {
                 thead { tr { th { "Version" } th { "State" } th { "Created" } th { "Window" } th { "Key id" } th { "Networks in the last 24 h" } } }
@@ -390,7 +398,7 @@ pub async fn key_page(
                     (csrf(caller))
                     input type="hidden" name="name" value=(s.name);
                     label { "Scopes (comma-separated) " input name="scopes" value=(s.scopes.join(", ")); }
-                    (policy_fields(Some(&s), max_days))
+                    (policy_fields(Some(&s), days_left, max_days))
                     button type="submit" name="action" value="preview"
                         hx-post="/policy" hx-target="#preview" hx-select="#preview" hx-swap="outerHTML" { "Preview" }
                     " "
