@@ -732,6 +732,11 @@ mod tests {
             cfg.testing.is_none(),
             "the test clock is never on by default"
         );
+        assert!(cfg.portal.listen.is_none(), "no portal unless configured");
+        assert_eq!(
+            cfg.portal.max_key_lifetime,
+            Duration::from_secs(365 * 86_400)
+        );
     }
 
     #[test]
@@ -802,6 +807,12 @@ mod tests {
             MINIMAL.replacen("[tls]", "[tls]\nmax_connection_age = \"0s\"", 1),
             MINIMAL.replacen("[tls]", "[tls]\nmax_connection_age = \"1h5\"", 1),
             MINIMAL.replacen("[tls]", "[tls]\nkeepalive_timeout = \"10m\"", 1),
+            format!("{MINIMAL}\n[portal]\nidentity_header = \"x-user\"\n"),
+            format!(
+                "{MINIMAL}\n[portal]\nidentity_header = \"x user\"\ntrusted_proxies = [\"p\"]\n"
+            ),
+            format!("{MINIMAL}\n[portal]\nmax_key_lifetime = \"10m\"\n"),
+            format!("{MINIMAL}\n[portal]\nlisten = \"nowhere\"\n"),
         ];
         for text in cases {
             std::fs::write(&path, &text).unwrap();

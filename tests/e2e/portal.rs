@@ -66,6 +66,7 @@ fn browser_flows_create_reveal_roll_revoke_and_refusals() {
         .expect("run python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
     assert!(
         out.status.success(),
         "portal flows failed\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- server ---\n{}",
@@ -89,4 +90,76 @@ fn browser_flows_create_reveal_roll_revoke_and_refusals() {
         !s.all_output().contains("ward_dev_"),
         "a key reached the server's output"
     );
+}
+
+/// GET `path` on the portal with curl as the holder of `cert`, with extra headers: (HTTP
+/// status, body).
+fn curl(
+    s: &TestServer,
+    cert: &ward_tests::CertFiles,
+    path: &str,
+    headers: &[&str],
+) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "--max-time", "20", "-w", "\n%{http_code}", "--cacert"])
+        .arg(&cert.ca)
+        .arg("--cert")
+        .arg(&cert.cert)
+        .arg("--key")
+        .arg(&cert.key);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(format!("https://{}{path}", s.portal_addr()))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Behind an SSO proxy: the configured header names the user, believed only from a trusted
+/// proxy's certificate; anyone else sending it is refused, and so is a proxy naming no user
+/// or a user that is not a valid identity.
+#[test]
+fn identity_header_only_from_trusted_proxies() {
+    let mut s = TestServer::start();
+    s.edit_config(|c| {
+        c.replacen(
+            "[portal]\n",
+            "[portal]\nidentity_header = \"x-forwarded-user\"\ntrusted_proxies = [\"sso-proxy\"]\n",
+            1,
+        )
+    });
+    s.restart();
+    let proxy = s.issue_dev_cert("sso-proxy", None);
+    let admin = s.identity_files("admin");
+
+    let (code, body) = curl(&s, &proxy, "/keys", &["X-Forwarded-User: admin"]);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains(r#"<code id="identity">admin</code>"#),
+        "{body}"
+    );
+    let (code, _) = curl(&s, &proxy, "/keys", &[]);
+    assert_eq!(code, 401, "a trusted proxy must name a user");
+    let (code, _) = curl(&s, &admin, "/keys", &["X-Forwarded-User: someone-else"]);
+    assert_eq!(code, 403, "only a trusted proxy may name the user");
+    let (code, _) = curl(
+        &s,
+        &proxy,
+        "/keys",
+        &["X-Forwarded-User: spiffe://ward/admin"],
+    );
+    assert_eq!(
+        code, 400,
+        "a user that looks like a URI identity is refused"
+    );
+    let (code, body) = curl(&s, &admin, "/keys", &[]);
+    assert_eq!(
+        code, 200,
+        "without the header a certificate is its own identity"
+    );
+    assert!(body.contains(r#"<code id="identity">admin</code>"#));
 }
