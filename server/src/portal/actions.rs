@@ -4,57 +4,19 @@
 //! grpc/status.rs (the one mapping), then into an HTTP status here. Nothing is decided here
 //! except the portal's own rule: a key created here must expire within `max_key_lifetime`.
 
-use super::web::{self, Body, Form};
-use super::{pages, Caller, Portal};
+use super::pages::key_page;
+use super::web::{self, Form};
+use super::{Caller, Portal};
 use crate::error::{Error, Result};
-use crate::grpc::status::to_status;
 use crate::model::input::RawDuration;
-use crate::model::keypolicy::KeyPolicyInput;
+use crate::model::keypolicy::{parse_cidrs, KeyPolicyInput};
+use crate::model::{check_scopes, KeyPolicy};
+use crate::vault::usage::WINDOW_MS;
 use crate::vault::{IssueInput, PolicyUpdate, RevokeInput, RotateInput};
-use http::{Response, StatusCode};
+use maud::Markup;
 use zeroize::Zeroizing;
 
 const DAY_MS: u64 = 86_400_000;
-
-/// Answers a POST whose origin and CSRF token were checked.
-pub async fn post(portal: &Portal, caller: &Caller, path: &str, form: &Form) -> Response<Body> {
-    let done = match path {
-        "/keys" => create(portal, caller, form).await,
-        "/roll" => roll(portal, caller, form).await,
-        "/revoke" => revoke(portal, caller, form).await,
-        "/policy" if form.get("action") == "preview" => {
-            return match pages::edit_preview(portal, caller, form).await {
-                Ok(page) => web::html(StatusCode::OK, page, None),
-                Err(e) => error_response(portal, e),
-            }
-        }
-        "/policy" => update_policy(portal, caller, form).await,
-        "/verify-chain" => return super::trail::verify(portal, caller, form).await,
-        _ => return portal.error(StatusCode::NOT_FOUND, "no such page"),
-    };
-    match done {
-        Ok(next) => web::see_other(&next),
-        Err(e) => error_response(portal, e),
-    }
-}
-
-/// The error page for a domain error: its status and message as gRPC would give them.
-pub fn error_response(portal: &Portal, e: Error) -> Response<Body> {
-    let status = to_status(e);
-    let http = match status.code() {
-        tonic::Code::InvalidArgument
-        | tonic::Code::FailedPrecondition
-        | tonic::Code::OutOfRange => StatusCode::BAD_REQUEST,
-        tonic::Code::NotFound => StatusCode::NOT_FOUND,
-        tonic::Code::AlreadyExists | tonic::Code::Aborted => StatusCode::CONFLICT,
-        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
-        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    portal.error(http, status.message())
-}
 
 /// A whole number from a form field (empty: `None`).
 fn number<T: std::str::FromStr>(form: &Form, field: &str) -> Result<Option<T>> {
@@ -100,7 +62,8 @@ pub fn policy_from(portal: &Portal, form: &Form) -> Result<KeyPolicyInput> {
     })
 }
 
-async fn create(portal: &Portal, caller: &Caller, form: &Form) -> Result<String> {
+/// Create: IssueKey, then the new key waits for `/reveal`.
+pub async fn create(portal: &Portal, caller: &Caller, form: &Form) -> Result<String> {
     let policy = policy_from(portal, form)?;
     let input = IssueInput {
         name: form.get("name").to_owned(),
@@ -127,7 +90,8 @@ async fn create(portal: &Portal, caller: &Caller, form: &Form) -> Result<String>
     Ok("/reveal".into())
 }
 
-async fn roll(portal: &Portal, caller: &Caller, form: &Form) -> Result<String> {
+/// Roll: RotateSecret with the chosen grace, then the new key waits for `/reveal`.
+pub async fn roll(portal: &Portal, caller: &Caller, form: &Form) -> Result<String> {
     let grace_s: i64 = match form.get("grace") {
         "custom" => {
             let hours: i64 = number(form, "grace_hours")?
@@ -168,7 +132,8 @@ async fn roll(portal: &Portal, caller: &Caller, form: &Form) -> Result<String> {
     Ok("/reveal".into())
 }
 
-async fn revoke(portal: &Portal, caller: &Caller, form: &Form) -> Result<String> {
+/// Revoke one old version or the whole key (a reason is required).
+pub async fn revoke(portal: &Portal, caller: &Caller, form: &Form) -> Result<String> {
     let name = form.get("name").to_owned();
     let reason = form.get("reason");
     if reason.is_empty() {
@@ -198,7 +163,8 @@ async fn revoke(portal: &Portal, caller: &Caller, form: &Form) -> Result<String>
     Ok(web::link("/key", &[("name", &name)]))
 }
 
-async fn update_policy(portal: &Portal, caller: &Caller, form: &Form) -> Result<String> {
+/// Save restrictions: UpdateKeyPolicy of every usage field.
+pub async fn update_policy(portal: &Portal, caller: &Caller, form: &Form) -> Result<String> {
     let name = form.get("name").to_owned();
     let input = PolicyUpdate {
         name: name.clone(),
@@ -213,4 +179,29 @@ async fn update_policy(portal: &Portal, caller: &Caller, form: &Form) -> Result<
         .update_key_policy(&caller.peer, input)
         .await?;
     Ok(web::link("/key", &[("name", &name)]))
+}
+
+/// The edit form's Preview: how many of the last 24 h's successful verifications the new
+/// scopes and CIDRs would have refused, shown on the key's page (htmx swaps in just that part).
+pub async fn edit_preview(portal: &Portal, caller: &Caller, form: &Form) -> Result<Markup> {
+    let name = form.get("name");
+    let scopes = form.list("scopes");
+    check_scopes(&scopes)?;
+    policy_from(portal, form)?;
+    let policy = KeyPolicy {
+        allowed_cidrs: parse_cidrs(&form.list("cidrs"))?,
+        ..Default::default()
+    };
+    // Authorization first: the page read decides whether the caller may see this key.
+    let s = portal.vault().describe(&caller.peer, name).await?;
+    portal.keys().usage(&caller.peer, &s.name, 0).await?;
+    let since = portal.vault().now().saturating_sub(WINDOW_MS);
+    let (refused, of) = portal
+        .vault()
+        .usage()
+        .activity(&s.name)
+        .values()
+        .map(|a| a.would_refuse(since, &policy, &scopes))
+        .fold((0, 0), |(r, o), (r2, o2)| (r + r2, o + o2));
+    key_page(portal, caller, &s.name, Some((refused, of))).await
 }

@@ -6,7 +6,8 @@
 //! call under the same policy, audited with that identity. The portal decides nothing about
 //! keys; it converts forms, calls the domain and renders the answer.
 //!
-//! Files: [`web`] (security headers, cookie, CSRF, forms), [`pages`] (the HTML),
+//! Files: this one routes; [`web`] (security headers, cookie, CSRF, forms), [`view`] (the
+//! page frame, errors), [`pages`] (the GET pages),
 //! [`actions`] (form → domain call), [`chart`] (the usage SVG), [`reveal`] (a new key shown
 //! once), [`trail`] (a key's audit trail and the chain check).
 
@@ -15,6 +16,7 @@ pub mod chart;
 pub mod pages;
 pub mod reveal;
 pub mod trail;
+pub mod view;
 pub mod web;
 
 use crate::audit::AuditAccess;
@@ -97,7 +99,7 @@ impl Portal {
             keys,
             audit,
             settings,
-            csrf: Csrf::new(),
+            csrf: Csrf::default(),
             reveals: reveal::Reveals::default(),
         }
     }
@@ -183,7 +185,7 @@ impl Portal {
                     "the form expired or did not come from this portal: reload the page",
                 );
             }
-            return actions::post(self, &caller, &path, &form).await;
+            return self.post(&caller, &path, &form).await;
         }
         if method != Method::GET && method != Method::HEAD {
             return self.error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
@@ -192,7 +194,57 @@ impl Portal {
             "/static/htmx.min.js" => static_file("text/javascript", HTMX),
             "/static/portal.js" => static_file("text/javascript", PORTAL_JS),
             "/static/portal.css" => static_file("text/css", PORTAL_CSS),
-            _ => pages::get(self, &caller, &path, &query).await,
+            _ => self.get(&caller, &path, &query).await,
+        }
+    }
+
+    /// Answers a GET of a page.
+    async fn get(
+        &self,
+        caller: &Caller,
+        path: &str,
+        query: &std::collections::BTreeMap<String, String>,
+    ) -> Response<Body> {
+        let name = query.get("name").map(String::as_str).unwrap_or("");
+        let page = match path {
+            "/" => return web::see_other("/keys"),
+            "/keys" => pages::keys_page(self, caller).await,
+            "/new" => Ok(pages::new_page(self, caller)),
+            "/reveal" => Ok(pages::reveal_page(self, caller)),
+            "/key" => pages::key_page(self, caller, name, None).await,
+            "/audit" => trail::page(self, caller, name).await,
+            _ => return self.error(StatusCode::NOT_FOUND, "no such page"),
+        };
+        match page {
+            Ok(p) => web::html(
+                StatusCode::OK,
+                p,
+                caller.new_session.then_some(caller.session.as_str()),
+            ),
+            Err(e) => view::error_response(e),
+        }
+    }
+
+    /// Answers a POST whose origin and CSRF token were checked. A change answers with a
+    /// redirect (a reload never repeats it); a preview or a chain check with its page.
+    async fn post(&self, caller: &Caller, path: &str, form: &Form) -> Response<Body> {
+        let done = match path {
+            "/keys" => actions::create(self, caller, form).await,
+            "/roll" => actions::roll(self, caller, form).await,
+            "/revoke" => actions::revoke(self, caller, form).await,
+            "/policy" if form.get("action") == "preview" => {
+                return match actions::edit_preview(self, caller, form).await {
+                    Ok(page) => web::html(StatusCode::OK, page, None),
+                    Err(e) => view::error_response(e),
+                }
+            }
+            "/policy" => actions::update_policy(self, caller, form).await,
+            "/verify-chain" => return trail::verify(self, caller, form).await,
+            _ => return self.error(StatusCode::NOT_FOUND, "no such page"),
+        };
+        match done {
+            Ok(next) => web::see_other(&next),
+            Err(e) => view::error_response(e),
         }
     }
 
@@ -242,7 +294,7 @@ impl Portal {
 
     /// An error page (no session needed, nothing of the caller's in it).
     pub fn error(&self, status: StatusCode, message: &str) -> Response<Body> {
-        web::html(status, pages::error_page(status, message), None)
+        web::html(status, view::error_page(status, message), None)
     }
 
     /// The vault.

@@ -3,21 +3,20 @@
 //! same identity could read over gRPC, and the read is audited like one. No page carries a
 //! secret except `/reveal`, once.
 
-use super::actions::{error_response, policy_from};
 use super::chart;
-use super::web::{self, Body, Form};
+use super::view::{csrf, layout, span, time};
+use super::web;
 use super::{Caller, Portal};
 use crate::clock::{rfc3339, Millis};
 use crate::error::{Error, Result};
-use crate::model::keypolicy::parse_cidrs;
-use crate::model::{check_scopes, Kind, SecretRecord, VersionState};
+use crate::model::{Kind, SecretRecord, VersionState};
 use crate::vault::usage::{network_text, Activity, HOUR_MS, WINDOW_MS};
 use crate::vault::ListInput;
-use http::{Response, StatusCode};
-use maud::{html, Markup, DOCTYPE};
+use maud::{html, Markup};
 use std::collections::BTreeMap;
 
-const DAY_MS: u64 = 24 * HOUR_MS;
+/// A day, in milliseconds.
+pub const DAY_MS: u64 = 24 * HOUR_MS;
 /// Expiring within this long is highlighted.
 const EXPIRING_MS: u64 = 7 * DAY_MS;
 /// Unused this long is stale (as `wardctl keys stale`'s default).
@@ -25,107 +24,8 @@ const STALE_MS: u64 = 90 * DAY_MS;
 /// Pages of ListSecrets read for "My keys".
 const MAX_LIST_PAGES: usize = 20;
 
-/// Answers a GET.
-pub async fn get(
-    portal: &Portal,
-    caller: &Caller,
-    path: &str,
-    query: &BTreeMap<String, String>,
-) -> Response<Body> {
-    let name = query.get("name").map(String::as_str).unwrap_or("");
-    let page = match path {
-        "/" => return web::see_other("/keys"),
-        "/keys" => keys_page(portal, caller).await,
-        "/new" => Ok(new_page(portal, caller)),
-        "/reveal" => Ok(reveal_page(portal, caller)),
-        "/key" => key_page(portal, caller, name, None).await,
-        "/audit" => super::trail::page(portal, caller, name).await,
-        _ => return portal.error(StatusCode::NOT_FOUND, "no such page"),
-    };
-    match page {
-        Ok(p) => web::html(
-            StatusCode::OK,
-            p,
-            caller.new_session.then_some(caller.session.as_str()),
-        ),
-        Err(e) => error_response(portal, e),
-    }
-}
-
-/// A page of the portal around `body`.
-pub fn layout(caller: &Caller, title: &str, body: Markup) -> Markup {
-    html! {
-        (DOCTYPE)
-        html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                // No eval, no injected <style> (the CSP forbids both).
-                meta name="htmx-config" content=r#"{"includeIndicatorStyles":false,"allowEval":false,"allowScriptTags":false}"#;
-                title { (title) " — Ward" }
-                link rel="stylesheet" href="/static/portal.css";
-                script src="/static/htmx.min.js" defer {}
-                script src="/static/portal.js" defer {}
-            }
-            body {
-                header {
-                    nav {
-                        strong { "Ward" }
-                        a href="/keys" { "My keys" }
-                        a href="/new" { "Create key" }
-                    }
-                    span.who { "Signed in as " code #identity { (caller.peer.identity) } }
-                }
-                main {
-                    h1 { (title) }
-                    (body)
-                }
-            }
-        }
-    }
-}
-
-/// An error page.
-pub fn error_page(status: StatusCode, message: &str) -> Markup {
-    html! {
-        (DOCTYPE)
-        html lang="en" {
-            head {
-                meta charset="utf-8";
-                title { "Error — Ward" }
-                link rel="stylesheet" href="/static/portal.css";
-            }
-            body {
-                main {
-                    h1 { "Error " (status.as_u16()) }
-                    p.error #error { (message) }
-                    p { a href="/keys" { "Back to my keys" } }
-                }
-            }
-        }
-    }
-}
-
-fn time(ms: Option<Millis>) -> String {
-    ms.map_or_else(|| "—".to_owned(), rfc3339)
-}
-
-/// `3h 20m`, `2d 4h`, `45s`.
-fn span(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m", s / 60),
-        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
-    }
-}
-
-fn csrf(caller: &Caller) -> Markup {
-    html! { input type="hidden" name="csrf" value=(caller.csrf); }
-}
-
-async fn keys_page(portal: &Portal, caller: &Caller) -> Result<Markup> {
+/// My keys: the API keys the caller may list, with last use, expiry and staleness.
+pub async fn keys_page(portal: &Portal, caller: &Caller) -> Result<Markup> {
     let mut keys = Vec::new();
     let mut token = String::new();
     let mut denied = None;
@@ -215,7 +115,8 @@ fn state_of(s: &SecretRecord, now: Millis) -> &'static str {
     }
 }
 
-fn new_page(portal: &Portal, caller: &Caller) -> Markup {
+/// The create form (expiry required, at most `max_key_lifetime`).
+pub fn new_page(portal: &Portal, caller: &Caller) -> Markup {
     let max_days = portal.settings().max_key_lifetime_ms / DAY_MS;
     let envs = &portal.vault().settings().environments;
     layout(
@@ -268,7 +169,8 @@ fn policy_fields(s: Option<&SecretRecord>, days: u64, max_days: u64) -> Markup {
     }
 }
 
-fn reveal_page(portal: &Portal, caller: &Caller) -> Markup {
+/// The new key, once: taken from the waiting room, never shown again.
+pub fn reveal_page(portal: &Portal, caller: &Caller) -> Markup {
     let Some(w) = portal.reveals().take(&caller.session, &caller.peer) else {
         return layout(
             caller,
@@ -428,27 +330,4 @@ fn networks(a: Option<&Activity>, now: Millis) -> Markup {
             }
         }
     }
-}
-
-/// The edit form's Preview: how many of the last 24 h's successful verifications the new
-/// scopes and CIDRs would have refused, shown on the key's page (htmx swaps in just that part).
-pub async fn edit_preview(portal: &Portal, caller: &Caller, form: &Form) -> Result<Markup> {
-    let name = form.get("name");
-    let scopes = form.list("scopes");
-    check_scopes(&scopes)?;
-    policy_from(portal, form)?;
-    let mut policy = crate::model::KeyPolicy::default();
-    policy.allowed_cidrs = parse_cidrs(&form.list("cidrs"))?;
-    // Authorization first: the page read decides whether the caller may see this key.
-    let s = portal.vault().describe(&caller.peer, name).await?;
-    portal.keys().usage(&caller.peer, &s.name, 0).await?;
-    let since = portal.vault().now().saturating_sub(WINDOW_MS);
-    let (refused, of) = portal
-        .vault()
-        .usage()
-        .activity(&s.name)
-        .values()
-        .map(|a| a.would_refuse(since, &policy, &scopes))
-        .fold((0, 0), |(r, o), (r2, o2)| (r + r2, o + o2));
-    key_page(portal, caller, &s.name, Some((refused, of))).await
 }

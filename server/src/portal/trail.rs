@@ -2,9 +2,9 @@
 //! uses (the caller's `audit` grant decides what it sees, and the read is itself audited), and
 //! a button that verifies the chain (VerifyAuditLog: needs `audit` on every secret).
 
-use super::pages::layout;
+use super::view::{error_response, layout};
 use super::web::{self, Body, Form};
-use super::{actions::error_response, Caller, Portal};
+use super::{Caller, Portal};
 use crate::audit::{code_name, StreamItem, StreamQuery, Verification};
 use crate::clock::rfc3339;
 use crate::error::Result;
@@ -31,7 +31,7 @@ pub async fn verify(portal: &Portal, caller: &Caller, form: &Form) -> Response<B
     };
     match trail(portal, caller, form.get("name"), Some(verdict)).await {
         Ok(p) => web::html(StatusCode::OK, p, None),
-        Err(e) => error_response(portal, e),
+        Err(e) => error_response(e),
     }
 }
 

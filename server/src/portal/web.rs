@@ -37,14 +37,16 @@ pub struct Csrf {
     key: [u8; 32],
 }
 
-impl Csrf {
+impl Default for Csrf {
     /// A fresh random key.
-    pub fn new() -> Self {
+    fn default() -> Self {
         let mut key = [0u8; 32];
         OsRng.fill_bytes(&mut key);
         Self { key }
     }
+}
 
+impl Csrf {
     fn mac(&self, session: &str, identity: &str) -> Hmac<Sha256> {
         // HMAC takes a key of any length; the key here is always 32 bytes.
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
@@ -244,14 +246,14 @@ mod tests {
 
     #[test]
     fn csrf_tokens_bind_session_and_identity() {
-        let c = Csrf::new();
+        let c = Csrf::default();
         let t = c.token("s1", "alice");
         assert!(c.check("s1", "alice", &t));
         assert!(!c.check("s2", "alice", &t));
         assert!(!c.check("s1", "bob", &t));
         assert!(!c.check("s1", "alice", "zz"));
         assert!(
-            !Csrf::new().check("s1", "alice", &t),
+            !Csrf::default().check("s1", "alice", &t),
             "another process's key"
         );
     }

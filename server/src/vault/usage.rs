@@ -185,7 +185,7 @@ impl Activity {
             .filter(|(_, s)| s.last_ms >= since)
             .map(|(n, s)| (*n, *s))
             .collect();
-        out.sort_by(|a, b| b.1.last_ms.cmp(&a.1.last_ms));
+        out.sort_by_key(|n| std::cmp::Reverse(n.1.last_ms));
         out
     }
 }
