@@ -151,7 +151,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
         server::serve(cfg, hsm, |at| {
             let addr = at.grpc;
             if let Some(dir) = &dev_dir {
-                println!("{}", ward_server::dev::banner(dir, addr, at.metrics));
+                println!("{}", ward_server::dev::banner(dir, &at));
             }
             if let Some(m) = at.metrics {
                 tracing::info!(addr = %m, "metrics listening");

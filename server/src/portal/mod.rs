@@ -38,6 +38,9 @@ use web::{Body, Csrf, Form};
 
 /// Longest time one request may take (reading the form included).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a request head (HTTP/1.1), and the HTTP/2 keep-alive ping's period and
+/// answer time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The portal's settings, from `[portal]`.
 #[derive(Debug, Clone)]
@@ -124,11 +127,24 @@ impl Portal {
                         }))
                     }
                 });
-                let served = hyper_util::server::conn::auto::Builder::new(
+                let mut builder = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
-                .await;
+                );
+                // A client that trickles its request head (or holds an idle HTTP/2
+                // connection) does not keep a connection slot for ever.
+                builder
+                    .http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT);
+                builder
+                    .http2()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .max_concurrent_streams(32)
+                    .keep_alive_interval(HEADER_TIMEOUT)
+                    .keep_alive_timeout(HEADER_TIMEOUT);
+                let served = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
+                    .await;
                 if let Err(e) = served {
                     tracing::debug!(error = %e, "portal connection ended");
                 }
