@@ -2,8 +2,8 @@
 //! tag, the last use and the client IP of that use. They feed GetKeyUsage and the stale-key
 //! report (ListSecrets with `unused_keys`). Beside them each version keeps its recent
 //! [`Activity`] for the portal: counts per hour by result (a week), the client networks seen
-//! in the last 24 h (who still uses an old key), and the latest verifications (to preview what
-//! a tighter policy would have refused). Every part is bounded, whatever callers send.
+//! in the last 24 h (who still uses an old key), and the latest successful verifications (to
+//! preview what a tighter policy would have refused). Every part is bounded, whatever callers send.
 //!
 //! Counters are statistics, not a ledger: they are kept in memory and written to the store in
 //! one batch every few seconds and at shutdown (no fsync of their own; they ride the next
@@ -48,7 +48,7 @@ pub struct VersionUsage {
 pub const ACTIVITY_HOURS: usize = 7 * 24;
 /// Client networks remembered per version; past it the least recently seen is forgotten.
 pub const MAX_NETWORKS: usize = 64;
-/// Latest verifications kept per version.
+/// Latest VALID verifications kept per version.
 pub const RECENT: usize = 256;
 /// Required scopes kept per remembered verification.
 pub const MAX_SEEN_SCOPES: usize = 16;
@@ -65,7 +65,7 @@ pub struct Activity {
     pub hours: VecDeque<HourCount>,
     /// Client network (IPv4 /24, IPv6 /64) → when last seen and how many verifications.
     pub networks: BTreeMap<IpAddr, NetworkSeen>,
-    /// The latest verifications, oldest first, at most [`RECENT`].
+    /// The latest VALID verifications, oldest first, at most [`RECENT`].
     pub recent: VecDeque<Seen>,
 }
 
@@ -151,6 +151,11 @@ impl Activity {
             let seen = self.networks.entry(net).or_default();
             seen.last_ms = seen.last_ms.max(u.at);
             seen.count += 1;
+        }
+        // Only successes: the preview asks which of them a tighter policy would refuse, and a
+        // flood of refusals must not push them out.
+        if u.result != VerifyResult::Valid.number() {
+            return;
         }
         self.recent.push_back(Seen {
             at_ms: u.at,
@@ -457,12 +462,21 @@ mod tests {
         // A flood from many networks over many hours stays within every bound.
         for i in 0..10_000u64 {
             let ip = format!("10.{}.{}.1", i / 256 % 256, i % 256);
-            book.record("k", 1, use_at(8, "", day0 + i * HOUR_MS / 10, &ip, false));
+            let result = if i % 2 == 0 { 1 } else { 8 };
+            book.record(
+                "k",
+                1,
+                use_at(result, "", day0 + i * HOUR_MS / 10, &ip, false),
+            );
         }
         let a = &book.activity("k")[&1];
         assert_eq!(a.hours.len(), ACTIVITY_HOURS);
         assert_eq!(a.networks.len(), MAX_NETWORKS);
         assert_eq!(a.recent.len(), RECENT);
+        assert!(
+            a.recent.iter().all(|s| s.result == 1),
+            "only successes are remembered"
+        );
         let newest = a.hours.back().unwrap();
         assert_eq!(newest.start_ms % HOUR_MS, 0);
         assert!(a.networks_since(day0 + 999 * HOUR_MS).len() <= MAX_NETWORKS);
