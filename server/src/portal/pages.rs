@@ -163,7 +163,8 @@ fn policy_fields(s: Option<&SecretRecord>, days: u64, max_days: u64) -> Markup {
                 option value="h" selected[rate.is_some_and(|r| r.period_ms == 3_600_000)] { "hour" }
             }
         }
-        label { "Quota (verifications; empty: unlimited) " input name="quota" type="number" min="1" value=[quota.map(|q| q.limit)]; }
+        label { "Quota (verifications; empty: unlimited) "
+            input name="quota" type="number" min="1" value=[quota.map(|q| q.limit)]; }
         label { "Expires in (days, required, at most " (max_days) ") "
             input name="expires_days" type="number" min="1" max=(max_days) required value=(days.clamp(1, max_days)); }
     }
@@ -224,6 +225,13 @@ pub async fn key_page(
     let now = portal.vault().now();
     let max_days = portal.settings().max_key_lifetime_ms / DAY_MS;
     let revoked = s.life.revoked.is_some();
+    // Old keys still in their window: the ones a developer revokes one by one.
+    let old_active: Vec<_> = s
+        .versions
+        .iter()
+        .rev()
+        .filter(|v| v.version != s.primary && s.standing(v, now).state == VersionState::Active)
+        .collect();
     // Saving the edit form keeps the expiry unless it is changed: start from what is left.
     let days_left = s
         .life
@@ -239,7 +247,10 @@ pub async fn key_page(
             p { a #audit-link href=(web::link("/audit", &[("name", &s.name)])) { "Audit trail of this key" } }
             h2 { "Versions" }
             table #versions {
-                thead { tr { th { "Version" } th { "State" } th { "Created" } th { "Window" } th { "Key id" } th { "Networks in the last 24 h" } } }
+                thead { tr {
+                    th { "Version" } th { "State" } th { "Created" } th { "Window" } th { "Key id" }
+                    th { "Networks in the last 24 h" }
+                } }
                 tbody {
                     @for v in s.versions.iter().rev() {
                         @let standing = s.standing(v, now);
@@ -248,7 +259,8 @@ pub async fn key_page(
                             td { (standing.state.name()) }
                             td { (rfc3339(v.create_ms)) }
                             td { @if let (VersionState::Active, Some(until)) = (standing.state, v.grace_until_ms) {
-                                span.window { "valid until " (rfc3339(until)) " (" (span(until.saturating_sub(now))) " left)" }
+                                span.window { "valid until " (rfc3339(until))
+                                    " (" (span(until.saturating_sub(now))) " left)" }
                             } }
                             td { code { (v.key_id.as_deref().unwrap_or("")) } }
                             td { (networks(activity.get(&v.version), now)) }
@@ -259,8 +271,10 @@ pub async fn key_page(
             @if let Some(r) = &report {
                 h2 { "Usage" }
                 @let hours: Vec<_> = activity.values().flat_map(|a| a.hours.iter()).collect();
-                (chart::render("Verifications per hour (last 24 h, UTC)", &chart::buckets(&hours, now, HOUR_MS, 24), chart::hour_label))
-                (chart::render("Verifications per day (last 7 days, UTC)", &chart::buckets(&hours, now, DAY_MS, 7), chart::day_label))
+                (chart::render("Verifications per hour (last 24 h, UTC)",
+                    &chart::buckets(&hours, now, HOUR_MS, 24), chart::hour_label))
+                (chart::render("Verifications per day (last 7 days, UTC)",
+                    &chart::buckets(&hours, now, DAY_MS, 7), chart::day_label))
                 @if let Some(q) = r.quota_remaining { p { "Quota left: " (q) } }
             }
             @if !revoked {
@@ -286,7 +300,7 @@ pub async fn key_page(
                     input type="hidden" name="name" value=(s.name);
                     label { "Version "
                         select name="version" {
-                            @for v in s.versions.iter().rev().filter(|v| v.version != s.primary && s.standing(v, now).state == VersionState::Active) {
+                            @for v in old_active.iter() {
                                 option value=(v.version) { "version " (v.version) " (old key)" }
                             }
                             option value="all" { "every version (the whole key)" }
@@ -326,7 +340,8 @@ fn networks(a: Option<&Activity>, now: Millis) -> Markup {
         @if nets.is_empty() { span.muted { "none" } }
         ul.networks {
             @for (net, seen) in &nets {
-                li { code { (network_text(*net)) } " — " (seen.count) " verifications, last " (span(now.saturating_sub(seen.last_ms))) " ago" }
+                li { code { (network_text(*net)) } " — " (seen.count) " verifications, last "
+                    (span(now.saturating_sub(seen.last_ms))) " ago" }
             }
         }
     }

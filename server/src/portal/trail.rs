@@ -96,7 +96,7 @@ async fn trail(
                                 td { code { (r.identity) } }
                                 td { (r.peer) }
                                 td { (r.method) }
-                                td { (r.targets.iter().filter(|(n, _)| *n == s.name).map(|(_, v)| v.to_string()).collect::<Vec<_>>().join(", ")) }
+                                td { (versions_of(r, &s.name)) }
                                 td { (code_name(r.code)) }
                                 td { code { (r.key_id) } }
                                 td { code title=(hex::encode(hash)) { (hex::encode(&hash[..8])) "…" } }
@@ -125,4 +125,14 @@ async fn trail(
             }
         },
     ))
+}
+
+/// The versions of `name` a record names, e.g. `2` or `1, 2`.
+fn versions_of(r: &crate::audit::AuditRecord, name: &str) -> String {
+    r.targets
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

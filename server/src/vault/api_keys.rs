@@ -1,5 +1,6 @@
 //! API keys as secrets: IssueKey (Ward generates the key) and UpdateKeyPolicy (scopes, CIDRs,
-//! rate limit, quota, expiry, and the schedule: rotation period, default grace). Verification lives above, in keys/.
+//! rate limit, quota, expiry, and the schedule: rotation period, default grace). Verification
+//! lives above, in keys/.
 
 use super::versions::NewValue;
 use super::write::{rewrite, Call, Plan, Staged, Written};
