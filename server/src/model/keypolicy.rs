@@ -534,5 +534,13 @@ mod tests {
         let m = PolicyMask::parse(&["quota".into(), "expireTime".into()]).unwrap();
         assert!(m.quota && m.expire_time && !m.scopes);
         assert!(PolicyMask::parse(&["owner".into()]).is_err());
+        let m =
+            PolicyMask::parse(&["rotationPeriod".into(), "default_grace_period".into()]).unwrap();
+        assert!(m.rotation_period && m.default_grace_period && !m.quota);
+        let all = PolicyMask::ALL;
+        assert!(
+            !all.rotation_period && !all.default_grace_period,
+            "an empty mask never touches the schedule"
+        );
     }
 }

@@ -481,4 +481,49 @@ mod tests {
         assert_eq!(newest.start_ms % HOUR_MS, 0);
         assert!(a.networks_since(day0 + 999 * HOUR_MS).len() <= MAX_NETWORKS);
     }
+
+    #[test]
+    fn the_preview_judges_remembered_successes_with_verifys_checks() {
+        let book = UsageBook::default();
+        let read = vec!["orders:read".to_owned()];
+        let write = vec!["orders:write".to_owned()];
+        let at = 50 * WINDOW_MS;
+        for (ip, scopes, result) in [
+            ("10.0.0.1", &read, 1),
+            ("192.168.1.1", &read, 1),
+            ("", &write, 1),
+            ("10.0.0.2", &read, 8),
+        ] {
+            book.record(
+                "k",
+                1,
+                Use {
+                    scopes,
+                    ..use_at(result, "", at, ip, true)
+                },
+            );
+        }
+        let a = &book.activity("k")[&1];
+        let only_10 = KeyPolicy {
+            allowed_cidrs: crate::model::keypolicy::parse_cidrs(&["10.0.0.0/8".into()]).unwrap(),
+            ..Default::default()
+        };
+        let both = vec!["orders:read".to_owned(), "orders:write".to_owned()];
+        assert_eq!(a.would_refuse(at, &KeyPolicy::default(), &both), (0, 3));
+        assert_eq!(
+            a.would_refuse(at, &only_10, &both),
+            (2, 3),
+            "other network, no IP"
+        );
+        assert_eq!(
+            a.would_refuse(at, &KeyPolicy::default(), &read),
+            (1, 3),
+            "a scope dropped"
+        );
+        assert_eq!(
+            a.would_refuse(at + 1, &only_10, &read),
+            (0, 0),
+            "older than the window"
+        );
+    }
 }
