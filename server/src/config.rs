@@ -52,6 +52,37 @@ pub struct Config {
     /// Audit log.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// The developer portal (HTTPS, off unless `listen` is set).
+    #[serde(default)]
+    pub portal: PortalConfig,
+}
+
+/// The self-service developer portal: its own HTTPS listener, the same TLS files, CA and CRLs
+/// as gRPC (a client certificate is required there too).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PortalConfig {
+    /// Address (port 0 picks a free port; the server prints it). Absent: no portal.
+    pub listen: Option<SocketAddr>,
+    /// Behind an SSO proxy: the request header naming the user, believed only on connections
+    /// whose certificate identity is one of `trusted_proxies`.
+    pub identity_header: Option<String>,
+    /// Certificate identities (exact) of the proxies allowed to set `identity_header`.
+    pub trusted_proxies: Vec<String>,
+    /// Longest expiry a key created in the portal may have.
+    #[serde(deserialize_with = "de_duration")]
+    pub max_key_lifetime: Duration,
+}
+
+impl Default for PortalConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            identity_header: None,
+            trusted_proxies: Vec::new(),
+            max_key_lifetime: Duration::from_secs(365 * 86_400),
+        }
+    }
 }
 
 /// The plain-HTTP listener serving `/metrics` (Prometheus text) and `/healthz`. It carries no
@@ -631,6 +662,21 @@ impl Config {
                 seg.end()
             ));
         }
+        let p = &self.portal;
+        if let Some(h) = &p.identity_header {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() || p.trusted_proxies.is_empty() {
+                return Err("portal.identity_header must be a header name, and needs \
+                            portal.trusted_proxies"
+                    .into());
+            }
+        }
+        let (hour, century) = (
+            Duration::from_secs(3600),
+            Duration::from_secs(36_500 * 86_400),
+        );
+        if p.max_key_lifetime < hour || p.max_key_lifetime > century {
+            return Err("portal.max_key_lifetime must be between 1h and 36500d".into());
+        }
         Ok(())
     }
 
@@ -706,6 +752,11 @@ mod tests {
             cfg.testing.is_none(),
             "the test clock is never on by default"
         );
+        assert!(cfg.portal.listen.is_none(), "no portal unless configured");
+        assert_eq!(
+            cfg.portal.max_key_lifetime,
+            Duration::from_secs(365 * 86_400)
+        );
     }
 
     #[test]
@@ -777,6 +828,12 @@ mod tests {
             MINIMAL.replacen("[tls]", "[tls]\nmax_connection_age = \"0s\"", 1),
             MINIMAL.replacen("[tls]", "[tls]\nmax_connection_age = \"1h5\"", 1),
             MINIMAL.replacen("[tls]", "[tls]\nkeepalive_timeout = \"10m\"", 1),
+            format!("{MINIMAL}\n[portal]\nidentity_header = \"x-user\"\n"),
+            format!(
+                "{MINIMAL}\n[portal]\nidentity_header = \"x user\"\ntrusted_proxies = [\"p\"]\n"
+            ),
+            format!("{MINIMAL}\n[portal]\nmax_key_lifetime = \"10m\"\n"),
+            format!("{MINIMAL}\n[portal]\nlisten = \"nowhere\"\n"),
         ];
         for text in cases {
             std::fs::write(&path, &text).unwrap();

@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::harden::create_private_dir;
-use crate::server::StartError;
+use crate::server::{Listening, StartError};
 use rand::{rngs::OsRng, RngCore};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -109,6 +109,12 @@ default_grace_seconds = 86400
 enabled = true
 listen = "127.0.0.1:0"
 
+[portal]
+# The developer portal (HTTPS, client certificate required, same CA as gRPC). Port 0 picks a
+# free port; the server prints `ward-server portal addr=…` before its ready line.
+listen = "127.0.0.1:0"
+max_key_lifetime = "365d"
+
 [keys]
 unknown_key_burst = 100          # unknown keys a caller may present back to back …
 unknown_keys_per_minute = 600    # … and per minute in the long run (per client IP)
@@ -176,9 +182,14 @@ fn token_exists(cfg: &Config) -> Result<bool, StartError> {
 }
 
 /// The ready-to-paste commands printed when dev mode starts.
-pub fn banner(dir: &Path, addr: SocketAddr, metrics: Option<SocketAddr>) -> String {
-    let d = dir.display();
-    let metrics = metrics.map_or_else(|| "(disabled)".to_owned(), |m| m.to_string());
+pub fn banner(dir: &Path, at: &Listening) -> String {
+    let (d, addr) = (dir.display(), at.grpc);
+    let metrics = at
+        .metrics
+        .map_or_else(|| "(disabled)".to_owned(), |m| m.to_string());
+    let portal = at
+        .portal
+        .map_or_else(|| "(disabled)".to_owned(), |p| format!("https://{p}/"));
     format!(
         r#"Ward dev server — data, token, certificates and policy in {d}
 
@@ -201,6 +212,9 @@ pub fn banner(dir: &Path, addr: SocketAddr, metrics: Option<SocketAddr>) -> Stri
     wardctl audit verify
 
   metrics (plain HTTP, no certificate): curl http://{metrics}/metrics
+
+  developer portal (HTTPS, client certificate required; docs/portal.md): {portal}
+    curl --cacert {d}/tls/ca.pem --cert {d}/tls/admin.pem --key {d}/tls/admin.key {portal}keys
 
   identities: admin (every verb), app (read, verify) — edit {d}/policy.toml to change.
 "#

@@ -6,6 +6,7 @@
 //! ```text
 //! server, dev, main      wiring: configuration → HSM → store → vault → listeners
 //! grpc/                  transport: one file per service, wire.rs, status mapping, layers
+//! portal/                the developer portal: HTTPS pages beside grpc/, same domain calls
 //! changes/               watch streams and the sweeper: follow the vault's changes
 //! keys/                  API-key verification at the edge: directory, GCRA, quota
 //! vault/                 the domain: every operation, one write path (vault/write.rs)
@@ -31,6 +32,7 @@ pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod portal;
 #[cfg(test)]
 mod proptests;
 pub mod server;

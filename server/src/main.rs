@@ -152,11 +152,15 @@ fn run(cli: Cli) -> Result<(), StartError> {
         server::serve(cfg, hsm, |at| {
             let addr = at.grpc;
             if let Some(dir) = &dev_dir {
-                println!("{}", ward_server::dev::banner(dir, addr, at.metrics));
+                println!("{}", ward_server::dev::banner(dir, &at));
             }
             if let Some(m) = at.metrics {
                 tracing::info!(addr = %m, "metrics listening");
                 println!("ward-server metrics addr={m}");
+            }
+            if let Some(p) = at.portal {
+                tracing::info!(addr = %p, "portal listening");
+                println!("ward-server portal addr={p}");
             }
             tracing::info!(%addr, "ready");
             println!("ward-server ready addr={addr}");

@@ -25,10 +25,11 @@ use crate::metrics::{MeteredWrapper, RpcMetricsLayer};
 use crate::model::keypolicy::RateLimit;
 use crate::model::{Kind, VersionState};
 use crate::policy::Policy;
+use crate::portal::{Portal, PortalSettings};
 use crate::store::sealed::SealedStore;
 use crate::store::sled_store::{SledStore, StoreOptions};
 use crate::store::Store;
-use crate::tls::{Handshake, TlsConn, TlsFiles, TlsReloader};
+use crate::tls::{Alpn, Handshake, TlsConn, TlsFiles, TlsReloader};
 use crate::unseal::unseal;
 use crate::vault::{Settings, Vault};
 use std::collections::{BTreeMap, HashSet};
@@ -54,6 +55,8 @@ pub struct Listening {
     pub grpc: SocketAddr,
     /// Plain-HTTP metrics and health, if enabled.
     pub metrics: Option<SocketAddr>,
+    /// The developer portal (HTTPS, client certificate required), if configured.
+    pub portal: Option<SocketAddr>,
 }
 
 /// Why the server could not start; each kind has its own exit code.
@@ -335,7 +338,7 @@ pub async fn serve(
         vault.clone(),
         Duration::from_secs(cfg.keys.usage_flush_seconds),
     ));
-    let audit_server = AuditServer::new(AuditService::new(access));
+    let audit_server = AuditServer::new(AuditService::new(access.clone()));
 
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -346,10 +349,32 @@ pub async fn serve(
     let poll =
         (cfg.tls.reload_interval_ms > 0).then(|| Duration::from_millis(cfg.tls.reload_interval_ms));
     tls.spawn_watcher(poll);
+    let portal_addr = match cfg.portal.listen {
+        Some(at) => {
+            let l = TcpListener::bind(at)
+                .await
+                .map_err(|e| StartError::Config(format!("cannot listen on {at} (portal): {e}")))?;
+            let bound = l
+                .local_addr()
+                .map_err(|e| StartError::Other(e.to_string()))?;
+            let portal = Arc::new(Portal::new(
+                vault.clone(),
+                keys.clone(),
+                access.clone(),
+                PortalSettings::from_config(&cfg.portal),
+            ));
+            let incoming =
+                tls_incoming_alpn(l, tls.clone(), ConnLimits::from_config(&cfg), Alpn::Web);
+            tokio::spawn(portal.serve(incoming));
+            Some(bound)
+        }
+        None => None,
+    };
     let incoming = tls_incoming_with(listener, tls, ConnLimits::from_config(&cfg));
     ready(Listening {
         grpc: addr,
         metrics: metrics_addr,
+        portal: portal_addr,
     });
 
     let (l, t) = (&cfg.limits, &cfg.tls);
@@ -583,6 +608,16 @@ pub fn tls_incoming_with(
     tls: Arc<TlsReloader>,
     limits: ConnLimits,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    tls_incoming_alpn(listener, tls, limits, Alpn::Grpc)
+}
+
+/// [`tls_incoming_with`] offering `alpn` (the portal's listener offers HTTP/1.1 too).
+pub fn tls_incoming_alpn(
+    listener: TcpListener,
+    tls: Arc<TlsReloader>,
+    limits: ConnLimits,
+    alpn: Alpn,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
         // Refusals are logged at most once a second (with a count), so a flood cannot flood
@@ -614,7 +649,7 @@ pub fn tls_incoming_with(
                 }
                 continue;
             };
-            let (conn_tx, acceptor, tls) = (tx.clone(), tls.acceptor(), tls.clone());
+            let (conn_tx, acceptor, tls) = (tx.clone(), tls.acceptor_for(alpn), tls.clone());
             let timeout = limits.handshake_timeout;
             tokio::spawn(async move {
                 let accepted =

@@ -86,6 +86,8 @@ impl TlsFiles {
 /// certificates of open connections after a reload).
 struct Built {
     config: Arc<ServerConfig>,
+    /// The same, offering HTTP/1.1 too (the portal).
+    web: Arc<ServerConfig>,
     verifier: Arc<dyn ClientCertVerifier>,
 }
 
@@ -137,9 +139,14 @@ fn build(files: &TlsFiles, clock: &Arc<dyn Clock>) -> Result<Built, String> {
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(certs, key)
         .map_err(|e| format!("server certificate and key: {e}"))?;
+    // gRPC needs HTTP/2; the portal's browsers (and Playwright's certificate proxy) may speak
+    // HTTP/1.1 as well. Same certificates, verifier and CRLs either way.
+    let mut web = config.clone();
+    web.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Built {
         config: Arc::new(config),
+        web: Arc::new(web),
         verifier,
     })
 }
@@ -205,6 +212,15 @@ struct Current {
     generation: u64,
 }
 
+/// The application protocols a listener offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// HTTP/2 only (gRPC).
+    Grpc,
+    /// HTTP/2 and HTTP/1.1 (the portal).
+    Web,
+}
+
 /// An acceptor over one configuration, remembering which, so a handshake that finishes after
 /// a reload is re-checked under the newer one.
 pub struct Acceptor {
@@ -237,11 +253,20 @@ impl TlsReloader {
             .clone()
     }
 
-    /// An acceptor over the configuration in force now.
+    /// An acceptor over the configuration in force now (gRPC: HTTP/2 only).
     pub fn acceptor(&self) -> Acceptor {
+        self.acceptor_for(Alpn::Grpc)
+    }
+
+    /// An acceptor over the configuration in force now, offering `alpn`.
+    pub fn acceptor_for(&self, alpn: Alpn) -> Acceptor {
         let current = self.current();
+        let config = match alpn {
+            Alpn::Grpc => current.built.config.clone(),
+            Alpn::Web => current.built.web.clone(),
+        };
         Acceptor {
-            acceptor: tokio_rustls::TlsAcceptor::from(current.built.config.clone()),
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
             generation: current.generation,
         }
     }
@@ -406,8 +431,9 @@ fn check_uri_identity(uri: &str) -> Result<&str, String> {
 }
 
 /// A CN identity: not empty, no control character, and nothing that looks like a URI (which
-/// could pose as a URI SAN identity, e.g. a SPIFFE id, in policy).
-fn check_cn_identity(cn: &str) -> Result<&str, String> {
+/// could pose as a URI SAN identity, e.g. a SPIFFE id, in policy). The portal holds a user
+/// named by a trusted SSO proxy's header to the same rule.
+pub fn check_cn_identity(cn: &str) -> Result<&str, String> {
     check_no_control(cn, "subject CN")?;
     if cn.is_empty() {
         return Err("client certificate subject CN is empty".into());

@@ -54,11 +54,19 @@ pub async fn connect_raw(
 impl TestServer {
     /// The plain-HTTP metrics address the running server reported.
     pub fn metrics_addr(&self) -> SocketAddr {
-        let p = self.proc.as_ref().expect("no server running");
-        p.metrics
-            .lock()
-            .unwrap()
+        self.listener(crate::process::METRICS_PREFIX)
             .expect("the server printed no metrics address")
+    }
+
+    /// The portal's HTTPS address the running server reported (dev mode turns it on).
+    pub fn portal_addr(&self) -> SocketAddr {
+        self.listener(crate::process::PORTAL_PREFIX)
+            .expect("the server printed no portal address")
+    }
+
+    fn listener(&self, prefix: &str) -> Option<SocketAddr> {
+        let p = self.proc.as_ref().expect("no server running");
+        p.listeners.lock().unwrap().get(prefix).copied()
     }
 
     /// `GET path` on the metrics listener: (status code, body).

@@ -42,7 +42,8 @@ pub use helpers::{
 };
 pub use pki::{foreign_identity, CertFiles, TestCa};
 pub use process::{
-    server_bin, FailedStart, METRICS_PREFIX, READY_PREFIX, START_TIMEOUT, STOP_TIMEOUT,
+    server_bin, FailedStart, METRICS_PREFIX, PORTAL_PREFIX, READY_PREFIX, START_TIMEOUT,
+    STOP_TIMEOUT,
 };
 pub use server::{TestServer, TEST_CLOCK_FILE, TEST_SWEEP_INTERVAL_MS};
 pub use tools::{run_tool, wardctl_bin, TOOL_TIMEOUT};

@@ -1,6 +1,7 @@
 //! One `ward-server` child process: spawning it with its output drained into the shared log,
 //! waiting for its ready line, and reaping it.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 pub const READY_PREFIX: &str = "ward-server ready addr=";
 /// The prefix of the line naming the plain-HTTP metrics listener (printed before ready).
 pub const METRICS_PREFIX: &str = "ward-server metrics addr=";
+/// The prefix of the line naming the portal's HTTPS listener (printed before ready).
+pub const PORTAL_PREFIX: &str = "ward-server portal addr=";
 
 /// Path of the `ward-server` binary: `$WARD_SERVER_BIN`, else next to the test executable.
 pub fn server_bin() -> PathBuf {
@@ -56,7 +59,8 @@ pub(crate) fn find_bin(var: &str, name: &str) -> PathBuf {
 pub(crate) struct Proc {
     pub(crate) child: Child,
     pub(crate) ready: mpsc::Receiver<Result<SocketAddr, String>>,
-    pub(crate) metrics: Arc<Mutex<Option<SocketAddr>>>,
+    /// The side listeners the server named before its ready line, by prefix.
+    pub(crate) listeners: Arc<Mutex<HashMap<&'static str, SocketAddr>>>,
     pub(crate) readers: Vec<JoinHandle<()>>,
 }
 
@@ -84,11 +88,15 @@ impl Proc {
             .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", bin.display()));
         let (tx, rx) = mpsc::channel();
         let out_logs = logs.clone();
-        let metrics = Arc::new(Mutex::new(None));
-        let metrics_seen = metrics.clone();
+        let listeners = Arc::new(Mutex::new(HashMap::new()));
+        let seen = listeners.clone();
         let stdout = pump(child.stdout.take().unwrap(), move |line| {
-            if let Some(rest) = line.trim().strip_prefix(METRICS_PREFIX) {
-                *metrics_seen.lock().unwrap() = rest.trim().parse::<SocketAddr>().ok();
+            for prefix in [METRICS_PREFIX, PORTAL_PREFIX] {
+                if let Some(rest) = line.trim().strip_prefix(prefix) {
+                    if let Ok(addr) = rest.trim().parse::<SocketAddr>() {
+                        seen.lock().unwrap().insert(prefix, addr);
+                    }
+                }
             }
             if let Some(rest) = line.trim().strip_prefix(READY_PREFIX) {
                 let addr = rest
@@ -108,7 +116,7 @@ impl Proc {
         Proc {
             child,
             ready: rx,
-            metrics,
+            listeners,
             readers: vec![stdout, stderr],
         }
     }

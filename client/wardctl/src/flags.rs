@@ -81,6 +81,9 @@ impl KeyPolicyArgs {
                 refill_period: self.quota_period.map(to_duration),
             }),
             expire_time: self.expires,
+            // The schedule is set by `issue`'s lifecycle flags and by `keys policy`'s own.
+            rotation_period: None,
+            default_grace_period: None,
         }
     }
 }

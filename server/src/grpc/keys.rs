@@ -3,7 +3,7 @@
 
 use super::peer;
 use super::status::to_status;
-use super::wire::{policy_input, policy_out, result, verdict};
+use super::wire::{policy_input, policy_out, result, schedule_input, verdict};
 use crate::clock::to_timestamp;
 use crate::keys::{Keys, VerifyInput, VerifyResult};
 use crate::vault::{PolicyUpdate, Vault};
@@ -59,6 +59,7 @@ impl keys_server::Keys for KeysService {
         let input = PolicyUpdate {
             name: r.name,
             scopes: p.scopes.clone(),
+            schedule: schedule_input(&p),
             policy: policy_input(p.allowed_cidrs, p.rate_limit, p.quota, p.expire_time)
                 .map_err(to_status)?,
             mask: r.update_mask.map(|m| m.paths).unwrap_or_default(),
@@ -70,11 +71,7 @@ impl keys_server::Keys for KeysService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::UpdateKeyPolicyResponse {
-            policy: Some(policy_out(
-                s.scopes.clone(),
-                &s.key_policy,
-                s.life.expire_ms,
-            )),
+            policy: Some(policy_out(s.scopes.clone(), &s.key_policy, &s.life)),
             name: s.name,
             update_time: Some(to_timestamp(s.update_ms)),
         }))

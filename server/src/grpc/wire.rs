@@ -7,9 +7,9 @@ use crate::changes::watch::{EventKind, WatchEvent};
 use crate::clock::{to_timestamp, Millis};
 use crate::error::Result;
 use crate::keys::{Verdict, VerifyResult};
-use crate::model::input::{self, RawDuration, RawExpiration};
+use crate::model::input::{self, LifecycleInput, RawDuration, RawExpiration};
 use crate::model::keypolicy::{KeyPolicy, KeyPolicyInput};
-use crate::model::{Kind, SecretRecord, VersionState};
+use crate::model::{Kind, SecretLife, SecretRecord, VersionState};
 use crate::vault::Fetched;
 use ward::v1 as pb;
 
@@ -276,14 +276,25 @@ pub fn policy_input(
     })
 }
 
-/// The wire form of a key policy; its expiry is the secret's lifecycle expiry.
-pub fn policy_out(scopes: Vec<String>, p: &KeyPolicy, expire_ms: Option<Millis>) -> pb::KeyPolicy {
+/// The wire form of a key policy; its expiry and schedule are the secret's lifecycle settings.
+pub fn policy_out(scopes: Vec<String>, p: &KeyPolicy, life: &SecretLife) -> pb::KeyPolicy {
     pb::KeyPolicy {
         scopes,
         allowed_cidrs: p.allowed_cidrs.iter().map(ToString::to_string).collect(),
         rate_limit: p.rate_limit.map(rate_limit_out),
         quota: p.quota.map(quota_out),
-        expire_time: expire_ms.map(to_timestamp),
+        expire_time: life.expire_ms.map(to_timestamp),
+        rotation_period: life.rotation_period_ms.map(duration_out),
+        default_grace_period: life.grace_ms.map(duration_out),
+    }
+}
+
+/// The schedule fields of a wire key policy, as received.
+pub fn schedule_input(p: &pb::KeyPolicy) -> LifecycleInput {
+    LifecycleInput {
+        rotation_period: p.rotation_period.map(raw_duration),
+        default_grace_period: p.default_grace_period.map(raw_duration),
+        expiration: None,
     }
 }
 

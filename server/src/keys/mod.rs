@@ -22,7 +22,7 @@ use crate::clock::Millis;
 use crate::error::{Code, Error, Result};
 use crate::identity::Peer;
 use crate::metrics;
-use crate::model::keypolicy::{parse_client_ip, RateLimit};
+use crate::model::keypolicy::{grants_scopes, parse_client_ip, RateLimit};
 pub use crate::model::VerifyResult;
 use crate::model::{check_scopes, excerpt, SecretName, SecretRecord, VersionState};
 use crate::policy::Verb;
@@ -346,7 +346,10 @@ impl Keys {
             Use {
                 result: v.result.number(),
                 endpoint: &input.endpoint,
-                used: charged.then_some((now, input.client_ip.as_str())),
+                at: now,
+                client_ip: &input.client_ip,
+                scopes: &input.required_scopes,
+                charged,
             },
         );
         Ok(v)
@@ -385,16 +388,10 @@ impl Keys {
         if !input.environment.is_empty() && input.environment != record.environment {
             return Ok(VerifyResult::WrongEnvironment);
         }
-        if !policy.allowed_cidrs.is_empty()
-            && !ip.is_some_and(|ip| policy.allowed_cidrs.iter().any(|c| c.contains(ip)))
-        {
+        if !policy.admits_ip(ip) {
             return Ok(VerifyResult::ForbiddenIp);
         }
-        if !input
-            .required_scopes
-            .iter()
-            .all(|s| record.scopes.contains(s))
-        {
+        if !grants_scopes(&record.scopes, &input.required_scopes) {
             return Ok(VerifyResult::InsufficientScope);
         }
         if let Some(limit) = policy.rate_limit {
@@ -973,6 +970,7 @@ mod tests {
             policy,
             mask: mask.iter().map(|s| s.to_string()).collect(),
             request_id: id.into(),
+            ..Default::default()
         };
         let two = KeyPolicyInput {
             quota: Some((2, 0, None)),

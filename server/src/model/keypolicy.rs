@@ -264,6 +264,13 @@ pub struct KeyPolicy {
 }
 
 impl KeyPolicy {
+    /// Whether a verification from `ip` passes the CIDR check (no ranges: any client, even
+    /// one that sent no IP).
+    pub fn admits_ip(&self, ip: Option<IpAddr>) -> bool {
+        self.allowed_cidrs.is_empty()
+            || ip.is_some_and(|ip| self.allowed_cidrs.iter().any(|c| c.contains(ip)))
+    }
+
     /// Replaces the quota (`None` clears it). A new quota gets an epoch above every epoch this
     /// key has used, so its ledger starts at the new limit.
     pub fn set_quota(&mut self, quota: Option<(u64, u64, Option<u64>)>, now: Millis) -> Result<()> {
@@ -304,19 +311,26 @@ pub struct PolicyMask {
     pub quota: bool,
     /// Replace the expiry.
     pub expire_time: bool,
+    /// Replace the scheduled rotation period (only when named: not part of [`PolicyMask::ALL`]).
+    pub rotation_period: bool,
+    /// Replace the default grace period (only when named: not part of [`PolicyMask::ALL`]).
+    pub default_grace_period: bool,
 }
 
 impl PolicyMask {
-    /// Every field.
+    /// Every usage field (what an empty mask means). The schedule fields are left out: a caller
+    /// that predates them sends an empty mask and must not clear a key's scheduled rotation.
     pub const ALL: Self = Self {
         scopes: true,
         allowed_cidrs: true,
         rate_limit: true,
         quota: true,
         expire_time: true,
+        rotation_period: false,
+        default_grace_period: false,
     };
 
-    /// Parses field-mask paths (snake_case or lowerCamelCase); empty means every field.
+    /// Parses field-mask paths (snake_case or lowerCamelCase); empty means every usage field.
     pub fn parse(paths: &[String]) -> Result<Self> {
         if paths.is_empty() {
             return Ok(Self::ALL);
@@ -329,10 +343,12 @@ impl PolicyMask {
                 "rate_limit" | "rateLimit" => m.rate_limit = true,
                 "quota" => m.quota = true,
                 "expire_time" | "expireTime" => m.expire_time = true,
+                "rotation_period" | "rotationPeriod" => m.rotation_period = true,
+                "default_grace_period" | "defaultGracePeriod" => m.default_grace_period = true,
                 other => {
                     return Err(Error::invalid(format!(
                         "unknown update_mask path {} (expected scopes, allowed_cidrs, \
-                         rate_limit, quota, expire_time)",
+                         rate_limit, quota, expire_time, rotation_period, default_grace_period)",
                         excerpt(other)
                     )))
                 }
@@ -340,6 +356,11 @@ impl PolicyMask {
         }
         Ok(m)
     }
+}
+
+/// Whether a key granting `granted` has every scope in `required`.
+pub fn grants_scopes(granted: &[String], required: &[String]) -> bool {
+    required.iter().all(|s| granted.contains(s))
 }
 
 /// Parses CIDR strings, refusing duplicates and more than [`MAX_CIDRS`].
@@ -513,5 +534,13 @@ mod tests {
         let m = PolicyMask::parse(&["quota".into(), "expireTime".into()]).unwrap();
         assert!(m.quota && m.expire_time && !m.scopes);
         assert!(PolicyMask::parse(&["owner".into()]).is_err());
+        let m =
+            PolicyMask::parse(&["rotationPeriod".into(), "default_grace_period".into()]).unwrap();
+        assert!(m.rotation_period && m.default_grace_period && !m.quota);
+        let all = PolicyMask::ALL;
+        assert!(
+            !all.rotation_period && !all.default_grace_period,
+            "an empty mask never touches the schedule"
+        );
     }
 }

@@ -34,11 +34,14 @@ pub enum Tree {
     KeyUsage,
     /// `name 0x00 version(u64 BE)` → `UsageFact` (last use, derived from the audit log).
     Usage,
+    /// `name 0x00 version(u64 BE)` → `Activity` (an API key version's recent verifications:
+    /// hourly counts, client networks, the latest facts; written with `KeyUsage`).
+    KeyActivity,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 10] = [
+    pub const ALL: [Tree; 11] = [
         Tree::Secrets,
         Tree::Versions,
         Tree::Requests,
@@ -49,6 +52,7 @@ impl Tree {
         Tree::Quota,
         Tree::KeyUsage,
         Tree::Usage,
+        Tree::KeyActivity,
     ];
 
     /// The tree's name on disk.
@@ -64,6 +68,7 @@ impl Tree {
             Tree::Quota => "quota",
             Tree::KeyUsage => "key_usage",
             Tree::Usage => "usage",
+            Tree::KeyActivity => "key_activity",
         }
     }
 

@@ -1,5 +1,6 @@
 //! API keys as secrets: IssueKey (Ward generates the key) and UpdateKeyPolicy (scopes, CIDRs,
-//! rate limit, quota, expiry). Verification lives above, in keys/.
+//! rate limit, quota, expiry, and the schedule: rotation period, default grace). Verification
+//! lives above, in keys/.
 
 use super::versions::NewValue;
 use super::write::{rewrite, Call, Plan, Staged, Written};
@@ -59,7 +60,10 @@ pub struct PolicyUpdate {
     pub scopes: Vec<String>,
     /// New policy fields (those the mask names).
     pub policy: KeyPolicyInput,
-    /// Field-mask paths; empty: every field.
+    /// New schedule (rotation period, default grace; those the mask names). Its expiration is
+    /// ignored: a key's expiry is `policy.expire_ms`.
+    pub schedule: LifecycleInput,
+    /// Field-mask paths; empty: every usage field (not the schedule).
     pub mask: Vec<String>,
     /// Idempotency key, or empty.
     pub request_id: String,
@@ -228,6 +232,7 @@ impl Vault {
             if mask.scopes {
                 check_scopes(&input.scopes)?;
             }
+            let schedule = parse_schedule(&input.schedule, mask, self.now())?;
             let fingerprint = self.fingerprint(
                 "UpdateKeyPolicy",
                 &[
@@ -238,6 +243,10 @@ impl Vault {
                         input.policy.rate_limit,
                         input.policy.quota,
                         input.policy.expire_ms,
+                    )),
+                    &encode(&(
+                        input.schedule.rotation_period,
+                        input.schedule.default_grace_period,
                     )),
                     &encode(&input.mask),
                 ],
@@ -265,6 +274,11 @@ impl Vault {
                 if mask.expire_time {
                     secret.life.expire_ms = input.policy.expire_ms;
                 }
+                schedule.apply(&mut secret, now);
+                if mask.default_grace_period && schedule.grace_ms.is_none() {
+                    // Named but absent: back to the server's default grace.
+                    secret.life.grace_ms = None;
+                }
                 secret.update_ms = now;
                 rec.targets = vec![(name.to_string(), secret.primary)];
                 Ok(Staged {
@@ -281,6 +295,30 @@ impl Vault {
         })
         .await
     }
+}
+
+/// The schedule change an update makes: only the fields `mask` names; a named field absent in
+/// `input` turns scheduled rotation off (rotation) or leaves `grace_ms` None for the caller to
+/// clear (grace). The expiration is not part of it (the key policy's expiry is).
+fn parse_schedule(
+    input: &LifecycleInput,
+    mask: PolicyMask,
+    now: Millis,
+) -> Result<LifecyclePolicy> {
+    let parsed = LifecyclePolicy::parse(
+        &LifecycleInput {
+            expiration: None,
+            ..*input
+        },
+        now,
+    )?;
+    Ok(LifecyclePolicy {
+        rotation_period_ms: mask
+            .rotation_period
+            .then(|| parsed.rotation_period_ms.flatten()),
+        grace_ms: parsed.grace_ms.filter(|_| mask.default_grace_period),
+        expire_ms: None,
+    })
 }
 
 /// Builds a key policy: the fields `mask` names from `input`, the others from `current`.

@@ -2,16 +2,17 @@
 
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use ward_client::proto::{ListSecretsRequest, UpdateKeyPolicyRequest, VerifyKeyRequest};
+use ward_client::proto::{KeyPolicy, ListSecretsRequest, UpdateKeyPolicyRequest, VerifyKeyRequest};
 use ward_client::{Client, ClientConfig};
 
 use crate::failure::Failure;
 use crate::flags::KeyPolicyArgs;
-use crate::input::read_key;
+use crate::input::{parse_period, read_key, to_duration};
 use crate::output::keys::{
     policy_json, policy_lines, print_usage, print_verify, usage_json, verify_json,
 };
@@ -82,6 +83,18 @@ pub struct KeyPolicyUpdate {
     /// Remove the expiry
     #[arg(long, conflicts_with = "expires")]
     pub no_expiry: bool,
+    /// Scheduled rotation period (e.g. 30d, 12h; 0 turns it off): Ward rotates the key when due
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    pub rotation_period: Option<Duration>,
+    /// Turn scheduled rotation off
+    #[arg(long, conflicts_with = "rotation_period")]
+    pub no_rotation: bool,
+    /// How long a replaced key stays valid when a rotation names no grace period
+    #[arg(long, value_name = "DURATION", value_parser = parse_period)]
+    pub default_grace: Option<Duration>,
+    /// Go back to the server's default grace period
+    #[arg(long, conflicts_with = "default_grace")]
+    pub no_default_grace: bool,
     /// Idempotency key: a retry does not reset the quota twice
     #[arg(long, value_name = "ID")]
     pub request_id: Option<String>,
@@ -97,6 +110,14 @@ impl KeyPolicyUpdate {
             ("rate_limit", p.rate_limit.is_some() || self.no_rate_limit),
             ("quota", p.quota.is_some() || self.no_quota),
             ("expire_time", p.expires.is_some() || self.no_expiry),
+            (
+                "rotation_period",
+                self.rotation_period.is_some() || self.no_rotation,
+            ),
+            (
+                "default_grace_period",
+                self.default_grace.is_some() || self.no_default_grace,
+            ),
         ]
         .into_iter()
         .filter_map(|(field, given)| given.then_some(field))
@@ -178,12 +199,19 @@ async fn policy(cfg: ClientConfig, args: KeyPolicyUpdate, json: bool) -> Result<
     let mask = args.mask();
     if mask.is_empty() {
         return Err(Failure::Usage(
-            "nothing to change: give --scope, --cidr, --rate-limit, --quota, --expires or a --no-… flag".into(),
+            "nothing to change: give --scope, --cidr, --rate-limit, --quota, --expires, \
+             --rotation-period, --default-grace or a --no-… flag"
+                .into(),
         ));
     }
+    let policy = KeyPolicy {
+        rotation_period: args.rotation_period.map(to_duration),
+        default_grace_period: args.default_grace.map(to_duration),
+        ..args.policy.policy()
+    };
     let req = UpdateKeyPolicyRequest {
         name: args.name,
-        policy: Some(args.policy.policy()),
+        policy: Some(policy),
         update_mask: Some(prost_types::FieldMask {
             paths: mask.iter().map(|s| s.to_string()).collect(),
         }),

@@ -51,6 +51,18 @@ pub fn policy_lines(p: &KeyPolicy) -> Vec<(&'static str, String)> {
             ),
         ),
         ("expires", timestamp_text(p.expire_time.as_ref())),
+        (
+            "rotation",
+            p.rotation_period
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |d| duration_text(Some(d))),
+        ),
+        (
+            "grace",
+            p.default_grace_period
+                .as_ref()
+                .map_or_else(|| "server default".to_owned(), |d| duration_text(Some(d))),
+        ),
     ]
 }
 
@@ -80,6 +92,8 @@ pub fn policy_json(p: &KeyPolicy) -> Value {
         "rate_limit": p.rate_limit.as_ref().map(rate_limit_json),
         "quota": p.quota.as_ref().map(quota_json),
         "expire_time": timestamp_json(p.expire_time.as_ref()),
+        "rotation_period": p.rotation_period.as_ref().map(|d| duration_text(Some(d))),
+        "default_grace_period": p.default_grace_period.as_ref().map(|d| duration_text(Some(d))),
     })
 }
 

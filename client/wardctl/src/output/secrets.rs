@@ -172,8 +172,11 @@ pub fn print_describe(m: &SecretMetadata) -> Result<(), Failure> {
             rate_limit: m.rate_limit,
             quota: m.quota,
             expire_time: m.expire_time,
+            rotation_period: None,
+            default_grace_period: None,
         };
-        fields.extend(policy_lines(&policy).into_iter().skip(1));
+        // Scopes are shown above and the schedule below, with the other secrets' lifecycle.
+        fields.extend(policy_lines(&policy).into_iter().skip(1).take(4));
         fields.push(("last used", last_used_text(m.last_used_time.as_ref())));
     }
     fields.push(("created", timestamp_text(m.create_time.as_ref())));
