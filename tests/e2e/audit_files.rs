@@ -164,8 +164,7 @@ fn legacy_layout(s: &TestServer, records: &[(u64, Vec<u8>)]) {
 
 fn legacy_records(s: &TestServer) -> usize {
     let db = ward_tests::open_stopped_db(s.data_dir());
-    let n = db.open_tree("audit").unwrap().len();
-    n
+    db.open_tree("audit").unwrap().len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

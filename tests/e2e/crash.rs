@@ -810,14 +810,10 @@ impl Seen {
                 }
                 self.changes.insert(r.seq, (which, targets.clone()));
             }
-            let targets = targets.into_iter();
-            match r.method.as_str() {
-                "VerifyKey" => {
-                    for (name, _) in targets {
-                        *self.verifications.entry(name).or_default() += 1;
-                    }
+            if r.method == "VerifyKey" {
+                for (name, _) in targets {
+                    *self.verifications.entry(name).or_default() += 1;
                 }
-                _ => {}
             }
         }
     }
