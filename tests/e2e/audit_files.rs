@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 
 use ward_tests::{segments, TestServer};
 
-use crate::audit::all_records;
+use crate::audit::{all_records, assert_verifies};
 use crate::{assert_value, put};
 
 /// A server with some history: puts, then fetches of them.
@@ -41,16 +41,6 @@ async fn hashes(s: &TestServer) -> BTreeMap<u64, Vec<u8>> {
         .into_iter()
         .map(|r| (r.seq, r.hash))
         .collect()
-}
-
-async fn verifies(s: &TestServer, what: &str) {
-    let v = s
-        .client("admin")
-        .await
-        .verify_audit_log(0, 0)
-        .await
-        .unwrap();
-    assert!(v.ok, "{what}: {v:?}");
 }
 
 /// The active segment of a stopped server and the offset after its last frame.
@@ -106,7 +96,7 @@ async fn a_torn_tail_is_cut_and_nothing_acknowledged_goes_with_it() {
     }
     let mut c = s.raw_client("admin").await;
     put(&mut c, "files/after", b"after the cut").await;
-    verifies(&s, "after a torn tail").await;
+    assert_verifies(&s, "after a torn tail").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,7 +129,7 @@ async fn damaged_truncated_or_missing_segments_stop_the_server_with_exit_5() {
     // Put back as it was, it starts and verifies.
     std::fs::write(&path, &original).unwrap();
     s.restart();
-    verifies(&s, "the segment put back").await;
+    assert_verifies(&s, "the segment put back").await;
 }
 
 /// Puts `records` into a stopped server's store as its `audit` tree, the layout before
@@ -205,7 +195,7 @@ async fn a_log_kept_in_the_store_is_moved_into_segments_once_and_checked() {
     let mut c = s.raw_client("admin").await;
     put(&mut c, "files/after-move", b"v").await;
     assert_value(&mut c, "files/0", 0, b"value 0").await;
-    verifies(&s, "after the move").await;
+    assert_verifies(&s, "after the move").await;
     s.stop();
     assert_eq!(
         legacy_records(&s),

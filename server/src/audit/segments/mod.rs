@@ -297,6 +297,15 @@ impl Segments {
         &self.dir
     }
 
+    /// The segment being written (none before the first record).
+    fn active(&self) -> Option<Arc<Segment>> {
+        self.list
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last()
+            .cloned()
+    }
+
     /// Whether a write failed since the log was last (re)opened.
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
@@ -372,12 +381,7 @@ impl Segments {
             let Some((covered, _)) = disk.last else {
                 return Ok(());
             };
-            let active = self
-                .list
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .last()
-                .cloned();
+            let active = self.active();
             let Some(active) = active else {
                 return Ok(());
             };
@@ -558,12 +562,7 @@ impl Segments {
         let frame_end = |k: usize| bounds.get(k + 1).map_or(buf.len(), |b| b.1);
         let mut i = 0;
         while i < bounds.len() {
-            let active = self
-                .list
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .last()
-                .cloned();
+            let active = self.active();
             let Some(active) = active else {
                 self.roll(disk, bounds[i].0, None)?;
                 continue;
