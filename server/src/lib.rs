@@ -8,6 +8,7 @@
 //! grpc/                  transport: one file per service, wire.rs, status mapping, layers
 //! changes/               watch streams and the sweeper: follow the vault's changes
 //! keys/                  API-key verification at the edge: directory, GCRA, quota
+//! alerts/                abuse signals, the alert writer, the webhook outbox and its delivery
 //! vault/                 the domain: every operation, one write path (vault/write.rs)
 //! audit/                 the tamper-evident audit log, its access and verification
 //! unseal, envelope       the keyring: unsealed by the HSM, seals values
@@ -16,6 +17,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod alerts;
 pub mod audit;
 pub mod changes;
 pub mod clock;

@@ -41,7 +41,7 @@
 //! u64   seq
 //! u64   time_ms              milliseconds since the Unix epoch
 //! [32]  prev_hash
-//! u8    kind                 0 call, 1 checkpoint, 2 prune
+//! u8    kind                 0 call, 1 checkpoint, 2 prune, 3 alert
 //! str   identity
 //! str   peer
 //! str   method
@@ -52,7 +52,13 @@
 //! str   key_id
 //! kind 1 (checkpoint): u64 covers_seq, [32] covers_hash, u64 every, str key_label, bytes mac
 //! kind 2 (prune):      u64 pruned_below
+//! kind 3 (alert):      str type, str id, str data
 //! ```
+//!
+//! An alert record (method [`ALERT_METHOD`], identity [`SERVER_IDENTITY`]) names the secret
+//! concerned as its target and the key id as `key_id`; `type` is the event type (e.g.
+//! `key.new_network`), `id` the `webhook-id` its deliveries carry, `data` the JSON object of
+//! the webhook body's `data` (names, environment, details: never a key or a value).
 //!
 //! and nothing after it. Stored under key `seq` (u64 BE) in tree `audit` is `body || H(body)`:
 //! the stored hash makes an edit of a record show at that record, and the next record's
@@ -110,6 +116,8 @@ pub const SERVER_IDENTITY: &str = "ward-server";
 pub const CHECKPOINT_METHOD: &str = "AuditCheckpoint";
 /// Method name of prune records.
 pub const PRUNE_METHOD: &str = "AuditPrune";
+/// Method name of alert records.
+pub const ALERT_METHOD: &str = "Alert";
 /// Methods whose successful targets count as a use of that secret version (the API-key
 /// verification RPC belongs here too).
 pub const USE_METHODS: &[&str] = &["FetchSecret", "BatchFetchSecrets"];
@@ -128,6 +136,19 @@ pub enum Event {
         /// First sequence number kept.
         below: u64,
     },
+    /// An alert Ward raised about a key or secret.
+    Alert(AlertEvent),
+}
+
+/// The alert-specific part of an alert record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertEvent {
+    /// Event type, e.g. `key.new_network`.
+    pub kind: String,
+    /// The `webhook-id` of its deliveries.
+    pub id: String,
+    /// The webhook body's `data` object, as JSON text.
+    pub data: String,
 }
 
 /// The signed part of a checkpoint record.
@@ -300,6 +321,7 @@ impl AuditRecord {
             Event::Call => 0,
             Event::Checkpoint(_) => 1,
             Event::Prune { .. } => 2,
+            Event::Alert(_) => 3,
         });
         put_str(&mut b, &self.identity);
         put_str(&mut b, &self.peer);
@@ -326,6 +348,11 @@ impl AuditRecord {
                 put_bytes(&mut b, &c.mac);
             }
             Event::Prune { below } => b.extend_from_slice(&below.to_be_bytes()),
+            Event::Alert(a) => {
+                put_str(&mut b, &a.kind);
+                put_str(&mut b, &a.id);
+                put_str(&mut b, &a.data);
+            }
         }
         b
     }
@@ -458,6 +485,11 @@ pub fn decode(stored: &[u8]) -> Result<Stored, DecodeError> {
             mac: r.bytes()?.to_vec(),
         }),
         2 => Event::Prune { below: r.u64()? },
+        3 => Event::Alert(AlertEvent {
+            kind: r.str()?,
+            id: r.str()?,
+            data: r.str()?,
+        }),
         k => return Err(DecodeError(format!("unknown record kind {k}"))),
     };
     if !r.0.is_empty() {
@@ -687,7 +719,19 @@ mod encoding_tests {
         cp.seq = 43;
         let mut prune = AuditRecord::system(PRUNE_METHOD, 6, Event::Prune { below: 40 });
         prune.seq = 44;
-        for r in [call, cp, prune] {
+        let mut alert = AuditRecord::system(
+            ALERT_METHOD,
+            7,
+            Event::Alert(AlertEvent {
+                kind: "key.new_network".into(),
+                id: "msg_0123456789abcdef".into(),
+                data: r#"{"network":"10.1.2.0/24"}"#.into(),
+            }),
+        );
+        alert.seq = 45;
+        alert.targets = vec![("app/key".into(), 2)];
+        alert.key_id = "00ff00ff00ff00ff".into();
+        for r in [call, cp, prune, alert] {
             let (stored, hash) = r.encode();
             let back = decode(&stored).unwrap();
             assert_eq!(*back.record, r);

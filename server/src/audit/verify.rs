@@ -303,7 +303,7 @@ impl AuditLog {
                         }
                     }
                     Event::Prune { below } => w.newest_prune = Some(*below),
-                    Event::Call => {}
+                    Event::Call | Event::Alert(_) => {}
                 }
                 v.records_checked += 1;
                 w.prev = Some(hash);

@@ -17,6 +17,8 @@ pub mod directory;
 pub mod gcra;
 pub mod quota;
 
+use crate::alerts::signals::{Observation, Signals, Standing};
+use crate::alerts::{Alert, AlertType, Alerts};
 use crate::audit::AuditRecord;
 use crate::clock::Millis;
 use crate::error::{Code, Error, Result};
@@ -143,7 +145,27 @@ pub struct Keys {
     guard: Limiters<(Arc<str>, Option<IpAddr>)>,
     quotas: QuotaLedger,
     settings: KeySettings,
+    alerts: Option<Arc<Alerts>>,
+    signals: Option<Arc<Signals>>,
 }
+
+/// ReportLeak's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeakReport {
+    /// The key is Ward's and the caller may verify it.
+    pub found: bool,
+    /// Then: its secret, version and key id.
+    pub name: String,
+    /// See `name`.
+    pub version: u64,
+    /// See `name`.
+    pub key_id: String,
+}
+
+/// Longest leak location kept.
+const MAX_LEAK_LOCATION: usize = 512;
+/// Longest leak source kept.
+const MAX_LEAK_SOURCE: usize = 128;
 
 impl Keys {
     /// A verifier over `vault`, whose store keeps `dir` in step.
@@ -155,7 +177,17 @@ impl Keys {
             guard: Limiters::default(),
             quotas: QuotaLedger::default(),
             settings,
+            alerts: None,
+            signals: None,
         }
+    }
+
+    /// Raises alerts into `alerts`: leak reports always, and the verification path's signals
+    /// when `signals` is given.
+    pub fn with_alerts(mut self, alerts: Arc<Alerts>, signals: Option<Arc<Signals>>) -> Self {
+        self.alerts = Some(alerts);
+        self.signals = signals;
+        self
     }
 
     /// Verifies a presented key; `method` names the RPC in the audit record. The answer leaves
@@ -325,6 +357,36 @@ impl Keys {
             now,
             &mut v,
         )?;
+        if let Some(signals) = &self.signals {
+            let standing = match state {
+                VersionState::Primary | VersionState::Active => Standing::Usable,
+                VersionState::Revoked | VersionState::Destroyed => Standing::Revoked,
+                _ if expired => Standing::Expired,
+                _ if standing.reason == Some(crate::model::StateReason::GraceEnded) => {
+                    Standing::GraceEnded
+                }
+                _ => Standing::Inactive,
+            };
+            let quota = record.key_policy.quota.as_ref().and_then(|q| {
+                // One id per quota setting and refill period: each fires its alerts once.
+                let period = q
+                    .refill_period_ms
+                    .map_or(0, |p| now.saturating_sub(q.set_ms) / p.max(1));
+                v.quota_remaining
+                    .map(|left| (left, q.limit, (q.epoch << 32) ^ period))
+            });
+            signals.observe(&Observation {
+                name: &record.name,
+                version: meta.version,
+                key_id: &key_id,
+                environment: &record.environment,
+                standing,
+                result: v.result,
+                ip,
+                quota,
+                now,
+            });
+        }
         let charged = v.result == VerifyResult::Valid && cost > 0;
         self.vault.usage().record(
             &record.name,
@@ -421,6 +483,99 @@ impl Keys {
             return (peer.identity.clone(), None);
         }
         key
+    }
+
+    /// ReportLeak: a key found where it should not be. A key Ward issued and the caller may
+    /// verify raises `key.leak_reported`; any other reads as not found. Audited like VerifyKey.
+    pub async fn report_leak(
+        &self,
+        peer: &Peer,
+        api_key: Zeroizing<String>,
+        location: &str,
+        source: &str,
+    ) -> Result<LeakReport> {
+        let now = self.vault.now();
+        let mut rec = AuditRecord::new(peer, "ReportLeak", now);
+        let result = self.leak(peer, &api_key, location, source, now, &mut rec);
+        match &result {
+            Ok(r) => rec.key_id = r.key_id.clone(),
+            Err(e) => rec.code = e.code().as_i32(),
+        }
+        self.vault.audit().append(rec).await?;
+        result
+    }
+
+    fn leak(
+        &self,
+        peer: &Peer,
+        api_key: &str,
+        location: &str,
+        source: &str,
+        now: Millis,
+        rec: &mut AuditRecord,
+    ) -> Result<LeakReport> {
+        if !self.vault.policy().grants_any(&peer.identity, Verb::Verify) {
+            return Err(Error::PermissionDenied {
+                identity: peer.identity.to_string(),
+                verb: Verb::Verify.name(),
+                target: "*".into(),
+            });
+        }
+        let printable = |s: &str, max: usize| s.len() <= max && !s.chars().any(char::is_control);
+        if !printable(location, MAX_LEAK_LOCATION) || !printable(source, MAX_LEAK_SOURCE) {
+            return Err(Error::invalid(format!(
+                "location (at most {MAX_LEAK_LOCATION} bytes) and source (at most \
+                 {MAX_LEAK_SOURCE}) must be printable text"
+            )));
+        }
+        let Ok(key) = ApiKey::parse(api_key) else {
+            return Ok(LeakReport::default());
+        };
+        let hash = self.vault.key_hash(&key);
+        let key_id = hex::encode(&hash[..8]);
+        drop(key);
+        let mut report = LeakReport {
+            key_id: key_id.clone(),
+            ..LeakReport::default()
+        };
+        let Some(kref) = self.dir.lookup(&hash)? else {
+            return Ok(report);
+        };
+        let Some(record) = self.dir.record(&**self.vault.store(), &kref.name)? else {
+            return Ok(report);
+        };
+        rec.targets = vec![(kref.name.to_string(), kref.version)];
+        let allowed = self.vault.policy().allows(
+            &peer.identity,
+            Verb::Verify,
+            &record.name,
+            Some(&record.environment),
+        );
+        if !allowed {
+            return Ok(report);
+        }
+        report.found = true;
+        report.name = record.name.clone();
+        report.version = kref.version;
+        if let Some(alerts) = &self.alerts {
+            // A location that quotes the key (a URL with it as a parameter) must not carry
+            // it into the alert.
+            let location = location.replace(api_key, "[key]");
+            let mut details = serde_json::Map::new();
+            details.insert("location".into(), location.into());
+            details.insert("source".into(), source.into());
+            details.insert("reported_by".into(), peer.identity.to_string().into());
+            alerts.raise(Alert {
+                kind: AlertType::LeakReported,
+                name: record.name.clone(),
+                version: kref.version,
+                key_id,
+                environment: record.environment.clone(),
+                details,
+                time_ms: now,
+            });
+        }
+        Ok(report)
     }
 
     /// An API key's usage counters and quota balance. Verb: list.

@@ -35,11 +35,14 @@ pub enum Tree {
     KeyUsage,
     /// `name 0x00 version(u64 BE)` → `UsageFact` (last use, derived from the audit log).
     Usage,
+    /// Alert deliveries waiting for their webhook, the disabled endpoints and the alert
+    /// writer's cursor (see `alerts::outbox`).
+    Outbox,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 10] = [
+    pub const ALL: [Tree; 11] = [
         Tree::Secrets,
         Tree::Versions,
         Tree::Requests,
@@ -50,6 +53,7 @@ impl Tree {
         Tree::Quota,
         Tree::KeyUsage,
         Tree::Usage,
+        Tree::Outbox,
     ];
 
     /// The tree's name on disk.
@@ -65,6 +69,7 @@ impl Tree {
             Tree::Quota => "quota",
             Tree::KeyUsage => "key_usage",
             Tree::Usage => "usage",
+            Tree::Outbox => "alert_outbox",
         }
     }
 

@@ -1,0 +1,282 @@
+//! The `[alerts]` section: thresholds of the abuse signals, the webhook endpoints and how their
+//! deliveries are retried (docs/alerts.md explains each signal).
+
+use super::de_duration;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Abuse signals and their delivery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Compute signals on the verification path at all (alerts raised by other means, such as
+    /// leak reports, are always recorded).
+    pub signals: bool,
+    /// Alerts waiting to be written; when full, further alerts are dropped and counted
+    /// (`ward_alerts_dropped_total`): the request path never waits on alerting.
+    pub queue: usize,
+    /// Most API keys whose signal state is kept in memory; keys beyond it are not watched
+    /// until others are forgotten.
+    pub max_tracked_keys: usize,
+    /// A key's networks are learnt during its first `learn_uses` uses…
+    pub learn_uses: u64,
+    /// …or for this long after its first use seen by this process, whichever ends first.
+    #[serde(deserialize_with = "de_duration")]
+    pub learn_period: Duration,
+    /// Most networks remembered per key.
+    pub max_networks: usize,
+    /// Verifications are counted per window this long…
+    #[serde(deserialize_with = "de_duration")]
+    pub spike_window: Duration,
+    /// …and a window with more than `spike_factor` × the moving baseline…
+    pub spike_factor: f64,
+    /// …and at least this many verifications is a spike.
+    pub spike_min: u64,
+    /// INSUFFICIENT_SCOPE answers for one key within `scope_probe_window` that make a probe.
+    pub scope_probe_threshold: u32,
+    /// See `scope_probe_threshold`.
+    #[serde(deserialize_with = "de_duration")]
+    pub scope_probe_window: Duration,
+    /// `key.quota.low` when the balance is at or below this percentage of the limit.
+    pub quota_low_percent: u8,
+    /// A signal that has no natural period (use after revoke, after grace, spikes, probes)
+    /// fires at most once per key version per this period.
+    #[serde(deserialize_with = "de_duration")]
+    pub repeat_after: Duration,
+    /// `secret.expiring` fires when a key or secret expires within each of these.
+    #[serde(deserialize_with = "de_durations")]
+    pub expiring_within: Vec<Duration>,
+    /// First retry of a failed delivery after about this long (doubling, with jitter)…
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_initial: Duration,
+    /// …never waiting longer than this between attempts…
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_max_interval: Duration,
+    /// …for at most this long; then the endpoint is disabled (with an alert record).
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_for: Duration,
+    /// Connect, TLS and response timeout of one delivery.
+    #[serde(deserialize_with = "de_duration")]
+    pub delivery_timeout: Duration,
+    /// Webhook endpoints.
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One `[[alerts.webhooks]]` endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `https://…`; `http://` only for a loopback address (local relays, tests).
+    pub url: String,
+    /// File of the signing secret(s), `whsec_` + base64, one per line: every line signs
+    /// (several signatures while a secret rotates).
+    pub secret_file: PathBuf,
+    /// Event types delivered; `key.*` matches a family, `*` everything (the default).
+    #[serde(default = "every_event")]
+    pub events: Vec<String>,
+    /// CA bundle (PEM) that the endpoint's certificate must chain to (default: the system's,
+    /// /etc/ssl/certs/ca-certificates.crt).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn every_event() -> Vec<String> {
+    vec!["*".into()]
+}
+
+fn de_durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|t| super::parse_duration(t).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            signals: true,
+            queue: 4096,
+            max_tracked_keys: 100_000,
+            learn_uses: 100,
+            learn_period: Duration::from_secs(7 * DAY),
+            max_networks: 32,
+            spike_window: Duration::from_secs(60),
+            spike_factor: 10.0,
+            spike_min: 100,
+            scope_probe_threshold: 5,
+            scope_probe_window: Duration::from_secs(600),
+            quota_low_percent: 20,
+            repeat_after: Duration::from_secs(DAY),
+            expiring_within: vec![Duration::from_secs(7 * DAY), Duration::from_secs(DAY)],
+            retry_initial: Duration::from_secs(5),
+            retry_max_interval: Duration::from_secs(3600),
+            retry_for: Duration::from_secs(3 * DAY),
+            delivery_timeout: Duration::from_secs(10),
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+impl AlertsConfig {
+    /// Resolves relative paths against the config file's folder.
+    pub(super) fn resolve(&mut self, base: &Path) {
+        for w in &mut self.webhooks {
+            if w.secret_file.is_relative() {
+                w.secret_file = base.join(&w.secret_file);
+            }
+            if let Some(ca) = w.ca_file.as_mut() {
+                if ca.is_relative() {
+                    *ca = base.join(&*ca);
+                }
+            }
+        }
+    }
+
+    /// Checks the bounds and each endpoint's URL and event patterns.
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if self.queue == 0 || self.max_tracked_keys == 0 || self.max_networks == 0 {
+            return Err(
+                "alerts: queue, max_tracked_keys and max_networks must be at least 1".into(),
+            );
+        }
+        if !(self.spike_factor > 1.0 && self.spike_factor.is_finite()) {
+            return Err("alerts: spike_factor must be a number above 1".into());
+        }
+        if self.spike_window.is_zero() || self.scope_probe_window.is_zero() {
+            return Err("alerts: spike_window and scope_probe_window must be positive".into());
+        }
+        if self.quota_low_percent == 0 || self.quota_low_percent >= 100 {
+            return Err("alerts: quota_low_percent must be between 1 and 99".into());
+        }
+        if self.retry_initial.is_zero() || self.retry_max_interval < self.retry_initial {
+            return Err(
+                "alerts: retry_initial must be positive and at most retry_max_interval".into(),
+            );
+        }
+        if self.delivery_timeout.is_zero() {
+            return Err("alerts: delivery_timeout must be positive".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for w in &self.webhooks {
+            WebhookUrl::parse(&w.url).map_err(|e| format!("alerts.webhooks {:?}: {e}", w.url))?;
+            if !seen.insert(w.url.as_str()) {
+                return Err(format!("alerts.webhooks: {:?} is listed twice", w.url));
+            }
+            for e in &w.events {
+                check_pattern(e).map_err(|e| format!("alerts.webhooks {:?}: {e}", w.url))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A webhook URL, parsed: `https://host[:port]/path`, or `http://` to a loopback address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookUrl {
+    /// HTTPS (rustls) rather than plain HTTP.
+    pub tls: bool,
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Path and query, at least `/`.
+    pub path: String,
+}
+
+impl WebhookUrl {
+    /// Parses and checks a URL: plain `http://` is allowed only to a loopback address (a relay
+    /// on the same host, or a test receiver), since alerts name secrets and key ids.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: http::Uri = url.parse().map_err(|_| "not a URL".to_string())?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err("the URL must start with https:// (or http:// to loopback)".into()),
+        };
+        let auth = uri.authority().ok_or("the URL names no host")?;
+        if auth.as_str().contains('@') {
+            return Err("credentials in a webhook URL are not supported".into());
+        }
+        let host = auth.host().trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err("the URL names no host".into());
+        }
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !tls && !loopback {
+            return Err("plain http:// is allowed only to a loopback address; use https://".into());
+        }
+        Ok(Self {
+            tls,
+            host: host.to_owned(),
+            port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+            path: uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+        })
+    }
+}
+
+/// Checks an event pattern: `*`, a type such as `key.spike`, or a family such as `key.*`.
+pub fn check_pattern(p: &str) -> Result<(), String> {
+    let body = p.strip_suffix(".*").unwrap_or(p);
+    let ok = p == "*"
+        || (!body.is_empty()
+            && body.len() <= 64
+            && body
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "event pattern {p:?}: use *, a type such as key.spike, or a family such as key.*"
+        ))
+    }
+}
+
+/// Whether event type `t` matches pattern `p` (see [`check_pattern`]).
+pub fn pattern_matches(p: &str, t: &str) -> bool {
+    match p.strip_suffix(".*") {
+        _ if p == "*" => true,
+        Some(family) => t.strip_prefix(family).is_some_and(|r| r.starts_with('.')),
+        None => p == t,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_patterns() {
+        let u = WebhookUrl::parse("https://hooks.example.com/ward?x=1").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path.as_str()),
+            (true, "hooks.example.com", 443, "/ward?x=1")
+        );
+        let u = WebhookUrl::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!((u.tls, u.port, u.path.as_str()), (false, 8080, "/"));
+        assert!(WebhookUrl::parse("http://[::1]:9/h").is_ok());
+        assert!(WebhookUrl::parse("http://hooks.example.com/").is_err());
+        assert!(WebhookUrl::parse("http://10.0.0.1/").is_err());
+        assert!(WebhookUrl::parse("ftp://localhost/").is_err());
+        assert!(WebhookUrl::parse("https://user:pw@example.com/").is_err());
+        for ok in ["*", "key.*", "secret.expiring", "key.quota.low"] {
+            check_pattern(ok).unwrap();
+        }
+        for bad in ["", "Key.*", "key.**", "*.x", ".*"] {
+            assert!(check_pattern(bad).is_err(), "{bad}");
+        }
+        assert!(pattern_matches("key.*", "key.quota.low"));
+        assert!(pattern_matches("key.quota.*", "key.quota.low"));
+        assert!(!pattern_matches("key.*", "keys.x"));
+        assert!(!pattern_matches("key.*", "secret.expiring"));
+        assert!(pattern_matches("secret.expiring", "secret.expiring"));
+        assert!(pattern_matches("*", "webhook.disabled"));
+    }
+}
