@@ -105,6 +105,13 @@ pub struct Outbox {
     alerts: OnceLock<Arc<Alerts>>,
 }
 
+fn earliest(a: Option<Millis>, b: Option<Millis>) -> Option<Millis> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 fn endpoint_key(url: &str) -> String {
     hex::encode(&Sha256::digest(url.as_bytes())[..8])
 }
@@ -270,28 +277,33 @@ impl Outbox {
         let entries = tokio::task::spawn_blocking(move || this.pending())
             .await
             .map_err(|e| Error::Internal(format!("outbox task: {e}")))??;
-        metrics::global().set_webhooks_pending(entries.len() as u64);
+        let mut left = entries.len() as u64;
+        metrics::global().set_webhooks_pending(left);
         let now = self.clock.now_ms();
         let mut next_due: Option<Millis> = None;
         let mut running = JoinSet::new();
         for entry in entries.into_iter().take(PASS) {
             if entry.next_ms > now {
-                next_due = Some(next_due.map_or(entry.next_ms, |n| n.min(entry.next_ms)));
+                next_due = earliest(next_due, Some(entry.next_ms));
                 continue;
             }
             let Some(endpoint) = self.endpoints.iter().find(|e| e.url == entry.url).cloned() else {
                 // The endpoint left the configuration: its deliveries go with it.
                 tracing::warn!(id = %entry.id, "webhook endpoint no longer configured; delivery dropped");
                 self.remove(&entry)?;
+                left = left.saturating_sub(1);
                 continue;
             };
             if self.is_disabled(&entry.url) {
                 self.remove(&entry)?;
+                left = left.saturating_sub(1);
                 continue;
             }
             while running.len() >= PARALLEL {
                 if let Some(r) = running.join_next().await {
-                    self.settle(r)?;
+                    let again = self.settle(r)?;
+                    left = left.saturating_sub(u64::from(again.is_none()));
+                    next_due = earliest(next_due, again);
                 }
             }
             let this = self.clone();
@@ -306,18 +318,23 @@ impl Outbox {
             });
         }
         while let Some(r) = running.join_next().await {
-            self.settle(r)?;
+            let again = self.settle(r)?;
+            left = left.saturating_sub(u64::from(again.is_none()));
+            next_due = earliest(next_due, again);
         }
+        // A disabled endpoint's other entries went too; the next pass counts exactly.
+        metrics::global().set_webhooks_pending(left);
         let now = self.clock.now_ms();
         Ok(next_due.map_or(IDLE, |n| {
             Duration::from_millis(n.saturating_sub(now)).min(IDLE)
         }))
     }
 
+    /// Records how an attempt went; returns when the entry is due again, if it stays.
     fn settle(
         &self,
         joined: std::result::Result<(Entry, Arc<Endpoint>, Attempt), tokio::task::JoinError>,
-    ) -> Result<()> {
+    ) -> Result<Option<Millis>> {
         let (mut entry, endpoint, attempt) =
             joined.map_err(|e| Error::Internal(format!("delivery task: {e}")))?;
         let m = metrics::global();
@@ -325,7 +342,7 @@ impl Outbox {
             Attempt::Delivered(status) => {
                 m.count_webhook("delivered");
                 tracing::info!(id = %entry.id, endpoint = %endpoint.host(), status, attempts = entry.attempts + 1, "webhook delivered");
-                return self.remove(&entry);
+                return self.remove(&entry).map(|()| None);
             }
             Attempt::Refused(status) => format!("HTTP {status}"),
             Attempt::Failed(e) => e,
@@ -337,7 +354,7 @@ impl Outbox {
         if age >= self.retry.retry_for {
             m.count_webhook("given_up");
             tracing::error!(endpoint = %endpoint.host(), id = %entry.id, why, "webhook endpoint failed for longer than retry_for: disabled");
-            return self.disable(&endpoint, &why);
+            return self.disable(&endpoint, &why).map(|()| None);
         }
         let wait = self.retry.backoff(entry.attempts);
         entry.next_ms = now.saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
@@ -350,7 +367,7 @@ impl Outbox {
         );
         // Not synced: a schedule lost in a crash only means an earlier retry.
         self.store.commit(b)?;
-        Ok(())
+        Ok(Some(entry.next_ms))
     }
 
     fn remove(&self, entry: &Entry) -> Result<()> {
