@@ -495,6 +495,20 @@ async fn an_endpoint_failing_too_long_is_disabled_and_a_test_event_enables_it() 
     assert_eq!(test.len(), 1);
     assert_eq!(test[0].id, t.id);
     assert!(test[0].signature_ok);
+    // The same through wardctl.
+    let out = s.wardctl(&["alerts", "test", &rx.url()], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.starts_with("delivered: HTTP 200, id msg_"),
+        "{stdout}"
+    );
+    let out = s.wardctl(&["alerts", "test", "http://127.0.0.1:1/nope"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let out = s.wardctl(&["--json", "alerts", "tail", "--type", "webhook.*"], None);
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(line["type"], "webhook.disabled");
+    assert_eq!(line["data"]["details"]["last_error"], "HTTP 503");
     // Enabled again: the next alert is delivered.
     assert!(report_leak(&s, &key).await.found);
     rx.wait_until(WAIT, |ds| {

@@ -56,6 +56,14 @@ pub fn audit_line(r: &AuditRecord) -> String {
     match AuditRecordKind::try_from(r.kind) {
         Ok(AuditRecordKind::Checkpoint) => cols.push(format!("covers={}", r.checkpoint_covers_seq)),
         Ok(AuditRecordKind::Prune) => cols.push(format!("below={}", r.pruned_below_seq)),
+        Ok(AuditRecordKind::Alert) => {
+            cols.push(format!("type={}", r.alert_type));
+            cols.extend(
+                r.targets
+                    .iter()
+                    .map(|t| format!("{}@{}", t.name, t.version)),
+            );
+        }
         _ => {
             let targets: Vec<String> = r
                 .targets
@@ -111,6 +119,7 @@ pub fn audit_record_json(r: &AuditRecord) -> Value {
         "hash": hex(&r.hash),
         "checkpoint_covers_seq": r.checkpoint_covers_seq,
         "pruned_below_seq": r.pruned_below_seq,
+        "alert_type": r.alert_type,
     })
 }
 
