@@ -295,10 +295,16 @@ pub async fn serve(
             directory.clone(),
             KeySettings { unknown_key_limit },
         )
-        .with_alerts(alerts, signals),
+        .with_alerts(alerts.clone(), signals),
     );
     tracing::info!(keys = directory.index_len(), "key index loaded");
     crate::metrics::global().set_methods(served_methods());
+    let deadlines = tokio::spawn(crate::alerts::deadlines::run(
+        vault.clone(),
+        alerts.clone(),
+        crate::alerts::deadlines::DeadlineSettings::from_config(&cfg.alerts),
+        deliveries_closed.clone(),
+    ));
     let sweeper = tokio::spawn(crate::changes::sweeper::run(
         vault.clone(),
         sweep_index,
@@ -413,8 +419,9 @@ pub async fn serve(
     let _ = sweeper.await;
     flusher.abort();
     // Deliveries in the outbox wait for the next start; an attempt cut here is retried then.
-    deliveries_closed.notify_one();
+    deliveries_closed.notify_waiters();
     deliveries.abort();
+    deadlines.abort();
     alert_writer.abort();
     // Usage counters since the last periodic flush, made durable before exit.
     let flushed = vault.usage().flush(&*store);

@@ -21,7 +21,7 @@ fn server_with_webhook(rx: &WebhookReceiver, extra: &str) -> TestServer {
     s.append_config(&format!(
         "[alerts]\nlearn_uses = 3\nscope_probe_threshold = 3\nretry_initial = \"200ms\"\n\
          retry_max_interval = \"400ms\"\n{extra}\n\n[[alerts.webhooks]]\nurl = \"{}\"\nsecret_file = \"webhook.secret\"\n\
-         events = [\"key.*\", \"webhook.*\"]\n",
+         events = [\"key.*\", \"secret.*\", \"webhook.*\"]\n",
         rx.url()
     ));
     s.restart();
@@ -515,4 +515,115 @@ async fn an_endpoint_failing_too_long_is_disabled_and_a_test_event_enables_it() 
         ds.iter()
             .any(|d| d.kind() == "key.leak_reported" && d.answered == 200)
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_rotation_and_staleness_fire_once_as_the_clock_moves() {
+    let rx = WebhookReceiver::start();
+    let s = server_with_webhook(&rx, "deadline_interval = \"100ms\"\nstale_after = \"30d\"");
+    const DAY: u64 = 24 * 3600;
+    let days = |n: u64| prost_types::Duration {
+        seconds: (n * DAY) as i64,
+        nanos: 0,
+    };
+    let admin = s.client("admin").await;
+    admin
+        .issue_key(IssueKeyRequest {
+            name: "edge/expiring".into(),
+            expiration: Some(pb::issue_key_request::Expiration::Ttl(days(10))),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .issue_key(IssueKeyRequest {
+            name: "edge/idle".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let put = pb::PutSecretRequest {
+        name: "db/password".into(),
+        value: b"hunter2".to_vec(),
+        rotation_period: Some(days(20)),
+        ..Default::default()
+    };
+    s.raw_client("admin").await.put_secret(put).await.unwrap();
+    let watch = |kind: &'static str| {
+        let s = &s;
+        async move {
+            watched(
+                s,
+                "admin",
+                pb::WatchAlertsRequest {
+                    types: vec![kind.into()],
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    };
+    let advance = |d: u64| {
+        s.advance_clock(Duration::from_secs(d * DAY));
+        rx.set_clock_offset(s.clock_offset());
+    };
+    // Until `n` alerts of `kind` are recorded and delivered (before the clock moves on: the
+    // receiver checks each timestamp against the clock as the test moved it).
+    let wait_for = |kind: &'static str, n: usize| {
+        let (watch, rx) = (&watch, &rx);
+        async move {
+            for _ in 0..100 {
+                let got = watch(kind).await;
+                if got.len() >= n {
+                    rx.wait_until(WAIT, |ds| {
+                        got.iter().all(|a| ds.iter().any(|d| d.id == a.id))
+                    });
+                    return got;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("fewer than {n} {kind} alerts");
+        }
+    };
+    // Nothing is due yet (a few passes go by).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(watch("secret.*").await.is_empty());
+    assert!(watch("key.stale").await.is_empty());
+    // 7 days before expiry, then 1 day before: one alert each.
+    advance(3);
+    let first = wait_for("secret.expiring", 1).await;
+    assert_eq!(first[0].name, "edge/expiring");
+    assert!(
+        first[0].data_json.contains("\"within_seconds\":604800"),
+        "{}",
+        first[0].data_json
+    );
+    advance(6);
+    let both = wait_for("secret.expiring", 2).await;
+    assert!(
+        both[1].data_json.contains("\"within_seconds\":86400"),
+        "{}",
+        both[1].data_json
+    );
+    // Day 21: the static secret's rotation is due; day 31: the unused key is stale.
+    advance(12);
+    let due = wait_for("secret.rotation_due", 1).await;
+    assert_eq!(due[0].name, "db/password");
+    advance(10);
+    let stale = wait_for("key.stale", 1).await;
+    assert!(stale.iter().any(|a| a.name == "edge/idle"), "{stale:?}");
+    // Passes go on; nothing fires twice.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(watch("secret.expiring").await.len(), 2);
+    assert_eq!(watch("secret.rotation_due").await.len(), 1);
+    let stale = watch("key.stale").await;
+    assert_eq!(stale.iter().filter(|a| a.name == "edge/idle").count(), 1);
+    // And the webhook got them, signed.
+    let delivered = rx.wait_until(WAIT, |ds| {
+        ds.iter()
+            .filter(|d| d.kind().starts_with("secret.") && d.answered == 200)
+            .count()
+            == 3
+    });
+    assert!(delivered.iter().all(|d| d.signature_ok), "{delivered:?}");
 }

@@ -14,6 +14,7 @@
 //! cursor at the next start and enqueues them then (at least once; an endpoint may see an id
 //! twice, never a different id for one alert).
 
+pub mod deadlines;
 pub mod outbox;
 pub mod signals;
 pub mod webhook;
@@ -54,13 +55,19 @@ pub enum AlertType {
     QuotaExhausted,
     /// A key was reported leaked.
     LeakReported,
+    /// A key or secret version expires within a threshold.
+    SecretExpiring,
+    /// A STATIC secret's scheduled rotation is due.
+    RotationDue,
+    /// An API key unused for the stale threshold.
+    Stale,
     /// A webhook endpoint failed for longer than the retry period and was disabled.
     WebhookDisabled,
 }
 
 impl AlertType {
     /// Every type.
-    pub const ALL: [AlertType; 9] = [
+    pub const ALL: [AlertType; 12] = [
         Self::NewNetwork,
         Self::Spike,
         Self::UsedAfterRevoke,
@@ -69,6 +76,9 @@ impl AlertType {
         Self::QuotaLow,
         Self::QuotaExhausted,
         Self::LeakReported,
+        Self::SecretExpiring,
+        Self::RotationDue,
+        Self::Stale,
         Self::WebhookDisabled,
     ];
 
@@ -83,6 +93,9 @@ impl AlertType {
             Self::QuotaLow => "key.quota.low",
             Self::QuotaExhausted => "key.quota.exhausted",
             Self::LeakReported => "key.leak_reported",
+            Self::SecretExpiring => "secret.expiring",
+            Self::RotationDue => "secret.rotation_due",
+            Self::Stale => "key.stale",
             Self::WebhookDisabled => "webhook.disabled",
         }
     }

@@ -47,6 +47,12 @@ pub struct AlertsConfig {
     /// `secret.expiring` fires when a key or secret expires within each of these.
     #[serde(deserialize_with = "de_durations")]
     pub expiring_within: Vec<Duration>,
+    /// `key.stale` fires when an API key has not been used for this long.
+    #[serde(deserialize_with = "de_duration")]
+    pub stale_after: Duration,
+    /// How often expiry, rotation and staleness are judged (a pass over every secret).
+    #[serde(deserialize_with = "de_duration")]
+    pub deadline_interval: Duration,
     /// First retry of a failed delivery after about this long (doubling, with jitter)…
     #[serde(deserialize_with = "de_duration")]
     pub retry_initial: Duration,
@@ -110,6 +116,8 @@ impl Default for AlertsConfig {
             quota_low_percent: 20,
             repeat_after: Duration::from_secs(DAY),
             expiring_within: vec![Duration::from_secs(7 * DAY), Duration::from_secs(DAY)],
+            stale_after: Duration::from_secs(90 * DAY),
+            deadline_interval: Duration::from_secs(3600),
             retry_initial: Duration::from_secs(5),
             retry_max_interval: Duration::from_secs(3600),
             retry_for: Duration::from_secs(3 * DAY),
@@ -155,8 +163,8 @@ impl AlertsConfig {
                 "alerts: retry_initial must be positive and at most retry_max_interval".into(),
             );
         }
-        if self.delivery_timeout.is_zero() {
-            return Err("alerts: delivery_timeout must be positive".into());
+        if self.delivery_timeout.is_zero() || self.deadline_interval.is_zero() {
+            return Err("alerts: delivery_timeout and deadline_interval must be positive".into());
         }
         let mut seen = std::collections::HashSet::new();
         for w in &self.webhooks {
