@@ -7,7 +7,8 @@
 //! fires once per threshold and period (hysteresis): a quota hovering at 20 % is one
 //! `key.quota.low` per refill period, a flood is one `key.spike` per `repeat_after`. At most
 //! `max_tracked_keys` keys are watched (a key's state is a few hundred bytes; new keys past the
-//! bound go unwatched) and at most `max_networks` networks per key. The state is not stored: after
+//! bound go unwatched) and at most `max_networks` networks per key (a key used from more gets one
+//! `key.new_network` per `repeat_after` for the rest). The state is not stored: after
 //! a restart every key learns its networks afresh, which can miss, never invent, a new network.
 
 use super::{Alert, AlertType, Alerts};
@@ -255,7 +256,10 @@ impl Signals {
             if !s.networks.contains(&net) {
                 let learning =
                     s.uses <= t.learn_uses && o.now.saturating_sub(s.first_ms) < t.learn_ms;
-                if !learning {
+                let full = s.networks.len() >= t.max_networks;
+                // A full list learns no more: every further network would be new again and
+                // again, so a key used from that many networks gets one alert per period.
+                if !learning && (!full || s.once(AlertType::NewNetwork, u64::MAX, repeat)) {
                     out.push((
                         AlertType::NewNetwork,
                         details([
@@ -265,10 +269,9 @@ impl Signals {
                         ]),
                     ));
                 }
-                if s.networks.len() >= t.max_networks {
-                    s.networks.remove(0);
+                if !full {
+                    s.networks.push(net);
                 }
-                s.networks.push(net);
             }
         }
         // Spikes: this window against the moving baseline of the earlier ones.
@@ -430,6 +433,20 @@ mod tests {
         assert_eq!(
             drain(&mut rx)[0].details["network"],
             json!("2001:db8:1::/48")
+        );
+        // Past max_networks: one alert per period, however many networks come.
+        let (s, mut rx) = fixture(|c| c.max_networks = 4);
+        for i in 0..3 {
+            s.observe(&at("10.0.0.1", i));
+        }
+        for n in 1..50 {
+            s.observe(&at(&format!("10.{n}.0.1"), 10 + n));
+        }
+        let got = drain(&mut rx);
+        assert_eq!(
+            got.len(),
+            4,
+            "3 new while the list fills, then one for the full list: {got:?}"
         );
     }
 
