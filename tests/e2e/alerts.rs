@@ -232,6 +232,15 @@ async fn each_signal_fires_once_signed_and_streamed() {
     )
     .await
     .is_empty());
+    // The same through grpcurl (server reflection serves the new service).
+    let o = s.grpcurl(
+        &["-d", r#"{"types":["key.leak_reported"]}"#],
+        &["ward.v1.Alerts/WatchAlerts"],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains(r#""type": "key.leak_reported""#), "{out}");
+    assert!(out.contains(&rx.accepted_of("key.leak_reported")[0].id), "{out}");
     // `app` has no audit grant.
     let denied = alerts_client(&s, "app")
         .await

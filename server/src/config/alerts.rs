@@ -144,27 +144,48 @@ impl AlertsConfig {
 
     /// Checks the bounds and each endpoint's URL and event patterns.
     pub(super) fn validate(&self) -> Result<(), String> {
-        if self.queue == 0 || self.max_tracked_keys == 0 || self.max_networks == 0 {
-            return Err(
-                "alerts: queue, max_tracked_keys and max_networks must be at least 1".into(),
-            );
+        const S: Duration = Duration::from_secs(1);
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        let within = |name: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("alerts: {name} must be between {lo} and {hi}"))
+            }
+        };
+        let lasting = |name: &str, d: Duration, lo: Duration, hi: Duration| {
+            if d >= lo && d <= hi {
+                Ok(())
+            } else {
+                Err(format!("alerts: {name} must be between {lo:?} and {hi:?}"))
+            }
+        };
+        within("queue", self.queue as u64, 1, 1_000_000)?;
+        within("max_tracked_keys", self.max_tracked_keys as u64, 1, 10_000_000)?;
+        within("max_networks", self.max_networks as u64, 1, 1024)?;
+        within("spike_min", self.spike_min, 1, u64::from(u32::MAX))?;
+        within("scope_probe_threshold", u64::from(self.scope_probe_threshold), 1, 1_000_000)?;
+        within("quota_low_percent", u64::from(self.quota_low_percent), 1, 99)?;
+        within("webhooks (count)", self.webhooks.len() as u64, 0, 16)?;
+        if !(self.spike_factor > 1.0 && self.spike_factor <= 1e6) {
+            return Err("alerts: spike_factor must be above 1 (and at most 1000000)".into());
         }
-        if !(self.spike_factor > 1.0 && self.spike_factor.is_finite()) {
-            return Err("alerts: spike_factor must be a number above 1".into());
+        let ms = Duration::from_millis(100);
+        lasting("learn_period", self.learn_period, S, 366 * DAY)?;
+        lasting("spike_window", self.spike_window, S, DAY)?;
+        lasting("scope_probe_window", self.scope_probe_window, S, DAY)?;
+        lasting("repeat_after", self.repeat_after, S, 366 * DAY)?;
+        lasting("stale_after", self.stale_after, S, 3650 * DAY)?;
+        lasting("deadline_interval", self.deadline_interval, ms, DAY)?;
+        lasting("retry_initial", self.retry_initial, ms, DAY)?;
+        lasting("retry_max_interval", self.retry_max_interval, self.retry_initial, 7 * DAY)?;
+        lasting("retry_for", self.retry_for, S, 30 * DAY)?;
+        lasting("delivery_timeout", self.delivery_timeout, ms, 300 * S)?;
+        if self.expiring_within.len() > 8 {
+            return Err("alerts: expiring_within takes at most 8 thresholds".into());
         }
-        if self.spike_window.is_zero() || self.scope_probe_window.is_zero() {
-            return Err("alerts: spike_window and scope_probe_window must be positive".into());
-        }
-        if self.quota_low_percent == 0 || self.quota_low_percent >= 100 {
-            return Err("alerts: quota_low_percent must be between 1 and 99".into());
-        }
-        if self.retry_initial.is_zero() || self.retry_max_interval < self.retry_initial {
-            return Err(
-                "alerts: retry_initial must be positive and at most retry_max_interval".into(),
-            );
-        }
-        if self.delivery_timeout.is_zero() || self.deadline_interval.is_zero() {
-            return Err("alerts: delivery_timeout and deadline_interval must be positive".into());
+        for d in &self.expiring_within {
+            lasting("each expiring_within", *d, S, 366 * DAY)?;
         }
         let mut seen = std::collections::HashSet::new();
         for w in &self.webhooks {
