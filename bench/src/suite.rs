@@ -146,10 +146,6 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
         .collect();
 
     let v = args.value_size;
-    if args.signals {
-        return signals(&args, &server_bin, dir, &ward, &echo, warmup, duration).await;
-    }
-    let mut rows = Vec::new();
     let spec = |name, c| Spec {
         name,
         concurrency: c,
@@ -157,6 +153,11 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
         duration: Duration::from_secs_f64(duration),
         call_timeout: Duration::from_secs(10),
     };
+    if args.signals {
+        let (servers, clients) = (&server_bin, (&ward[..], &echo[..]));
+        return signals(&args, servers, dir, clients, &spec, (warmup, duration)).await;
+    }
+    let mut rows = Vec::new();
     for &c in &args.concurrency {
         rows.push(measure("echo", c, Fetch::echo(v), &echo, &spec).await?);
         rows.push(measure("fetch", c, Fetch::new(v), &ward, &spec).await?);
@@ -325,10 +326,9 @@ async fn signals(
     args: &SuiteArgs,
     server_bin: &Path,
     dir: &Path,
-    on: &[Client],
-    echo: &[Client],
-    warmup: f64,
-    duration: f64,
+    (on, echo): (&[Client], &[Client]),
+    spec: &impl Fn(&'static str, u32) -> Spec,
+    (warmup, duration): (f64, f64),
 ) -> Result<(), String> {
     // A dev server's files, then served again with the signals off.
     let off_dir = dir.join("ward-signals-off");
@@ -344,13 +344,6 @@ async fn signals(
         .into_iter()
         .map(|c| c.with_retry(RetryPolicy::none()))
         .collect();
-    let spec = |name, c| Spec {
-        name,
-        concurrency: c,
-        warmup: Duration::from_secs_f64(warmup),
-        duration: Duration::from_secs_f64(duration),
-        call_timeout: Duration::from_secs(10),
-    };
     let v = args.value_size;
     println!(
         "ward-bench suite --signals: value {v} B, {} connection(s), warm-up {warmup} s, \
@@ -360,11 +353,11 @@ async fn signals(
     println!("conc  workload   ops/s on   ops/s off   /echo on  /echo off   cost");
     let mut out = Vec::new();
     for &c in &args.concurrency {
-        let floor = measure("echo", c, Fetch::echo(v), echo, &spec).await?;
-        let fetch_on = measure("fetch", c, Fetch::new(v), on, &spec).await?;
-        let fetch_off = measure("fetch", c, Fetch::new(v), &off, &spec).await?;
-        let verify_on = measure("verify", c, Verify::with_client_ips(), on, &spec).await?;
-        let verify_off = measure("verify", c, Verify::with_client_ips(), &off, &spec).await?;
+        let floor = measure("echo", c, Fetch::echo(v), echo, spec).await?;
+        let fetch_on = measure("fetch", c, Fetch::new(v), on, spec).await?;
+        let fetch_off = measure("fetch", c, Fetch::new(v), &off, spec).await?;
+        let verify_on = measure("verify", c, Verify::with_client_ips(), on, spec).await?;
+        let verify_off = measure("verify", c, Verify::with_client_ips(), &off, spec).await?;
         let e = floor.summary.ops_per_sec.max(f64::MIN_POSITIVE);
         for (name, a, b) in [
             ("fetch", fetch_on, fetch_off),

@@ -37,6 +37,15 @@ fn verify(key: &str, ip: &str, scopes: &[&str]) -> VerifyKeyRequest {
     }
 }
 
+/// Issues an API key with no policy; returns it.
+async fn issue(admin: &ward_client::Client, name: &str) -> String {
+    let req = IssueKeyRequest {
+        name: name.into(),
+        ..Default::default()
+    };
+    admin.issue_key(req).await.unwrap().api_key
+}
+
 async fn alerts_client(
     s: &TestServer,
     identity: &str,
@@ -240,7 +249,10 @@ async fn each_signal_fires_once_signed_and_streamed() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains(r#""type": "key.leak_reported""#), "{out}");
-    assert!(out.contains(&rx.accepted_of("key.leak_reported")[0].id), "{out}");
+    assert!(
+        out.contains(&rx.accepted_of("key.leak_reported")[0].id),
+        "{out}"
+    );
     // `app` has no audit grant.
     let denied = alerts_client(&s, "app")
         .await
@@ -337,14 +349,7 @@ async fn a_spike_under_load_fires_once() {
         "spike_window = \"2s\"\nspike_factor = 5.0\nspike_min = 20",
     );
     let admin = s.client("admin").await;
-    let key = admin
-        .issue_key(IssueKeyRequest {
-            name: "edge/busy".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .api_key;
+    let key = issue(&admin, "edge/busy").await;
     // A baseline of about three per 2-second window…
     for _ in 0..3 {
         for _ in 0..3 {
@@ -374,14 +379,7 @@ async fn a_receiver_down_then_up_gets_each_alert_once_with_one_id() {
     rx.set_up(false);
     let s = server_with_webhook(&rx, "");
     let admin = s.client("admin").await;
-    let key = admin
-        .issue_key(IssueKeyRequest {
-            name: "edge/down".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .api_key;
+    let key = issue(&admin, "edge/down").await;
     assert!(report_leak(&s, &key).await.found);
     let failed = rx.wait_until(WAIT, |ds| ds.len() >= 3);
     let id = failed[0].id.clone();
@@ -409,14 +407,7 @@ async fn deliveries_pending_at_a_kill_9_arrive_after_restart_with_the_same_id() 
     rx.set_up(false);
     let mut s = server_with_webhook(&rx, "");
     let admin = s.client("admin").await;
-    let key = admin
-        .issue_key(IssueKeyRequest {
-            name: "edge/crash".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .api_key;
+    let key = issue(&admin, "edge/crash").await;
     assert!(report_leak(&s, &key).await.found);
     let failed = rx.wait_until(WAIT, |ds| !ds.is_empty());
     let id = failed[0].id.clone();
@@ -437,14 +428,7 @@ async fn an_endpoint_failing_too_long_is_disabled_and_a_test_event_enables_it() 
     rx.set_up(false);
     let s = server_with_webhook(&rx, "retry_for = \"1s\"");
     let admin = s.client("admin").await;
-    let key = admin
-        .issue_key(IssueKeyRequest {
-            name: "edge/gone".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .api_key;
+    let key = issue(&admin, "edge/gone").await;
     assert!(report_leak(&s, &key).await.found);
     // Disabled after a second of failures, with an alert record saying so.
     let mut disabled = Vec::new();

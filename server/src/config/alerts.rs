@@ -161,11 +161,26 @@ impl AlertsConfig {
             }
         };
         within("queue", self.queue as u64, 1, 1_000_000)?;
-        within("max_tracked_keys", self.max_tracked_keys as u64, 1, 10_000_000)?;
+        within(
+            "max_tracked_keys",
+            self.max_tracked_keys as u64,
+            1,
+            10_000_000,
+        )?;
         within("max_networks", self.max_networks as u64, 1, 1024)?;
         within("spike_min", self.spike_min, 1, u64::from(u32::MAX))?;
-        within("scope_probe_threshold", u64::from(self.scope_probe_threshold), 1, 1_000_000)?;
-        within("quota_low_percent", u64::from(self.quota_low_percent), 1, 99)?;
+        within(
+            "scope_probe_threshold",
+            u64::from(self.scope_probe_threshold),
+            1,
+            1_000_000,
+        )?;
+        within(
+            "quota_low_percent",
+            u64::from(self.quota_low_percent),
+            1,
+            99,
+        )?;
         within("webhooks (count)", self.webhooks.len() as u64, 0, 16)?;
         if !(self.spike_factor > 1.0 && self.spike_factor <= 1e6) {
             return Err("alerts: spike_factor must be above 1 (and at most 1000000)".into());
@@ -178,7 +193,12 @@ impl AlertsConfig {
         lasting("stale_after", self.stale_after, S, 3650 * DAY)?;
         lasting("deadline_interval", self.deadline_interval, ms, DAY)?;
         lasting("retry_initial", self.retry_initial, ms, DAY)?;
-        lasting("retry_max_interval", self.retry_max_interval, self.retry_initial, 7 * DAY)?;
+        lasting(
+            "retry_max_interval",
+            self.retry_max_interval,
+            self.retry_initial,
+            7 * DAY,
+        )?;
         lasting("retry_for", self.retry_for, S, 30 * DAY)?;
         lasting("delivery_timeout", self.delivery_timeout, ms, 300 * S)?;
         if self.expiring_within.len() > 8 {

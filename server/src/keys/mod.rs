@@ -253,13 +253,7 @@ impl Keys {
         rec: &mut AuditRecord,
     ) -> Result<Verdict> {
         // The caller's own faults come first: they are errors, not verdicts.
-        if !self.vault.policy().grants_any(&peer.identity, Verb::Verify) {
-            return Err(Error::PermissionDenied {
-                identity: peer.identity.to_string(),
-                verb: Verb::Verify.name(),
-                target: "*".into(),
-            });
-        }
+        self.may_verify(peer)?;
         check_scopes(&input.required_scopes)
             .map_err(|e| Error::invalid(format!("required_scopes: {e}")))?;
         let ip = parse_client_ip(&input.client_ip)?;
@@ -272,22 +266,10 @@ impl Keys {
         }
         check_endpoint(&input.endpoint)?;
 
-        // 1. Format and checksum, before any lookup.
-        let Ok(key) = ApiKey::parse(&input.api_key) else {
+        // 1. Format and checksum, before any lookup. 2. Lookup: in memory, no decryption. A
+        // key the caller may not verify reads as unknown (the audit record says why).
+        let Some((key_id, found)) = self.find(&input.api_key)? else {
             return Ok(Verdict::bare(VerifyResult::Malformed, String::new()));
-        };
-        let hash = self.vault.key_hash(&key);
-        let key_id = hex::encode(&hash[..8]);
-        drop(key);
-
-        // 2. Lookup: in memory, no decryption. A key the caller may not verify reads as
-        // unknown (the audit record says why).
-        let found = match self.dir.lookup(&hash)? {
-            Some(r) => self
-                .dir
-                .record(&**self.vault.store(), &r.name)?
-                .map(|rec| (r, rec)),
-            None => None,
         };
         // Brute force: a caller (and client IP) past its budget of unknown keys learns nothing
         // more until the budget refills. Only keys that read as unknown are throttled, and
@@ -477,6 +459,40 @@ impl Keys {
         Ok(VerifyResult::Valid)
     }
 
+    /// PERMISSION_DENIED for a caller with no verify grant at all.
+    fn may_verify(&self, peer: &Peer) -> Result<()> {
+        if self.vault.policy().grants_any(&peer.identity, Verb::Verify) {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied {
+            identity: peer.identity.to_string(),
+            verb: Verb::Verify.name(),
+            target: "*".into(),
+        })
+    }
+
+    /// A presented key's id and, if the directory holds it, where it is and its record; None
+    /// for a key that is not well formed (checked before any lookup). In memory: no decryption.
+    #[allow(clippy::type_complexity)]
+    fn find(
+        &self,
+        presented: &str,
+    ) -> Result<Option<(String, Option<(directory::KeyRef, Arc<SecretRecord>)>)>> {
+        let Ok(key) = ApiKey::parse(presented) else {
+            return Ok(None);
+        };
+        let hash = self.vault.key_hash(&key);
+        drop(key);
+        let found = match self.dir.lookup(&hash)? {
+            Some(r) => self
+                .dir
+                .record(&**self.vault.store(), &r.name)?
+                .map(|rec| (r, rec)),
+            None => None,
+        };
+        Ok(Some((hex::encode(&hash[..8]), found)))
+    }
+
     fn guard_key(&self, peer: &Peer, ip: Option<IpAddr>) -> (Arc<str>, Option<IpAddr>) {
         let key = (peer.identity.clone(), ip);
         if ip.is_some() && self.guard.len() >= MAX_GUARD_ENTRIES && !self.guard.contains(&key) {
@@ -514,13 +530,7 @@ impl Keys {
         now: Millis,
         rec: &mut AuditRecord,
     ) -> Result<LeakReport> {
-        if !self.vault.policy().grants_any(&peer.identity, Verb::Verify) {
-            return Err(Error::PermissionDenied {
-                identity: peer.identity.to_string(),
-                verb: Verb::Verify.name(),
-                target: "*".into(),
-            });
-        }
+        self.may_verify(peer)?;
         let printable = |s: &str, max: usize| s.len() <= max && !s.chars().any(char::is_control);
         if !printable(location, MAX_LEAK_LOCATION) || !printable(source, MAX_LEAK_SOURCE) {
             return Err(Error::invalid(format!(
@@ -528,20 +538,14 @@ impl Keys {
                  {MAX_LEAK_SOURCE}) must be printable text"
             )));
         }
-        let Ok(key) = ApiKey::parse(api_key) else {
+        let Some((key_id, found)) = self.find(api_key)? else {
             return Ok(LeakReport::default());
         };
-        let hash = self.vault.key_hash(&key);
-        let key_id = hex::encode(&hash[..8]);
-        drop(key);
         let mut report = LeakReport {
             key_id: key_id.clone(),
             ..LeakReport::default()
         };
-        let Some(kref) = self.dir.lookup(&hash)? else {
-            return Ok(report);
-        };
-        let Some(record) = self.dir.record(&**self.vault.store(), &kref.name)? else {
+        let Some((kref, record)) = found else {
             return Ok(report);
         };
         rec.targets = vec![(kref.name.to_string(), kref.version)];

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use ward_client::proto::{watch_alerts_response, Alert, TestWebhookResponse};
 
+use super::audit::print_gap;
 use super::{one_line, or_dash, timestamp_json, timestamp_text};
 use crate::failure::Failure;
 
@@ -18,17 +19,7 @@ pub fn print_alert_item(
     match item {
         Some(watch_alerts_response::Item::Alert(a)) if json => writeln!(out, "{}", alert_json(&a))?,
         Some(watch_alerts_response::Item::Alert(a)) => writeln!(out, "{}", alert_line(&a))?,
-        Some(watch_alerts_response::Item::Gap(g)) if json => writeln!(
-            out,
-            "{}",
-            json!({"gap": {"from_seq": g.from_seq, "to_seq": g.to_seq, "pruned": g.pruned}})
-        )?,
-        Some(watch_alerts_response::Item::Gap(g)) => {
-            eprintln!(
-                "warning: audit records {}..{} could not be read (pruned: {})",
-                g.from_seq, g.to_seq, g.pruned
-            );
-        }
+        Some(watch_alerts_response::Item::Gap(g)) => print_gap(&mut out, &g, json)?,
         None => {}
     }
     // Followers read this live: one line at a time.

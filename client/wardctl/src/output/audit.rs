@@ -6,7 +6,8 @@ use std::io::{self, Write};
 use serde_json::{json, Value};
 
 use ward_client::proto::{
-    stream_audit_response, AuditProblem, AuditRecord, AuditRecordKind, VerifyAuditLogResponse,
+    stream_audit_response, AuditGap, AuditProblem, AuditRecord, AuditRecordKind,
+    VerifyAuditLogResponse,
 };
 use ward_client::{code_name, Code};
 
@@ -24,23 +25,30 @@ pub fn print_audit_item(
             writeln!(out, "{}", audit_record_json(&r))?
         }
         Some(stream_audit_response::Item::Record(r)) => writeln!(out, "{}", audit_line(&r))?,
-        Some(stream_audit_response::Item::Gap(g)) if json => writeln!(
-            out,
-            "{}",
-            json!({"gap": {"from_seq": g.from_seq, "to_seq": g.to_seq, "pruned": g.pruned}})
-        )?,
-        Some(stream_audit_response::Item::Gap(g)) => {
-            let why = if g.pruned {
-                "were deleted by retention before they were read"
-            } else {
-                "are missing or unreadable (run `wardctl audit verify`)"
-            };
-            eprintln!("warning: records {}..{} {why}", g.from_seq, g.to_seq);
-        }
+        Some(stream_audit_response::Item::Gap(g)) => print_gap(&mut out, &g, json)?,
         None => {}
     }
     // Followers read this live: one line at a time.
     out.flush()?;
+    Ok(())
+}
+
+/// Reports records a stream skips: a JSON line on stdout with --json, else a warning on stderr.
+pub fn print_gap(out: &mut impl Write, g: &AuditGap, json: bool) -> Result<(), Failure> {
+    if json {
+        writeln!(
+            out,
+            "{}",
+            json!({"gap": {"from_seq": g.from_seq, "to_seq": g.to_seq, "pruned": g.pruned}})
+        )?;
+    } else {
+        let why = if g.pruned {
+            "were deleted by retention before they were read"
+        } else {
+            "are missing or unreadable (run `wardctl audit verify`)"
+        };
+        eprintln!("warning: records {}..{} {why}", g.from_seq, g.to_seq);
+    }
     Ok(())
 }
 
