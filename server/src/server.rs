@@ -49,6 +49,8 @@ use ward::v1::keys_server::KeysServer;
 use ward::v1::secrets_server::SecretsServer;
 use ward_hsm::{Hsm, HsmError, KeyWrapper, MacSigner, Mechanism, Pkcs11Config, Pkcs11Wrapper};
 
+/// How long shutdown waits for the alerts still queued to be written.
+const ALERT_DRAIN: Duration = Duration::from_secs(5);
 /// How long the secret-version counts shown by /metrics may be reused (they need a scan).
 const VERSION_COUNT_TTL: Duration = Duration::from_secs(5);
 
@@ -259,10 +261,12 @@ pub async fn serve(
         policy.clone(),
         clock.clone(),
     ));
+    let (stop_alerts, alerts_stopping) = tokio::sync::watch::channel(false);
     let alert_writer = tokio::spawn(crate::alerts::run_writer(
         alert_queue,
         audit.clone(),
         outbox.clone(),
+        alerts_stopping,
     ));
     let deliveries_closed = Arc::new(tokio::sync::Notify::new());
     let deliveries = tokio::spawn(outbox.clone().run(deliveries_closed.clone()));
@@ -418,11 +422,18 @@ pub async fn serve(
     hub.close();
     let _ = sweeper.await;
     flusher.abort();
-    // Deliveries in the outbox wait for the next start; an attempt cut here is retried then.
+    // Alerts still queued are written (their record and outbox entries) before the exit;
+    // deliveries in the outbox wait for the next start (an attempt cut here is retried then).
+    let _ = stop_alerts.send(true);
+    if tokio::time::timeout(ALERT_DRAIN, alert_writer)
+        .await
+        .is_err()
+    {
+        tracing::warn!("alerts still queued at shutdown were not all written");
+    }
     deliveries_closed.notify_waiters();
     deliveries.abort();
     deadlines.abort();
-    alert_writer.abort();
     // Usage counters since the last periodic flush, made durable before exit.
     let flushed = vault.usage().flush(&*store);
     if let Err(e) = flushed

@@ -261,6 +261,13 @@ async fn each_signal_fires_once_signed_and_streamed() {
         .expect_err("app may not watch alerts");
     assert_eq!(denied.code(), Code::PermissionDenied);
 
+    // Neither the key nor the webhook secret reached a log line.
+    let logs = s.all_output();
+    assert!(!logs.contains(&key[key.len() - 20..]), "the key was logged");
+    assert!(
+        !logs.contains(&rx.secret_text[6..]),
+        "the webhook secret was logged"
+    );
     // Metrics count them.
     let (_, metrics) = s.http_get("/metrics");
     assert!(

@@ -178,51 +178,70 @@ impl Alerts {
     }
 }
 
-/// Writes queued alerts as audit records, then as outbox entries, until the queue closes.
-/// First enqueues any alert record a crash left without its outbox entries.
-pub async fn run_writer(mut rx: mpsc::Receiver<Alert>, log: Arc<AuditLog>, outbox: Arc<Outbox>) {
+/// Writes queued alerts as audit records, then as outbox entries. First enqueues any alert
+/// record a crash left without its outbox entries. When `stop` turns true (shutdown, after the
+/// last call was answered) the queue is closed and what it still holds is written first.
+pub async fn run_writer(
+    mut rx: mpsc::Receiver<Alert>,
+    log: Arc<AuditLog>,
+    outbox: Arc<Outbox>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     if let Err(e) = recover(&log, &outbox).await {
         tracing::error!(error = %e, "alert outbox recovery failed; alerts since the last start may not be delivered");
     }
-    while let Some(alert) = rx.recv().await {
-        let id = new_id();
-        let data = alert.data();
-        let mut rec = AuditRecord::system(
-            ALERT_METHOD,
-            alert.time_ms,
-            Event::Alert(AlertEvent {
-                kind: alert.kind.name().to_owned(),
-                id: id.clone(),
-                data: data.to_string(),
-            }),
-        );
-        if !alert.name.is_empty() {
-            rec.targets.push((alert.name.clone(), alert.version));
-        }
-        rec.key_id = alert.key_id.clone();
-        // Every record before this one is an alert already in the outbox (this task is the
-        // only writer of alerts), so the cursor may move up to here with this alert's entries.
-        let before = log.durable_head();
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match log.append(rec.clone()).await {
-                Ok(()) => break,
-                Err(e) => {
-                    // The audit log is down (full disk, I/O error): the alert waits, and the
-                    // queue behind it fills and drops, rather than being delivered unrecorded.
-                    tracing::error!(error = %e, alert = alert.kind.name(), "cannot record alert; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
-                }
+    loop {
+        let alert = tokio::select! {
+            a = rx.recv() => a,
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(alert) = alert else { return };
+        write(alert, &log, &outbox).await;
+    }
+}
+
+/// Writes one alert: its audit record (retried while the log is down), then its outbox entries.
+async fn write(alert: Alert, log: &AuditLog, outbox: &Outbox) {
+    let id = new_id();
+    let data = alert.data();
+    let mut rec = AuditRecord::system(
+        ALERT_METHOD,
+        alert.time_ms,
+        Event::Alert(AlertEvent {
+            kind: alert.kind.name().to_owned(),
+            id: id.clone(),
+            data: data.to_string(),
+        }),
+    );
+    if !alert.name.is_empty() {
+        rec.targets.push((alert.name.clone(), alert.version));
+    }
+    rec.key_id = alert.key_id.clone();
+    // Every record before this one is an alert already in the outbox (this task is the only
+    // writer of alerts), so the cursor may move up to here with this alert's entries.
+    let before = log.durable_head();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match log.append(rec.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                // The audit log is down (full disk, I/O error): the alert waits, and the queue
+                // behind it fills and drops, rather than being delivered unrecorded.
+                tracing::error!(error = %e, alert = alert.kind.name(), "cannot record alert; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
-        let body = body(alert.kind.name(), alert.time_ms, &data);
-        if let Err(e) = outbox
-            .enqueue(&id, alert.kind.name(), &body, alert.time_ms, Some(before))
-            .await
-        {
-            tracing::error!(error = %e, alert = alert.kind.name(), "cannot queue alert for delivery");
-        }
+    }
+    let body = body(alert.kind.name(), alert.time_ms, &data);
+    if let Err(e) = outbox
+        .enqueue(&id, alert.kind.name(), &body, alert.time_ms, Some(before))
+        .await
+    {
+        tracing::error!(error = %e, alert = alert.kind.name(), "cannot queue alert for delivery");
     }
 }
 
