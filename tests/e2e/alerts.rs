@@ -627,3 +627,37 @@ async fn expiry_rotation_and_staleness_fire_once_as_the_clock_moves() {
     });
     assert!(delivered.iter().all(|d| d.signature_ok), "{delivered:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_webhook_stops_start_up_and_never_shows_its_secret() {
+    let mut s = TestServer::start();
+    s.stop();
+    let config = s.config_path();
+    let base = std::fs::read_to_string(&config).unwrap();
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let try_with = |url: &str, secret_text: &str| {
+        std::fs::write(s.data_dir().join("hook.secret"), secret_text).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "{base}\n[[alerts.webhooks]]\nurl = \"{url}\"\nsecret_file = \"hook.secret\"\n"
+            ),
+        )
+        .unwrap();
+        s.serve_expect_failure(&config, &[])
+    };
+    for (url, secret_text, says) in [
+        ("http://hooks.example.com/ward", secret, "loopback"),
+        ("ftp://127.0.0.1/ward", secret, "https://"),
+        ("https://127.0.0.1/ward", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_"),
+        ("https://127.0.0.1/ward", "whsec_c2hvcnQ=", "at least 24 bytes"),
+    ] {
+        let f = try_with(url, secret_text);
+        assert_eq!(f.code, Some(2), "{url}: {}", f.stderr);
+        assert!(f.stderr.contains(says), "{url}: {}", f.stderr);
+        assert!(!f.stderr.contains("MfKQ9r8GKYqrTwjUPD8IL"), "a secret reached stderr");
+    }
+    // Fixed, it starts.
+    std::fs::write(&config, base).unwrap();
+    s.restart();
+}
