@@ -649,13 +649,24 @@ async fn a_bad_webhook_stops_start_up_and_never_shows_its_secret() {
     for (url, secret_text, says) in [
         ("http://hooks.example.com/ward", secret, "loopback"),
         ("ftp://127.0.0.1/ward", secret, "https://"),
-        ("https://127.0.0.1/ward", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_"),
-        ("https://127.0.0.1/ward", "whsec_c2hvcnQ=", "at least 24 bytes"),
+        (
+            "https://127.0.0.1/ward",
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "whsec_",
+        ),
+        (
+            "https://127.0.0.1/ward",
+            "whsec_c2hvcnQ=",
+            "at least 24 bytes",
+        ),
     ] {
         let f = try_with(url, secret_text);
         assert_eq!(f.code, Some(2), "{url}: {}", f.stderr);
         assert!(f.stderr.contains(says), "{url}: {}", f.stderr);
-        assert!(!f.stderr.contains("MfKQ9r8GKYqrTwjUPD8IL"), "a secret reached stderr");
+        assert!(
+            !f.stderr.contains("MfKQ9r8GKYqrTwjUPD8IL"),
+            "a secret reached stderr"
+        );
     }
     // Fixed, it starts.
     std::fs::write(&config, base).unwrap();

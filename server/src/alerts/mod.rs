@@ -247,8 +247,13 @@ async fn write(alert: Alert, log: &AuditLog, outbox: &Outbox) {
 
 /// Enqueues the alert records after the outbox's cursor (see the module documentation).
 async fn recover(log: &Arc<AuditLog>, outbox: &Arc<Outbox>) -> Result<()> {
-    let mut from = outbox.cursor()? + 1;
     let head = log.durable_head();
+    // The first start with alerts: no alert record can be older than this, and reading a
+    // long log from its start here would hold up the queue.
+    let Some(cursor) = outbox.cursor()? else {
+        return outbox.set_cursor(head).await;
+    };
+    let mut from = cursor + 1;
     while from <= head {
         let (log2, start) = (log.clone(), from);
         let chunk = tokio::task::spawn_blocking(move || log2.read(start, 1024))
@@ -415,5 +420,88 @@ impl AlertStream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AlertsConfig, WebhookConfig};
+    use crate::store::sled_store::SledStore;
+    use crate::store::Store;
+
+    const POLICY: &str = r#"
+        [[rule]]
+        identities = ["admin"]
+        verbs = ["*"]
+        secrets = ["*"]
+    "#;
+
+    #[tokio::test]
+    async fn an_alert_recorded_but_not_queued_before_a_crash_is_queued_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+        let (vault, clock) = crate::testutil::vault_over(store.clone(), POLICY, 60_000).await;
+        let secret = dir.path().join("hook.secret");
+        std::fs::write(&secret, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").unwrap();
+        let cfg = AlertsConfig {
+            webhooks: vec![WebhookConfig {
+                url: "http://127.0.0.1:9/hook".into(),
+                secret_file: secret,
+                events: vec!["key.*".into()],
+                ca_file: None,
+            }],
+            ..AlertsConfig::default()
+        };
+        let outbox = Arc::new(Outbox::open(store.clone(), clock.clone(), &cfg).unwrap());
+        let log = vault.audit().clone();
+        // First start: the cursor is set at the head, nothing before it is read.
+        recover(&log, &outbox).await.unwrap();
+        assert_eq!(outbox.cursor().unwrap(), Some(log.durable_head()));
+        // One alert written whole, one whose process died after its audit record.
+        let (alerts, mut rx) = Alerts::new(8);
+        let alert = |kind| Alert {
+            kind,
+            name: "app/key".into(),
+            version: 1,
+            key_id: "00ff00ff00ff00ff".into(),
+            environment: "prod".into(),
+            details: Map::new(),
+            time_ms: clock.now_ms(),
+        };
+        alerts.raise(alert(AlertType::Spike));
+        write(rx.recv().await.unwrap(), &log, &outbox).await;
+        let whole = outbox.pending().unwrap();
+        assert_eq!(whole.len(), 1);
+        let mut cut = AuditRecord::system(
+            ALERT_METHOD,
+            clock.now_ms(),
+            Event::Alert(AlertEvent {
+                kind: "key.leak_reported".into(),
+                id: "msg_0123456789abcdef0123456789abcdef".into(),
+                data: r#"{"secret":"app/key"}"#.into(),
+            }),
+        );
+        cut.targets.push(("app/key".into(), 1));
+        log.append(cut).await.unwrap();
+        // The next start queues the cut one, with its recorded id, and not the whole one again.
+        recover(&log, &outbox).await.unwrap();
+        let pending = outbox.pending().unwrap();
+        assert_eq!(pending.len(), 2, "{pending:?}");
+        let found = pending
+            .iter()
+            .find(|e| e.kind == "key.leak_reported")
+            .unwrap();
+        assert_eq!(found.id, "msg_0123456789abcdef0123456789abcdef");
+        assert!(
+            found.body.contains(r#""secret":"app/key""#),
+            "{}",
+            found.body
+        );
+        assert_eq!(outbox.cursor().unwrap(), Some(log.durable_head()));
+        // A type the endpoint does not take is recorded but not queued.
+        alerts.raise(alert(AlertType::WebhookDisabled));
+        write(rx.recv().await.unwrap(), &log, &outbox).await;
+        assert_eq!(outbox.pending().unwrap().len(), 2);
     }
 }

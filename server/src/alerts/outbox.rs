@@ -196,7 +196,7 @@ impl Outbox {
             }
         }
         if let Some(c) = cursor {
-            if c > self.cursor()? {
+            if self.cursor()?.is_none_or(|now| c > now) {
                 b.put(Tree::Outbox, CURSOR, c.to_be_bytes().to_vec());
             }
         }
@@ -209,13 +209,13 @@ impl Outbox {
         Ok(())
     }
 
-    /// The alert writer's cursor (0: none yet).
-    pub fn cursor(&self) -> Result<u64> {
+    /// The alert writer's cursor (None: never set).
+    pub fn cursor(&self) -> Result<Option<u64>> {
         Ok(self
             .store
             .get(Tree::Outbox, CURSOR)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes))
+            .map(u64::from_be_bytes))
     }
 
     /// Durably sets the cursor.
