@@ -354,8 +354,14 @@ impl Keys {
                 let period = q
                     .refill_period_ms
                     .map_or(0, |p| now.saturating_sub(q.set_ms) / p.max(1));
+                // A refill replaces the balance: after the first period, it is the full one.
+                let full = if period > 0 && q.refill > 0 {
+                    q.refill
+                } else {
+                    q.limit
+                };
                 v.quota_remaining
-                    .map(|left| (left, q.limit, (q.epoch << 32) ^ period))
+                    .map(|left| (left, full, (q.epoch << 32) ^ period))
             });
             signals.observe(&Observation {
                 name: &record.name,
