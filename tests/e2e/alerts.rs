@@ -81,6 +81,7 @@ async fn report_leak(s: &TestServer, key: &str) -> pb::ReportLeakResponse {
             api_key: key.to_owned(),
             location: format!("https://paste.example/raw/1?token={key}"),
             source: "e2e-scanner".into(),
+            ..Default::default()
         })
         .await
         .expect("ReportLeak")
@@ -331,6 +332,8 @@ async fn use_after_grace_and_after_expiry_follow_the_test_clock() {
     rx.set_clock_offset(s.clock_offset());
     assert_eq!(r(&old).await, VerifyResult::Disabled);
     assert_eq!(r(&old).await, VerifyResult::Disabled);
+    // Delivered before the clock moves on (the receiver checks timestamps against it).
+    rx.wait_until(WAIT, |ds| ds.iter().any(|d| d.kind() == "key.used_after_grace"));
     s.advance_clock(Duration::from_secs(3600));
     rx.set_clock_offset(s.clock_offset());
     assert_eq!(r(&expiring).await, VerifyResult::Expired);
@@ -671,4 +674,75 @@ async fn a_bad_webhook_stops_start_up_and_never_shows_its_secret() {
     // Fixed, it starts.
     std::fs::write(&config, base).unwrap();
     s.restart();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reported_key_can_be_quarantined_to_the_networks_it_learnt() {
+    let rx = WebhookReceiver::start();
+    let s = server_with_webhook(&rx, "");
+    let admin = s.client("admin").await;
+    let key = issue(&admin, "edge/quarantine").await;
+    let v = |ip: &'static str| {
+        let (admin, key) = (admin.clone(), key.clone());
+        async move {
+            admin
+                .verify_key(verify(&key, ip, &[]))
+                .await
+                .unwrap()
+                .result()
+        }
+    };
+    for ip in ["10.1.2.3", "10.1.2.4", "10.9.9.9"] {
+        assert_eq!(v(ip).await, VerifyResult::Valid);
+    }
+    // Seen after learning (a key.new_network alert): known, but not trusted by a quarantine.
+    assert_eq!(v("192.168.1.1").await, VerifyResult::Valid);
+    let report = |identity: &'static str, quarantine: bool| {
+        let (s, key) = (&s, key.clone());
+        async move {
+            alerts_client(s, identity)
+                .await
+                .report_leak(pb::ReportLeakRequest {
+                    api_key: key,
+                    location: "ci log".into(),
+                    source: "e2e".into(),
+                    quarantine,
+                })
+                .await
+        }
+    };
+    // Quarantining changes the key's policy: the `issue` verb, which app lacks.
+    let denied = report("app", true)
+        .await
+        .expect_err("app may not change a key's policy");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let r = report("admin", true).await.unwrap().into_inner();
+    assert!(r.found && r.quarantined, "{r:?}");
+    assert_eq!(r.allowed_cidrs, ["10.1.2.0/24", "10.9.9.0/24"]);
+    assert_eq!(v("10.1.2.200").await, VerifyResult::Valid);
+    assert_eq!(v("192.168.1.1").await, VerifyResult::ForbiddenIp);
+    assert_eq!(v("").await, VerifyResult::ForbiddenIp);
+    // A key with no learnt network cannot be quarantined: revoke it instead.
+    let fresh = issue(&admin, "edge/unused").await;
+    let none = alerts_client(&s, "admin")
+        .await
+        .report_leak(pb::ReportLeakRequest {
+            api_key: fresh,
+            quarantine: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("nothing learnt");
+    assert_eq!(none.code(), Code::FailedPrecondition);
+    // Each report was an alert.
+    let leaks = watched(
+        &s,
+        "admin",
+        pb::WatchAlertsRequest {
+            types: vec!["key.leak_reported".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(leaks.len(), 3, "{leaks:?}");
 }

@@ -107,6 +107,8 @@ struct KeyState {
     first_ms: Millis,
     uses: u64,
     networks: Vec<Net>,
+    /// How many of `networks` (the first ones) were learnt during the learning period.
+    learnt: usize,
     window: u64,
     window_count: u64,
     baseline: f64,
@@ -185,6 +187,20 @@ impl Signals {
     /// Where alerts go (also for alerts raised outside the verification path).
     pub fn alerts(&self) -> &Arc<Alerts> {
         &self.alerts
+    }
+
+    /// The networks key `name` was used from during its learning period, as CIDRs (for a
+    /// quarantine): not those first seen later, which raised `key.new_network`.
+    pub fn learnt_networks(&self, name: &str) -> Vec<String> {
+        let keys = self.shards[shard_of(name)]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        keys.get(name).map_or_else(Vec::new, |s| {
+            s.networks[..s.learnt.min(s.networks.len())]
+                .iter()
+                .map(|n| n.display())
+                .collect()
+        })
     }
 
     /// Looks at one verification; raises what it crosses.
@@ -271,6 +287,9 @@ impl Signals {
                 }
                 if !full {
                     s.networks.push(net);
+                    if learning {
+                        s.learnt = s.networks.len();
+                    }
                 }
             }
         }
@@ -423,11 +442,14 @@ mod tests {
         assert!(drain(&mut rx).is_empty());
         s.observe(&at("10.0.0.77", 10));
         assert!(drain(&mut rx).is_empty(), "same /24 as a learnt network");
+        assert_eq!(s.learnt_networks("app/key"), ["10.0.0.0/24", "10.0.1.0/24"]);
         s.observe(&at("192.168.5.5", 11));
         s.observe(&at("192.168.5.6", 12));
         let got = drain(&mut rx);
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[0].kind, AlertType::NewNetwork);
+        // Seen after learning: known (no second alert) but not learnt (no quarantine).
+        assert_eq!(s.learnt_networks("app/key").len(), 2);
         assert_eq!(got[0].details["network"], json!("192.168.5.0/24"));
         s.observe(&at("2001:db8:1:2::1", 13));
         assert_eq!(

@@ -63,7 +63,13 @@ impl Alerts for AlertsService {
         let r = req.into_inner();
         let report = self
             .keys
-            .report_leak(&peer, Zeroizing::new(r.api_key), &r.location, &r.source)
+            .report_leak(
+                &peer,
+                Zeroizing::new(r.api_key),
+                &r.location,
+                &r.source,
+                r.quarantine,
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(leak_report(report)))

@@ -406,6 +406,8 @@ pub fn leak_report(r: LeakReport) -> pb::ReportLeakResponse {
         name: r.name,
         version: r.version,
         key_id: r.key_id,
+        quarantined: r.quarantined,
+        allowed_cidrs: r.allowed_cidrs,
     }
 }
 

@@ -24,12 +24,12 @@ use crate::clock::Millis;
 use crate::error::{Code, Error, Result};
 use crate::identity::Peer;
 use crate::metrics;
-use crate::model::keypolicy::{parse_client_ip, RateLimit};
+use crate::model::keypolicy::{parse_client_ip, KeyPolicyInput, RateLimit};
 pub use crate::model::VerifyResult;
 use crate::model::{check_scopes, excerpt, SecretName, SecretRecord, VersionState};
 use crate::policy::Verb;
 use crate::vault::usage::{Use, VersionUsage};
-use crate::vault::{denied, Vault};
+use crate::vault::{denied, PolicyUpdate, Vault};
 use directory::KeyDirectory;
 use gcra::{Decision, Limiters, RateState};
 use quota::{Charge, QuotaLedger};
@@ -160,6 +160,10 @@ pub struct LeakReport {
     pub version: u64,
     /// See `name`.
     pub key_id: String,
+    /// The key was quarantined: its allowed CIDRs are now `allowed_cidrs`.
+    pub quarantined: bool,
+    /// See `quarantined`.
+    pub allowed_cidrs: Vec<String>,
 }
 
 /// Longest leak location kept.
@@ -509,12 +513,17 @@ impl Keys {
 
     /// ReportLeak: a key found where it should not be. A key Ward issued and the caller may
     /// verify raises `key.leak_reported`; any other reads as not found. Audited like VerifyKey.
+    ///
+    /// With `quarantine`, the key's allowed CIDRs then become the networks it was used from
+    /// during its learning period, through the vault's UpdateKeyPolicy (verb issue, audited
+    /// as that call); FAILED_PRECONDITION when none is known.
     pub async fn report_leak(
         &self,
         peer: &Peer,
         api_key: Zeroizing<String>,
         location: &str,
         source: &str,
+        quarantine: bool,
     ) -> Result<LeakReport> {
         let now = self.vault.now();
         let mut rec = AuditRecord::new(peer, "ReportLeak", now);
@@ -524,7 +533,36 @@ impl Keys {
             Err(e) => rec.code = e.code().as_i32(),
         }
         self.vault.audit().append(rec).await?;
-        result
+        let mut report = result?;
+        if quarantine && report.found {
+            let networks = self
+                .signals
+                .as_ref()
+                .map(|s| s.learnt_networks(&report.name))
+                .unwrap_or_default();
+            if networks.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} has no known networks to quarantine it to (none learnt since the server \
+                     started, or signals are off): revoke it instead",
+                    report.name
+                )));
+            }
+            let update = PolicyUpdate {
+                name: report.name.clone(),
+                scopes: Vec::new(),
+                policy: KeyPolicyInput {
+                    allowed_cidrs: networks.clone(),
+                    ..KeyPolicyInput::default()
+                },
+                mask: vec!["allowed_cidrs".into()],
+                request_id: String::new(),
+            };
+            self.vault.update_key_policy(peer, update).await?;
+            tracing::warn!(name = %report.name, networks = networks.len(), "leaked key quarantined to its known networks");
+            report.quarantined = true;
+            report.allowed_cidrs = networks;
+        }
+        Ok(report)
     }
 
     fn leak(

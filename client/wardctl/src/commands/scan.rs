@@ -210,6 +210,7 @@ async fn revoke_found(
             api_key: f.key.expose().to_owned(),
             location: at.clone(),
             source: "wardctl scan".into(),
+            quarantine: false,
         };
         if let Err(e) = client.report_leak(report).await {
             eprintln!(
