@@ -333,7 +333,9 @@ async fn use_after_grace_and_after_expiry_follow_the_test_clock() {
     assert_eq!(r(&old).await, VerifyResult::Disabled);
     assert_eq!(r(&old).await, VerifyResult::Disabled);
     // Delivered before the clock moves on (the receiver checks timestamps against it).
-    rx.wait_until(WAIT, |ds| ds.iter().any(|d| d.kind() == "key.used_after_grace"));
+    rx.wait_until(WAIT, |ds| {
+        ds.iter().any(|d| d.kind() == "key.used_after_grace")
+    });
     s.advance_clock(Duration::from_secs(3600));
     rx.set_clock_offset(s.clock_offset());
     assert_eq!(r(&expiring).await, VerifyResult::Expired);
