@@ -10,7 +10,7 @@ use ward_client::proto::{
     IssueKeyRequest, Quota, RevokeSecretRequest, RotateSecretRequest, VerifyKeyRequest,
     VerifyResult,
 };
-use ward_tests::{pb, Delivery, TestServer, WebhookReceiver};
+use ward_tests::{pb, Delivery, TestCa, TestServer, WebhookReceiver};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -18,10 +18,17 @@ const WAIT: Duration = Duration::from_secs(20);
 fn server_with_webhook(rx: &WebhookReceiver, extra: &str) -> TestServer {
     let mut s = TestServer::start_with_test_clock();
     rx.write_secret(&s.data_dir().join("webhook.secret"));
+    let ca = match &rx.ca_pem {
+        Some(pem) => {
+            std::fs::write(s.data_dir().join("webhook-ca.pem"), pem).unwrap();
+            "ca_file = \"webhook-ca.pem\"\n"
+        }
+        None => "",
+    };
     s.append_config(&format!(
         "[alerts]\nlearn_uses = 3\nscope_probe_threshold = 3\nretry_initial = \"200ms\"\n\
-         retry_max_interval = \"400ms\"\n{extra}\n\n[[alerts.webhooks]]\nurl = \"{}\"\nsecret_file = \"webhook.secret\"\n\
-         events = [\"key.*\", \"secret.*\", \"webhook.*\"]\n",
+         retry_max_interval = \"400ms\"\n{extra}\n\n[[alerts.webhooks]]\nurl = \"{}\"\n\
+         secret_file = \"webhook.secret\"\nevents = [\"key.*\", \"secret.*\", \"webhook.*\"]\n{ca}",
         rx.url()
     ));
     s.restart();
@@ -747,4 +754,60 @@ async fn a_reported_key_can_be_quarantined_to_the_networks_it_learnt() {
     )
     .await;
     assert_eq!(leaks.len(), 3, "{leaks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_deliveries_check_the_endpoint_certificate() {
+    // An endpoint with a certificate from the configured CA gets the alert over TLS.
+    let rx = WebhookReceiver::start_tls(&TestCa::new("hooks CA"));
+    assert!(rx.url().starts_with("https://127.0.0.1:"));
+    let s = server_with_webhook(&rx, "");
+    let admin = s.client("admin").await;
+    let key = issue(&admin, "edge/tls").await;
+    assert!(report_leak(&s, &key).await.found);
+    let got = rx.wait_until(WAIT, |ds| ds.iter().any(|d| d.answered == 200));
+    assert!(
+        got[0].signature_ok && got[0].kind() == "key.leak_reported",
+        "{got:?}"
+    );
+
+    // One whose certificate another CA issued is never sent the alert: the handshake fails,
+    // and the delivery waits in the outbox.
+    let impostor = WebhookReceiver::start_tls(&TestCa::new("someone else"));
+    let mut s2 = TestServer::start_with_test_clock();
+    impostor.write_secret(&s2.data_dir().join("webhook.secret"));
+    std::fs::write(
+        s2.data_dir().join("webhook-ca.pem"),
+        rx.ca_pem.clone().unwrap(),
+    )
+    .unwrap();
+    s2.append_config(&format!(
+        "[alerts]\nretry_initial = \"200ms\"\nretry_max_interval = \"400ms\"\n\n\
+         [[alerts.webhooks]]\nurl = \"{}\"\nsecret_file = \"webhook.secret\"\n\
+         ca_file = \"webhook-ca.pem\"\n",
+        impostor.url()
+    ));
+    s2.restart();
+    let admin2 = s2.client("admin").await;
+    let key2 = issue(&admin2, "edge/tls").await;
+    assert!(report_leak(&s2, &key2).await.found);
+    let mut failed = 0;
+    for _ in 0..100 {
+        let (_, metrics) = s2.http_get("/metrics");
+        failed = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ward_webhook_deliveries_total{result=\"failed\"} "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if failed >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(failed >= 2, "the impostor's handshake should fail, retried");
+    assert!(
+        impostor.attempts().is_empty(),
+        "the alert reached an endpoint it must not"
+    );
+    assert!(s2.all_output().contains("TLS"), "the log says why");
 }

@@ -1,4 +1,4 @@
-//! A real HTTP webhook receiver for the alert tests: it listens on loopback, records every
+//! A real HTTP(S) webhook receiver for the alert tests: it listens on loopback, records every
 //! delivery attempt, answers 200 while "up" and 503 while "down", and checks each signature
 //! with its own implementation of the Standard Webhooks specification (HMAC-SHA256 written out
 //! here over `sha2`, not the server's code): `webhook-signature` holds space-separated
@@ -45,6 +45,7 @@ impl Delivery {
 }
 
 struct Shared {
+    tls: Option<Arc<rustls::ServerConfig>>,
     secrets: Vec<Vec<u8>>,
     up: AtomicBool,
     clock_offset_secs: AtomicI64,
@@ -58,11 +59,38 @@ pub struct WebhookReceiver {
     shared: Arc<Shared>,
     /// The secret file's text (`whsec_…`).
     pub secret_text: String,
+    /// With HTTPS: the CA (PEM) the server must trust for it.
+    pub ca_pem: Option<String>,
 }
 
 impl WebhookReceiver {
-    /// Listens on 127.0.0.1 with a fresh random secret; up.
+    /// Listens on 127.0.0.1 (plain HTTP) with a fresh random secret; up.
     pub fn start() -> Self {
+        Self::listen(None)
+    }
+
+    /// Listens on 127.0.0.1 over HTTPS, with a certificate for 127.0.0.1 issued by `ca`.
+    pub fn start_tls(ca: &crate::TestCa) -> Self {
+        use rustls_pki_types::pem::PemObject;
+        let (cert, key) = ca.server_cert();
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let mut rx = Self::listen(Some(Arc::new(config)));
+        rx.ca_pem = Some(ca.pem.clone());
+        rx
+    }
+
+    fn listen(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let mut secret = [0u8; 32];
         rand::Rng::fill(&mut rand::thread_rng(), &mut secret[..]);
         let secret_text = format!(
@@ -72,6 +100,7 @@ impl WebhookReceiver {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the webhook receiver");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
+            tls,
             secrets: vec![secret.to_vec()],
             up: AtomicBool::new(true),
             clock_offset_secs: AtomicI64::new(0),
@@ -86,7 +115,18 @@ impl WebhookReceiver {
                 }
                 if let Ok(conn) = conn {
                     let s = s.clone();
-                    std::thread::spawn(move || serve(conn, &s));
+                    std::thread::spawn(move || {
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                        match &s.tls {
+                            None => serve(conn, &s),
+                            Some(cfg) => {
+                                let Ok(tls) = rustls::ServerConnection::new(cfg.clone()) else {
+                                    return;
+                                };
+                                serve(rustls::StreamOwned::new(tls, conn), &s)
+                            }
+                        }
+                    });
                 }
             }
         });
@@ -94,12 +134,18 @@ impl WebhookReceiver {
             addr,
             shared,
             secret_text,
+            ca_pem: None,
         }
     }
 
     /// The URL to configure.
     pub fn url(&self) -> String {
-        format!("http://{}/hooks/ward", self.addr)
+        let scheme = if self.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}/hooks/ward", self.addr)
     }
 
     /// Writes the secret file the server reads.
@@ -171,9 +217,8 @@ impl Drop for WebhookReceiver {
     }
 }
 
-fn serve(conn: TcpStream, s: &Shared) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
+fn serve(conn: impl Read + Write, s: &Shared) {
+    let mut reader = BufReader::new(conn);
     let mut line = String::new();
     if reader.read_line(&mut line).is_err() || !line.starts_with("POST ") {
         return;
@@ -246,11 +291,12 @@ fn serve(conn: TcpStream, s: &Shared) {
     } else {
         "Service Unavailable"
     };
-    let mut conn = conn;
+    let conn = reader.get_mut();
     let _ = write!(
         conn,
         "HTTP/1.1 {answered} {reason}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
     );
+    let _ = conn.flush();
 }
 
 /// HMAC-SHA256 (RFC 2104), written out: H((K ^ opad) || H((K ^ ipad) || m)).
