@@ -448,6 +448,8 @@ async fn an_endpoint_failing_too_long_is_disabled_and_a_test_event_enables_it() 
     let s = server_with_webhook(&rx, "retry_for = \"1s\"");
     let admin = s.client("admin").await;
     let key = issue(&admin, "edge/gone").await;
+    // Two alerts waiting for the endpoint: it is disabled once, with one alert.
+    assert!(report_leak(&s, &key).await.found);
     assert!(report_leak(&s, &key).await.found);
     // Disabled after a second of failures, with an alert record saying so.
     let mut disabled = Vec::new();
@@ -478,6 +480,20 @@ async fn an_endpoint_failing_too_long_is_disabled_and_a_test_event_enables_it() 
         rx.attempts().len(),
         attempts,
         "a disabled endpoint is not called"
+    );
+    let disabled_again = watched(
+        &s,
+        "admin",
+        pb::WatchAlertsRequest {
+            types: vec!["webhook.disabled".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        disabled_again.len(),
+        1,
+        "disabled twice: {disabled_again:?}"
     );
 
     // TestWebhook: admin only, configured URLs only; a success enables the endpoint again.

@@ -351,6 +351,10 @@ impl Outbox {
         let now = self.clock.now_ms();
         entry.attempts = entry.attempts.saturating_add(1);
         let age = Duration::from_millis(now.saturating_sub(entry.created_ms));
+        if self.is_disabled(&endpoint.url) {
+            // Another of its deliveries gave up first, in this pass: one disabling, one alert.
+            return self.remove(&entry).map(|()| None);
+        }
         if age >= self.retry.retry_for {
             m.count_webhook("given_up");
             tracing::error!(endpoint = %endpoint.host(), id = %entry.id, why, "webhook endpoint failed for longer than retry_for: disabled");
