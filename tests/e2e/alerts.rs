@@ -73,6 +73,15 @@ async fn watched(s: &TestServer, identity: &str, req: pb::WatchAlertsRequest) ->
     out
 }
 
+/// Every alert of type (or family) `kind` so far, as admin.
+async fn alerts_of(s: &TestServer, kind: &str) -> Vec<pb::Alert> {
+    let req = pb::WatchAlertsRequest {
+        types: vec![kind.into()],
+        ..Default::default()
+    };
+    watched(s, "admin", req).await
+}
+
 fn count_by_type(ds: &[Delivery]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for d in ds {
@@ -216,15 +225,7 @@ async fn each_signal_fires_once_signed_and_streamed() {
     for d in &accepted {
         assert_eq!(ids.get(&d.id).map(String::as_str), Some(d.kind()));
     }
-    let quota = watched(
-        &s,
-        "admin",
-        pb::WatchAlertsRequest {
-            types: vec!["key.quota.*".into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let quota = alerts_of(&s, "key.quota.*").await;
     assert_eq!(quota.len(), 2);
     assert!(quota
         .iter()
@@ -454,15 +455,7 @@ async fn an_endpoint_failing_too_long_is_disabled_and_a_test_event_enables_it() 
     // Disabled after a second of failures, with an alert record saying so.
     let mut disabled = Vec::new();
     for _ in 0..100 {
-        disabled = watched(
-            &s,
-            "admin",
-            pb::WatchAlertsRequest {
-                types: vec!["webhook.disabled".into()],
-                ..Default::default()
-            },
-        )
-        .await;
+        disabled = alerts_of(&s, "webhook.disabled").await;
         if !disabled.is_empty() {
             break;
         }
@@ -481,15 +474,7 @@ async fn an_endpoint_failing_too_long_is_disabled_and_a_test_event_enables_it() 
         attempts,
         "a disabled endpoint is not called"
     );
-    let disabled_again = watched(
-        &s,
-        "admin",
-        pb::WatchAlertsRequest {
-            types: vec!["webhook.disabled".into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let disabled_again = alerts_of(&s, "webhook.disabled").await;
     assert_eq!(
         disabled_again.len(),
         1,
@@ -577,20 +562,7 @@ async fn expiry_rotation_and_staleness_fire_once_as_the_clock_moves() {
         ..Default::default()
     };
     s.raw_client("admin").await.put_secret(put).await.unwrap();
-    let watch = |kind: &'static str| {
-        let s = &s;
-        async move {
-            watched(
-                s,
-                "admin",
-                pb::WatchAlertsRequest {
-                    types: vec![kind.into()],
-                    ..Default::default()
-                },
-            )
-            .await
-        }
-    };
+    let watch = |kind: &'static str| alerts_of(&s, kind);
     let advance = |d: u64| {
         s.advance_clock(Duration::from_secs(d * DAY));
         rx.set_clock_offset(s.clock_offset());
@@ -760,15 +732,7 @@ async fn a_reported_key_can_be_quarantined_to_the_networks_it_learnt() {
         .expect_err("nothing learnt");
     assert_eq!(none.code(), Code::FailedPrecondition);
     // Each report was an alert.
-    let leaks = watched(
-        &s,
-        "admin",
-        pb::WatchAlertsRequest {
-            types: vec!["key.leak_reported".into()],
-            ..Default::default()
-        },
-    )
-    .await;
+    let leaks = alerts_of(&s, "key.leak_reported").await;
     assert_eq!(leaks.len(), 3, "{leaks:?}");
 }
 
