@@ -8,7 +8,7 @@
 //! webhook that wants its type ([`outbox`]), which a delivery task sends, signed
 //! ([`webhook`]), until the endpoint accepts it.
 //!
-//! The `webhook-id` of an alert is chosen when it is raised and written into its audit
+//! The `webhook-id` of an alert is chosen when the writer takes it, and written into its audit
 //! record, its outbox entries and every delivery attempt. If the process dies between the
 //! audit record and the outbox entries, the writer finds the alert records past its durable
 //! cursor at the next start and enqueues them then (at least once; an endpoint may see an id
