@@ -52,6 +52,12 @@ pub struct SuiteArgs {
     /// echo rate just measured, and report p50/p99/p999
     #[arg(long)]
     open_loop: bool,
+    /// Instead of the suite: the cost of the abuse signals. Starts a second Ward with
+    /// `[alerts] signals = false` and measures echo, fetch and verify (with client IPs, so the
+    /// network signal runs) at each concurrency against both, interleaved; prints
+    /// verify/echo and fetch/echo with signals on and off, and the difference
+    #[arg(long)]
+    signals: bool,
 }
 
 /// Fractions of the echo floor's highest rate the open-loop rows offer.
@@ -140,7 +146,6 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
         .collect();
 
     let v = args.value_size;
-    let mut rows = Vec::new();
     let spec = |name, c| Spec {
         name,
         concurrency: c,
@@ -148,6 +153,11 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
         duration: Duration::from_secs_f64(duration),
         call_timeout: Duration::from_secs(10),
     };
+    if args.signals {
+        let (servers, clients) = (&server_bin, (&ward[..], &echo[..]));
+        return signals(&args, servers, dir, clients, &spec, (warmup, duration)).await;
+    }
+    let mut rows = Vec::new();
     for &c in &args.concurrency {
         rows.push(measure("echo", c, Fetch::echo(v), &echo, &spec).await?);
         rows.push(measure("fetch", c, Fetch::new(v), &ward, &spec).await?);
@@ -308,6 +318,70 @@ async fn start_etcd(
         "etcd did not become ready (see {})",
         dir.join("etcd.log").display()
     ))
+}
+
+/// `--signals`: the same workloads against Ward with signals on (`on`) and off, interleaved
+/// row by row so that both see the same machine; one table of ratios to the echo floor.
+async fn signals(
+    args: &SuiteArgs,
+    server_bin: &Path,
+    dir: &Path,
+    (on, echo): (&[Client], &[Client]),
+    spec: &impl Fn(&'static str, u32) -> Spec,
+    (warmup, duration): (f64, f64),
+) -> Result<(), String> {
+    // A dev server's files, then served again with the signals off.
+    let off_dir = dir.join("ward-signals-off");
+    drop(DevServer::start(server_bin, &off_dir, None)?);
+    let config = off_dir.join("ward.toml");
+    let mut text = std::fs::read_to_string(&config).map_err(|e| e.to_string())?;
+    text.push_str("\n[alerts]\nsignals = false\n");
+    std::fs::write(&config, text).map_err(|e| e.to_string())?;
+    let off_server = DevServer::serve_existing(server_bin, &off_dir)?;
+    let off: Vec<Client> = off_server
+        .admin_clients(args.connections)
+        .await?
+        .into_iter()
+        .map(|c| c.with_retry(RetryPolicy::none()))
+        .collect();
+    let v = args.value_size;
+    println!(
+        "ward-bench suite --signals: value {v} B, {} connection(s), warm-up {warmup} s, \
+         {duration} s per row",
+        args.connections
+    );
+    println!("conc  workload   ops/s on   ops/s off   /echo on  /echo off   cost");
+    let mut out = Vec::new();
+    for &c in &args.concurrency {
+        let floor = measure("echo", c, Fetch::echo(v), echo, spec).await?;
+        let fetch_on = measure("fetch", c, Fetch::new(v), on, spec).await?;
+        let fetch_off = measure("fetch", c, Fetch::new(v), &off, spec).await?;
+        let verify_on = measure("verify", c, Verify::with_client_ips(), on, spec).await?;
+        let verify_off = measure("verify", c, Verify::with_client_ips(), &off, spec).await?;
+        let e = floor.summary.ops_per_sec.max(f64::MIN_POSITIVE);
+        for (name, a, b) in [
+            ("fetch", fetch_on, fetch_off),
+            ("verify", verify_on, verify_off),
+        ] {
+            let (x, y) = (a.summary.ops_per_sec, b.summary.ops_per_sec);
+            let cost = if y > 0.0 { (1.0 - x / y) * 100.0 } else { 0.0 };
+            println!(
+                "{c:>4}  {name:<8} {x:>10.0} {y:>11.0} {:>10.3} {:>10.3} {cost:>5.1} %",
+                x / e,
+                y / e
+            );
+            out.push(json!({
+                "workload": name, "concurrency": c, "echo_ops_per_sec": e,
+                "on_ops_per_sec": x, "off_ops_per_sec": y, "cost_percent": cost,
+                "on_p99_us": a.summary.p99_us, "off_p99_us": b.summary.p99_us,
+            }));
+        }
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&Value::Array(out)).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn find<'a>(rows: &'a [Row], workload: &str, c: u32) -> Option<&'a Summary> {

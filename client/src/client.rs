@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::retry::RetryPolicy;
 use crate::retry::{is_retryable, CallKind};
 use ward::v1::admin_client::AdminClient;
+use ward::v1::alerts_client::AlertsClient;
 use ward::v1::audit_client::AuditClient;
 use ward::v1::backup_client::BackupClient;
 use ward::v1::keys_client::KeysClient;
@@ -24,12 +25,14 @@ use ward::v1::{
     DescribeKeyringRequest, DescribeSecretRequest, DestroyVersionRequest, DestroyVersionResponse,
     FetchSecretRequest, FetchSecretResponse, GetKeyUsageRequest, GetKeyUsageResponse,
     IssueKeyRequest, IssueKeyResponse, ItemError, KeyringStatus, ListSecretsRequest,
-    ListSecretsResponse, PutSecretRequest, PutSecretResponse, RevokeSecretRequest,
-    RevokeSecretResponse, RotateKeyringRequest, RotateKeyringResponse, RotateMasterKeyRequest,
-    RotateMasterKeyResponse, RotateSecretRequest, RotateSecretResponse, SecretMetadata,
-    SetVersionStateRequest, SetVersionStateResponse, StreamAuditRequest, StreamAuditResponse,
+    ListSecretsResponse, PutSecretRequest, PutSecretResponse, ReportLeakRequest,
+    ReportLeakResponse, RevokeSecretRequest, RevokeSecretResponse, RotateKeyringRequest,
+    RotateKeyringResponse, RotateMasterKeyRequest, RotateMasterKeyResponse, RotateSecretRequest,
+    RotateSecretResponse, SecretMetadata, SetVersionStateRequest, SetVersionStateResponse,
+    StreamAuditRequest, StreamAuditResponse, TestWebhookRequest, TestWebhookResponse,
     UpdateKeyPolicyRequest, UpdateKeyPolicyResponse, VerifyAuditLogRequest, VerifyAuditLogResponse,
-    VerifyKeyRequest, VerifyKeyResponse, WatchEvent, WatchSecretsRequest,
+    VerifyKeyRequest, VerifyKeyResponse, WatchAlertsRequest, WatchAlertsResponse, WatchEvent,
+    WatchSecretsRequest,
 };
 
 /// HTTP/2 keep-alive ping interval: finds a dead connection before a call has to time out on it.
@@ -54,6 +57,7 @@ pub struct Client {
     admin: AdminClient<Channel>,
     keys: KeysClient<Channel>,
     audit: AuditClient<Channel>,
+    alerts: AlertsClient<Channel>,
     backup: BackupClient<Channel>,
     timeout: Duration,
     retry: RetryPolicy,
@@ -135,6 +139,7 @@ impl Client {
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
             admin: AdminClient::new(channel.clone()),
             audit: AuditClient::new(channel.clone()),
+            alerts: AlertsClient::new(channel.clone()),
             backup: BackupClient::new(channel.clone()),
             keys: KeysClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
             timeout: DEFAULT_TIMEOUT,
@@ -215,6 +220,35 @@ impl Client {
     ) -> Result<tonic::Streaming<StreamAuditResponse>, Error> {
         self.call_on(&self.audit, CallKind::Read, req, |mut c, r| async move {
             c.stream_audit(r).await
+        })
+        .await
+    }
+
+    /// Streams alert records (see `ward.v1.Alerts/WatchAlerts`).
+    pub async fn watch_alerts(
+        &self,
+        req: WatchAlertsRequest,
+    ) -> Result<tonic::Streaming<WatchAlertsResponse>, Error> {
+        self.call_on(&self.alerts, CallKind::Read, req, |mut c, r| async move {
+            c.watch_alerts(r).await
+        })
+        .await
+    }
+
+    /// Reports a key found where it should not be (raises `key.leak_reported`). Not retried:
+    /// a repeat would raise the alert twice.
+    pub async fn report_leak(&self, req: ReportLeakRequest) -> Result<ReportLeakResponse, Error> {
+        self.call_on(&self.alerts, CallKind::Write, req, |mut c, r| async move {
+            c.report_leak(r).await
+        })
+        .await
+    }
+
+    /// Sends a signed test event to a configured webhook URL.
+    pub async fn test_webhook(&self, url: impl Into<String>) -> Result<TestWebhookResponse, Error> {
+        let req = TestWebhookRequest { url: url.into() };
+        self.call_on(&self.alerts, CallKind::Write, req, |mut c, r| async move {
+            c.test_webhook(r).await
         })
         .await
     }

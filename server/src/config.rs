@@ -2,6 +2,9 @@
 //! such as the HSM PIN taken from the environment or a file, never from the command line
 //! (where `ps` would show them). Relative paths are resolved against the config file's folder.
 
+pub mod alerts;
+
+pub use alerts::{AlertsConfig, WebhookConfig, WebhookUrl};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +55,9 @@ pub struct Config {
     /// Audit log.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Abuse signals and webhooks.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
     /// The developer portal (HTTPS, off unless `listen` is set).
     #[serde(default)]
     pub portal: PortalConfig,
@@ -497,10 +503,12 @@ impl Config {
         if let Some(t) = self.testing.as_mut() {
             fix(&mut t.clock_file);
         }
+        self.alerts.resolve(base);
     }
 
     /// Checks every field that has rules.
     pub fn validate(&self) -> Result<(), String> {
+        self.alerts.validate()?;
         ward::keyformat::check_prefix(&self.issuer, ward::keyformat::MAX_ISSUER_LEN).map_err(
             |_| {
                 format!(

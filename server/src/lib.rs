@@ -9,6 +9,7 @@
 //! portal/                the developer portal: HTTPS pages beside grpc/, same domain calls
 //! changes/               watch streams and the sweeper: follow the vault's changes
 //! keys/                  API-key verification at the edge: directory, GCRA, quota
+//! alerts/                abuse signals, the alert writer, the webhook outbox and its delivery
 //! vault/                 the domain: every operation, one write path (vault/write.rs)
 //! audit/                 the tamper-evident audit log, its access and verification
 //! unseal, envelope       the keyring: unsealed by the HSM, seals values
@@ -17,6 +18,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod alerts;
 pub mod audit;
 pub mod changes;
 pub mod clock;

@@ -78,6 +78,11 @@ pub struct Metrics {
     hsm_up: AtomicBool,
     audit_write: Mutex<Histogram>,
     methods: OnceLock<HashSet<String>>,
+    alerts: Mutex<BTreeMap<&'static str, u64>>,
+    alerts_dropped: AtomicU64,
+    webhooks: Mutex<BTreeMap<&'static str, u64>>,
+    webhooks_pending: AtomicU64,
+    webhook_duration: Mutex<Histogram>,
 }
 
 /// The process-wide registry.
@@ -95,6 +100,11 @@ pub fn global() -> &'static Metrics {
         hsm_up: AtomicBool::new(true),
         audit_write: Mutex::default(),
         methods: OnceLock::new(),
+        alerts: Mutex::default(),
+        alerts_dropped: AtomicU64::new(0),
+        webhooks: Mutex::default(),
+        webhooks_pending: AtomicU64::new(0),
+        webhook_duration: Mutex::default(),
     })
 }
 
@@ -130,6 +140,31 @@ impl Metrics {
             .entry((method, code))
             .or_default()
             .observe(took);
+    }
+
+    /// Counts one alert raised, by type (a fixed set of names).
+    pub fn count_alert(&self, kind: &'static str) {
+        *lock(&self.alerts).entry(kind).or_default() += 1;
+    }
+
+    /// Counts one alert dropped because the alert queue was full.
+    pub fn count_alert_dropped(&self) {
+        self.alerts_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one webhook delivery attempt by result (`delivered`, `failed`, `given_up`).
+    pub fn count_webhook(&self, result: &'static str) {
+        *lock(&self.webhooks).entry(result).or_default() += 1;
+    }
+
+    /// Sets the number of webhook deliveries waiting in the outbox.
+    pub fn set_webhooks_pending(&self, n: u64) {
+        self.webhooks_pending.store(n, Ordering::Relaxed);
+    }
+
+    /// Times one webhook delivery attempt.
+    pub fn observe_webhook(&self, took: Duration) {
+        lock(&self.webhook_duration).observe(took);
     }
 
     /// Counts one verification by result.
@@ -271,7 +306,45 @@ impl Metrics {
         out.push_str("# HELP ward_indexed_keys API-key versions in the in-memory index.\n");
         out.push_str("# TYPE ward_indexed_keys gauge\n");
         let _ = writeln!(out, "ward_indexed_keys {keys}");
+        self.render_alerts(&mut out);
         out
+    }
+
+    fn render_alerts(&self, out: &mut String) {
+        out.push_str("# HELP ward_alerts_total Alerts raised, by type.\n");
+        out.push_str("# TYPE ward_alerts_total counter\n");
+        for (kind, n) in lock(&self.alerts).iter() {
+            let _ = writeln!(out, "ward_alerts_total{{type=\"{kind}\"}} {n}");
+        }
+        out.push_str(
+            "# HELP ward_alerts_dropped_total Alerts dropped because the alert queue was full.\n",
+        );
+        out.push_str("# TYPE ward_alerts_dropped_total counter\n");
+        let _ = writeln!(
+            out,
+            "ward_alerts_dropped_total {}",
+            self.alerts_dropped.load(Ordering::Relaxed)
+        );
+        out.push_str(
+            "# HELP ward_webhook_deliveries_total Webhook delivery attempts, by result.\n",
+        );
+        out.push_str("# TYPE ward_webhook_deliveries_total counter\n");
+        for (result, n) in lock(&self.webhooks).iter() {
+            let _ = writeln!(
+                out,
+                "ward_webhook_deliveries_total{{result=\"{result}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP ward_webhook_pending Webhook deliveries waiting in the outbox.\n");
+        out.push_str("# TYPE ward_webhook_pending gauge\n");
+        let _ = writeln!(
+            out,
+            "ward_webhook_pending {}",
+            self.webhooks_pending.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP ward_webhook_delivery_duration_seconds Webhook delivery attempts, connect to answer.\n");
+        out.push_str("# TYPE ward_webhook_delivery_duration_seconds histogram\n");
+        lock(&self.webhook_duration).render(out, "ward_webhook_delivery_duration_seconds", "");
     }
 }
 

@@ -1,10 +1,13 @@
 //! Assembly and serving: opens the store (with the key directory in step), unseals, opens the
 //! audit log (and starts its checkpointing and pruning), and serves `ward.v1.Secrets`,
-//! `ward.v1.Keys`, `ward.v1.Admin`, `ward.v1.Audit`, Envoy's ext_authz `Authorization`, gRPC
+//! `ward.v1.Keys`, `ward.v1.Admin`, `ward.v1.Audit`, `ward.v1.Alerts`, Envoy's ext_authz `Authorization`, gRPC
 //! health and server reflection (v1 and v1alpha; grpcurl 1.8.6 speaks only v1alpha) on one
 //! mutual-TLS listener, and `/metrics` and `/healthz` on a plain-HTTP one, until SIGTERM or
 //! SIGINT.
 
+use crate::alerts::outbox::Outbox;
+use crate::alerts::signals::Signals;
+use crate::alerts::{Alerts, AlertsApi};
 use crate::audit::{AuditAccess, AuditLog};
 use crate::changes::sweeper::SweepIndex;
 use crate::changes::watch::WatchHub;
@@ -12,6 +15,7 @@ use crate::clock::{Clock, FileOffsetClock, SystemClock};
 use crate::config::Config;
 use crate::envelope::RECORD_MAC_LABEL;
 use crate::grpc::admin::AdminService;
+use crate::grpc::alerts::AlertsService;
 use crate::grpc::audit::AuditService;
 use crate::grpc::backup::BackupService;
 use crate::grpc::extauthz::ExtAuthzService;
@@ -39,12 +43,15 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use ward::v1::admin_server::AdminServer;
+use ward::v1::alerts_server::AlertsServer;
 use ward::v1::audit_server::AuditServer;
 use ward::v1::backup_server::BackupServer;
 use ward::v1::keys_server::KeysServer;
 use ward::v1::secrets_server::SecretsServer;
 use ward_hsm::{Hsm, HsmError, KeyWrapper, MacSigner, Mechanism, Pkcs11Config, Pkcs11Wrapper};
 
+/// How long shutdown waits for the alerts still queued to be written.
+const ALERT_DRAIN: Duration = Duration::from_secs(5);
 /// How long the secret-version counts shown by /metrics may be reused (they need a scan).
 const VERSION_COUNT_TTL: Duration = Duration::from_secs(5);
 
@@ -254,6 +261,32 @@ pub async fn serve(
         )
         .with_scan_budget(cfg.limits.scan_budget),
     );
+    // Alerts: raised into a bounded queue on the request path, written (audit record, then
+    // outbox) by one task, delivered by another.
+    let (alerts, alert_queue) = Alerts::new(cfg.alerts.queue);
+    let outbox = Arc::new(
+        Outbox::open(store.clone(), clock.clone(), &cfg.alerts).map_err(StartError::Config)?,
+    );
+    outbox.set_alerts(alerts.clone());
+    let signals = cfg
+        .alerts
+        .signals
+        .then(|| Arc::new(Signals::new(&cfg.alerts, alerts.clone())));
+    let alerts_api = Arc::new(AlertsApi::new(
+        access.clone(),
+        outbox.clone(),
+        policy.clone(),
+        clock.clone(),
+    ));
+    let (stop_alerts, alerts_stopping) = tokio::sync::watch::channel(false);
+    let alert_writer = tokio::spawn(crate::alerts::run_writer(
+        alert_queue,
+        audit.clone(),
+        outbox.clone(),
+        alerts_stopping,
+    ));
+    let deliveries_closed = Arc::new(tokio::sync::Notify::new());
+    let deliveries = tokio::spawn(outbox.clone().run(deliveries_closed.clone()));
     // Watch streams and the sweeper follow the vault's changes; it tells them, knowing
     // neither.
     let hub = Arc::new(WatchHub::new(settings.max_watches_per_identity));
@@ -277,13 +310,22 @@ pub async fn serve(
     let per_minute = cfg.keys.unknown_keys_per_minute;
     let unknown_key_limit = RateLimit::parse(per_minute, 60_000, cfg.keys.unknown_key_burst)
         .map_err(|e| StartError::Config(format!("keys: {e}")))?;
-    let keys = Arc::new(Keys::new(
-        vault.clone(),
-        directory.clone(),
-        KeySettings { unknown_key_limit },
-    ));
+    let keys = Arc::new(
+        Keys::new(
+            vault.clone(),
+            directory.clone(),
+            KeySettings { unknown_key_limit },
+        )
+        .with_alerts(alerts.clone(), signals),
+    );
     tracing::info!(keys = directory.index_len(), "key index loaded");
     crate::metrics::global().set_methods(served_methods());
+    let deadlines = tokio::spawn(crate::alerts::deadlines::run(
+        vault.clone(),
+        alerts.clone(),
+        crate::alerts::deadlines::DeadlineSettings::from_config(&cfg.alerts),
+        deliveries_closed.clone(),
+    ));
     let sweeper = tokio::spawn(crate::changes::sweeper::run(
         vault.clone(),
         sweep_index,
@@ -295,6 +337,7 @@ pub async fn serve(
     health.set_serving::<SecretsServer<SecretsService>>().await;
     health.set_serving::<KeysServer<KeysService>>().await;
     health.set_serving::<AuditServer<AuditService>>().await;
+    health.set_serving::<AlertsServer<AlertsService>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ward::FILE_DESCRIPTOR_SET)
@@ -339,6 +382,8 @@ pub async fn serve(
         Duration::from_secs(cfg.keys.usage_flush_seconds),
     ));
     let audit_server = AuditServer::new(AuditService::new(access.clone()));
+    let alerts_server = AlertsServer::new(AlertsService::new(alerts_api, keys.clone()))
+        .max_decoding_message_size(cfg.limits.max_request_bytes);
 
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -403,6 +448,7 @@ pub async fn serve(
         .add_service(keys_service)
         .add_service(ext_authz)
         .add_service(audit_server)
+        .add_service(alerts_server)
         .add_service(backup)
         .serve_with_incoming_shutdown(incoming, async {
             shutdown_or_stall(stalled.clone()).await;
@@ -415,6 +461,18 @@ pub async fn serve(
     hub.close();
     let _ = sweeper.await;
     flusher.abort();
+    // Alerts still queued are written (their record and outbox entries) before the exit;
+    // deliveries in the outbox wait for the next start (an attempt cut here is retried then).
+    let _ = stop_alerts.send(true);
+    if tokio::time::timeout(ALERT_DRAIN, alert_writer)
+        .await
+        .is_err()
+    {
+        tracing::warn!("alerts still queued at shutdown were not all written");
+    }
+    deliveries_closed.notify_waiters();
+    deliveries.abort();
+    deadlines.abort();
     // Usage counters and facts since the last periodic flush, made durable before exit.
     let flushed = write_usage(&vault);
     if let Err(e) = flushed.and(store.sync().await.map_err(Into::into)) {

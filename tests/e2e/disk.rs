@@ -1,6 +1,7 @@
-//! What reaches the disk: no plaintext value or API key anywhere under the data dir (nor in the
-//! server's output, nor in what the audit, watch and backup streams send) after every RPC has
-//! run, and a ciphertext moved to another name or version fails with DATA_LOSS.
+//! What reaches the disk: no plaintext value, API key or webhook secret anywhere under the data
+//! dir (nor in the server's output, nor in what the audit, watch, backup and alert streams and
+//! the webhooks send) after every RPC has run, and a ciphertext moved to another name or version
+//! fails with DATA_LOSS.
 
 use std::path::Path;
 
@@ -12,6 +13,7 @@ use prost::Message;
 use tonic::Code;
 use ward_tests::{
     files_containing, next_event, ok, pb, random_hex, until_synced, RawClient, TestServer,
+    WebhookReceiver,
 };
 
 use crate::rpcs::assert_every_rpc_served;
@@ -45,6 +47,19 @@ async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
     // Verbose logging (WARD_LOG, the variable the server reads) makes a leak into a log line
     // more likely to show; every RPC runs, on the dev path and on the serve path.
     let mut s = TestServer::start_with_env(&[VERBOSE]);
+    // A webhook, so that the Alerts RPCs all run (TestWebhook needs one); its secret file lives
+    // outside the data dir, and the secret must reach neither the data dir nor a log.
+    let rx = WebhookReceiver::start();
+    let hook_dir = tempfile::tempdir().unwrap();
+    let secret_file = hook_dir.path().join("webhook.secret");
+    rx.write_secret(&secret_file);
+    s.stop();
+    s.append_config(&format!(
+        "[[alerts.webhooks]]\nurl = \"{}\"\nsecret_file = \"{}\"\n",
+        rx.url(),
+        secret_file.display()
+    ));
+    s.restart_dev_with_env(&[VERBOSE]);
     let mut c = s.raw_client("admin").await;
 
     let value = format!("PLAINTEXT-CANARY-{}", random_hex(40));
@@ -133,6 +148,45 @@ async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
     }
     put(&mut c, "leak/after-rotation", value2.as_bytes()).await;
     let life = lifecycle_and_the_other_services(&s, &mut c, &key_dev).await;
+    // Alerts: a leak report whose location quotes the key, the alert stream, a signed test
+    // event to the webhook.
+    let mut alerts = pb::alerts_client::AlertsClient::new(s.channel("admin").await);
+    let leak = ok(
+        alerts
+            .report_leak(pb::ReportLeakRequest {
+                api_key: key_prod.clone(),
+                location: format!("https://paste.example/raw?k={key_prod}"),
+                source: "leak test".into(),
+                ..Default::default()
+            })
+            .await,
+        "report leak",
+    );
+    assert!(leak.found);
+    let mut stream = ok(
+        alerts.watch_alerts(pb::WatchAlertsRequest::default()).await,
+        "watch alerts",
+    );
+    let mut alert_bytes = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        alert_bytes.extend(m.encode_to_vec());
+    }
+    assert!(!alert_bytes.is_empty(), "the leak report is an alert");
+    let sent = ok(
+        alerts
+            .test_webhook(pb::TestWebhookRequest { url: rx.url() })
+            .await,
+        "test webhook",
+    );
+    assert!(sent.delivered, "{sent:?}");
+    rx.wait_until(std::time::Duration::from_secs(20), |ds| {
+        ds.iter().any(|d| d.kind() == "key.leak_reported")
+    });
+    let webhook_bytes: Vec<u8> = rx
+        .attempts()
+        .iter()
+        .flat_map(|d| d.raw_body.clone().into_bytes())
+        .collect();
     // Every RPC in the descriptor sets answered OK at least once: a new RPC is either exercised
     // here or fails this test.
     assert_every_rpc_served(&s, |code| code == "OK", "leak test");
@@ -158,6 +212,7 @@ async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
             "lifecycle rotated value",
             life.values[2].clone().into_bytes(),
         ),
+        ("webhook secret", rx.secret_text.as_bytes()[6..].to_vec()),
     ];
     // What the audit stream, the watch stream and the backup handed out holds none of it.
     for (what, needle) in &needles {
@@ -165,6 +220,8 @@ async fn no_plaintext_or_api_key_on_disk_or_in_logs() {
             ("StreamAudit", &life.audit_bytes),
             ("WatchSecrets", &life.watch_bytes),
             ("StreamBackup", &life.backup_bytes),
+            ("WatchAlerts", &alert_bytes),
+            ("the webhooks", &webhook_bytes),
         ] {
             assert!(
                 !bytes.windows(needle.len()).any(|w| w == &needle[..]),

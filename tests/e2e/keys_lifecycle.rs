@@ -1,7 +1,7 @@
 //! API keys across their lifecycle, end to end: a rotated key overlaps with its successor for
 //! the grace period (both VALID, the old one says until when), then only the new one works; a
 //! revoked key is refused on the very next verification; the leak scanner tells live keys from
-//! revoked ones and revokes what it finds. Time moves through the server's test clock.
+//! revoked ones, reports what it revokes as leaked (alerts) and revokes it. Time moves through the server's test clock.
 
 use std::time::Duration;
 use ward_client::proto::{
@@ -153,4 +153,20 @@ async fn scan_revokes_a_leaked_old_version_and_leaves_the_primary_with_a_hint() 
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Each live key --revoke acted on was reported leaked first: one alert per version, the
+    // file and line as its location.
+    let out = s.wardctl(&["alerts", "tail", "--type", "key.leak_reported"], None);
+    let alerts = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(alerts.lines().count(), 2, "{alerts}");
+    assert!(
+        alerts.contains("edge/leaky@1") && alerts.contains("edge/leaky@2"),
+        "{alerts}"
+    );
+    assert!(alerts.contains("config.env:1"), "{alerts}");
 }

@@ -9,6 +9,7 @@
 // Tests state their expectations with unwrap/expect and a message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod alerts;
 mod audit;
 mod audit_files;
 mod authz;

@@ -15,7 +15,8 @@
 //! - `tools`: `wardctl` and `grpcurl` runs;
 //! - `token`: the dev SoftHSM token and its key objects;
 //! - `faults`: storage faults injected into a running server; `disk`: a tmpfs to fill;
-//! - `helpers`: call results, checksums, files, watch streams.
+//! - `helpers`: call results, checksums, files, watch streams;
+//! - `webhook`: a webhook receiver that checks Standard Webhooks signatures itself.
 // A harness step that fails is a failed test; unwrap/expect with a message is how it says so.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -30,6 +31,7 @@ pub mod segments;
 mod server;
 mod token;
 mod tools;
+mod webhook;
 
 pub use ward::v1 as pb;
 
@@ -47,3 +49,4 @@ pub use process::{
 };
 pub use server::{TestServer, TEST_CLOCK_FILE, TEST_SWEEP_INTERVAL_MS};
 pub use tools::{run_tool, wardctl_bin, TOOL_TIMEOUT};
+pub use webhook::{Delivery, WebhookReceiver};

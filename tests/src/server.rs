@@ -216,10 +216,15 @@ impl TestServer {
 
     /// Runs `ward-server dev` again on the same data dir (it must reuse everything).
     pub fn restart_dev(&mut self) {
+        self.restart_dev_with_env(&[]);
+    }
+
+    /// [`restart_dev`](Self::restart_dev) with extra environment variables for the server.
+    pub fn restart_dev_with_env(&mut self, envs: &[(&str, &str)]) {
         if self.proc.is_some() {
             self.stop();
         }
-        self.launch(&self.dev_args(), &[]);
+        self.launch(&self.dev_args(), envs);
     }
 
     /// SIGTERMs the server and waits for it to exit (panics after [`STOP_TIMEOUT`], after

@@ -5,6 +5,7 @@ use clap::builder::FalseyValueParser;
 use clap::{Parser, Subcommand};
 
 use crate::commands::admin::{self, AdminCommand};
+use crate::commands::alerts::{self, AlertsCommand};
 use crate::commands::audit::{self, AuditCommand};
 use crate::commands::keys::{self, KeysCommand};
 use crate::commands::lifecycle::{self, Change, DestroyArgs, RevokeArgs, RotateArgs, StateArgs};
@@ -124,6 +125,9 @@ pub enum Command {
     /// Read and verify the audit log
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Abuse alerts: follow them, test a webhook
+    #[command(subcommand)]
+    Alerts(AlertsCommand),
 }
 
 impl Cli {
@@ -147,6 +151,7 @@ impl Cli {
             Command::Destroy(args) => lifecycle::change(cfg, Change::Destroy(args), json).await,
             Command::Watch(args) => watch::watch(cfg, args, json).await,
             Command::Audit(cmd) => audit::run(cfg, cmd, json).await,
+            Command::Alerts(cmd) => alerts::run(cfg, cmd, json).await,
         }
     }
 }
@@ -229,6 +234,28 @@ mod tests {
         };
         assert_eq!((v.from, v.to), (0, 9));
         assert!(Cli::try_parse_from(["wardctl", "put", "a", "--value", "x"]).is_err());
+        let cli = Cli::try_parse_from([
+            "wardctl",
+            "alerts",
+            "tail",
+            "-f",
+            "--type",
+            "key.*",
+            "--type",
+            "webhook.disabled",
+        ])
+        .unwrap();
+        let Command::Alerts(AlertsCommand::Tail(t)) = cli.command else {
+            panic!("not alerts tail")
+        };
+        assert!(t.follow);
+        assert_eq!(t.types, ["key.*", "webhook.disabled"]);
+        let cli =
+            Cli::try_parse_from(["wardctl", "alerts", "test", "https://h.example/w"]).unwrap();
+        let Command::Alerts(AlertsCommand::Test(t)) = cli.command else {
+            panic!("not alerts test")
+        };
+        assert_eq!(t.url, "https://h.example/w");
     }
 
     #[test]

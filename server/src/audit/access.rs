@@ -8,7 +8,7 @@
 //! the async workers, at most `scan_budget` records at a time, so a caller whose filters or
 //! grants match few of many records never holds a worker.
 
-use super::{AuditLog, AuditRecord, Stored, Verification};
+use super::{AuditLog, AuditRecord, Event, Stored, Verification};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::identity::Peer;
@@ -146,7 +146,18 @@ impl AuditAccess {
 
     /// Opens a stream. The call's own record is durable before the first item is read.
     pub async fn stream(&self, peer: &Peer, q: StreamQuery) -> Result<StreamReader> {
-        let mut rec = AuditRecord::new(peer, "StreamAudit", self.clock.now_ms());
+        self.stream_for(peer, "StreamAudit", q).await
+    }
+
+    /// [`AuditAccess::stream`] for another RPC that reads the log (WatchAlerts), audited
+    /// under that RPC's `method`.
+    pub async fn stream_for(
+        &self,
+        peer: &Peer,
+        method: &str,
+        q: StreamQuery,
+    ) -> Result<StreamReader> {
+        let mut rec = AuditRecord::new(peer, method, self.clock.now_ms());
         let result = self.open_stream(peer, q);
         rec.code = result.as_ref().map_or_else(|e| e.code().as_i32(), |_| 0);
         self.log.append(rec).await?;
@@ -231,8 +242,8 @@ fn denied(peer: &Peer) -> Error {
     }
 }
 
-/// Which records a caller may see: all with `audit` on `*`, otherwise those whose every
-/// target its `audit` grants cover in every environment (records do not carry the targets'
+/// Which records a caller may see: all with `audit` on `*`, otherwise calls and alerts whose
+/// every target its `audit` grants cover in every environment (records do not carry the targets'
 /// environments, and `audit` is never granted per environment; records without a secret need
 /// `audit` on `*`).
 struct Visibility {
@@ -377,6 +388,8 @@ impl Scan {
             && (q.name_prefix.is_empty()
                 || r.targets.iter().any(|(n, _)| n.starts_with(&q.name_prefix)))
             && self.outcome.matches(r.code)
-            && (r.event.is_call() || self.visibility.everything)
+            && (r.event.is_call()
+                || matches!(r.event, Event::Alert(_))
+                || self.visibility.everything)
     }
 }

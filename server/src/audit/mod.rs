@@ -60,7 +60,7 @@
 //! u64   seq
 //! u64   time_ms              milliseconds since the Unix epoch
 //! [32]  prev_hash
-//! u8    kind                 0 call, 1 checkpoint, 2 prune, 4 change, 5 void
+//! u8    kind                 0 call, 1 checkpoint, 2 prune, 3 alert, 4 change, 5 void
 //! str   identity
 //! str   peer
 //! str   method
@@ -71,6 +71,7 @@
 //! str   key_id
 //! kind 1 (checkpoint): u64 covers_seq, [32] covers_hash, u64 every, str key_label, bytes mac
 //! kind 2 (prune):      u64 pruned_below
+//! kind 3 (alert):      str type, str id, str data
 //! kind 4 (change):     nothing more (a call whose store change follows its record)
 //! kind 5 (void):       u64 voided_seq (the change record whose change was not applied)
 //! ```
@@ -78,6 +79,11 @@
 //! and nothing after it. A record is stored as `body || H(body)` (one frame of a segment file):
 //! the stored hash makes an edit of a record show at that record, and the next record's
 //! `prev_hash` makes a recomputed one show at the link.
+//!
+//! An alert record (method [`ALERT_METHOD`], identity [`SERVER_IDENTITY`]) names the secret
+//! concerned as its target and the key id as `key_id`; `type` is the event type (e.g.
+//! `key.new_network`), `id` the `webhook-id` its deliveries carry, `data` the JSON object of
+//! the webhook body's `data` (names, environment, details: never a key or a value).
 //!
 //! # Checkpoints
 //!
@@ -140,6 +146,8 @@ pub const CHECKPOINT_METHOD: &str = "AuditCheckpoint";
 pub const PRUNE_METHOD: &str = "AuditPrune";
 /// Method name of void records.
 pub const VOID_METHOD: &str = "ChangeNotApplied";
+/// Method name of alert records.
+pub const ALERT_METHOD: &str = "Alert";
 /// Methods whose successful targets count as a use of that secret version (the API-key
 /// verification RPC belongs here too).
 pub const USE_METHODS: &[&str] = &["FetchSecret", "BatchFetchSecrets"];
@@ -158,6 +166,8 @@ pub enum Event {
         /// First sequence number kept.
         below: u64,
     },
+    /// An alert Ward raised about a key or secret.
+    Alert(AlertEvent),
     /// A call that changes the store: its change is committed after this record is durable,
     /// and applied unless a [`Event::Void`] record names it.
     Change,
@@ -173,6 +183,17 @@ impl Event {
     pub fn is_call(&self) -> bool {
         matches!(self, Event::Call | Event::Change)
     }
+}
+
+/// The alert-specific part of an alert record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertEvent {
+    /// Event type, e.g. `key.new_network`.
+    pub kind: String,
+    /// The `webhook-id` of its deliveries.
+    pub id: String,
+    /// The webhook body's `data` object, as JSON text.
+    pub data: String,
 }
 
 /// The signed part of a checkpoint record.
@@ -345,6 +366,7 @@ impl AuditRecord {
             Event::Call => 0,
             Event::Checkpoint(_) => 1,
             Event::Prune { .. } => 2,
+            Event::Alert(_) => 3,
             Event::Change => 4,
             Event::Void { .. } => 5,
         });
@@ -373,6 +395,11 @@ impl AuditRecord {
                 put_bytes(&mut b, &c.mac);
             }
             Event::Prune { below } => b.extend_from_slice(&below.to_be_bytes()),
+            Event::Alert(a) => {
+                put_str(&mut b, &a.kind);
+                put_str(&mut b, &a.id);
+                put_str(&mut b, &a.data);
+            }
             Event::Change => {}
             Event::Void { seq } => b.extend_from_slice(&seq.to_be_bytes()),
         }
@@ -507,6 +534,11 @@ pub fn decode(stored: &[u8]) -> Result<Stored, DecodeError> {
             mac: r.bytes()?.to_vec(),
         }),
         2 => Event::Prune { below: r.u64()? },
+        3 => Event::Alert(AlertEvent {
+            kind: r.str()?,
+            id: r.str()?,
+            data: r.str()?,
+        }),
         4 => Event::Change,
         5 => Event::Void { seq: r.u64()? },
         k => return Err(DecodeError(format!("unknown record kind {k}"))),
@@ -737,7 +769,19 @@ mod encoding_tests {
         cp.seq = 43;
         let mut prune = AuditRecord::system(PRUNE_METHOD, 6, Event::Prune { below: 40 });
         prune.seq = 44;
-        for r in [call, cp, prune] {
+        let mut alert = AuditRecord::system(
+            ALERT_METHOD,
+            7,
+            Event::Alert(AlertEvent {
+                kind: "key.new_network".into(),
+                id: "msg_0123456789abcdef".into(),
+                data: r#"{"network":"10.1.2.0/24"}"#.into(),
+            }),
+        );
+        alert.seq = 45;
+        alert.targets = vec![("app/key".into(), 2)];
+        alert.key_id = "00ff00ff00ff00ff".into();
+        for r in [call, cp, prune, alert] {
             let (stored, hash) = r.encode();
             let back = decode(&stored).unwrap();
             assert_eq!(*back.record, r);

@@ -302,7 +302,7 @@ impl AuditLog {
                         }
                     }
                     Event::Prune { below } => w.newest_prune = Some(*below),
-                    Event::Call | Event::Change | Event::Void { .. } => {}
+                    Event::Call | Event::Change | Event::Void { .. } | Event::Alert(_) => {}
                 }
                 v.records_checked += 1;
                 w.prev = Some(hash);

@@ -1,9 +1,10 @@
 //! The transport: one tonic service per file, each converting through [`wire`], taking the
 //! caller from the verified connection ([`peer`]) and mapping errors through [`status`]; the
 //! tower layers around them ([`limits`], [`catch_panic`]). Nothing below this folder imports
-//! it, and no decision is made here: every call goes to the domain (vault/, keys/, audit/).
+//! it, and no decision is made here: every call goes to the domain (vault/, keys/, audit/, alerts/).
 
 pub mod admin;
+pub mod alerts;
 pub mod audit;
 pub mod backup;
 pub mod catch_panic;

@@ -2,11 +2,13 @@
 //! these and decide nothing here; durations and times are checked where the lifecycle's are,
 //! in model/input.rs.
 
+use crate::alerts::webhook::Attempt;
+use crate::alerts::WatchItem;
 use crate::audit::{code_name, AuditRecord, Event, Problem, StreamItem, UsageFact, Verification};
 use crate::changes::watch::{EventKind, WatchEvent};
 use crate::clock::{to_timestamp, Millis};
 use crate::error::Result;
-use crate::keys::{Verdict, VerifyResult};
+use crate::keys::{LeakReport, Verdict, VerifyResult};
 use crate::model::input::{self, LifecycleInput, RawDuration, RawExpiration};
 use crate::model::keypolicy::{KeyPolicy, KeyPolicyInput};
 use crate::model::{Kind, SecretLife, SecretRecord, VersionState};
@@ -346,6 +348,11 @@ pub fn audit_record(r: AuditRecord, hash: [u8; 32]) -> pb::AuditRecord {
         // A change's record is a call record to readers; a void record says if it was undone.
         Event::Change => (pb::AuditRecordKind::Call, 0, 0, 0),
         Event::Void { seq } => (pb::AuditRecordKind::Void, 0, 0, *seq),
+        Event::Alert(_) => (pb::AuditRecordKind::Alert, 0, 0, 0),
+    };
+    let alert_type = match &r.event {
+        Event::Alert(a) => a.kind.clone(),
+        _ => String::new(),
     };
     let targets = r
         .targets
@@ -374,6 +381,63 @@ pub fn audit_record(r: AuditRecord, hash: [u8; 32]) -> pb::AuditRecord {
         checkpoint_covers_seq: covers,
         pruned_below_seq: below,
         voided_seq: voided,
+        alert_type,
+    }
+}
+
+/// The wire form of a WatchAlerts item.
+pub fn alert_item(item: WatchItem) -> pb::WatchAlertsResponse {
+    let item = match item {
+        WatchItem::Alert(r) => {
+            let (kind, id, data_json) = match r.event {
+                Event::Alert(a) => (a.kind, a.id, a.data),
+                _ => Default::default(),
+            };
+            let (name, version) = r.targets.into_iter().next().unwrap_or_default();
+            pb::watch_alerts_response::Item::Alert(pb::Alert {
+                seq: r.seq,
+                time: Some(to_timestamp(r.time_ms)),
+                r#type: kind,
+                id,
+                name,
+                version,
+                key_id: r.key_id,
+                data_json,
+            })
+        }
+        WatchItem::Gap { from, to, pruned } => pb::watch_alerts_response::Item::Gap(pb::AuditGap {
+            from_seq: from,
+            to_seq: to,
+            pruned,
+        }),
+    };
+    pb::WatchAlertsResponse { item: Some(item) }
+}
+
+/// The wire form of ReportLeak's answer.
+pub fn leak_report(r: LeakReport) -> pb::ReportLeakResponse {
+    pb::ReportLeakResponse {
+        found: r.found,
+        name: r.name,
+        version: r.version,
+        key_id: r.key_id,
+        quarantined: r.quarantined,
+        allowed_cidrs: r.allowed_cidrs,
+    }
+}
+
+/// The wire form of TestWebhook's answer.
+pub fn test_webhook(id: String, attempt: Attempt) -> pb::TestWebhookResponse {
+    let (http_status, delivered, error) = match attempt {
+        Attempt::Delivered(s) => (s, true, String::new()),
+        Attempt::Refused(s) => (s, false, format!("the endpoint answered HTTP {s}")),
+        Attempt::Failed(e) => (0, false, e),
+    };
+    pb::TestWebhookResponse {
+        http_status: u32::from(http_status),
+        delivered,
+        id,
+        error,
     }
 }
 

@@ -17,17 +17,19 @@ pub mod directory;
 pub mod gcra;
 pub mod quota;
 
+use crate::alerts::signals::{Observation, Signals, Standing};
+use crate::alerts::{Alert, AlertType, Alerts};
 use crate::audit::AuditRecord;
 use crate::clock::Millis;
 use crate::error::{Code, Error, Result};
 use crate::identity::Peer;
 use crate::metrics;
-use crate::model::keypolicy::{grants_scopes, parse_client_ip, RateLimit};
+use crate::model::keypolicy::{grants_scopes, parse_client_ip, KeyPolicyInput, RateLimit};
 pub use crate::model::VerifyResult;
 use crate::model::{check_scopes, excerpt, SecretName, SecretRecord, VersionState};
 use crate::policy::Verb;
 use crate::vault::usage::{Use, VersionUsage};
-use crate::vault::{denied, Vault};
+use crate::vault::{denied, PolicyUpdate, Vault};
 use directory::KeyDirectory;
 use gcra::{Decision, Limiters, RateState};
 use quota::{Charge, QuotaLedger};
@@ -143,7 +145,31 @@ pub struct Keys {
     guard: Limiters<(Arc<str>, Option<IpAddr>)>,
     quotas: QuotaLedger,
     settings: KeySettings,
+    alerts: Option<Arc<Alerts>>,
+    signals: Option<Arc<Signals>>,
 }
+
+/// ReportLeak's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeakReport {
+    /// The key is Ward's and the caller may verify it.
+    pub found: bool,
+    /// Then: its secret, version and key id.
+    pub name: String,
+    /// See `name`.
+    pub version: u64,
+    /// See `name`.
+    pub key_id: String,
+    /// The key was quarantined: its allowed CIDRs are now `allowed_cidrs`.
+    pub quarantined: bool,
+    /// See `quarantined`.
+    pub allowed_cidrs: Vec<String>,
+}
+
+/// Longest leak location kept.
+const MAX_LEAK_LOCATION: usize = 512;
+/// Longest leak source kept.
+const MAX_LEAK_SOURCE: usize = 128;
 
 impl Keys {
     /// A verifier over `vault`, whose store keeps `dir` in step.
@@ -155,7 +181,17 @@ impl Keys {
             guard: Limiters::default(),
             quotas: QuotaLedger::default(),
             settings,
+            alerts: None,
+            signals: None,
         }
+    }
+
+    /// Raises alerts into `alerts`: leak reports always, and the verification path's signals
+    /// when `signals` is given.
+    pub fn with_alerts(mut self, alerts: Arc<Alerts>, signals: Option<Arc<Signals>>) -> Self {
+        self.alerts = Some(alerts);
+        self.signals = signals;
+        self
     }
 
     /// Verifies a presented key; `method` names the RPC in the audit record. The answer leaves
@@ -235,13 +271,7 @@ impl Keys {
         rec: &mut AuditRecord,
     ) -> Result<Verdict> {
         // The caller's own faults come first: they are errors, not verdicts.
-        if !self.vault.policy().grants_any(&peer.identity, Verb::Verify) {
-            return Err(Error::PermissionDenied {
-                identity: peer.identity.to_string(),
-                verb: Verb::Verify.name(),
-                target: "*".into(),
-            });
-        }
+        self.may_verify(peer)?;
         check_scopes(&input.required_scopes)
             .map_err(|e| Error::invalid(format!("required_scopes: {e}")))?;
         let ip = parse_client_ip(&input.client_ip)?;
@@ -254,22 +284,10 @@ impl Keys {
         }
         check_endpoint(&input.endpoint)?;
 
-        // 1. Format and checksum, before any lookup.
-        let Ok(key) = ApiKey::parse(&input.api_key) else {
+        // 1. Format and checksum, before any lookup. 2. Lookup: in memory, no decryption. A
+        // key the caller may not verify reads as unknown (the audit record says why).
+        let Some((key_id, found)) = self.find(&input.api_key)? else {
             return Ok(Verdict::bare(VerifyResult::Malformed, String::new()));
-        };
-        let hash = self.vault.key_hash(&key);
-        let key_id = hex::encode(&hash[..8]);
-        drop(key);
-
-        // 2. Lookup: in memory, no decryption. A key the caller may not verify reads as
-        // unknown (the audit record says why).
-        let found = match self.dir.lookup(&hash)? {
-            Some(r) => self
-                .dir
-                .record(&**self.vault.store(), &r.name)?
-                .map(|rec| (r, rec)),
-            None => None,
         };
         // Brute force: a caller (and client IP) past its budget of unknown keys learns nothing
         // more until the budget refills. Only keys that read as unknown are throttled, and
@@ -339,6 +357,42 @@ impl Keys {
             now,
             &mut v,
         )?;
+        if let Some(signals) = &self.signals {
+            let standing = match state {
+                VersionState::Primary | VersionState::Active => Standing::Usable,
+                VersionState::Revoked | VersionState::Destroyed => Standing::Revoked,
+                _ if expired => Standing::Expired,
+                _ if standing.reason == Some(crate::model::StateReason::GraceEnded) => {
+                    Standing::GraceEnded
+                }
+                _ => Standing::Inactive,
+            };
+            let quota = record.key_policy.quota.as_ref().and_then(|q| {
+                // One id per quota setting and refill period: each fires its alerts once.
+                let period = q
+                    .refill_period_ms
+                    .map_or(0, |p| now.saturating_sub(q.set_ms) / p.max(1));
+                // A refill replaces the balance: after the first period, it is the full one.
+                let full = if period > 0 && q.refill > 0 {
+                    q.refill
+                } else {
+                    q.limit
+                };
+                v.quota_remaining
+                    .map(|left| (left, full, (q.epoch << 32) ^ period))
+            });
+            signals.observe(&Observation {
+                name: &record.name,
+                version: meta.version,
+                key_id: &key_id,
+                environment: &record.environment,
+                standing,
+                result: v.result,
+                ip,
+                quota,
+                now,
+            });
+        }
         let charged = v.result == VerifyResult::Valid && cost > 0;
         self.vault.usage().record(
             &record.name,
@@ -426,12 +480,162 @@ impl Keys {
         Ok(VerifyResult::Valid)
     }
 
+    /// PERMISSION_DENIED for a caller with no verify grant at all.
+    fn may_verify(&self, peer: &Peer) -> Result<()> {
+        if self.vault.policy().grants_any(&peer.identity, Verb::Verify) {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied {
+            identity: peer.identity.to_string(),
+            verb: Verb::Verify.name(),
+            target: "*".into(),
+        })
+    }
+
+    /// A presented key's id and, if the directory holds it, where it is and its record; None
+    /// for a key that is not well formed (checked before any lookup). In memory: no decryption.
+    #[allow(clippy::type_complexity)]
+    fn find(
+        &self,
+        presented: &str,
+    ) -> Result<Option<(String, Option<(directory::KeyRef, Arc<SecretRecord>)>)>> {
+        let Ok(key) = ApiKey::parse(presented) else {
+            return Ok(None);
+        };
+        let hash = self.vault.key_hash(&key);
+        drop(key);
+        let found = match self.dir.lookup(&hash)? {
+            Some(r) => self
+                .dir
+                .record(&**self.vault.store(), &r.name)?
+                .map(|rec| (r, rec)),
+            None => None,
+        };
+        Ok(Some((hex::encode(&hash[..8]), found)))
+    }
+
     fn guard_key(&self, peer: &Peer, ip: Option<IpAddr>) -> (Arc<str>, Option<IpAddr>) {
         let key = (peer.identity.clone(), ip);
         if ip.is_some() && self.guard.len() >= MAX_GUARD_ENTRIES && !self.guard.contains(&key) {
             return (peer.identity.clone(), None);
         }
         key
+    }
+
+    /// ReportLeak: a key found where it should not be. A key Ward issued and the caller may
+    /// verify raises `key.leak_reported`; any other reads as not found. Audited like VerifyKey.
+    ///
+    /// With `quarantine`, the key's allowed CIDRs then become the networks it was used from
+    /// during its learning period, through the vault's UpdateKeyPolicy (verb issue, audited
+    /// as that call); FAILED_PRECONDITION when none is known.
+    pub async fn report_leak(
+        &self,
+        peer: &Peer,
+        api_key: Zeroizing<String>,
+        location: &str,
+        source: &str,
+        quarantine: bool,
+    ) -> Result<LeakReport> {
+        let now = self.vault.now();
+        let mut rec = AuditRecord::new(peer, "ReportLeak", now);
+        let result = self.leak(peer, &api_key, location, source, now, &mut rec);
+        match &result {
+            Ok(r) => rec.key_id = r.key_id.clone(),
+            Err(e) => rec.code = e.code().as_i32(),
+        }
+        self.vault.audit().append(rec).await?;
+        let mut report = result?;
+        if quarantine && report.found {
+            let networks = self
+                .signals
+                .as_ref()
+                .map(|s| s.learnt_networks(&report.name))
+                .unwrap_or_default();
+            if networks.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} has no known networks to quarantine it to (none learnt since the server \
+                     started, or signals are off): revoke it instead",
+                    report.name
+                )));
+            }
+            let update = PolicyUpdate {
+                name: report.name.clone(),
+                scopes: Vec::new(),
+                policy: KeyPolicyInput {
+                    allowed_cidrs: networks.clone(),
+                    ..KeyPolicyInput::default()
+                },
+                schedule: Default::default(),
+                mask: vec!["allowed_cidrs".into()],
+                request_id: String::new(),
+            };
+            self.vault.update_key_policy(peer, update).await?;
+            tracing::warn!(name = %report.name, networks = networks.len(), "leaked key quarantined to its known networks");
+            report.quarantined = true;
+            report.allowed_cidrs = networks;
+        }
+        Ok(report)
+    }
+
+    fn leak(
+        &self,
+        peer: &Peer,
+        api_key: &str,
+        location: &str,
+        source: &str,
+        now: Millis,
+        rec: &mut AuditRecord,
+    ) -> Result<LeakReport> {
+        self.may_verify(peer)?;
+        let printable = |s: &str, max: usize| s.len() <= max && !s.chars().any(char::is_control);
+        if !printable(location, MAX_LEAK_LOCATION) || !printable(source, MAX_LEAK_SOURCE) {
+            return Err(Error::invalid(format!(
+                "location (at most {MAX_LEAK_LOCATION} bytes) and source (at most \
+                 {MAX_LEAK_SOURCE}) must be printable text"
+            )));
+        }
+        let Some((key_id, found)) = self.find(api_key)? else {
+            return Ok(LeakReport::default());
+        };
+        let mut report = LeakReport {
+            key_id: key_id.clone(),
+            ..LeakReport::default()
+        };
+        let Some((kref, record)) = found else {
+            return Ok(report);
+        };
+        rec.targets = vec![(kref.name.to_string(), kref.version)];
+        let allowed = self.vault.policy().allows(
+            &peer.identity,
+            Verb::Verify,
+            &record.name,
+            Some(&record.environment),
+        );
+        if !allowed {
+            return Ok(report);
+        }
+        report.found = true;
+        report.name = record.name.clone();
+        report.version = kref.version;
+        if let Some(alerts) = &self.alerts {
+            // A location that quotes the key (a URL with it as a parameter) must not carry
+            // it into the alert.
+            let location = location.replace(api_key, "[key]");
+            let mut details = serde_json::Map::new();
+            details.insert("location".into(), location.into());
+            details.insert("source".into(), source.into());
+            details.insert("reported_by".into(), peer.identity.to_string().into());
+            alerts.raise(Alert {
+                kind: AlertType::LeakReported,
+                name: record.name.clone(),
+                version: kref.version,
+                key_id,
+                environment: record.environment.clone(),
+                details,
+                time_ms: now,
+            });
+        }
+        Ok(report)
     }
 
     /// An API key's usage counters and quota balance. Verb: list.

@@ -37,11 +37,14 @@ pub enum Tree {
     /// `name 0x00 version(u64 BE)` → `Activity` (an API key version's recent verifications:
     /// hourly counts, client networks, the latest facts; written with `KeyUsage`).
     KeyActivity,
+    /// Alert deliveries waiting for their webhook, the disabled endpoints and the alert
+    /// writer's cursor (see `alerts::outbox`).
+    Outbox,
 }
 
 impl Tree {
     /// Every tree, in a fixed order.
-    pub const ALL: [Tree; 11] = [
+    pub const ALL: [Tree; 12] = [
         Tree::Secrets,
         Tree::Versions,
         Tree::Requests,
@@ -53,6 +56,7 @@ impl Tree {
         Tree::KeyUsage,
         Tree::Usage,
         Tree::KeyActivity,
+        Tree::Outbox,
     ];
 
     /// The tree's name on disk.
@@ -69,6 +73,7 @@ impl Tree {
             Tree::KeyUsage => "key_usage",
             Tree::Usage => "usage",
             Tree::KeyActivity => "key_activity",
+            Tree::Outbox => "alert_outbox",
         }
     }
 

@@ -32,8 +32,15 @@ pub const TAG_LEN: usize = 32;
 
 /// The trees whose records are authenticated. Not here: the audit log (its own chain and
 /// checkpoints), values, keyring and index key (AES-GCM, HSM wrap), and the usage counters and
-/// facts (statistics, rebuilt from the audit log; a bad one must not stop start-up).
-pub const AUTHENTICATED: [Tree; 4] = [Tree::Secrets, Tree::KeyIndex, Tree::Quota, Tree::Requests];
+/// facts (statistics, rebuilt from the audit log; a bad one must not stop start-up). The alert
+/// outbox is: an entry planted in it would be posted to a webhook signed by Ward.
+pub const AUTHENTICATED: [Tree; 5] = [
+    Tree::Secrets,
+    Tree::KeyIndex,
+    Tree::Quota,
+    Tree::Requests,
+    Tree::Outbox,
+];
 
 /// A store whose secret records and key-index entries are MACed (see the module doc).
 pub struct SealedStore {

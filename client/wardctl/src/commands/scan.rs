@@ -1,5 +1,6 @@
 //! `scan`: reports the Ward API keys found in files, asks the server which are live (--check)
-//! and revokes them after confirmation (--revoke). The finding itself is [`crate::scan`].
+//! and revokes them after confirmation (--revoke), reporting each as leaked first (ReportLeak).
+//! The finding itself is [`crate::scan`].
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, IsTerminal, Write};
@@ -8,7 +9,9 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::{json, Value};
 
-use ward_client::proto::{RevokeSecretRequest, VerifyKeyRequest, VerifyKeyResponse, VerifyResult};
+use ward_client::proto::{
+    ReportLeakRequest, RevokeSecretRequest, VerifyKeyRequest, VerifyKeyResponse, VerifyResult,
+};
 use ward_client::{code_name, Client, ClientConfig, Code};
 
 use crate::failure::Failure;
@@ -200,6 +203,23 @@ async fn revoke_found(
                 eprintln!("skipped {}@{}", v.name, v.version);
                 continue;
             }
+        }
+        // Recorded as a `key.leak_reported` alert (webhooks, WatchAlerts) whatever the
+        // revocation's fate.
+        let report = ReportLeakRequest {
+            api_key: f.key.expose().to_owned(),
+            location: at.clone(),
+            source: "wardctl scan".into(),
+            quarantine: false,
+        };
+        if let Err(e) = client.report_leak(report).await {
+            eprintln!(
+                "leak of {}@{} not reported: {}: {}",
+                v.name,
+                v.version,
+                code_name(e.code()),
+                e.message()
+            );
         }
         let req = RevokeSecretRequest {
             name: v.name.clone(),

@@ -6,7 +6,8 @@ use std::io::{self, Write};
 use serde_json::{json, Value};
 
 use ward_client::proto::{
-    stream_audit_response, AuditProblem, AuditRecord, AuditRecordKind, VerifyAuditLogResponse,
+    stream_audit_response, AuditGap, AuditProblem, AuditRecord, AuditRecordKind,
+    VerifyAuditLogResponse,
 };
 use ward_client::{code_name, Code};
 
@@ -24,23 +25,30 @@ pub fn print_audit_item(
             writeln!(out, "{}", audit_record_json(&r))?
         }
         Some(stream_audit_response::Item::Record(r)) => writeln!(out, "{}", audit_line(&r))?,
-        Some(stream_audit_response::Item::Gap(g)) if json => writeln!(
-            out,
-            "{}",
-            json!({"gap": {"from_seq": g.from_seq, "to_seq": g.to_seq, "pruned": g.pruned}})
-        )?,
-        Some(stream_audit_response::Item::Gap(g)) => {
-            let why = if g.pruned {
-                "were deleted by retention before they were read"
-            } else {
-                "are missing or unreadable (run `wardctl audit verify`)"
-            };
-            eprintln!("warning: records {}..{} {why}", g.from_seq, g.to_seq);
-        }
+        Some(stream_audit_response::Item::Gap(g)) => print_gap(&mut out, &g, json)?,
         None => {}
     }
     // Followers read this live: one line at a time.
     out.flush()?;
+    Ok(())
+}
+
+/// Reports records a stream skips: a JSON line on stdout with --json, else a warning on stderr.
+pub fn print_gap(out: &mut impl Write, g: &AuditGap, json: bool) -> Result<(), Failure> {
+    if json {
+        writeln!(
+            out,
+            "{}",
+            json!({"gap": {"from_seq": g.from_seq, "to_seq": g.to_seq, "pruned": g.pruned}})
+        )?;
+    } else {
+        let why = if g.pruned {
+            "were deleted by retention before they were read"
+        } else {
+            "are missing or unreadable (run `wardctl audit verify`)"
+        };
+        eprintln!("warning: records {}..{} {why}", g.from_seq, g.to_seq);
+    }
     Ok(())
 }
 
@@ -61,6 +69,14 @@ pub fn audit_line(r: &AuditRecord) -> String {
             r.voided_seq,
             code_name(Code::from_i32(r.code))
         )),
+        Ok(AuditRecordKind::Alert) => {
+            cols.push(format!("type={}", r.alert_type));
+            cols.extend(
+                r.targets
+                    .iter()
+                    .map(|t| format!("{}@{}", t.name, t.version)),
+            );
+        }
         _ => {
             let targets: Vec<String> = r
                 .targets
@@ -117,6 +133,7 @@ pub fn audit_record_json(r: &AuditRecord) -> Value {
         "checkpoint_covers_seq": r.checkpoint_covers_seq,
         "pruned_below_seq": r.pruned_below_seq,
         "voided_seq": r.voided_seq,
+        "alert_type": r.alert_type,
     })
 }
 

@@ -2,6 +2,7 @@
 //! text of the wire's enums and times, shared by every command. The views of secrets, keys and
 //! audit records are in the submodules.
 
+pub mod alerts;
 pub mod audit;
 pub mod keys;
 pub mod secrets;
