@@ -220,6 +220,8 @@ async fn concurrent_appends_and_conflicts_form_one_gapless_chain() {
                     rec.seq, 0,
                     "a change that is not in the store has no number"
                 );
+                // Its refusal, if the caller records one, is a plain call record.
+                assert_eq!(rec.event, Event::Call);
             }
         }));
     }

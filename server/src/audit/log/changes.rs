@@ -21,8 +21,10 @@ pub(super) struct Queued {
 impl Queued {
     fn answer(mut self, outcome: Result<(), StoreError>) {
         if outcome.is_err() {
-            // Not in the store: the caller must not take this number for its change.
+            // Not in the store: the caller must not take this number for its change, and the
+            // record it may write next (a retry's, or the refusal's) starts as a plain call.
             self.rec.seq = 0;
+            self.rec.event = Event::Call;
         }
         // The caller may have gone away; the change is settled either way.
         let _ = self.reply.send((outcome, self.rec));
