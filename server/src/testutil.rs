@@ -80,6 +80,14 @@ pub(crate) async fn followed_vault_over(
     (Arc::new(vault), clock, followers)
 }
 
+/// A policy that grants `admin` every verb on every secret, and nobody anything else.
+pub(crate) const ADMIN_ONLY_POLICY: &str = r#"
+    [[rule]]
+    identities = ["admin"]
+    verbs = ["*"]
+    secrets = ["*"]
+"#;
+
 /// A fresh directory for a test's audit segments (left in the temporary directory: the log
 /// may outlive the test's own handles).
 pub(crate) fn audit_dir() -> std::path::PathBuf {

@@ -430,18 +430,13 @@ mod tests {
     use crate::store::sled_store::SledStore;
     use crate::store::Store;
 
-    const POLICY: &str = r#"
-        [[rule]]
-        identities = ["admin"]
-        verbs = ["*"]
-        secrets = ["*"]
-    "#;
-
     #[tokio::test]
     async fn an_alert_recorded_but_not_queued_before_a_crash_is_queued_at_the_next_start() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
-        let (vault, clock) = crate::testutil::vault_over(store.clone(), POLICY, 60_000).await;
+        let (vault, clock) =
+            crate::testutil::vault_over(store.clone(), crate::testutil::ADMIN_ONLY_POLICY, 60_000)
+                .await;
         let secret = dir.path().join("hook.secret");
         std::fs::write(&secret, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").unwrap();
         let cfg = AlertsConfig {

@@ -151,13 +151,6 @@ mod tests {
     use tower_layer::Layer;
     use tower_service::Service;
 
-    const POLICY: &str = r#"
-        [[rule]]
-        identities = ["admin"]
-        verbs = ["*"]
-        secrets = ["*"]
-    "#;
-
     fn request(path: &str, peer: bool) -> http::Request<()> {
         let mut req = http::Request::builder().uri(path).body(()).unwrap();
         if peer {
@@ -173,7 +166,9 @@ mod tests {
     async fn a_panic_is_answered_internal_and_audited() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-        let (vault, _clock) = crate::testutil::vault_over(store.clone(), POLICY, 1000).await;
+        let (vault, _clock) =
+            crate::testutil::vault_over(store.clone(), crate::testutil::ADMIN_ONLY_POLICY, 1000)
+                .await;
         let handler = tower::service_fn(|req: http::Request<()>| async move {
             if req.uri().path().contains("/Check") {
                 let header = String::from("Bearer\u{e9}ward_dev_secret");

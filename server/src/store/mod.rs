@@ -294,6 +294,13 @@ impl Tree {
     }
 }
 
+/// Free bytes (for an unprivileged writer) on the file system that holds `path`.
+pub fn free_bytes(path: &std::path::Path) -> Result<u64, String> {
+    let st =
+        nix::sys::statvfs::statvfs(path).map_err(|e| format!("statvfs {}: {e}", path.display()))?;
+    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
 /// Key of a version's sealed value: `name 0x00 version(u64 BE)`. Names never contain 0x00.
 pub fn version_key(name: &str, version: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.len() + 9);

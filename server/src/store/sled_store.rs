@@ -339,10 +339,7 @@ impl Shared {
         {
             return Ok(bytes);
         }
-        let st = nix::sys::statvfs::statvfs(&self.path).map_err(|e| {
-            StoreError::Unavailable(format!("statvfs {}: {e}", self.path.display()))
-        })?;
-        let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+        let free = super::free_bytes(&self.path).map_err(StoreError::Unavailable)?;
         f.bytes.store(free, Ordering::Release);
         f.read_at_us.store(now, Ordering::Release);
         Ok(free)

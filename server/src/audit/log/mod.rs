@@ -589,11 +589,7 @@ fn head_of(tail: &Tail) -> (u64, [u8; 32], bool) {
         // from the hash the record carries, and leave it to verification to report it.
         Err(e) => {
             tracing::error!(seq, error = %e, "the audit log's last record does not decode; VerifyAuditLog will report it");
-            let mut hash = [0u8; 32];
-            if stored.len() >= 32 {
-                hash.copy_from_slice(&stored[stored.len() - 32..]);
-            }
-            (*seq, hash, false)
+            (*seq, super::segments::stored_hash(stored), false)
         }
     }
 }

@@ -170,8 +170,8 @@ fn parse_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// The hash a stored record carries (its last 32 bytes).
-fn stored_hash(payload: &[u8]) -> [u8; 32] {
+/// The hash a stored record carries (its last 32 bytes; zeros if it is shorter).
+pub(crate) fn stored_hash(payload: &[u8]) -> [u8; 32] {
     let mut h = [0u8; 32];
     if payload.len() >= 32 {
         h.copy_from_slice(&payload[payload.len() - 32..]);
@@ -680,12 +680,7 @@ impl Segments {
     fn check_space(&self) -> Result<(), SegmentError> {
         let free = match self.faults.free_bytes() {
             Some(f) => f,
-            None => {
-                let st = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| {
-                    SegmentError::Io(format!("statvfs {}: {e}", self.dir.display()))
-                })?;
-                (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64)
-            }
+            None => crate::store::free_bytes(&self.dir).map_err(SegmentError::Io)?,
         };
         if free < self.size {
             return Err(SegmentError::Io(format!(
