@@ -7,14 +7,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use tonic::Code;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::config::DEFAULT_TIMEOUT;
-use crate::config::{ClientConfig, DEFAULT_FAILOVER_BACKOFF, DEFAULT_FAILOVER_BACKOFF_MAX};
+use crate::config::{ClientConfig, DEFAULT_TIMEOUT};
 use crate::endpoints::{EndpointStatus, Endpoints};
-use crate::error::transport_causes;
 use crate::error::Error;
 use crate::retry::RetryPolicy;
 use crate::retry::{is_retryable, CallKind};
@@ -39,10 +37,6 @@ use ward::v1::{
     WatchSecretsRequest,
 };
 
-/// HTTP/2 keep-alive ping interval: finds a dead connection before a call has to time out on it.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-/// How long a keep-alive ping may go unanswered before the connection is dropped.
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest response accepted. tonic's default (4 MiB) is below a full batch fetch: 100 items
 /// of the server's default 64 KiB maximum value are 6.4 MiB, and the server's limit can be
 /// raised.
@@ -96,66 +90,17 @@ impl Client {
     /// a connection, retrying per the config's retry policy when none does; the other
     /// endpoints are connected when first used. An endpoint that refused is marked unhealthy.
     pub async fn connect(cfg: ClientConfig) -> Result<Self, Error> {
-        let endpoints = cfg
-            .endpoints()
-            .iter()
-            .map(|uri| tonic_endpoint(&cfg, uri))
-            .collect::<Result<Vec<_>, _>>()?;
-        let retry = cfg.retry().clone();
-        let mut refused: Vec<Option<String>> = vec![None; endpoints.len()];
-        let mut connected = None;
-        'attempts: for attempt in 1..=retry.attempts() {
-            if attempt > 1 {
-                tokio::time::sleep(retry.backoff(attempt - 1)).await;
-            }
-            for (i, endpoint) in endpoints.iter().enumerate() {
-                match endpoint.connect().await {
-                    Ok(channel) => {
-                        connected = Some((i, channel));
-                        break 'attempts;
-                    }
-                    Err(e) => refused[i] = Some(transport_causes(&e)),
-                }
-            }
-        }
-        let Some((first, channel)) = connected else {
-            return Err(cannot_connect(cfg.endpoints(), &refused));
-        };
-        let mut channel = Some(channel);
-        let channels = endpoints
-            .iter()
-            .zip(cfg.endpoints())
-            .enumerate()
-            .map(|(i, (endpoint, uri))| {
-                let ch = match channel.take_if(|_| i == first) {
-                    Some(ch) => ch,
-                    None => endpoint.connect_lazy(),
-                };
-                (uri.clone(), ch)
-            })
-            .collect();
-        let endpoints = Endpoints::new(channels, cfg.failover_backoff(), cfg.timeout());
-        for (i, why) in refused.iter().enumerate() {
-            if let Some(why) = why {
-                endpoints.report::<()>(i, &Err(Error::Transport(why.clone())));
-            }
-        }
         Ok(Self {
-            endpoints: Arc::new(endpoints),
+            endpoints: Arc::new(Endpoints::connect(&cfg).await?),
             timeout: cfg.timeout(),
-            retry,
+            retry: cfg.retry().clone(),
         })
     }
 
     /// Wraps an existing channel (e.g. to an in-process server) with default timeout and retries.
     pub fn from_channel(channel: Channel) -> Self {
-        let endpoints = Endpoints::new(
-            vec![("(channel)".to_owned(), channel)],
-            (DEFAULT_FAILOVER_BACKOFF, DEFAULT_FAILOVER_BACKOFF_MAX),
-            DEFAULT_TIMEOUT,
-        );
         Self {
-            endpoints: Arc::new(endpoints),
+            endpoints: Arc::new(Endpoints::single(channel)),
             timeout: DEFAULT_TIMEOUT,
             retry: RetryPolicy::default(),
         }
@@ -683,42 +628,6 @@ impl Client {
                 message: format!("no answer within {:?}", self.timeout),
             }),
         }
-    }
-}
-
-/// The tonic endpoint for `uri` with the config's TLS material, timeouts and keep-alive.
-fn tonic_endpoint(cfg: &ClientConfig, uri: &str) -> Result<Endpoint, Error> {
-    let connect_timeout = cfg.effective_connect_timeout();
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(cfg.ca_pem()))
-        .identity(Identity::from_pem(cfg.cert_pem(), cfg.key_pem()))
-        .timeout(connect_timeout);
-    if let Some(name) = cfg.server_name() {
-        tls = tls.domain_name(name);
-    }
-    Endpoint::from_shared(uri.to_owned())
-        .map_err(|e| Error::config(format!("invalid endpoint {uri}: {e}")))?
-        .connect_timeout(connect_timeout)
-        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-        .tls_config(tls)
-        // Building the TLS connector parses the PEMs: a failure here is bad input.
-        .map_err(|e| Error::config(format!("unusable TLS material: {}", transport_causes(&e))))
-}
-
-/// The error of a client none of whose endpoints accepted a connection.
-fn cannot_connect(uris: &[String], refused: &[Option<String>]) -> Error {
-    let why = |i: usize| refused[i].as_deref().unwrap_or("not tried");
-    match uris {
-        [one] => Error::Transport(format!("cannot connect to {one}: {}", why(0))),
-        many => Error::Transport(format!(
-            "cannot connect to any endpoint: {}",
-            many.iter()
-                .enumerate()
-                .map(|(i, uri)| format!("{uri}: {}", why(i)))
-                .collect::<Vec<_>>()
-                .join("; ")
-        )),
     }
 }
 

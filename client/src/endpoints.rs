@@ -19,14 +19,22 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::error::Error;
+use crate::config::{
+    ClientConfig, DEFAULT_FAILOVER_BACKOFF, DEFAULT_FAILOVER_BACKOFF_MAX, DEFAULT_TIMEOUT,
+};
+use crate::error::{transport_causes, Error};
 use crate::retry::jittered_backoff;
+
+/// HTTP/2 keep-alive ping interval: finds a dead connection before a call has to time out on it.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a keep-alive ping may go unanswered before the connection is dropped.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the client knows of one endpoint, as reported by [`crate::Client::endpoints`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,8 +147,69 @@ impl Tried {
 }
 
 impl Endpoints {
+    /// Connects over mutual TLS to the first endpoint (in the configured order) that accepts a
+    /// connection, retrying per the config's retry policy when none does; the others get a
+    /// channel that connects when first used. An endpoint that refused starts unhealthy.
+    pub(crate) async fn connect(cfg: &ClientConfig) -> Result<Self, Error> {
+        let uris = cfg.endpoints();
+        let endpoints = uris
+            .iter()
+            .map(|uri| tonic_endpoint(cfg, uri))
+            .collect::<Result<Vec<_>, _>>()?;
+        let retry = cfg.retry();
+        let mut refused: Vec<Option<String>> = vec![None; endpoints.len()];
+        let mut connected = None;
+        'attempts: for attempt in 1..=retry.attempts() {
+            if attempt > 1 {
+                tokio::time::sleep(retry.backoff(attempt - 1)).await;
+            }
+            for (i, endpoint) in endpoints.iter().enumerate() {
+                match endpoint.connect().await {
+                    Ok(channel) => {
+                        refused[i] = None;
+                        connected = Some((i, channel));
+                        break 'attempts;
+                    }
+                    Err(e) => refused[i] = Some(transport_causes(&e)),
+                }
+            }
+        }
+        let Some((first, channel)) = connected else {
+            return Err(cannot_connect(uris, &refused));
+        };
+        let mut channel = Some(channel);
+        let channels = endpoints
+            .iter()
+            .zip(uris)
+            .enumerate()
+            .map(|(i, (endpoint, uri))| {
+                let ch = match channel.take_if(|_| i == first) {
+                    Some(ch) => ch,
+                    None => endpoint.connect_lazy(),
+                };
+                (uri.clone(), ch)
+            })
+            .collect();
+        let this = Self::new(channels, cfg.failover_backoff(), cfg.timeout());
+        for (i, why) in refused.into_iter().enumerate() {
+            if let Some(why) = why {
+                this.report::<()>(i, &Err(Error::Transport(why)));
+            }
+        }
+        Ok(this)
+    }
+
+    /// One endpoint: a channel made elsewhere (e.g. to an in-process server).
+    pub(crate) fn single(channel: Channel) -> Self {
+        Self::new(
+            vec![("(channel)".to_owned(), channel)],
+            (DEFAULT_FAILOVER_BACKOFF, DEFAULT_FAILOVER_BACKOFF_MAX),
+            DEFAULT_TIMEOUT,
+        )
+    }
+
     /// Endpoints from (URI, channel) pairs in order of preference; never empty.
-    pub(crate) fn new(
+    fn new(
         list: Vec<(String, Channel)>,
         backoff: (Duration, Duration),
         probe_timeout: Duration,
@@ -252,6 +321,42 @@ impl Endpoints {
         } else {
             self.note_failure(&mut h, Instant::now());
         }
+    }
+}
+
+/// The tonic endpoint for `uri` with the config's TLS material, timeouts and keep-alive.
+fn tonic_endpoint(cfg: &ClientConfig, uri: &str) -> Result<Endpoint, Error> {
+    let connect_timeout = cfg.effective_connect_timeout();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(cfg.ca_pem()))
+        .identity(Identity::from_pem(cfg.cert_pem(), cfg.key_pem()))
+        .timeout(connect_timeout);
+    if let Some(name) = cfg.server_name() {
+        tls = tls.domain_name(name);
+    }
+    Endpoint::from_shared(uri.to_owned())
+        .map_err(|e| Error::config(format!("invalid endpoint {uri}: {e}")))?
+        .connect_timeout(connect_timeout)
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .tls_config(tls)
+        // Building the TLS connector parses the PEMs: a failure here is bad input.
+        .map_err(|e| Error::config(format!("unusable TLS material: {}", transport_causes(&e))))
+}
+
+/// The error of a client none of whose endpoints accepted a connection.
+fn cannot_connect(uris: &[String], refused: &[Option<String>]) -> Error {
+    let why = |i: usize| refused[i].as_deref().unwrap_or("not tried");
+    match uris {
+        [one] => Error::Transport(format!("cannot connect to {one}: {}", why(0))),
+        many => Error::Transport(format!(
+            "cannot connect to any endpoint: {}",
+            many.iter()
+                .enumerate()
+                .map(|(i, uri)| format!("{uri}: {}", why(i)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
     }
 }
 

@@ -366,7 +366,10 @@ async fn sdk_prefers_a_recovered_endpoint_only_after_it_answers_a_probe() {
         assert_eq!(mb.calls("FetchSecret"), b_fetches);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(ma.calls("Check") >= 3, "no probes of the endpoint that is down");
+    assert!(
+        ma.calls("Check") >= 3,
+        "no probes of the endpoint that is down"
+    );
     assert_eq!(ma.calls("FetchSecret"), a_fetches);
     assert!(!client.endpoints()[0].healthy);
     assert!(client.endpoints()[0].consecutive_failures >= 3);
