@@ -15,7 +15,7 @@ use ward_client::proto::{
 };
 use ward_client::{Client, Error, RetryPolicy};
 
-use mock::{fast_retry, put_req, start, Pki};
+use mock::{fast_retry, put_req, start, Mock, Pki};
 
 // ---------------------------------------------------------------------------------------------
 // SDK
@@ -262,6 +262,16 @@ async fn pair_client(pki: &Pki, a: SocketAddr, b: SocketAddr, backoff: Duration)
     Client::connect(cfg).await.unwrap()
 }
 
+/// Two mocks with the same CA, each holding `name` (each mock is its own store).
+async fn two_mocks(pki: &Pki, name: &str) -> ((SocketAddr, Mock), (SocketAddr, Mock)) {
+    let pair = (start(pki).await, start(pki).await);
+    for addr in [pair.0 .0, pair.1 .0] {
+        let single = Client::connect(pki.config(addr, "admin")).await.unwrap();
+        single.put_secret(put_req(name, b"v")).await.unwrap();
+    }
+    pair
+}
+
 fn healthy(c: &Client) -> Vec<bool> {
     c.endpoints().iter().map(|e| e.healthy).collect()
 }
@@ -269,13 +279,7 @@ fn healthy(c: &Client) -> Vec<bool> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_fails_over_only_what_is_safe_to_repeat() {
     let pki = Pki::new();
-    let (a, ma) = start(&pki).await;
-    let (b, mb) = start(&pki).await;
-    // Each mock is its own store: put the same secret on both.
-    for addr in [a, b] {
-        let single = Client::connect(pki.config(addr, "admin")).await.unwrap();
-        single.put_secret(put_req("f/db", b"v")).await.unwrap();
-    }
+    let ((a, ma), (b, mb)) = two_mocks(&pki, "f/db").await;
     let hour = Duration::from_secs(3600);
 
     // A read whose endpoint fails is answered by the other, with no error, and the failed
@@ -343,12 +347,7 @@ async fn sdk_fails_over_only_what_is_safe_to_repeat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_prefers_a_recovered_endpoint_only_after_it_answers_a_probe() {
     let pki = Pki::new();
-    let (a, ma) = start(&pki).await;
-    let (b, mb) = start(&pki).await;
-    for addr in [a, b] {
-        let single = Client::connect(pki.config(addr, "admin")).await.unwrap();
-        single.put_secret(put_req("p/db", b"v")).await.unwrap();
-    }
+    let ((a, ma), (b, mb)) = two_mocks(&pki, "p/db").await;
     let client = pair_client(&pki, a, b, Duration::from_millis(20)).await;
     ma.set_down(true);
     client.fetch_secret("p/db", 0).await.unwrap();
