@@ -37,11 +37,27 @@ impl TestServer {
 
     /// [`start`](Self::start) with extra environment variables for the server process.
     pub fn start_with_env(envs: &[(&str, &str)]) -> TestServer {
+        Self::start_prepared(envs, |_| {})
+    }
+
+    /// A dev server with everything of its own (data dir, SoftHSM token, store, audit log)
+    /// except its `tls/` directory, a copy of `other`'s: the same dev CA, server and client
+    /// certificates, so one client certificate and CA reach both — a client can fail over
+    /// between them. (Each dev server otherwise makes its own CA.)
+    pub fn start_with_tls_of(other: &TestServer) -> TestServer {
+        Self::start_prepared(&[], |dir| {
+            copy_dir(&other.path.join("tls"), &dir.join("tls"))
+        })
+    }
+
+    /// Makes a fresh data dir, lets `prepare` put files in it, then runs dev mode on it.
+    fn start_prepared(envs: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> TestServer {
         let dir = tempfile::Builder::new()
             .prefix("ward-e2e-")
             .tempdir()
             .expect("create temp data dir");
         let path = dir.path().to_path_buf();
+        prepare(&path);
         let mut server = TestServer {
             dir: Some(dir),
             path,
@@ -381,6 +397,19 @@ impl TestServer {
     pub fn all_output(&self) -> String {
         self.logs.lock().unwrap().all_output()
     }
+}
+
+/// Copies the files of directory `from` into a new directory `to`, keeping the permissions of
+/// both (dev mode keeps `tls/` and its keys private to the user).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        // `fs::copy` keeps the file's permission bits.
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+    let perms = std::fs::metadata(from).unwrap().permissions();
+    std::fs::set_permissions(to, perms).unwrap();
 }
 
 impl Drop for TestServer {
