@@ -73,6 +73,7 @@ pub struct Metrics {
     rate_limited: AtomicU64,
     quota_exceeded: AtomicU64,
     lockouts: AtomicU64,
+    stale_refusals: AtomicU64,
     unknown_keys: Mutex<BTreeMap<String, u64>>,
     hsm: Mutex<BTreeMap<&'static str, Histogram>>,
     hsm_up: AtomicBool,
@@ -94,6 +95,7 @@ pub fn global() -> &'static Metrics {
         rate_limited: AtomicU64::new(0),
         quota_exceeded: AtomicU64::new(0),
         lockouts: AtomicU64::new(0),
+        stale_refusals: AtomicU64::new(0),
         unknown_keys: Mutex::default(),
         hsm: Mutex::default(),
         // The server starts only with its HSM reachable.
@@ -179,6 +181,11 @@ impl Metrics {
         self.rate_limited.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a call refused because this replica's copy of a shared store may be stale.
+    pub fn count_stale_refusal(&self) {
+        self.stale_refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a quota rejection.
     pub fn count_quota_exceeded(&self) {
         self.quota_exceeded.fetch_add(1, Ordering::Relaxed);
@@ -254,6 +261,11 @@ impl Metrics {
                 "ward_unknown_key_lockouts_total",
                 "Unknown keys refused (RATE_LIMITED): the caller presented too many unknown keys.",
                 &self.lockouts,
+            ),
+            (
+                "ward_stale_refusals_total",
+                "Calls refused because this replica had not heard from etcd within store.etcd.max_staleness.",
+                &self.stale_refusals,
             ),
         ];
         for (name, help, c) in counters {

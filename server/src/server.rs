@@ -478,6 +478,14 @@ pub async fn serve(
         .layer(RpcMetricsLayer)
         .layer(IdentityCallsLayer::new(l.max_calls_per_identity))
         .layer(tower::util::MapResponseLayer::new(
+            |r: http::Response<tonic::service::interceptor::ResponseBody<tonic::body::Body>>| {
+                r.map(tonic::body::Body::new)
+            },
+        ))
+        .layer(tonic::service::InterceptorLayer::new(
+            crate::grpc::limits::refuse_when_stale(store.clone()),
+        ))
+        .layer(tower::util::MapResponseLayer::new(
             crate::grpc::status::size_limit_status as fn(_) -> _,
         ))
         .layer(crate::grpc::catch_panic::CatchPanicLayer::new(
@@ -659,7 +667,11 @@ async fn metrics_response(
         return reply(405, "text/plain", "method not allowed\n".into());
     }
     match path {
-        "/healthz" => reply(200, "text/plain", "ok\n".into()),
+        // Not ready while what this replica holds may be out of date (a shared store).
+        "/healthz" => match vault.store().fresh() {
+            Ok(()) => reply(200, "text/plain", "ok\n".into()),
+            Err(e) => reply(503, "text/plain", format!("{e}\n")),
+        },
         "/metrics" => {
             let cached = cache
                 .lock()

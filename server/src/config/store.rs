@@ -52,6 +52,11 @@ pub struct EtcdConfig {
     /// long a replica that died without a goodbye counts as live.
     #[serde(default = "default_lease_ttl", deserialize_with = "de_duration")]
     pub lease_ttl: Duration,
+    /// A replica whose watch has heard nothing from etcd (no event, no answer to its progress
+    /// requests, sent twice a second) for longer refuses calls with UNAVAILABLE: a replica cut
+    /// off from the cluster must not keep accepting keys revoked elsewhere.
+    #[serde(default = "default_max_staleness", deserialize_with = "de_duration")]
+    pub max_staleness: Duration,
     /// Units of an API key's quota a replica takes from the shared ledger at a time (at most
     /// this many are lost per replica that crashes: quotas under-admit, never over-admit).
     #[serde(default = "default_quota_block")]
@@ -66,6 +71,9 @@ fn default_timeout() -> Duration {
 }
 fn default_lease_ttl() -> Duration {
     Duration::from_secs(10)
+}
+fn default_max_staleness() -> Duration {
+    Duration::from_secs(3)
 }
 fn default_quota_block() -> u64 {
     100
@@ -151,6 +159,11 @@ impl EtcdConfig {
         if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl > Duration::from_secs(600) {
             return Err("store.etcd.lease_ttl must be between 2s and 10m".into());
         }
+        if self.max_staleness < Duration::from_secs(1)
+            || self.max_staleness > Duration::from_secs(60)
+        {
+            return Err("store.etcd.max_staleness must be between 1s and 60s".into());
+        }
         if self.quota_block == 0 || self.quota_block > 1_000_000 {
             return Err("store.etcd.quota_block must be between 1 and 1000000".into());
         }
@@ -182,6 +195,7 @@ mod tests {
                 prefix: default_prefix(),
                 timeout: default_timeout(),
                 lease_ttl: default_lease_ttl(),
+                max_staleness: default_max_staleness(),
                 quota_block: 100,
             }),
         }

@@ -9,12 +9,29 @@ use super::status::to_status;
 use crate::config::Config;
 use crate::error::Error;
 use crate::identity::Peer;
+use crate::metrics;
 use crate::slots::{IdentitySlot, PerIdentity};
+use crate::store::Store;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Refuses every call (UNAVAILABLE, saying why) while the store says what this process holds
+/// may be out of date ([`Store::fresh`]): a replica cut off from a shared store sends its
+/// callers to another. For `tonic::service::InterceptorLayer`.
+pub fn refuse_when_stale(
+    store: Arc<dyn Store>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req| match store.fresh() {
+        Ok(()) => Ok(req),
+        Err(e) => {
+            metrics::global().count_stale_refusal();
+            Err(tonic::Status::unavailable(e.to_string()))
+        }
+    }
+}
 
 /// The listener's limits: connections open, handshakes in progress, handshake time.
 #[derive(Debug, Clone)]

@@ -351,4 +351,8 @@ impl Store for DirectoryStore {
     fn live_replicas(&self) -> usize {
         self.inner.live_replicas()
     }
+
+    fn fresh(&self) -> Result<(), StoreError> {
+        self.inner.fresh()
+    }
 }

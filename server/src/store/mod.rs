@@ -332,6 +332,13 @@ pub trait Store: Send + Sync + 'static {
     fn live_replicas(&self) -> usize {
         1
     }
+
+    /// Whether what this process reads is known to be current: a shared store's copy whose
+    /// source has been silent for longer than its bound is not (UNAVAILABLE, saying so), and
+    /// calls should go to another replica. Always, for an embedded store.
+    fn fresh(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A point-in-time copy of the whole store (see [`Store::snapshot`]).

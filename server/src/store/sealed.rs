@@ -205,6 +205,10 @@ impl Store for SealedStore {
     fn live_replicas(&self) -> usize {
         self.inner.live_replicas()
     }
+
+    fn fresh(&self) -> Result<(), StoreError> {
+        self.inner.fresh()
+    }
 }
 
 #[cfg(test)]

@@ -7,14 +7,23 @@
 //! revision the watch needs ("required revision has been compacted"), or the watch cannot be
 //! resumed, the prefix is read again and the difference is told to followers as a change like
 //! any other. Readers never wait for etcd.
+//!
+//! The watch asks etcd for a progress report every [`PROGRESS_EVERY`]; an answer (or an event)
+//! proves the copy current up to its revision. [`Shared::silence`] is how long etcd has been
+//! silent: the store refuses to serve from a copy silent for longer than its staleness bound
+//! (a replica cut off from the cluster must not keep accepting a key revoked elsewhere).
 
 use super::{cluster_key, tree_key, ETCD_PAGE};
 use crate::store::{Entry, Tree};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
+
+/// How often the watch asks etcd for a progress report.
+pub(super) const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
 /// A stored value and the revision that wrote it.
 #[derive(Debug, Clone)]
@@ -139,6 +148,9 @@ pub(super) struct Shared {
     pub changes: broadcast::Sender<Changed>,
     /// Whether the watch is connected and current (false while it reconnects or reloads).
     pub live: watch::Sender<bool>,
+    /// When the watch last answered (ms since `started`).
+    heard_ms: AtomicU64,
+    started: Instant,
 }
 
 /// Changes kept for followers before a slow one lags (and then reloads everything).
@@ -152,7 +164,21 @@ impl Shared {
             applied: watch::channel(0).0,
             changes: broadcast::channel(CHANGES_CAPACITY).0,
             live: watch::channel(false).0,
+            heard_ms: AtomicU64::new(0),
+            started: Instant::now(),
         }
+    }
+
+    /// Notes that etcd answered on the watch (an event or a progress report).
+    fn heard(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.heard_ms.store(ms, Ordering::Release);
+    }
+
+    /// How long since etcd last answered on the watch.
+    pub fn silence(&self) -> Duration {
+        let heard = Duration::from_millis(self.heard_ms.load(Ordering::Acquire));
+        self.started.elapsed().saturating_sub(heard)
     }
 
     pub fn read(&self) -> std::sync::RwLockReadGuard<'_, Mirror> {
@@ -229,6 +255,7 @@ pub(super) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 /// Installs a freshly loaded mirror, telling followers what differs from the old one.
 pub(super) fn install(shared: &Shared, fresh: Mirror) {
+    shared.heard();
     let revision = fresh.revision;
     let changed = {
         let mut m = shared.write();
@@ -312,8 +339,25 @@ async fn watch_from(
         .with_range(prefix_end(&shared.prefix))
         .with_start_revision(from)
         .with_progress_notify();
-    let mut stream = client.watch(shared.prefix.clone(), Some(opts)).await?;
-    while let Some(resp) = stream.message().await? {
+    let (mut requests, mut stream) = client
+        .watch(shared.prefix.clone(), Some(opts))
+        .await?
+        .split();
+    let mut ask = tokio::time::interval(PROGRESS_EVERY);
+    loop {
+        let resp = tokio::select! {
+            r = stream.message() => match r? {
+                Some(resp) => resp,
+                None => break,
+            },
+            _ = ask.tick() => {
+                // etcd answers with its current revision once every event before it was sent:
+                // proof that this copy is current, or (no answer) that it may not be.
+                requests.request_progress().await?;
+                continue;
+            }
+        };
+        shared.heard();
         if resp.compact_revision() > 0 {
             return Ok(Ended::Compacted(resp.compact_revision()));
         }

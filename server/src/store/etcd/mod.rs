@@ -101,6 +101,8 @@ pub struct EtcdStore {
     client: Client,
     shared: Arc<Shared>,
     timeout: Duration,
+    /// Longest etcd silence on the watch before reads are refused ([`Store::fresh`]).
+    max_staleness: Duration,
     generation: AtomicU64,
     /// The generation up to which [`Store::sync`] has caught up with etcd.
     settled: Arc<AtomicU64>,
@@ -180,6 +182,7 @@ impl EtcdStore {
             client,
             shared,
             timeout,
+            max_staleness: cfg.max_staleness,
             generation: AtomicU64::new(0),
             settled: Arc::new(AtomicU64::new(0)),
             runtime: Some(runtime),
@@ -571,6 +574,19 @@ impl Store for EtcdStore {
 
     fn live_replicas(&self) -> usize {
         cluster::live(&self.shared.read())
+    }
+
+    fn fresh(&self) -> Result<(), StoreError> {
+        let silence = self.shared.silence();
+        if silence <= self.max_staleness {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable(format!(
+            "this replica has not heard from etcd for {:.1}s (store.etcd.max_staleness is \
+             {:?}): what it holds may be out of date; use another replica",
+            silence.as_secs_f64(),
+            self.max_staleness
+        )))
     }
 }
 
