@@ -12,14 +12,17 @@
 //! - Losing the lease (keep-alive answered TTL 0, or no answer for a whole TTL) drops
 //!   leadership at once, then the replica takes a new lease, registers again and campaigns.
 
-use super::cluster_key;
 use super::mirror::Mirror;
+use super::{cluster_key, until_sent};
 use crate::store::StoreError;
 use etcd_client::{Client, Compare, CompareOp, PutOptions};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::watch;
+
+/// How long announcing an address or leaving may take.
+const ANNOUNCE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Who this replica is, as the registry shows it.
 #[derive(Debug, Clone)]
@@ -139,30 +142,34 @@ impl Membership {
     }
 
     /// Records the address and rewrites the registry entry.
-    pub fn announce(&self, address: &str, runtime: &Option<tokio::runtime::Runtime>) {
+    pub fn announce(&self, address: &str, runtime: &tokio::runtime::Runtime) {
         let (key, value) = {
             let mut info = lock(&self.info);
             info.address = address.to_owned();
             (registry_key(&self.prefix, &info.id), info.encode())
         };
-        let (mut client, lease) = (self.client.clone(), self.lease.load(Ordering::Acquire));
-        if let Some(rt) = runtime {
-            rt.spawn(async move {
-                let opts = PutOptions::new().with_lease(lease);
-                if let Err(e) = client.put(key, value, Some(opts)).await {
-                    tracing::warn!(error = %e, "could not update this replica's registry entry");
-                }
-            });
-        }
+        let (client, lease) = (self.client.clone(), self.lease.load(Ordering::Acquire));
+        runtime.spawn(async move {
+            let deadline = tokio::time::Instant::now() + ANNOUNCE_WITHIN;
+            let put = until_sent(deadline, || put_leased(client.clone(), &key, &value, lease));
+            if let Err(e) = put.await {
+                tracing::warn!(error = ?e, "could not update this replica's registry entry");
+            }
+        });
     }
 
     /// Revokes the lease: the registry entry and any leadership go at once.
     pub fn leave(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let lease = self.lease.load(Ordering::Acquire);
         async move {
-            if let Err(e) = client.lease_revoke(lease).await {
-                tracing::warn!(error = %e, "could not revoke this replica's lease; it expires by itself");
+            let deadline = tokio::time::Instant::now() + ANNOUNCE_WITHIN;
+            let revoke = until_sent(deadline, || {
+                let mut client = client.clone();
+                async move { client.lease_revoke(lease).await }
+            });
+            if let Err(e) = revoke.await {
+                tracing::warn!(error = ?e, "could not revoke this replica's lease; it expires by itself");
             }
         }
     }
@@ -185,20 +192,37 @@ async fn register(
     info: &Mutex<ReplicaInfo>,
     ttl: Duration,
 ) -> Result<i64, etcd_client::Error> {
-    let timed_out = || etcd_client::Error::Internal("etcd did not answer in time".into());
-    let lease = tokio::time::timeout(ttl, client.lease_grant(ttl.as_secs().max(2) as i64, None))
-        .await
-        .map_err(|_| timed_out())??
-        .id();
+    let failed = |e: Option<etcd_client::Error>| {
+        e.unwrap_or_else(|| etcd_client::Error::Internal("etcd did not answer in time".into()))
+    };
+    let deadline = tokio::time::Instant::now() + ttl;
+    let seconds = ttl.as_secs().max(2) as i64;
+    let lease = until_sent(deadline, || {
+        let mut client = client.clone();
+        async move { client.lease_grant(seconds, None).await }
+    })
+    .await
+    .map_err(failed)?
+    .id();
     let (key, value) = {
         let i = lock(info);
         (registry_key(prefix, &i.id), i.encode())
     };
-    let put = client.put(key, value, Some(PutOptions::new().with_lease(lease)));
-    tokio::time::timeout(ttl, put)
+    until_sent(deadline, || put_leased(client.clone(), &key, &value, lease))
         .await
-        .map_err(|_| timed_out())??;
+        .map_err(failed)?;
     Ok(lease)
+}
+
+/// Puts `key` under `lease`.
+async fn put_leased(
+    mut client: Client,
+    key: &[u8],
+    value: &[u8],
+    lease: i64,
+) -> Result<(), etcd_client::Error> {
+    let opts = PutOptions::new().with_lease(lease);
+    client.put(key, value, Some(opts)).await.map(|_| ())
 }
 
 /// Keeps the lease, campaigns while holding it, and starts over with a new lease when it is

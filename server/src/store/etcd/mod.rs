@@ -106,8 +106,8 @@ pub struct EtcdStore {
     generation: AtomicU64,
     /// The generation up to which [`Store::sync`] has caught up with etcd.
     settled: Arc<AtomicU64>,
-    /// The backend's own runtime (the etcd client's I/O); `None` once dropped.
-    runtime: Option<tokio::runtime::Runtime>,
+    /// The backend's own runtime (the etcd client's I/O).
+    runtime: Runtime,
     stop: watch::Sender<bool>,
     cluster: cluster::Membership,
 }
@@ -117,12 +117,14 @@ impl EtcdStore {
     /// registry under a lease. Fails (UNAVAILABLE) if etcd cannot be reached within the
     /// configured timeout.
     pub async fn open(cfg: &EtcdConfig, replica: ReplicaInfo) -> Result<Self, StoreError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("ward-etcd")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("etcd runtime: {e}")))?;
+        let runtime = Runtime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("ward-etcd")
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Unavailable(format!("etcd runtime: {e}")))?,
+        ));
         let options = connect_options(cfg)?;
         let endpoints = cfg.endpoints.clone();
         let prefix = cfg.prefix.as_bytes().to_vec();
@@ -132,7 +134,7 @@ impl EtcdStore {
         let shared = Arc::new(Shared::new(prefix.clone()));
         let started = {
             let shared = shared.clone();
-            runtime.spawn(async move {
+            runtime.get()?.spawn(async move {
                 let mut client =
                     tokio::time::timeout(timeout, Client::connect(endpoints, Some(options)))
                         .await
@@ -185,7 +187,7 @@ impl EtcdStore {
             max_staleness: cfg.max_staleness,
             generation: AtomicU64::new(0),
             settled: Arc::new(AtomicU64::new(0)),
-            runtime: Some(runtime),
+            runtime,
             stop,
             cluster,
         })
@@ -197,10 +199,7 @@ impl EtcdStore {
         &self,
         f: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let runtime = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| StoreError::Unavailable("etcd store closed".into()))?;
+        let runtime = self.runtime.get()?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         runtime.spawn(async move {
             let _ = tx.send(f.await);
@@ -224,14 +223,16 @@ impl EtcdStore {
 
     /// Publishes this replica's address in the registry (once its listener is bound).
     pub fn announce(&self, address: &str) {
-        self.cluster.announce(address, &self.runtime);
+        if let Ok(rt) = self.runtime.get() {
+            self.cluster.announce(address, rt);
+        }
     }
 
     /// Leaves the cluster: gives up leadership and the registry entry at once (its lease is
     /// revoked), so survivors take over without waiting for the lease to expire.
     pub async fn leave(&self) {
         let leave = self.cluster.leave();
-        if let Some(rt) = &self.runtime {
+        if let Ok(rt) = self.runtime.get() {
             let _ = tokio::time::timeout(self.timeout, rt.spawn(leave)).await;
         }
     }
@@ -393,6 +394,47 @@ fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions, StoreError> {
     Ok(options)
 }
 
+/// Pause before a call that never reached a member is sent again.
+const RESEND_PAUSE: Duration = Duration::from_millis(20);
+
+/// Makes `call` until it reaches a member (a dead member, mid-failover, refuses connections:
+/// nothing was applied, so another member may take the call), or `deadline` passes
+/// (`Err(None)`). Any other failure is `Err(Some(_))`.
+pub(super) async fn until_sent<
+    T,
+    F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+>(
+    deadline: tokio::time::Instant,
+    mut call: impl FnMut() -> F,
+) -> Result<T, Option<etcd_client::Error>> {
+    loop {
+        match tokio::time::timeout_at(deadline, call()).await {
+            Err(_) => return Err(None),
+            Ok(Err(e)) if not_sent(&e) => {
+                tracing::debug!(error = %e, "etcd call not sent; trying again");
+                tokio::time::sleep(RESEND_PAUSE).await;
+            }
+            Ok(Err(e)) => return Err(Some(e)),
+            Ok(Ok(v)) => return Ok(v),
+        }
+    }
+}
+
+/// Whether a failed call never reached a member (so it cannot have been applied): the
+/// connection was refused or could not be made, or the member has no leader (refused before
+/// any proposal, with `require_leader`).
+fn not_sent(e: &etcd_client::Error) -> bool {
+    let text = format!("{e:?}");
+    [
+        "ConnectError",
+        "Connection refused",
+        "no leader",
+        "not connected",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
+}
+
 /// Maps an etcd failure whose transaction surely did not apply (refused before Raft).
 fn refused(e: &etcd_client::Error) -> Option<StoreError> {
     let text = e.to_string();
@@ -451,15 +493,16 @@ impl Store for EtcdStore {
             return Ok(());
         }
         let txn = self.transaction(&batch)?;
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let mut applied = self.shared.applied.subscribe();
         let timeout = self.timeout;
         let outcome = self.block_on(async move {
-            let resp = match tokio::time::timeout(timeout, client.txn(txn)).await {
-                Err(_) => return Err(None),
-                Ok(Err(e)) => return Err(Some(e)),
-                Ok(Ok(resp)) => resp,
-            };
+            let deadline = tokio::time::Instant::now() + timeout;
+            let resp = until_sent(deadline, || {
+                let (mut client, txn) = (client.clone(), txn.clone());
+                async move { client.txn(txn).await }
+            })
+            .await?;
             // Read-your-writes (and, after a failed guard, read what beat it): wait for the
             // watch to bring this revision into the mirror.
             let revision = resp.header().map_or(0, |h| h.revision());
@@ -512,18 +555,22 @@ impl Store for EtcdStore {
                 return Ok(());
             }
             let settled = self.settled.clone();
-            let mut client = self.client.clone();
+            let client = self.client.clone();
             let prefix = self.shared.prefix.clone();
             let mut applied = self.shared.applied.subscribe();
             let timeout = self.timeout;
             let barrier = async move {
-                let resp = client
-                    .get(
-                        prefix,
-                        Some(etcd_client::GetOptions::new().with_count_only()),
-                    )
-                    .await
-                    .map_err(|e| StoreError::Unavailable(format!("etcd: {e}")))?;
+                let deadline = tokio::time::Instant::now() + timeout;
+                let resp = until_sent(deadline, || {
+                    let (mut client, prefix) = (client.clone(), prefix.clone());
+                    let count = etcd_client::GetOptions::new().with_count_only();
+                    async move { client.get(prefix, Some(count)).await }
+                })
+                .await
+                .map_err(|e| match e {
+                    Some(e) => StoreError::Unavailable(format!("etcd: {e}")),
+                    None => StoreError::Unavailable("etcd did not answer".into()),
+                })?;
                 let revision = resp.header().map_or(0, |h| h.revision());
                 applied
                     .wait_for(|r| *r >= revision)
@@ -532,11 +579,7 @@ impl Store for EtcdStore {
                 settled.fetch_max(generation, Ordering::AcqRel);
                 Ok(())
             };
-            let runtime = self
-                .runtime
-                .as_ref()
-                .ok_or_else(|| StoreError::Unavailable("etcd store closed".into()))?;
-            tokio::time::timeout(timeout, runtime.spawn(barrier))
+            tokio::time::timeout(timeout, self.runtime.get()?.spawn(barrier))
                 .await
                 .map_err(|_| StoreError::Unavailable("etcd did not answer".into()))?
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?
@@ -593,7 +636,24 @@ impl Store for EtcdStore {
 impl Drop for EtcdStore {
     fn drop(&mut self) {
         self.stop.send_replace(true);
-        if let Some(rt) = self.runtime.take() {
+    }
+}
+
+/// The backend's runtime, shut down without waiting when dropped (dropping a runtime may
+/// happen on an async worker, where waiting for its tasks is not allowed).
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl Runtime {
+    fn get(&self) -> Result<&tokio::runtime::Runtime, StoreError> {
+        self.0
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("etcd store closed".into()))
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
             rt.shutdown_background();
         }
     }
