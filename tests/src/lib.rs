@@ -14,6 +14,7 @@
 //! - `clients`: mTLS channels, generated clients, the SDK, the metrics listener;
 //! - `tools`: `wardctl` and `grpcurl` runs;
 //! - `token`: the dev SoftHSM token and its key objects;
+//! - `cluster`: [`WardCluster`], Ward replicas sharing an etcd cluster, a token and a CA;
 //! - `etcd`: [`EtcdCluster`], a real etcd cluster on loopback for the replicas' store;
 //! - `faults`: storage faults injected into a running server; `disk`: a tmpfs to fill;
 //! - `helpers`: call results, checksums, files, watch streams;
@@ -22,6 +23,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod clients;
+mod cluster;
 mod disk;
 mod etcd;
 mod faults;
@@ -38,6 +40,7 @@ mod webhook;
 pub use ward::v1 as pb;
 
 pub use clients::{connect_channel, connect_raw, AuditClient, AuthzClient, KeysClient, RawClient};
+pub use cluster::{WardCluster, ETCD_PREFIX};
 pub use disk::Tmpfs;
 pub use etcd::{etcd_bin, EtcdCluster, EtcdOptions};
 pub use faults::FAULT_FILE_ENV;

@@ -41,17 +41,29 @@ impl TestServer {
             .prefix("ward-e2e-")
             .tempdir()
             .expect("create temp data dir");
-        let path = dir.path().to_path_buf();
-        let mut server = TestServer {
+        let mut server = Self::stopped_in(dir);
+        server.launch(&server.dev_args(), envs);
+        server
+    }
+
+    /// `ward-server serve --config DIR/ward.toml` on a directory the caller prepared (the
+    /// config and every file it names), waiting for its ready line.
+    pub(crate) fn serve_in(dir: tempfile::TempDir) -> TestServer {
+        let mut server = Self::stopped_in(dir);
+        server.restart();
+        server
+    }
+
+    /// A server of `dir` that is not running yet.
+    fn stopped_in(dir: tempfile::TempDir) -> TestServer {
+        TestServer {
+            path: dir.path().to_path_buf(),
             dir: Some(dir),
-            path,
             proc: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             logs: SharedLogs::default(),
             clock_offset_ms: Mutex::new(None),
-        };
-        server.launch(&server.dev_args(), envs);
-        server
+        }
     }
 
     /// A server whose time the test moves with [`advance_clock`](Self::advance_clock): dev
