@@ -1,6 +1,8 @@
 # Ward build entry points.
 #
 #   make run     start a dev server in .ward-dev (SoftHSM token, dev CA and certificates)
+#   make run-cluster  a 3-member etcd on loopback and three Ward replicas on it in dev mode,
+#                one SoftHSM token and dev CA, in .ward-cluster; prints how to call each replica
 #   make test    everything CI checks: fmt, clippy, build, unit + end-to-end tests
 #   make bench   release build, then the benchmark suite (Ward, echo floor, etcd) in one run
 #   make fuzz    the cargo-fuzz targets, FUZZ_TIME seconds each (release build, AddressSanitizer)
@@ -23,7 +25,7 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 # pip's user scripts directory, for when grpcurl lands there.
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: deps test run bench bench-scale fmt clippy build fuzz fuzz-smoke soak
+.PHONY: deps test run run-cluster bench bench-scale fmt clippy build fuzz fuzz-smoke soak
 
 deps:
 	@sudo=""
@@ -119,6 +121,17 @@ fuzz-smoke:
 
 run: deps
 	$(CARGO) run -p ward-server -- dev --data-dir $(DEV_DIR)
+
+# Three replicas sharing an etcd cluster (docs/cluster.md), for trying failover by hand: a
+# 3-member etcd on loopback (2379/22379/32379) and three `ward-server dev` replicas
+# (CLUSTER_PORTS) with one SoftHSM token and one dev CA, all kept in CLUSTER_DIR between runs.
+# Prints grpcurl and wardctl lines for each replica; Ctrl-C stops everything.
+CLUSTER_DIR ?= .ward-cluster
+CLUSTER_PORTS ?= 8443 8444 8445
+run-cluster: deps
+	$(CARGO) build -p ward-server -p wardctl
+	WARD_CLUSTER_DIR="$(CLUSTER_DIR)" WARD_CLUSTER_PORTS="$(CLUSTER_PORTS)" \
+	  scripts/run-cluster.sh "$(TARGET_DIR)/debug/ward-server" "$(TARGET_DIR)/debug/wardctl"
 
 # The whole benchmark suite in one run (release builds): a Ward dev server, the echo floor on
 # the same mTLS stack, and a single-node etcd (Debian's etcd-server, installed when missing) —
