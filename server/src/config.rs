@@ -3,12 +3,14 @@
 //! (where `ps` would show them). Relative paths are resolved against the config file's folder.
 
 pub mod alerts;
+pub mod store;
 
 pub use alerts::{AlertsConfig, WebhookConfig, WebhookUrl};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+pub use store::{Backend, EtcdConfig, StoreConfig};
 use zeroize::Zeroizing;
 
 /// Environment variable that overrides the PIN file.
@@ -20,7 +22,7 @@ pub const PIN_ENV: &str = "WARD_HSM_PIN";
 pub struct Config {
     /// gRPC listen address (mutual TLS).
     pub listen: SocketAddr,
-    /// Folder of the sled database.
+    /// Folder of this node's own state: the sled database (sled backend) and the audit log.
     pub data_dir: PathBuf,
     /// Policy file (TOML).
     pub policy: PathBuf,
@@ -61,6 +63,9 @@ pub struct Config {
     /// The developer portal (HTTPS, off unless `listen` is set).
     #[serde(default)]
     pub portal: PortalConfig,
+    /// Where the vault's state lives: sled in `data_dir` (default) or a shared etcd cluster.
+    #[serde(default)]
+    pub store: StoreConfig,
 }
 
 /// The self-service developer portal: its own HTTPS listener, the same TLS files, CA and CRLs
@@ -360,6 +365,9 @@ pub struct AuditSettings {
     pub prune_interval: Duration,
     /// Size of each segment file.
     pub segment_bytes: u64,
+    /// This node's id when several share one store (its marks there are its own); None for
+    /// a store of its own.
+    pub node: Option<String>,
 }
 
 impl Default for AuditSettings {
@@ -373,6 +381,7 @@ impl Default for AuditSettings {
             retention: Duration::from_secs(90 * 24 * 3600),
             prune_interval: Duration::from_secs(3600),
             segment_bytes: 64 * 1024 * 1024,
+            node: None,
         }
     }
 }
@@ -402,6 +411,7 @@ impl AuditConfig {
             retention: self.retention,
             prune_interval: self.prune_interval,
             segment_bytes: self.segment_bytes,
+            node: None,
         }
     }
 }
@@ -504,11 +514,13 @@ impl Config {
             fix(&mut t.clock_file);
         }
         self.alerts.resolve(base);
+        self.store.resolve(base);
     }
 
     /// Checks every field that has rules.
     pub fn validate(&self) -> Result<(), String> {
         self.alerts.validate()?;
+        self.store.validate()?;
         ward::keyformat::check_prefix(&self.issuer, ward::keyformat::MAX_ISSUER_LEN).map_err(
             |_| {
                 format!(

@@ -63,14 +63,24 @@ impl Keyring {
         if term <= self.current {
             return Err(Error::Internal(format!("keyring term {term} is not new")));
         }
+        self.with_term(term, key)
+    }
+
+    /// This keyring plus `term` (a term another replica added); the newest term is current.
+    pub fn with_term(&self, term: u32, key: &[u8]) -> Result<Self> {
         let cipher = Aes256Gcm::new_from_slice(key)
             .map_err(|_| Error::Internal("keyring key length".into()))?;
         let mut terms = self.terms.clone();
         terms.insert(term, cipher);
         Ok(Self {
             terms,
-            current: term,
+            current: self.current.max(term),
         })
+    }
+
+    /// Whether `term` is loaded.
+    pub fn has_term(&self, term: u32) -> bool {
+        self.terms.contains_key(&term)
     }
 
     /// The term new versions are sealed under.

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! server, dev, main      wiring: configuration → HSM → store → vault → listeners
+//! cluster                wiring of replicas on etcd: replica id, the store's change follower
 //! grpc/                  transport: one file per service, wire.rs, status mapping, layers
 //! portal/                the developer portal: HTTPS pages beside grpc/, same domain calls
 //! changes/               watch streams and the sweeper: follow the vault's changes
@@ -13,7 +14,7 @@
 //! vault/                 the domain: every operation, one write path (vault/write.rs)
 //! audit/                 the tamper-evident audit log, its access and verification
 //! unseal, envelope       the keyring: unsealed by the HSM, seals values
-//! store/                 the store trait, sled, record MACs
+//! store/                 the store trait, sled, etcd, record MACs
 //! model/, policy, config, tls, identity, clock, error, metrics, slots, harden — leaves
 //! ```
 #![deny(missing_docs)]
@@ -22,6 +23,7 @@ pub mod alerts;
 pub mod audit;
 pub mod changes;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod dev;
 pub mod envelope;

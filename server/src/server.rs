@@ -12,7 +12,7 @@ use crate::audit::{AuditAccess, AuditLog};
 use crate::changes::sweeper::SweepIndex;
 use crate::changes::watch::WatchHub;
 use crate::clock::{Clock, FileOffsetClock, SystemClock};
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::envelope::RECORD_MAC_LABEL;
 use crate::grpc::admin::AdminService;
 use crate::grpc::alerts::AlertsService;
@@ -158,15 +158,31 @@ pub async fn serve(
         flush_timeout: Duration::from_millis(cfg.limits.flush_timeout_ms),
         cache_bytes: cfg.limits.cache_mib * 1024 * 1024,
     };
+    // With etcd, the data directory holds only this replica's id and audit log; the store is
+    // the cluster's, and may already hold a keyring.
+    let etcd = match cfg.store.backend {
+        Backend::Etcd => {
+            create_private_dir(&cfg.data_dir).map_err(StartError::Storage)?;
+            let id = crate::cluster::replica_id(&cfg.data_dir).map_err(StartError::Storage)?;
+            let store = crate::cluster::open(&cfg, &id, clock.now_ms())
+                .await
+                .map_err(StartError::Storage)?;
+            Some((id, store))
+        }
+        Backend::Sled => None,
+    };
     let mut stalled = None;
     let mut open_store = || -> Result<Arc<dyn Store>, StartError> {
+        if let Some((_, etcd)) = &etcd {
+            return Ok(etcd.clone());
+        }
         create_private_dir(&cfg.data_dir).map_err(StartError::Storage)?;
         let store = SledStore::open_with(&cfg.data_dir, options.clone())
             .map_err(|e| StartError::Storage(e.to_string()))?;
         stalled = Some(store.stalled());
         Ok(Arc::new(store))
     };
-    let (store, needed) = if cfg.data_dir.exists() {
+    let (store, needed) = if etcd.is_some() || cfg.data_dir.exists() {
         let store = open_store()?;
         let mut needed = crate::unseal::referenced_labels(&*store)
             .map_err(|e| StartError::Storage(e.to_string()))?;
@@ -225,7 +241,8 @@ pub async fn serve(
     let directory = Arc::new(
         KeyDirectory::load(&*sealed).map_err(|e| StartError::Storage(format!("key index: {e}")))?,
     );
-    let store: Arc<dyn Store> = Arc::new(DirectoryStore::new(sealed, directory.clone()));
+    let directory_store = Arc::new(DirectoryStore::new(sealed, directory.clone()));
+    let store: Arc<dyn Store> = directory_store.clone();
 
     let settings = Settings {
         issuer: cfg.issuer.clone(),
@@ -239,12 +256,14 @@ pub async fn serve(
         scan_budget: cfg.limits.scan_budget,
     };
     let signer = mac.clone();
+    let mut audit_settings = cfg.audit.settings();
+    audit_settings.node = etcd.as_ref().map(|(id, _)| id.clone());
     let audit = AuditLog::open(
         store.clone(),
         &cfg.data_dir.join("audit"),
         clock.clone(),
         signer,
-        cfg.audit.settings(),
+        audit_settings,
     )
     .await
     .map_err(|e| match e {
@@ -265,7 +284,9 @@ pub async fn serve(
     // outbox) by one task, delivered by another.
     let (alerts, alert_queue) = Alerts::new(cfg.alerts.queue);
     let outbox = Arc::new(
-        Outbox::open(store.clone(), clock.clone(), &cfg.alerts).map_err(StartError::Config)?,
+        Outbox::open(store.clone(), clock.clone(), &cfg.alerts)
+            .map_err(StartError::Config)?
+            .for_node(etcd.as_ref().map(|(id, _)| id.as_str())),
     );
     outbox.set_alerts(alerts.clone());
     let signals = cfg
@@ -301,6 +322,15 @@ pub async fn serve(
         settings,
         vec![hub.clone(), sweep_index.clone()],
     ));
+    // Changes other replicas commit reach this one's memory through the store's feed.
+    let follower = store.follow().map(|feed| {
+        tokio::spawn(crate::cluster::follow(
+            feed,
+            directory_store.clone(),
+            vault.clone(),
+            wrapper.clone(),
+        ))
+    });
     let admin = AdminServer::new(AdminService::new(vault.clone(), wrapper.clone()));
     let backup = BackupServer::new(BackupService::new(vault.clone()));
     vault
@@ -314,7 +344,17 @@ pub async fn serve(
         Keys::new(
             vault.clone(),
             directory.clone(),
-            KeySettings { unknown_key_limit },
+            KeySettings {
+                unknown_key_limit,
+                // Replicas take quota units from the shared ledger in blocks; one process on
+                // its own store takes exactly what each charge costs.
+                quota_block: cfg
+                    .store
+                    .etcd
+                    .as_ref()
+                    .filter(|_| etcd.is_some())
+                    .map_or(1, |e| e.quota_block),
+            },
         )
         .with_alerts(alerts.clone(), signals),
     );
@@ -416,6 +456,9 @@ pub async fn serve(
         None => None,
     };
     let incoming = tls_incoming_with(listener, tls, ConnLimits::from_config(&cfg));
+    if let Some((_, etcd)) = &etcd {
+        etcd.announce(&addr.to_string());
+    }
     ready(Listening {
         grpc: addr,
         metrics: metrics_addr,
@@ -477,6 +520,22 @@ pub async fn serve(
     let flushed = write_usage(&vault);
     if let Err(e) = flushed.and(store.sync().await.map_err(Into::into)) {
         tracing::warn!(error = %e, "final usage flush failed");
+    }
+    if let Some(f) = follower {
+        f.abort();
+    }
+    if etcd.is_some() {
+        let k = keys.clone();
+        match tokio::task::spawn_blocking(move || k.give_back_quota()).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(units = n, "quota units given back to the ledger"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not give quota units back; they are lost (under-admission)")
+            }
+            _ => {}
+        }
+    }
+    if let Some((_, etcd)) = &etcd {
+        etcd.leave().await;
     }
     served?;
     if stalled.is_some_and(|s| *s.borrow()) {

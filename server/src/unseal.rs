@@ -120,7 +120,20 @@ pub async fn unseal(
 ) -> Result<(Keyring, IndexKey)> {
     let entries = keyring_entries(&**store)?;
     let (entries, index) = match (entries.is_empty(), index_key_entry(&**store)?) {
-        (true, None) => create(store, hsm, master_label, now).await?,
+        (true, None) => match create(store, hsm, master_label, now).await {
+            // Another replica of a shared store created them first: use those.
+            Err(Error::Conflict(_)) => {
+                match (keyring_entries(&**store)?, index_key_entry(&**store)?) {
+                    (entries, Some(index)) if !entries.is_empty() => (entries, index),
+                    _ => {
+                        return Err(Error::Unavailable(
+                            "the keyring is being created by another replica; retry".into(),
+                        ))
+                    }
+                }
+            }
+            other => other?,
+        },
         (false, Some(index)) => (entries, index),
         _ => {
             return Err(Error::DataLoss(

@@ -79,6 +79,11 @@ pub async fn run(
 /// Returns how many alerts it raised.
 pub fn pass(vault: &Vault, alerts: &Alerts, s: &DeadlineSettings) -> Result<usize> {
     let store = vault.store();
+    // A cluster job: with replicas, only the leader judges deadlines (and its pass record is
+    // fenced by its leadership).
+    if !store.leads() {
+        return Ok(0);
+    }
     let now = vault.now();
     let since = store
         .get(Tree::Outbox, LAST_PASS)?
@@ -111,6 +116,7 @@ pub fn pass(vault: &Vault, alerts: &Alerts, s: &DeadlineSettings) -> Result<usiz
     }
     let mut b = Batch::new();
     b.put(Tree::Outbox, LAST_PASS, now.to_be_bytes().to_vec());
+    b.require_leadership();
     store.commit(b)?;
     Ok(raised)
 }

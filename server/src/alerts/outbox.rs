@@ -37,8 +37,10 @@ const PASS: usize = 1024;
 const PARALLEL: usize = 8;
 /// Longest sleep of an idle delivery task (it is woken when an entry arrives).
 const IDLE: Duration = Duration::from_secs(60);
-/// Key of the alert writer's cursor.
+/// Key of the alert writer's cursor (per node when nodes share the store).
 const CURSOR: &[u8] = b"cursor";
+/// How often a replica that does not lead looks whether it leads now.
+const FOLLOWER_POLL: Duration = Duration::from_secs(1);
 
 /// One delivery waiting.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -103,6 +105,8 @@ pub struct Outbox {
     disabled: Mutex<HashSet<String>>,
     wake: Notify,
     alerts: OnceLock<Arc<Alerts>>,
+    /// Key of the alert writer's cursor.
+    cursor_key: Vec<u8>,
 }
 
 fn earliest(a: Option<Millis>, b: Option<Millis>) -> Option<Millis> {
@@ -155,7 +159,15 @@ impl Outbox {
             disabled: Mutex::new(disabled),
             wake: Notify::new(),
             alerts: OnceLock::new(),
+            cursor_key: CURSOR.to_vec(),
         })
+    }
+
+    /// For a node sharing the store with others: its alert writer keeps its own cursor (a
+    /// position in its own audit log).
+    pub fn for_node(mut self, node: Option<&str>) -> Self {
+        self.cursor_key = crate::audit::mark_key(CURSOR, node);
+        self
     }
 
     /// Where `webhook.disabled` alerts go (set once at start-up).
@@ -197,7 +209,11 @@ impl Outbox {
         }
         if let Some(c) = cursor {
             if self.cursor()?.is_none_or(|now| c > now) {
-                b.put(Tree::Outbox, CURSOR, c.to_be_bytes().to_vec());
+                b.put(
+                    Tree::Outbox,
+                    self.cursor_key.clone(),
+                    c.to_be_bytes().to_vec(),
+                );
             }
         }
         if b.is_empty() {
@@ -213,7 +229,7 @@ impl Outbox {
     pub fn cursor(&self) -> Result<Option<u64>> {
         Ok(self
             .store
-            .get(Tree::Outbox, CURSOR)?
+            .get(Tree::Outbox, &self.cursor_key)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_be_bytes))
     }
@@ -221,7 +237,11 @@ impl Outbox {
     /// Durably sets the cursor.
     pub async fn set_cursor(&self, seq: u64) -> Result<()> {
         let mut b = Batch::new();
-        b.put(Tree::Outbox, CURSOR, seq.to_be_bytes().to_vec());
+        b.put(
+            Tree::Outbox,
+            self.cursor_key.clone(),
+            seq.to_be_bytes().to_vec(),
+        );
         self.store.commit(b)?;
         self.store.sync().await?;
         Ok(())
@@ -256,7 +276,13 @@ impl Outbox {
     /// Delivers until `closed` is notified.
     pub async fn run(self: Arc<Self>, closed: Arc<Notify>) {
         loop {
-            let sleep = match self.pass().await {
+            // Deliveries are a cluster job: with replicas, only the leader sends.
+            let sleep = if !self.store.leads() {
+                Ok(FOLLOWER_POLL)
+            } else {
+                self.pass().await
+            };
+            let sleep = match sleep {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(error = %e, "webhook delivery pass failed");

@@ -39,6 +39,7 @@ async fn setup(every: u64) -> Fx {
         retention: Duration::from_secs(10 * 86_400),
         prune_interval: Duration::from_secs(3600),
         segment_bytes: MIN_SEGMENT_SIZE,
+        node: None,
     };
     let audit = dir.path().join("audit");
     let signer: Arc<dyn MacSigner> = Arc::new(hsm);

@@ -51,6 +51,10 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = async { let _ = closed.wait_for(|c| *c).await; } => return,
         }
+        // A cluster job: with replicas, only the leader sweeps (its writes are fenced).
+        if !vault.store().leads() {
+            continue;
+        }
         if let Err(e) = index.sweep(&vault).await {
             tracing::warn!(error = %e, "sweep failed; retrying at the next pass");
         }
@@ -275,7 +279,7 @@ impl SweepIndex {
         let mut rec = AuditRecord::new(&peer, method, now);
         rec.peer = "internal".into();
         rec.targets = vec![(secret.name.clone(), 0)];
-        let batch = match work {
+        let mut batch = match work {
             Work::Rotate => {
                 let key = ApiKey::generate(&vault.settings().issuer, &secret.environment)
                     .map_err(|e| Error::Internal(format!("key generation: {e}")))?;
@@ -301,6 +305,7 @@ impl SweepIndex {
                 rewrite(&secret, raw)
             }
         };
+        batch.require_leadership();
         match vault.commit_with_audit(batch, &mut rec).await {
             Ok(()) => Ok(Some(secret.name)),
             // A caller changed it first; the next pass looks again.

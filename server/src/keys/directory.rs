@@ -29,7 +29,9 @@
 
 use crate::error::{Error, Result};
 use crate::model::{KeyIndexEntry, Kind, SecretRecord};
-use crate::store::{decode, scan_all_checked, Batch, CheckedEntry, Entry, Store, StoreError, Tree};
+use crate::store::{
+    decode, scan_all, scan_all_checked, Batch, CheckedEntry, Entry, Store, StoreError, Tree,
+};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -141,6 +143,19 @@ impl KeyDirectory {
     }
 
     /// Re-reads the given keys of the secrets and key-index trees after a commit.
+    /// Names of the cached records.
+    fn record_names(&self) -> Vec<Vec<u8>> {
+        read(&self.records)
+            .keys()
+            .map(|k| k.as_bytes().to_vec())
+            .collect()
+    }
+
+    /// Hashes in the index.
+    fn index_hashes(&self) -> Vec<Vec<u8>> {
+        read(&self.index).keys().map(|h| h.to_vec()).collect()
+    }
+
     fn refresh(&self, store: &dyn Store, secrets: &[Vec<u8>], index: &[Vec<u8>]) {
         let _fill = self.fill.lock().unwrap_or_else(PoisonError::into_inner);
         for name in secrets {
@@ -234,6 +249,39 @@ impl DirectoryStore {
     pub fn new(inner: Arc<dyn Store>, dir: Arc<KeyDirectory>) -> Self {
         Self { inner, dir }
     }
+
+    /// Re-reads the directory's entries of changed keys that another replica of a shared
+    /// store committed (the store's follow feed): the same refresh a local commit makes.
+    pub fn apply_changes(&self, changed: &[(Tree, Vec<u8>)]) {
+        let pick = |tree: Tree| -> Vec<Vec<u8>> {
+            changed
+                .iter()
+                .filter(|(t, _)| *t == tree)
+                .map(|(_, k)| k.clone())
+                .collect()
+        };
+        let (secrets, index) = (pick(Tree::Secrets), pick(Tree::KeyIndex));
+        if !secrets.is_empty() || !index.is_empty() {
+            self.dir.refresh(&*self.inner, &secrets, &index);
+        }
+    }
+
+    /// Re-reads every entry (the follow feed fell behind: anything may have changed). Keys
+    /// that are gone from the store are dropped as their refresh finds them absent.
+    pub fn apply_everything(&self) -> Result<()> {
+        let keys = |tree: Tree| -> Result<Vec<Vec<u8>>> {
+            Ok(scan_all(&*self.inner, tree)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect())
+        };
+        let mut secrets = keys(Tree::Secrets)?;
+        let mut index = keys(Tree::KeyIndex)?;
+        secrets.extend(self.dir.record_names());
+        index.extend(self.dir.index_hashes());
+        self.dir.refresh(&*self.inner, &secrets, &index);
+        Ok(())
+    }
 }
 
 impl Store for DirectoryStore {
@@ -291,5 +339,16 @@ impl Store for DirectoryStore {
 
     fn snapshot(&self) -> Result<crate::store::Snapshot, StoreError> {
         self.inner.snapshot()
+    }
+    fn follow(&self) -> Option<tokio::sync::broadcast::Receiver<crate::store::etcd::Changed>> {
+        self.inner.follow()
+    }
+
+    fn leads(&self) -> bool {
+        self.inner.leads()
+    }
+
+    fn live_replicas(&self) -> usize {
+        self.inner.live_replicas()
     }
 }

@@ -124,6 +124,9 @@ pub struct KeySettings {
     /// Budget of failed lookups (NOT_FOUND) per caller and client IP; past it the pair's
     /// verifications of keys that read as unknown are RATE_LIMITED (known keys still verify).
     pub unknown_key_limit: RateLimit,
+    /// Quota units taken from the stored ledger at a time (1 on an embedded store; see
+    /// [`quota`]).
+    pub quota_block: u64,
 }
 
 /// GetKeyUsage's answer.
@@ -179,11 +182,17 @@ impl Keys {
             dir,
             rates: Limiters::default(),
             guard: Limiters::default(),
-            quotas: QuotaLedger::default(),
+            quotas: QuotaLedger::with_block(settings.quota_block),
             settings,
             alerts: None,
             signals: None,
         }
+    }
+
+    /// Gives the quota units this process took and did not spend back to the stored ledgers
+    /// (at shutdown). Returns how many.
+    pub fn give_back_quota(&self) -> Result<u64> {
+        self.quotas.give_back(&**self.vault.store())
     }
 
     /// Raises alerts into `alerts`: leak reports always, and the verification path's signals
@@ -450,6 +459,8 @@ impl Keys {
         }
         if let Some(limit) = policy.rate_limit {
             let name: Arc<str> = record.name.as_str().into();
+            // Replicas share the rate: each admits its share of it (docs/cluster.md).
+            let limit = limit.shared_by(store.live_replicas());
             match self.rates.check(&name, limit, cost, now) {
                 Decision::Allowed(s) => v.rate = Some(s),
                 Decision::Limited {
@@ -772,6 +783,7 @@ mod tests {
             directory,
             KeySettings {
                 unknown_key_limit: RateLimit::parse(60, 60_000, 5).unwrap(),
+                quota_block: 1,
             },
         );
         Fixture {

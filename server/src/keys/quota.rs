@@ -1,29 +1,33 @@
-//! The quota ledger: each API key's remaining balance, exact across restarts and never below
-//! zero under concurrency.
+//! The quota ledger: each API key's remaining balance, exact across restarts and replicas and
+//! never below zero under concurrency.
 //!
-//! Design. One entry per key, each behind its own mutex. A charge takes the entry's lock, reads
-//! the balance (from memory; from the store the first time), refuses if it is short, else
-//! decrements it and writes the new balance to the store — still under the lock, so two
-//! charges can never be written out of order and leave a stale balance on disk. The write is a
-//! plain store commit (an in-memory operation in sled, no fsync): the verifier then waits for
-//! the group-commit flush that also carries the call's audit record before it answers VALID.
-//! So there is no fsync per charge, concurrent verifications share one, and no VALID is ever
-//! acknowledged whose charge is not on disk: after a crash the balance is exactly the limit
-//! minus every acknowledged charge, or lower by charges whose reply was lost with the crash
-//! (the ledger may under-admit in a crash, never over-admit).
+//! Design. The stored ledger (tree `quota`) holds the units nobody has taken yet. A process
+//! takes units from it in *blocks* with a guarded store write, then spends them from memory:
+//! a charge that its held units cover writes nothing. With the embedded store the block is 1
+//! (every charge takes exactly its cost, so the stored balance is exact at every moment);
+//! replicas on etcd take `store.etcd.quota_block` units at a time, so most verifications make
+//! no etcd call. Units are taken before they are spent, so the sum of VALID answers across
+//! every process never exceeds the quota: a crash loses at most the unspent units each process
+//! held (under-admission, never over-admission), and a clean shutdown gives them back
+//! ([`QuotaLedger::give_back`]). Each key's state sits behind its own mutex, and every take is
+//! a compare-and-set on the stored ledger, retried when another process took first.
+//!
+//! The verifier waits for the durability of what a charge wrote (and the call's audit
+//! record) before it answers VALID: no VALID is acknowledged whose units are not durably
+//! taken.
 //!
 //! Refills are computed, not scheduled: the balance is replaced by `refill` whenever a period
 //! boundary (counted from when the quota was set) has passed since the ledger's own period
-//! start. The same stored ledger and clock give the same balance before and after a restart.
-//! Setting a quota gives it an epoch above every epoch the key ever had (kept on the key's
-//! policy even while it has no quota, so a quota cleared and set again never meets its old
-//! ledger); a ledger from another epoch (or another incarnation of the name) is discarded and
-//! the new quota starts at its limit.
+//! start; units held from an earlier period are dropped with it. The same stored ledger and
+//! clock give the same balance before and after a restart. Setting a quota gives it an epoch
+//! above every epoch the key ever had (kept on the key's policy even while it has no quota,
+//! so a quota cleared and set again never meets its old ledger); a ledger from another epoch
+//! (or another incarnation of the name) is discarded and the new quota starts at its limit.
 
 use crate::clock::Millis;
 use crate::error::{Error, Result};
 use crate::model::keypolicy::Quota;
-use crate::store::{decode, encode, Batch, Store, Tree};
+use crate::store::{decode, encode, Batch, Store, StoreError, Tree};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -35,7 +39,7 @@ pub struct LedgerRecord {
     pub create_ms: Millis,
     /// The quota's epoch this ledger belongs to.
     pub epoch: u64,
-    /// Units left.
+    /// Units left (not yet taken by any process).
     pub balance: u64,
     /// Start of the current refill period.
     pub period_start_ms: Millis,
@@ -44,24 +48,60 @@ pub struct LedgerRecord {
 /// What a charge did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Charge {
-    /// Charged; the balance left.
+    /// Charged; the balance left (as this process sees it).
     Charged(u64),
     /// Refused, nothing charged; the balance, and how long until the next refill.
     Exceeded(u64, Option<u64>),
 }
 
-type Slot = Arc<Mutex<Option<LedgerRecord>>>;
+/// Units this process has taken from one ledger and not spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    create_ms: Millis,
+    epoch: u64,
+    period_start_ms: Millis,
+    units: u64,
+}
+
+impl Held {
+    fn belongs_to(&self, rec: &LedgerRecord) -> bool {
+        self.create_ms == rec.create_ms
+            && self.epoch == rec.epoch
+            && self.period_start_ms == rec.period_start_ms
+    }
+}
+
+type Slot = Arc<Mutex<Option<Held>>>;
+
+/// Most attempts of one take when other processes keep taking first.
+const TAKE_ATTEMPTS: usize = 16;
 
 /// Every key's quota balance.
-#[derive(Default)]
 pub struct QuotaLedger {
     slots: Mutex<HashMap<Arc<str>, Slot>>,
+    /// Units taken from the stored ledger at a time (at least the charge's cost).
+    block: u64,
+}
+
+impl Default for QuotaLedger {
+    /// Takes exactly what each charge costs (one process on its own store).
+    fn default() -> Self {
+        Self::with_block(1)
+    }
 }
 
 impl QuotaLedger {
-    /// Charges `cost` to the quota of secret `name` (created at `create_ms`) if the balance
-    /// covers it. Cost 0 reports the balance and writes nothing. A failed store write charges
-    /// nothing and is UNAVAILABLE.
+    /// A ledger that takes `block` units at a time (1: exactly each charge's cost).
+    pub fn with_block(block: u64) -> Self {
+        Self {
+            slots: Mutex::default(),
+            block: block.max(1),
+        }
+    }
+
+    /// Charges `cost` to the quota of secret `name` (created at `create_ms`) if the units held
+    /// here and the stored balance cover it. Cost 0 reports the balance and writes nothing. A
+    /// failed store write charges nothing and is UNAVAILABLE.
     pub fn charge(
         &self,
         store: &dyn Store,
@@ -73,32 +113,57 @@ impl QuotaLedger {
     ) -> Result<Charge> {
         let slot = self.slot(name);
         let mut held = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut rec = match *held {
-            Some(r) if r.create_ms == create_ms && r.epoch == quota.epoch => r,
-            _ => load(store, name, create_ms, quota)?,
-        };
-        refill(&mut rec, quota, now);
-        if rec.balance < cost {
-            *held = Some(rec);
-            let next = quota
-                .refill_period_ms
-                .map(|p| rec.period_start_ms.saturating_add(p).saturating_sub(now));
-            return Ok(Charge::Exceeded(rec.balance, next));
-        }
-        if cost > 0 {
-            rec.balance -= cost;
+        for _ in 0..TAKE_ATTEMPTS {
+            let (raw, mut rec) = load(store, name, create_ms, quota)?;
+            refill(&mut rec, quota, now);
+            let mine = match *held {
+                Some(h) if h.belongs_to(&rec) => h.units,
+                _ => 0,
+            };
+            if mine >= cost {
+                if cost > 0 {
+                    *held = Some(Held {
+                        units: mine - cost,
+                        ..holding(&rec)
+                    });
+                }
+                return Ok(Charge::Charged(rec.balance + mine - cost));
+            }
+            let need = cost - mine;
+            if rec.balance < need {
+                let next = quota
+                    .refill_period_ms
+                    .map(|p| rec.period_start_ms.saturating_add(p).saturating_sub(now));
+                return Ok(Charge::Exceeded(rec.balance + mine, next));
+            }
+            let take = rec.balance.min(need.max(self.block));
+            rec.balance -= take;
             let mut batch = Batch::new();
+            batch.guard(Tree::Quota, name.as_bytes(), raw);
             batch.put(Tree::Quota, name.as_bytes(), encode(&rec));
-            store.commit(batch).map_err(|e| {
-                tracing::error!(error = %e, "quota ledger write failed");
-                Error::Unavailable("quota ledger unavailable".into())
-            })?;
+            match store.commit(batch) {
+                Ok(()) => {
+                    *held = Some(Held {
+                        units: mine + take - cost,
+                        ..holding(&rec)
+                    });
+                    return Ok(Charge::Charged(rec.balance + mine + take - cost));
+                }
+                // Another process took first: read what it left and try again.
+                Err(StoreError::Conflict) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "quota ledger write failed");
+                    return Err(Error::Unavailable("quota ledger unavailable".into()));
+                }
+            }
         }
-        *held = Some(rec);
-        Ok(Charge::Charged(rec.balance))
+        Err(Error::Unavailable(
+            "quota ledger busy: other replicas kept changing it; retry".into(),
+        ))
     }
 
-    /// The balance now, without charging.
+    /// The balance now (what nobody has taken plus what this process holds), without
+    /// charging.
     pub fn balance(
         &self,
         store: &dyn Store,
@@ -112,6 +177,52 @@ impl QuotaLedger {
         }
     }
 
+    /// Returns every unspent unit this process holds to the stored ledgers (at shutdown: the
+    /// next process, or another replica, can spend them). Units of a ledger that moved on (a
+    /// new period, epoch or incarnation) are dropped. Returns the units given back.
+    pub fn give_back(&self, store: &dyn Store) -> Result<u64> {
+        let slots: Vec<(Arc<str>, Slot)> = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut returned = 0;
+        for (name, slot) in slots {
+            let mut held = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(h) = *held else { continue };
+            if h.units == 0 {
+                continue;
+            }
+            for _ in 0..TAKE_ATTEMPTS {
+                let raw = store.get(Tree::Quota, name.as_bytes())?;
+                let Some(mut rec) = raw
+                    .as_deref()
+                    .map(|r| decode::<LedgerRecord>("quota ledger", r))
+                    .transpose()?
+                    .filter(|r| h.belongs_to(r))
+                else {
+                    break;
+                };
+                rec.balance = rec.balance.saturating_add(h.units);
+                let mut batch = Batch::new();
+                batch.guard(Tree::Quota, name.as_bytes(), raw);
+                batch.put(Tree::Quota, name.as_bytes(), encode(&rec));
+                match store.commit(batch) {
+                    Ok(()) => {
+                        returned += h.units;
+                        break;
+                    }
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            *held = None;
+        }
+        Ok(returned)
+    }
+
     fn slot(&self, name: &str) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(s) = slots.get(name) {
@@ -123,13 +234,30 @@ impl QuotaLedger {
     }
 }
 
-/// The stored ledger if it belongs to this quota, else a fresh one at the limit.
-fn load(store: &dyn Store, name: &str, create_ms: Millis, quota: &Quota) -> Result<LedgerRecord> {
-    let stored = store
-        .get(Tree::Quota, name.as_bytes())?
-        .map(|raw| decode::<LedgerRecord>("quota ledger", &raw))
+/// No units held yet of ledger `rec`.
+fn holding(rec: &LedgerRecord) -> Held {
+    Held {
+        create_ms: rec.create_ms,
+        epoch: rec.epoch,
+        period_start_ms: rec.period_start_ms,
+        units: 0,
+    }
+}
+
+/// The stored bytes (for the guard) and the ledger if it belongs to this quota, else a fresh
+/// one at the limit.
+fn load(
+    store: &dyn Store,
+    name: &str,
+    create_ms: Millis,
+    quota: &Quota,
+) -> Result<(Option<Vec<u8>>, LedgerRecord)> {
+    let raw = store.get(Tree::Quota, name.as_bytes())?;
+    let stored = raw
+        .as_deref()
+        .map(|r| decode::<LedgerRecord>("quota ledger", r))
         .transpose()?;
-    Ok(match stored {
+    let rec = match stored {
         Some(r) if r.create_ms == create_ms && r.epoch == quota.epoch => r,
         _ => LedgerRecord {
             create_ms,
@@ -137,7 +265,8 @@ fn load(store: &dyn Store, name: &str, create_ms: Millis, quota: &Quota) -> Resu
             balance: quota.limit,
             period_start_ms: quota.set_ms,
         },
-    })
+    };
+    Ok((raw, rec))
 }
 
 fn refill(rec: &mut LedgerRecord, quota: &Quota, now: Millis) {

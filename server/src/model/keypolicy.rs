@@ -189,6 +189,21 @@ impl RateLimit {
             burst,
         })
     }
+
+    /// One replica's share when `replicas` serve the key: the same requests over `replicas`
+    /// times the period, and the burst divided (rounded up, at least 1). Across replicas the
+    /// sum admits at most the rate plus `replicas - 1` requests of rounding in the burst.
+    pub fn shared_by(self, replicas: usize) -> Self {
+        let n = u32::try_from(replicas.max(1)).unwrap_or(u32::MAX);
+        if n == 1 {
+            return self;
+        }
+        Self {
+            requests: self.requests,
+            period_ms: self.period_ms.saturating_mul(u64::from(n)),
+            burst: self.burst.div_ceil(n).max(1),
+        }
+    }
 }
 
 /// A quota: a starting balance, optionally refilled (replaced) every period.
@@ -387,6 +402,21 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_rate_shared_by_replicas_sums_to_the_rate() {
+        let r = RateLimit::parse(100, 1_000, 10).unwrap();
+        assert_eq!(r.shared_by(1), r);
+        assert_eq!(r.shared_by(0), r);
+        let third = r.shared_by(3);
+        assert_eq!(
+            (third.requests, third.period_ms, third.burst),
+            (100, 3_000, 4)
+        );
+        // One request a minute over five replicas: each admits one per five minutes.
+        let slow = RateLimit::parse(1, 60_000, 0).unwrap().shared_by(5);
+        assert_eq!((slow.requests, slow.period_ms, slow.burst), (1, 300_000, 1));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! The rule every caller follows: commit the batch that holds the state change and its audit
 //! record, then await [`Store::sync`], then reply. Nothing is acknowledged before it is durable.
 
+pub mod etcd;
 pub mod sealed;
 pub mod sled_store;
 
@@ -101,6 +102,7 @@ type Op = (Tree, Vec<u8>, Option<Vec<u8>>);
 pub struct Batch {
     parts: Vec<Part>,
     generation: Option<u64>,
+    leader_only: bool,
 }
 
 /// One caller's guards and writes.
@@ -141,6 +143,7 @@ impl Batch {
 
     /// Appends `other` as a later part: its guards are checked after this batch's writes.
     pub fn merge(&mut self, other: Batch) {
+        self.absorb_conditions(&other);
         self.parts.extend(other.parts);
     }
 
@@ -162,6 +165,12 @@ impl Batch {
         self.generation = Some(generation);
     }
 
+    /// Applies only while this process leads the cluster's jobs ([`Store::leads`]); a
+    /// replica that lost the lead meanwhile gets UNAVAILABLE, never a write.
+    pub fn require_leadership(&mut self) {
+        self.leader_only = true;
+    }
+
     /// Rewrites every value this batch expects or sets in `tree` with `f(key, value)` (how
     /// [`sealed::SealedStore`] adds the MAC to what it stores and to what guards expect).
     pub(crate) fn map_values(&mut self, tree: Tree, f: impl Fn(&[u8], &[u8]) -> Vec<u8>) {
@@ -178,6 +187,11 @@ impl Batch {
 
     fn writes(&self) -> impl Iterator<Item = &Op> + '_ {
         self.parts.iter().flat_map(|p| &p.writes)
+    }
+
+    /// Appends `other` as a later part (see [`Batch::merge`]), keeping its conditions.
+    fn absorb_conditions(&mut self, other: &Batch) {
+        self.leader_only |= other.leader_only;
     }
 
     fn guards(&self) -> impl Iterator<Item = &Op> + '_ {
@@ -201,6 +215,13 @@ pub enum StoreError {
     /// A stored record failed its MAC: edited, or moved from another key. Says which record.
     #[error("{0}")]
     Tampered(String),
+    /// The storage may or may not have applied the batch (a shared store stopped answering
+    /// mid-commit); [`Store::generation`] moved, and what the store holds settles it.
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
+    /// The batch exceeds what the storage takes in one atomic write; nothing was written.
+    #[error("write too large: {0}")]
+    TooLarge(String),
 }
 
 impl From<StoreError> for crate::error::Error {
@@ -218,6 +239,20 @@ impl From<StoreError> for crate::error::Error {
             StoreError::Tampered(what) => {
                 tracing::error!(record = %what, "stored record failed its integrity check");
                 crate::error::Error::DataLoss(what)
+            }
+            StoreError::Indeterminate(detail) => {
+                tracing::error!(%detail, "storage did not confirm a write");
+                crate::error::Error::Unavailable(
+                    "storage unavailable: the write may or may not have been applied; retry it \
+                     with the same request_id"
+                        .into(),
+                )
+            }
+            StoreError::TooLarge(detail) => {
+                tracing::error!(%detail, "write too large for the store");
+                crate::error::Error::ResourceExhausted(
+                    "the write is too large for the store in one transaction".into(),
+                )
             }
         }
     }
@@ -277,6 +312,25 @@ pub trait Store: Send + Sync + 'static {
         Err(StoreError::Unavailable(
             "this store cannot take snapshots".into(),
         ))
+    }
+
+    /// For a store shared by several processes: every change anyone commits (this process
+    /// included), once this process reads it, as (tree, key) lists in commit order. A
+    /// follower that lags gets `Lagged` and must treat everything as changed. None: only
+    /// this process writes (the embedded store).
+    fn follow(&self) -> Option<tokio::sync::broadcast::Receiver<etcd::Changed>> {
+        None
+    }
+
+    /// Whether this process runs the cluster's jobs (the sweeper, deadline alerts). Always,
+    /// for a store only this process uses.
+    fn leads(&self) -> bool {
+        true
+    }
+
+    /// Processes serving this store now (from the replica registry): 1 for an embedded store.
+    fn live_replicas(&self) -> usize {
+        1
     }
 }
 

@@ -194,6 +194,17 @@ impl Store for SealedStore {
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.inner.snapshot()
     }
+    fn follow(&self) -> Option<tokio::sync::broadcast::Receiver<crate::store::etcd::Changed>> {
+        self.inner.follow()
+    }
+
+    fn leads(&self) -> bool {
+        self.inner.leads()
+    }
+
+    fn live_replicas(&self) -> usize {
+        self.inner.live_replicas()
+    }
 }
 
 #[cfg(test)]

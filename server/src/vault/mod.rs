@@ -14,6 +14,7 @@ mod admin;
 mod api_keys;
 pub mod backup;
 mod cache;
+mod follow;
 mod lifecycle;
 mod secrets;
 pub mod usage;

@@ -194,6 +194,7 @@ impl Vault {
                 ))
             })?;
         let sealed: SealedValue = decode("sealed value", &blob)?;
+        self.term_missing(sealed.term)?;
         // AES-GCM with the name and version in its associated data has checked the value;
         // the CRC32C is computed here (it is stored nowhere) for the client to check in turn.
         let value = self.keyring().open(name.as_str(), meta.version, &sealed)?;
@@ -225,6 +226,7 @@ impl Vault {
             return Ok(0);
         };
         let sealed: SealedValue = decode("sealed value", &blob)?;
+        self.term_missing(sealed.term)?;
         let value = self.keyring().open(name, version, &sealed)?;
         Ok(crc32c::crc32c(&value))
     }

@@ -44,7 +44,7 @@ impl AuditLog {
                 self.segments.dir().display()
             )))
         };
-        if let Some(raw) = self.store.get(Tree::Meta, APPLIED_MARK)? {
+        if let Some(raw) = self.store.get(Tree::Meta, &self.mark(APPLIED_MARK))? {
             let applied = read_u64(&raw).unwrap_or(0);
             if applied > head {
                 return refuse(format!(
@@ -52,7 +52,7 @@ impl AuditLog {
                 ));
             }
         }
-        if let Some(raw) = self.store.get(Tree::Meta, CHECKPOINT_MARK)? {
+        if let Some(raw) = self.store.get(Tree::Meta, &self.mark(CHECKPOINT_MARK))? {
             let seq = read_u64(&raw).unwrap_or(0);
             if seq > head {
                 return refuse(format!("checkpoint record {seq} was written"));
@@ -84,7 +84,10 @@ impl AuditLog {
     /// [`AuditLog::reconcile`], with the writer lock held.
     async fn reconcile_locked(&self) -> Result<()> {
         self.reconcile_due.store(false, Ordering::Release);
-        let applied = match self.store.get(Tree::Meta, APPLIED_MARK)? {
+        // The mark must be read as the store holds it now: a shared store's copy first
+        // catches up with every commit, including one whose outcome was unknown.
+        self.store.sync().await?;
+        let applied = match self.store.get(Tree::Meta, &self.mark(APPLIED_MARK))? {
             Some(raw) => read_u64(&raw).unwrap_or(0),
             None => 0,
         };
@@ -125,7 +128,7 @@ impl AuditLog {
         let mut batch = Batch::new();
         batch.put(
             Tree::Meta,
-            APPLIED_MARK,
+            self.mark(APPLIED_MARK),
             self.durable_head().to_be_bytes().to_vec(),
         );
         self.store.commit(batch)?;
@@ -220,7 +223,11 @@ impl AuditLog {
         }
         let marked = |q: &Queued| {
             let mut b = q.batch.clone();
-            b.put(Tree::Meta, APPLIED_MARK, q.rec.seq.to_be_bytes().to_vec());
+            b.put(
+                Tree::Meta,
+                self.mark(APPLIED_MARK),
+                q.rec.seq.to_be_bytes().to_vec(),
+            );
             b.require_generation(generation);
             b
         };
@@ -240,7 +247,9 @@ impl AuditLog {
                     q.answer(Ok(()));
                 }
             }
-            Err(StoreError::Conflict) if staged.len() > 1 => {
+            // One member's guard failed, or the group is more than the store takes at once:
+            // each is committed alone, so only what fails on its own fails.
+            Err(StoreError::Conflict | StoreError::TooLarge(_)) if staged.len() > 1 => {
                 for q in staged {
                     let result = self.store.commit(marked(&q));
                     self.settle(q, result).await;
@@ -257,7 +266,12 @@ impl AuditLog {
     /// Answers a change whose commit is known; a failed one is voided first, so that no later
     /// commit moves the applied mark past an unresolved record.
     async fn settle(&self, q: Queued, result: Result<(), StoreError>) {
-        if let Err(e) = &result {
+        if let Err(StoreError::Indeterminate(_)) = &result {
+            // The store may hold the change: what it holds (the applied mark travels with the
+            // change) settles the record before the next change, instead of a void that
+            // could be false.
+            self.reconcile_due.store(true, Ordering::Release);
+        } else if let Err(e) = &result {
             let code = match e {
                 StoreError::Conflict => Code::Aborted,
                 _ => Code::Unavailable,

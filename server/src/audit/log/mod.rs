@@ -36,11 +36,23 @@ const CHECKPOINT_RETRY: Duration = Duration::from_secs(5);
 /// Least time between two attempts to reopen a failed log.
 const REOPEN_EVERY: Duration = Duration::from_millis(200);
 /// Meta key: every change record up to this sequence number (u64 BE) is resolved — its change
-/// was committed, or a void record says it was not.
+/// was committed, or a void record says it was not. Per node when nodes share a store
+/// ([`mark_key`]).
 pub const APPLIED_MARK: &[u8] = b"audit_applied";
 /// Meta key: the newest checkpoint record (u64 BE seq, then its 32-byte hash), so that a log
-/// cut before it is refused at start-up.
+/// cut before it is refused at start-up. Per node like [`APPLIED_MARK`].
 pub const CHECKPOINT_MARK: &[u8] = b"audit_checkpoint";
+
+/// The meta key of one of a node's marks: `mark`, or `mark/node` when several nodes (each with
+/// its own log) share the store.
+pub fn mark_key(mark: &[u8], node: Option<&str>) -> Vec<u8> {
+    let mut k = mark.to_vec();
+    if let Some(node) = node {
+        k.push(b'/');
+        k.extend_from_slice(node.as_bytes());
+    }
+    k
+}
 
 /// The last use of a secret version, kept from the audit log's own events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +191,11 @@ impl AuditLog {
     /// The settings in force.
     pub fn settings(&self) -> &AuditSettings {
         &self.settings
+    }
+
+    /// This node's key of `mark` in the store's meta tree.
+    pub(super) fn mark(&self, mark: &[u8]) -> Vec<u8> {
+        mark_key(mark, self.settings.node.as_deref())
     }
 
     /// The store the changes go to.
@@ -410,9 +427,13 @@ impl AuditLog {
         let mut mark = rec.seq.to_be_bytes().to_vec();
         mark.extend_from_slice(&hash);
         let mut batch = Batch::new();
-        batch.put(Tree::Meta, CHECKPOINT_MARK, mark);
+        batch.put(Tree::Meta, self.mark(CHECKPOINT_MARK), mark);
         if !self.reconcile_due.load(Ordering::Acquire) {
-            batch.put(Tree::Meta, APPLIED_MARK, rec.seq.to_be_bytes().to_vec());
+            batch.put(
+                Tree::Meta,
+                self.mark(APPLIED_MARK),
+                rec.seq.to_be_bytes().to_vec(),
+            );
         }
         self.store.commit(batch)?;
         self.store.sync().await?;

@@ -1,0 +1,362 @@
+//! The replica's copy of everything under the prefix, kept current by one etcd watch.
+//!
+//! Loading reads the whole prefix at one revision R (paged, every page at R), then watches from
+//! R + 1 with progress notifications, so the copy is always exactly etcd's state at
+//! [`Mirror::revision`]: events are applied a whole watch response at a time under the write
+//! lock, and a watch response never splits one revision. When etcd has compacted past the
+//! revision the watch needs ("required revision has been compacted"), or the watch cannot be
+//! resumed, the prefix is read again and the difference is told to followers as a change like
+//! any other. Readers never wait for etcd.
+
+use super::{cluster_key, tree_key, ETCD_PAGE};
+use crate::store::{Entry, Tree};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, watch};
+
+/// A stored value and the revision that wrote it.
+#[derive(Debug, Clone)]
+pub(super) struct Stored {
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+/// What changed: (tree, key) pairs, in commit order. Keys outside the trees (the replica
+/// registry, the leader key) are not listed.
+pub type Changed = Arc<Vec<(Tree, Vec<u8>)>>;
+
+/// Every tree's entries and the cluster keys, at one revision.
+#[derive(Debug, Default)]
+pub(super) struct Mirror {
+    pub trees: Vec<BTreeMap<Vec<u8>, Stored>>,
+    /// Keys under `prefix + "_cluster/"` (registry, leader), without that prefix.
+    pub cluster: BTreeMap<Vec<u8>, Stored>,
+    /// The etcd revision this copy reflects.
+    pub revision: i64,
+}
+
+/// Where a full key of the prefix belongs.
+enum Place<'a> {
+    Tree(Tree, &'a [u8]),
+    Cluster(&'a [u8]),
+    Foreign,
+}
+
+impl Mirror {
+    fn empty() -> Self {
+        Self {
+            trees: vec![BTreeMap::new(); Tree::ALL.len()],
+            ..Self::default()
+        }
+    }
+
+    pub fn tree(&self, tree: Tree) -> &BTreeMap<Vec<u8>, Stored> {
+        &self.trees[tree.index()]
+    }
+
+    /// Entries of `tree` with keys starting with `prefix`, from `start`, at most `limit`.
+    pub fn scan(&self, tree: Tree, prefix: &[u8], start: &[u8], limit: usize) -> Vec<Entry> {
+        let from = if start > prefix { start } else { prefix };
+        self.tree(tree)
+            .range(from.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, s)| (k.clone(), s.value.clone()))
+            .collect()
+    }
+
+    fn place<'a>(prefix: &[u8], full: &'a [u8]) -> Place<'a> {
+        let Some(rest) = full.strip_prefix(prefix) else {
+            return Place::Foreign;
+        };
+        if let Some(k) = rest.strip_prefix(cluster_key(b"").as_slice()) {
+            return Place::Cluster(k);
+        }
+        let Some(slash) = rest.iter().position(|b| *b == b'/') else {
+            return Place::Foreign;
+        };
+        match std::str::from_utf8(&rest[..slash])
+            .ok()
+            .and_then(Tree::from_name)
+        {
+            Some(t) => Place::Tree(t, &rest[slash + 1..]),
+            None => Place::Foreign,
+        }
+    }
+
+    /// Sets or removes one full key; returns its tree and key if it is a tree entry.
+    fn apply(
+        &mut self,
+        prefix: &[u8],
+        full: &[u8],
+        value: Option<Stored>,
+    ) -> Option<(Tree, Vec<u8>)> {
+        let (map, key, tree) = match Self::place(prefix, full) {
+            Place::Tree(t, k) => (&mut self.trees[t.index()], k, Some(t)),
+            Place::Cluster(k) => (&mut self.cluster, k, None),
+            Place::Foreign => return None,
+        };
+        match value {
+            Some(v) => {
+                map.insert(key.to_vec(), v);
+            }
+            None => {
+                map.remove(key);
+            }
+        }
+        tree.map(|t| (t, key.to_vec()))
+    }
+
+    /// Every (tree, key) whose value differs between `self` and `other`.
+    fn diff(&self, other: &Mirror) -> Vec<(Tree, Vec<u8>)> {
+        let mut out = Vec::new();
+        for t in Tree::ALL {
+            let (a, b) = (self.tree(t), other.tree(t));
+            for (k, v) in a {
+                if b.get(k).map(|w| w.mod_revision) != Some(v.mod_revision) {
+                    out.push((t, k.clone()));
+                }
+            }
+            for k in b.keys() {
+                if !a.contains_key(k) {
+                    out.push((t, k.clone()));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The mirror and how it is shared: readers, the watch task, and writers waiting for their
+/// revision to arrive.
+pub(super) struct Shared {
+    pub prefix: Vec<u8>,
+    pub mirror: std::sync::RwLock<Mirror>,
+    /// The revision the mirror reflects, for writers waiting to read their own writes.
+    pub applied: watch::Sender<i64>,
+    pub changes: broadcast::Sender<Changed>,
+    /// Whether the watch is connected and current (false while it reconnects or reloads).
+    pub live: watch::Sender<bool>,
+}
+
+/// Changes kept for followers before a slow one lags (and then reloads everything).
+const CHANGES_CAPACITY: usize = 4096;
+
+impl Shared {
+    pub fn new(prefix: Vec<u8>) -> Self {
+        Self {
+            prefix,
+            mirror: std::sync::RwLock::new(Mirror::empty()),
+            applied: watch::channel(0).0,
+            changes: broadcast::channel(CHANGES_CAPACITY).0,
+            live: watch::channel(false).0,
+        }
+    }
+
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, Mirror> {
+        self.mirror
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Mirror> {
+        self.mirror
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn publish(&self, revision: i64, changed: Vec<(Tree, Vec<u8>)>) {
+        if !changed.is_empty() {
+            // No follower yet is fine: they load what they need when they start.
+            let _ = self.changes.send(Arc::new(changed));
+        }
+        self.applied.send_replace(revision);
+    }
+}
+
+/// Reads the whole prefix at one revision.
+pub(super) async fn load(client: &mut Client, prefix: &[u8]) -> Result<Mirror, etcd_client::Error> {
+    let mut mirror = Mirror::empty();
+    let end = prefix_end(prefix);
+    let mut from = prefix.to_vec();
+    let mut revision = 0;
+    loop {
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(ETCD_PAGE);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = client.get(from.clone(), Some(opts)).await?;
+        if revision == 0 {
+            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        for kv in resp.kvs() {
+            mirror.apply(
+                prefix,
+                kv.key(),
+                Some(Stored {
+                    value: kv.value().to_vec(),
+                    mod_revision: kv.mod_revision(),
+                }),
+            );
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    mirror.revision = revision;
+    Ok(mirror)
+}
+
+/// The end of the key range that holds every key starting with `prefix`.
+pub(super) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Installs a freshly loaded mirror, telling followers what differs from the old one.
+pub(super) fn install(shared: &Shared, fresh: Mirror) {
+    let revision = fresh.revision;
+    let changed = {
+        let mut m = shared.write();
+        let changed = m.diff(&fresh);
+        *m = fresh;
+        changed
+    };
+    shared.publish(revision, changed);
+}
+
+/// The watch task: applies every change under the prefix, reconnecting and reloading as
+/// needed, until `stop` is set.
+pub(super) async fn follow(client: Client, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let from = shared.read().revision + 1;
+        let outcome = tokio::select! {
+            r = watch_from(client.clone(), &shared, from) => r,
+            _ = stop.changed() => return,
+        };
+        shared.live.send_replace(false);
+        match outcome {
+            Ok(Ended::Compacted(at)) => {
+                tracing::warn!(
+                    needed = from,
+                    compacted_to = at,
+                    "etcd compacted past the watch's revision; reloading the store's copy"
+                );
+                reload(&client, &shared, &mut stop).await;
+                backoff = Duration::from_millis(50);
+            }
+            Ok(Ended::Closed) => {
+                tracing::warn!("etcd watch closed; resuming");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "etcd watch failed; resuming");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Loads the prefix again until it works (or `stop`).
+async fn reload(client: &Client, shared: &Shared, stop: &mut watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match load(&mut client.clone(), &shared.prefix).await {
+            Ok(fresh) => {
+                install(shared, fresh);
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "reloading from etcd failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+enum Ended {
+    Compacted(i64),
+    Closed,
+}
+
+/// One watch stream from `from`: applies its events until it ends.
+async fn watch_from(
+    mut client: Client,
+    shared: &Shared,
+    from: i64,
+) -> Result<Ended, etcd_client::Error> {
+    let opts = WatchOptions::new()
+        .with_range(prefix_end(&shared.prefix))
+        .with_start_revision(from)
+        .with_progress_notify();
+    let mut stream = client.watch(shared.prefix.clone(), Some(opts)).await?;
+    while let Some(resp) = stream.message().await? {
+        if resp.compact_revision() > 0 {
+            return Ok(Ended::Compacted(resp.compact_revision()));
+        }
+        if resp.canceled() {
+            tracing::warn!(reason = resp.cancel_reason(), "etcd canceled the watch");
+            return Ok(Ended::Closed);
+        }
+        if resp.created() {
+            shared.live.send_replace(true);
+        }
+        let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut changed = Vec::new();
+        let revision = {
+            let mut m = shared.write();
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let value = match ev.event_type() {
+                    EventType::Put => Some(Stored {
+                        value: kv.value().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    }),
+                    EventType::Delete => None,
+                };
+                m.revision = m.revision.max(kv.mod_revision());
+                changed.extend(m.apply(&shared.prefix, kv.key(), value));
+            }
+            // A progress notification (no events) says nothing changed up to its revision;
+            // with events, the header is the store's revision when they were sent, which may
+            // be beyond them only once every event up to it has come.
+            if resp.events().is_empty() {
+                m.revision = m.revision.max(header_rev);
+            }
+            m.revision
+        };
+        shared.publish(revision, changed);
+    }
+    Ok(Ended::Closed)
+}
+
+/// A key of the watched prefix for a tree entry.
+pub(super) fn full_key(prefix: &[u8], tree: Tree, key: &[u8]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(&tree_key(tree));
+    k.extend_from_slice(key);
+    k
+}
