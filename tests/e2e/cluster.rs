@@ -1,11 +1,13 @@
-//! The cluster harness itself on a real etcd: a 3-member cluster starts, keeps taking writes
-//! while one member is killed with SIGKILL, and the member rejoins and catches up on restart;
-//! mTLS with client-certificate auth; the NOSPACE alarm and the recovery docs/cluster.md gives.
+//! Ward replicas on a real etcd cluster: a put on one replica is fetched on another, a key
+//! revoked on one is refused on another. And the harness itself: a 3-member etcd starts, keeps
+//! taking writes while one member is killed with SIGKILL, and the member rejoins and catches
+//! up on restart; mTLS with client-certificate auth; the NOSPACE alarm and the recovery
+//! docs/cluster.md gives.
 
 use std::time::{Duration, Instant};
 
 use etcd_client::{AlarmType, Client, GetOptions};
-use ward_tests::{EtcdCluster, EtcdOptions};
+use ward_tests::{crc32c, ok, pb, EtcdCluster, EtcdOptions, WardCluster};
 
 /// Puts `key` = `value`, retrying failed attempts for up to 15 s (the first call after a member
 /// died may go to its closed connection; the crate moves on to a live one).
@@ -167,4 +169,122 @@ async fn nospace_alarm_blocks_writes_until_compact_defrag_disarm() {
     c.put("more", "1", None)
         .await
         .expect("write after recovery");
+}
+
+/// Polls `check` every 20 ms until it gives a value, for up to 30 s: a change made on one
+/// replica reaches another through etcd's watch (how fast is ward-bench's to measure, not a
+/// test's to assert).
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > deadline => panic!("{what}: not within 30 s: {last}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_on_one_replica_is_fetched_on_another() {
+    let etcd = EtcdCluster::start(3).await;
+    let ward = WardCluster::start(&etcd, 2);
+    let mut a = ward[0].raw_client("admin").await;
+    let mut b = ward[1].raw_client("admin").await;
+
+    let put = crate::put(&mut a, "shared/db-password", b"written on A").await;
+    let got = eventually("A's put fetched on B", || {
+        let mut b = b.clone();
+        async move {
+            match crate::fetch(&mut b, "shared/db-password", 0).await {
+                Ok(f) if f.version == put.version => Ok(f),
+                Ok(f) => Err(format!("version {}", f.version)),
+                Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+            }
+        }
+    })
+    .await;
+    assert_eq!(got.value, b"written on A");
+    assert_eq!(got.checksum, crc32c(b"written on A"));
+
+    // And back: B's next version is A's primary.
+    let put2 = crate::put(&mut b, "shared/db-password", b"written on B").await;
+    assert_eq!(put2.version, put.version + 1, "B numbers after A's version");
+    let got = eventually("B's put fetched on A", || {
+        let mut a = a.clone();
+        async move {
+            match crate::fetch(&mut a, "shared/db-password", 0).await {
+                Ok(f) if f.version == put2.version => Ok(f),
+                Ok(f) => Err(format!("version {}", f.version)),
+                Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+            }
+        }
+    })
+    .await;
+    assert_eq!(got.value, b"written on B");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_on_one_replica_is_refused_on_another() {
+    // The replicas reach etcd over mTLS here (the put test above over plain http).
+    let etcd = EtcdCluster::start_with(EtcdOptions {
+        mtls: true,
+        ..EtcdOptions::default()
+    })
+    .await;
+    let ward = WardCluster::start(&etcd, 2);
+    let mut a = ward[0].raw_client("admin").await;
+    let b = ward[1].keys_client("admin").await;
+    let issued = ok(
+        a.issue_key(pb::IssueKeyRequest {
+            name: "edge/partner".into(),
+            ..Default::default()
+        })
+        .await,
+        "issue on A",
+    );
+    let verify_on_b = |want: pb::VerifyResult| {
+        let mut b = b.clone();
+        let key = issued.api_key.clone();
+        async move {
+            let r = b
+                .verify_key(pb::VerifyKeyRequest {
+                    api_key: key,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            if r.result() == want {
+                Ok(r)
+            } else {
+                Err(format!("{:?}", r.result()))
+            }
+        }
+    };
+    let valid = eventually("A's key valid on B", || {
+        verify_on_b(pb::VerifyResult::Valid)
+    })
+    .await;
+    assert!(valid.valid);
+
+    ok(
+        a.revoke_secret(pb::RevokeSecretRequest {
+            name: "edge/partner".into(),
+            all_versions: true,
+            reason: "partner offboarded".into(),
+            ..Default::default()
+        })
+        .await,
+        "revoke on A",
+    );
+    let revoked = eventually("A's revocation seen on B", || {
+        verify_on_b(pb::VerifyResult::Revoked)
+    })
+    .await;
+    assert!(!revoked.valid);
 }
