@@ -27,7 +27,6 @@ command -v etcd >/dev/null || { echo "etcd not found: make deps installs etcd-se
 mkdir -p "$dir/etcd"
 chmod 700 "$dir"
 dir=$(cd "$dir" && pwd)
-pids=()
 
 stop() {
   trap - INT TERM EXIT
@@ -41,7 +40,7 @@ stop() {
     rm -f "$f"
   done
 }
-trap stop INT TERM EXIT
+trap stop INT TERM HUP EXIT
 
 # Waits up to 60 s for process $1 to print its ready line to the file $2; fails with the
 # file's tail if it does not, or exits first.
@@ -68,8 +67,10 @@ for i in 0 1 2; do
   client="http://127.0.0.1:${etcd_client[$i]}"
   peer="http://127.0.0.1:${etcd_peer[$i]}"
   endpoints+=("$client")
-  # On a data dir that exists, etcd ignores the --initial-* flags and rejoins.
-  etcd --name "$name" --data-dir "$dir/etcd/$name" \
+  # On a data dir that exists, etcd ignores the --initial-* flags and rejoins. Every child
+  # runs in its own session, so that Ctrl-C reaches this script alone and `stop` ends them in
+  # order.
+  setsid etcd --name "$name" --data-dir "$dir/etcd/$name" \
     --listen-client-urls "$client" --advertise-client-urls "$client" \
     --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
     --initial-cluster "$cluster" --initial-cluster-token ward-run-cluster \
@@ -96,7 +97,7 @@ if [ ! -e "$first/ward.toml" ]; then
   # Dev mode creates the token, master key, CA, certificates, policy and ward.toml; it serves
   # on sled, so it is stopped at once and its sled data removed.
   echo "run-cluster: creating the shared token and CA in $first"
-  "$server" dev --data-dir "$first" --listen "127.0.0.1:${ports[0]}" >"$dir/replica-1.log" 2>&1 &
+  setsid "$server" dev --data-dir "$first" --listen "127.0.0.1:${ports[0]}" >"$dir/replica-1.log" 2>&1 &
   echo $! >"$dir/replica-1.pid"
   wait_ready "$(cat "$dir/replica-1.pid")" "$dir/replica-1.log"
   kill -TERM "$(cat "$dir/replica-1.pid")"
@@ -130,7 +131,7 @@ addrs=()
 for n in 1 2 3; do
   port=${ports[$((n - 1))]}
   : >"$dir/replica-$n.log"
-  "$server" dev --data-dir "$dir/replica-$n" --listen "127.0.0.1:$port" >>"$dir/replica-$n.log" 2>&1 &
+  setsid "$server" dev --data-dir "$dir/replica-$n" --listen "127.0.0.1:$port" >>"$dir/replica-$n.log" 2>&1 &
   echo $! >"$dir/replica-$n.pid"
   # One at a time: each is ready before the next starts.
   wait_ready "$(cat "$dir/replica-$n.pid")" "$dir/replica-$n.log"
