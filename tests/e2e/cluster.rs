@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use etcd_client::{AlarmType, Client, GetOptions};
-use ward_tests::{crc32c, ok, pb, EtcdCluster, EtcdOptions, WardCluster};
+use ward_tests::{crc32c, ok, pb, EtcdCluster, EtcdOptions, RawClient, WardCluster};
 
 /// Puts `key` = `value`, retrying failed attempts for up to 15 s (the first call after a member
 /// died may go to its closed connection; the crate moves on to a live one).
@@ -101,11 +101,7 @@ async fn compaction_drops_history() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_members_refuse_a_client_without_a_certificate() {
-    let etcd = EtcdCluster::start_with(EtcdOptions {
-        mtls: true,
-        ..EtcdOptions::default()
-    })
-    .await;
+    let etcd = EtcdCluster::start_mtls(3).await;
     assert!(etcd.endpoints().iter().all(|e| e.starts_with("https://")));
     let tls = etcd.client_tls().expect("mTLS cluster has client files");
     let mut c = etcd.client().await;
@@ -189,40 +185,37 @@ where
     }
 }
 
+/// The PRIMARY of `name` on the replica `c` talks to, once it is `version`.
+async fn primary_at(
+    c: &RawClient,
+    name: &str,
+    version: u64,
+) -> Result<pb::FetchSecretResponse, String> {
+    match crate::fetch(&mut c.clone(), name, 0).await {
+        Ok(f) if f.version == version => Ok(f),
+        Ok(f) => Err(format!("version {}", f.version)),
+        Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_on_one_replica_is_fetched_on_another() {
     let etcd = EtcdCluster::start(3).await;
     let ward = WardCluster::start(&etcd, 2);
     let mut a = ward[0].raw_client("admin").await;
     let mut b = ward[1].raw_client("admin").await;
+    let name = "shared/db-password";
 
-    let put = crate::put(&mut a, "shared/db-password", b"written on A").await;
-    let got = eventually("A's put fetched on B", || {
-        let mut b = b.clone();
-        async move {
-            match crate::fetch(&mut b, "shared/db-password", 0).await {
-                Ok(f) if f.version == put.version => Ok(f),
-                Ok(f) => Err(format!("version {}", f.version)),
-                Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
-            }
-        }
-    })
-    .await;
+    let put = crate::put(&mut a, name, b"written on A").await;
+    let got = eventually("A's put fetched on B", || primary_at(&b, name, put.version)).await;
     assert_eq!(got.value, b"written on A");
     assert_eq!(got.checksum, crc32c(b"written on A"));
 
-    // And back: B's next version is A's primary.
-    let put2 = crate::put(&mut b, "shared/db-password", b"written on B").await;
+    // And back: B numbers its version after A's, and A serves it.
+    let put2 = crate::put(&mut b, name, b"written on B").await;
     assert_eq!(put2.version, put.version + 1, "B numbers after A's version");
     let got = eventually("B's put fetched on A", || {
-        let mut a = a.clone();
-        async move {
-            match crate::fetch(&mut a, "shared/db-password", 0).await {
-                Ok(f) if f.version == put2.version => Ok(f),
-                Ok(f) => Err(format!("version {}", f.version)),
-                Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
-            }
-        }
+        primary_at(&a, name, put2.version)
     })
     .await;
     assert_eq!(got.value, b"written on B");
@@ -231,11 +224,7 @@ async fn a_put_on_one_replica_is_fetched_on_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_revoked_on_one_replica_is_refused_on_another() {
     // The replicas reach etcd over mTLS here (the put test above over plain http).
-    let etcd = EtcdCluster::start_with(EtcdOptions {
-        mtls: true,
-        ..EtcdOptions::default()
-    })
-    .await;
+    let etcd = EtcdCluster::start_mtls(3).await;
     let ward = WardCluster::start(&etcd, 2);
     let mut a = ward[0].raw_client("admin").await;
     let b = ward[1].keys_client("admin").await;

@@ -98,6 +98,17 @@ impl EtcdCluster {
         .await
     }
 
+    /// A cluster of `members` members on https with client-certificate auth (see
+    /// [`client_tls`](Self::client_tls)), etcd's default quota.
+    pub async fn start_mtls(members: usize) -> EtcdCluster {
+        Self::start_with(EtcdOptions {
+            members,
+            mtls: true,
+            ..EtcdOptions::default()
+        })
+        .await
+    }
+
     /// A cluster as `options` say. The ports are free ports picked just before etcd binds
     /// them; should another process take one in between, the cluster is started again on new
     /// ports (a few times).
