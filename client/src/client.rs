@@ -1,16 +1,18 @@
-//! The connected SDK client: one mTLS channel, per-call timeouts, retries of calls that are safe
-//! to repeat, and client-side checking of value checksums.
+//! The connected SDK client: an mTLS channel per endpoint (see [`crate::endpoints`] for which
+//! one a call uses), per-call timeouts, retries of calls that are safe to repeat (on another
+//! endpoint when there is one), and client-side checking of value checksums.
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use tonic::Code;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::config::{ClientConfig, DEFAULT_TIMEOUT};
-use crate::error::transport_causes;
+use crate::endpoints::{EndpointStatus, Endpoints};
 use crate::error::Error;
 use crate::retry::RetryPolicy;
 use crate::retry::{is_retryable, CallKind};
@@ -35,30 +37,27 @@ use ward::v1::{
     WatchSecretsRequest,
 };
 
-/// HTTP/2 keep-alive ping interval: finds a dead connection before a call has to time out on it.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-/// How long a keep-alive ping may go unanswered before the connection is dropped.
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest response accepted. tonic's default (4 MiB) is below a full batch fetch: 100 items
 /// of the server's default 64 KiB maximum value are 6.4 MiB, and the server's limit can be
 /// raised.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
-/// A connected Ward client. Cheap to clone; clones share one HTTP/2 connection.
+/// A connected Ward client. Cheap to clone; clones share one HTTP/2 connection per endpoint
+/// and what is known of each endpoint's health.
 ///
-/// Reads (fetch, batch fetch, describe, list) are retried on `UNAVAILABLE`, transport failures
-/// and `DEADLINE_EXCEEDED`; `put_secret` and `issue_key` only when their `request_id` is set,
-/// because the server deduplicates by it, and never after `DEADLINE_EXCEEDED`. Every other
-/// status is returned at once.
+/// Reads (fetch, batch fetch, describe, list, zero-cost verify) are retried on `UNAVAILABLE`,
+/// transport failures and `DEADLINE_EXCEEDED`; writes (`put_secret`, `issue_key`, the
+/// lifecycle calls) only when their `request_id` is set, because the server deduplicates by
+/// it, and never after `DEADLINE_EXCEEDED`. Every other status is returned at once.
+///
+/// With several endpoints (replicas of one cluster), each call goes to the first healthy one
+/// in the configured order; a retry goes to the next endpoint not yet tried by that call,
+/// without waiting, and backs off only when it comes back to one it tried. A call that is not
+/// safe to repeat is sent once, to the best endpoint known, and its failure is returned. See
+/// [`Client::endpoints`].
 #[derive(Clone, Debug)]
 pub struct Client {
-    channel: Channel,
-    inner: SecretsClient<Channel>,
-    admin: AdminClient<Channel>,
-    keys: KeysClient<Channel>,
-    audit: AuditClient<Channel>,
-    alerts: AlertsClient<Channel>,
-    backup: BackupClient<Channel>,
+    endpoints: Arc<Endpoints>,
     timeout: Duration,
     retry: RetryPolicy,
 }
@@ -87,64 +86,30 @@ impl fmt::Debug for FetchedSecret {
 }
 
 impl Client {
-    /// Connects to the server over mutual TLS, retrying transport failures per the config's
-    /// retry policy.
+    /// Connects over mutual TLS to the first endpoint (in the configured order) that accepts
+    /// a connection, retrying per the config's retry policy when none does; the other
+    /// endpoints are connected when first used. An endpoint that refused is marked unhealthy.
     pub async fn connect(cfg: ClientConfig) -> Result<Self, Error> {
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(cfg.ca_pem()))
-            .identity(Identity::from_pem(cfg.cert_pem(), cfg.key_pem()))
-            .timeout(cfg.connect_timeout());
-        if let Some(name) = cfg.server_name() {
-            tls = tls.domain_name(name);
-        }
-        let endpoint = Endpoint::from_shared(cfg.endpoint().to_owned())
-            .map_err(|e| Error::config(format!("invalid endpoint {}: {e}", cfg.endpoint())))?
-            .connect_timeout(cfg.connect_timeout())
-            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-            .tls_config(tls)
-            // Building the TLS connector parses the PEMs: a failure here is bad input.
-            .map_err(|e| {
-                Error::config(format!("unusable TLS material: {}", transport_causes(&e)))
-            })?;
-
-        let retry = cfg.retry().clone();
-        let mut attempt = 1;
-        let channel = loop {
-            match endpoint.connect().await {
-                Ok(channel) => break channel,
-                Err(_) if attempt < retry.attempts() => {
-                    tokio::time::sleep(retry.backoff(attempt)).await;
-                    attempt += 1;
-                }
-                Err(e) => {
-                    return Err(Error::Transport(format!(
-                        "cannot connect to {}: {}",
-                        cfg.endpoint(),
-                        transport_causes(&e)
-                    )));
-                }
-            }
-        };
-        Ok(Self::from_channel(channel)
-            .with_timeout(cfg.timeout())
-            .with_retry(retry))
+        Ok(Self {
+            endpoints: Arc::new(Endpoints::connect(&cfg).await?),
+            timeout: cfg.timeout(),
+            retry: cfg.retry().clone(),
+        })
     }
 
     /// Wraps an existing channel (e.g. to an in-process server) with default timeout and retries.
     pub fn from_channel(channel: Channel) -> Self {
         Self {
-            channel: channel.clone(),
-            inner: SecretsClient::new(channel.clone())
-                .max_decoding_message_size(MAX_RESPONSE_BYTES),
-            admin: AdminClient::new(channel.clone()),
-            audit: AuditClient::new(channel.clone()),
-            alerts: AlertsClient::new(channel.clone()),
-            backup: BackupClient::new(channel.clone()),
-            keys: KeysClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES),
+            endpoints: Arc::new(Endpoints::single(channel)),
             timeout: DEFAULT_TIMEOUT,
             retry: RetryPolicy::default(),
         }
+    }
+
+    /// What the client knows of each endpoint, in the configured order: whether it is
+    /// healthy (calls go to the first healthy one) and how many times in a row it failed.
+    pub fn endpoints(&self) -> Vec<EndpointStatus> {
+        self.endpoints.status()
     }
 
     /// Sets the per-attempt call timeout.
@@ -159,20 +124,21 @@ impl Client {
         self
     }
 
-    /// A clone of the generated client on the same channel, for calls the SDK does not wrap
-    /// (no timeout or retry is added).
+    /// The generated client on the channel of the endpoint a call would use now, for calls
+    /// the SDK does not wrap (no timeout, retry or failover is added).
     pub fn raw(&self) -> SecretsClient<Channel> {
-        self.inner.clone()
+        secrets(self.endpoints.preferred())
     }
 
-    /// The underlying channel, for other services on the same server (health, ext_authz).
+    /// The channel of the endpoint a call would use now, for other services on the same server
+    /// (health, ext_authz).
     pub fn channel(&self) -> Channel {
-        self.channel.clone()
+        self.endpoints.preferred()
     }
 
-    /// A clone of the generated `ward.v1.Keys` client on the same channel.
+    /// The generated `ward.v1.Keys` client on the channel of the endpoint a call would use now.
     pub fn raw_keys(&self) -> KeysClient<Channel> {
-        self.keys.clone()
+        keys(self.endpoints.preferred())
     }
 
     /// Asks whether a presented API key is good. A denial is an `Ok` response with
@@ -186,9 +152,12 @@ impl Client {
         } else {
             CallKind::Write
         };
-        self.call_on(&self.keys, kind, req, |mut c, r| async move {
-            c.verify_key(r).await
-        })
+        self.call_on(
+            keys,
+            kind,
+            req,
+            |mut c, r| async move { c.verify_key(r).await },
+        )
         .await
     }
 
@@ -199,26 +168,31 @@ impl Client {
         req: UpdateKeyPolicyRequest,
     ) -> Result<UpdateKeyPolicyResponse, Error> {
         let kind = CallKind::write(&req.request_id);
-        self.call_on(&self.keys, kind, req, |mut c, r| async move {
+        self.call_on(keys, kind, req, |mut c, r| async move {
             c.update_key_policy(r).await
         })
         .await
     }
 
-    /// The generated `ward.v1.Audit` client on the same channel (no timeout or retry added).
+    /// The generated `ward.v1.Audit` client on the channel of the endpoint a call would use now
+    /// (no timeout, retry or failover added).
     pub fn audit_raw(&self) -> AuditClient<Channel> {
-        self.audit.clone()
+        audit(self.endpoints.preferred())
     }
 
     /// Opens an audit stream (`ward.v1.Audit/StreamAudit`). The timeout and retries apply to
     /// opening it only; the stream then runs until the server ends it (not following) or the
     /// caller drops it. To resume after a disconnect, open another with `from_seq` = the last
     /// `seq` received + 1: every later record arrives exactly once.
+    ///
+    /// The audit log is per replica, and so are its sequence numbers: with several endpoints
+    /// the stream comes from the endpoint that opened it, and a resumed stream may come from
+    /// another replica's log. To follow one replica's log, give only its address.
     pub async fn stream_audit(
         &self,
         req: StreamAuditRequest,
     ) -> Result<tonic::Streaming<StreamAuditResponse>, Error> {
-        self.call_on(&self.audit, CallKind::Read, req, |mut c, r| async move {
+        self.call_on(audit, CallKind::Read, req, |mut c, r| async move {
             c.stream_audit(r).await
         })
         .await
@@ -229,7 +203,7 @@ impl Client {
         &self,
         req: WatchAlertsRequest,
     ) -> Result<tonic::Streaming<WatchAlertsResponse>, Error> {
-        self.call_on(&self.alerts, CallKind::Read, req, |mut c, r| async move {
+        self.call_on(alerts, CallKind::Read, req, |mut c, r| async move {
             c.watch_alerts(r).await
         })
         .await
@@ -238,7 +212,7 @@ impl Client {
     /// Reports a key found where it should not be (raises `key.leak_reported`). Not retried:
     /// a repeat would raise the alert twice.
     pub async fn report_leak(&self, req: ReportLeakRequest) -> Result<ReportLeakResponse, Error> {
-        self.call_on(&self.alerts, CallKind::Write, req, |mut c, r| async move {
+        self.call_on(alerts, CallKind::Write, req, |mut c, r| async move {
             c.report_leak(r).await
         })
         .await
@@ -247,7 +221,7 @@ impl Client {
     /// Sends a signed test event to a configured webhook URL.
     pub async fn test_webhook(&self, url: impl Into<String>) -> Result<TestWebhookResponse, Error> {
         let req = TestWebhookRequest { url: url.into() };
-        self.call_on(&self.alerts, CallKind::Write, req, |mut c, r| async move {
+        self.call_on(alerts, CallKind::Write, req, |mut c, r| async move {
             c.test_webhook(r).await
         })
         .await
@@ -263,21 +237,22 @@ impl Client {
             name: name.into(),
             version,
         };
-        self.call_on(&self.keys, CallKind::Read, req, |mut c, r| async move {
+        self.call_on(keys, CallKind::Read, req, |mut c, r| async move {
             c.get_key_usage(r).await
         })
         .await
     }
 
     /// Verifies the audit log from `from_seq` to `to_seq` (0, 0: all of it). A broken log is a
-    /// successful answer with `ok` false and `first_broken` set.
+    /// successful answer with `ok` false and `first_broken` set. With several endpoints this is
+    /// the log of the replica that answers (each keeps its own).
     pub async fn verify_audit_log(
         &self,
         from_seq: u64,
         to_seq: u64,
     ) -> Result<VerifyAuditLogResponse, Error> {
         let req = VerifyAuditLogRequest { from_seq, to_seq };
-        self.call_on(&self.audit, CallKind::Read, req, |mut c, r| async move {
+        self.call_on(audit, CallKind::Read, req, |mut c, r| async move {
             c.verify_audit_log(r).await
         })
         .await
@@ -413,12 +388,14 @@ impl Client {
     /// by the per-call timeout (a large store takes as long as it takes; the connection's
     /// keep-alive notices a dead server).
     pub async fn backup_stream(&self) -> Result<tonic::Streaming<ward::v1::BackupChunk>, Error> {
-        let mut c = self.backup.clone();
-        let resp = c
+        let (i, channel) = self.endpoints.next(&mut self.endpoints.tried());
+        let result = BackupClient::new(channel)
             .stream_backup(ward::v1::StreamBackupRequest {})
             .await
-            .map_err(Error::from)?;
-        Ok(resp.into_inner())
+            .map(tonic::Response::into_inner)
+            .map_err(Error::from);
+        self.endpoints.report(i, &result);
+        result
     }
 
     /// One admin call, limited by the per-call timeout, never repeated.
@@ -427,14 +404,10 @@ impl Client {
         F: FnOnce(AdminClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        match tokio::time::timeout(self.timeout, rpc(self.admin.clone())).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(Error::from(status)),
-            Err(_) => Err(Error::Status {
-                code: Code::DeadlineExceeded,
-                message: format!("no answer within {:?}", self.timeout),
-            }),
-        }
+        let (i, channel) = self.endpoints.next(&mut self.endpoints.tried());
+        let result = self.within_timeout(rpc(AdminClient::new(channel))).await;
+        self.endpoints.report(i, &result);
+        result
     }
 
     /// Lists one page of secrets; pass the response's `next_page_token` back for the next.
@@ -536,36 +509,60 @@ impl Client {
     /// client holds, then SYNCED, then live changes. Opening is retried like a read and
     /// limited by the call timeout; the stream itself runs until the server ends it or it is
     /// dropped. See [`crate::Cache`] for a cache that keeps itself current with it.
+    ///
+    /// With several endpoints, the stream comes from one of them; when it breaks, that endpoint
+    /// is marked unhealthy, so opening the stream again goes to another.
     pub async fn watch_secrets(&self, req: WatchSecretsRequest) -> Result<WatchStream, Error> {
-        let inner = self
-            .call(CallKind::Read, req, |mut c, r| async move {
+        let (endpoint, inner) = self
+            .call_at(secrets, CallKind::Read, req, |mut c, r| async move {
                 c.watch_secrets(r).await
             })
-            .await?;
-        Ok(WatchStream { inner })
+            .await;
+        Ok(WatchStream {
+            inner: inner?,
+            endpoints: self.endpoints.clone(),
+            endpoint,
+        })
     }
 
-    /// Runs one RPC under the timeout and retry policy. The request is cloned only when another
-    /// attempt may follow, so a value in a non-retryable write exists in one copy.
+    /// Runs one Secrets RPC under the timeout, retry and failover policy.
     async fn call<Req, Resp, F, Fut>(&self, kind: CallKind, req: Req, rpc: F) -> Result<Resp, Error>
     where
         Req: Clone,
         F: FnMut(SecretsClient<Channel>, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        self.call_on(&self.inner, kind, req, rpc).await
+        self.call_on(secrets, kind, req, rpc).await
     }
 
-    /// [`Client::call`] on any generated client of the channel.
+    /// [`Client::call`] on any generated client, made by `make` on an endpoint's channel.
     async fn call_on<C, Req, Resp, F, Fut>(
         &self,
-        client: &C,
+        make: fn(Channel) -> C,
+        kind: CallKind,
+        req: Req,
+        rpc: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: FnMut(C, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        self.call_at(make, kind, req, rpc).await.1
+    }
+
+    /// [`Client::call_on`], also saying which endpoint gave the answer. The request is cloned
+    /// only when another attempt may follow, so a value in a non-retryable write exists in one
+    /// copy. A retry goes to an endpoint this call has not tried yet, at once; only when every
+    /// endpoint was tried does it wait out the retry backoff first.
+    async fn call_at<C, Req, Resp, F, Fut>(
+        &self,
+        make: fn(Channel) -> C,
         kind: CallKind,
         req: Req,
         mut rpc: F,
-    ) -> Result<Resp, Error>
+    ) -> (usize, Result<Resp, Error>)
     where
-        C: Clone,
         Req: Clone,
         F: FnMut(C, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
@@ -575,40 +572,55 @@ impl Client {
         } else {
             1
         };
+        let mut tried = self.endpoints.tried();
         let mut attempt = 1;
         loop {
+            let (i, channel) = self.endpoints.next(&mut tried);
             if attempt >= max {
-                return self.attempt(client, &mut rpc, req).await;
+                let result = self.attempt(make(channel), &mut rpc, req).await;
+                self.endpoints.report(i, &result);
+                return (i, result);
             }
-            match self.attempt(client, &mut rpc, req.clone()).await {
+            let result = self.attempt(make(channel), &mut rpc, req.clone()).await;
+            self.endpoints.report(i, &result);
+            match result {
                 Err(e) if is_retryable(kind, &e) => {
-                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    if tried.all() {
+                        tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    }
                     attempt += 1;
                 }
-                other => return other,
+                other => return (i, other),
             }
         }
     }
 
     /// One attempt, limited by the per-call timeout.
+    async fn attempt<C, Req, Resp, F, Fut>(
+        &self,
+        client: C,
+        rpc: &mut F,
+        msg: Req,
+    ) -> Result<Resp, Error>
+    where
+        F: FnMut(C, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        self.within_timeout(rpc(client, tonic::Request::new(msg)))
+            .await
+    }
+
+    /// Awaits one RPC for at most the per-call timeout.
     ///
     /// The deadline is enforced here only, not sent as `grpc-timeout`: a tonic server answers
     /// an expired `grpc-timeout` with CANCELLED, which would race with the local timer and make
     /// the code (and so the retry decision) depend on timing. Dropping the call on timeout
     /// resets its HTTP/2 stream, which stops the handler on the server all the same.
-    async fn attempt<C, Req, Resp, F, Fut>(
+    async fn within_timeout<Resp>(
         &self,
-        client: &C,
-        rpc: &mut F,
-        msg: Req,
-    ) -> Result<Resp, Error>
-    where
-        C: Clone,
-        F: FnMut(C, tonic::Request<Req>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
-    {
-        let request = tonic::Request::new(msg);
-        match tokio::time::timeout(self.timeout, rpc(client.clone(), request)).await {
+        call: impl Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    ) -> Result<Resp, Error> {
+        match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(Error::from(status)),
             Err(_) => Err(Error::Status {
@@ -619,18 +631,43 @@ impl Client {
     }
 }
 
+/// The generated clients on an endpoint's channel.
+fn secrets(channel: Channel) -> SecretsClient<Channel> {
+    SecretsClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
+
+fn keys(channel: Channel) -> KeysClient<Channel> {
+    KeysClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
+
+fn audit(channel: Channel) -> AuditClient<Channel> {
+    AuditClient::new(channel)
+}
+
+fn alerts(channel: Channel) -> AlertsClient<Channel> {
+    AlertsClient::new(channel)
+}
+
 /// A WatchSecrets stream. Events carry metadata only, never a value.
 #[derive(Debug)]
 pub struct WatchStream {
     inner: tonic::Streaming<WatchEvent>,
+    endpoints: Arc<Endpoints>,
+    /// The endpoint serving the stream.
+    endpoint: usize,
 }
 
 impl WatchStream {
     /// The next event; `None` once the server ended the stream. An error (e.g. UNAVAILABLE
     /// at server shutdown, or a transport failure) also ends it: reconnect, resending what is
-    /// held, to lose nothing.
+    /// held, to lose nothing. Such an error marks the stream's endpoint unhealthy, so the
+    /// reconnection goes to another endpoint when there is one.
     pub async fn next(&mut self) -> Option<Result<WatchEvent, Error>> {
-        self.inner.message().await.map_err(Error::from).transpose()
+        let item = self.inner.message().await.map_err(Error::from).transpose();
+        if let Some(Err(e)) = &item {
+            self.endpoints.report::<()>(self.endpoint, &Err(e.clone()));
+        }
+        item
     }
 }
 

@@ -1,5 +1,6 @@
-//! Client configuration: where the server is, the mTLS material to reach it, timeouts and retry
-//! policy; plus parsing of addresses and durations shared by wardctl and ward-bench.
+//! Client configuration: where the server's replicas are, the mTLS material to reach them,
+//! timeouts, retry and failover policy; plus parsing of addresses and durations shared by
+//! wardctl and ward-bench.
 
 use std::fmt;
 use std::net::Ipv6Addr;
@@ -19,8 +20,13 @@ pub const DEFAULT_PORT: u16 = 8443;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default limit on one attempt of one call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time an endpoint that failed stays behind the others before it is probed again (it
+/// doubles with each failed probe, up to [`DEFAULT_FAILOVER_BACKOFF_MAX`]).
+pub const DEFAULT_FAILOVER_BACKOFF: Duration = Duration::from_secs(1);
+/// Default upper bound on the time between probes of an endpoint that keeps failing.
+pub const DEFAULT_FAILOVER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Environment variable holding the server address.
+/// Environment variable holding the server address, or several comma-separated.
 pub const ENV_ADDR: &str = "WARD_ADDR";
 /// Environment variable holding the path of the CA certificate (PEM).
 pub const ENV_CA: &str = "WARD_CA";
@@ -33,7 +39,13 @@ pub const ENV_SERVER_NAME: &str = "WARD_SERVER_NAME";
 /// Environment variable holding the per-call timeout (`10`, `2.5s`, `500ms`, `1m`).
 pub const ENV_TIMEOUT: &str = "WARD_TIMEOUT";
 
-/// Everything needed to connect to a Ward server over mutual TLS.
+/// Everything needed to connect to a Ward server, or to the replicas of a Ward cluster, over
+/// mutual TLS.
+///
+/// The address may be a comma-separated list (`https://a:8443,https://b:8443`), or the list is
+/// given with [`ClientConfig::with_endpoints`]: the client then fails over between them (see
+/// [`crate::Client`]). Every endpoint is reached with the same CA, client certificate and
+/// server-name override.
 ///
 /// Required parts (address, CA, client certificate and key) come from a constructor
 /// ([`ClientConfig::new`], [`ClientConfig::from_files`], [`ClientConfig::from_env`]), so a
@@ -53,7 +65,8 @@ pub const ENV_TIMEOUT: &str = "WARD_TIMEOUT";
 /// into its own TLS configuration when connecting; that copy is outside the SDK's control.)
 #[derive(Clone)]
 pub struct ClientConfig {
-    endpoint: String,
+    /// Normalised, distinct, never empty.
+    endpoints: Vec<String>,
     ca_pem: Vec<u8>,
     cert_pem: Vec<u8>,
     key_pem: Zeroizing<Vec<u8>>,
@@ -61,13 +74,15 @@ pub struct ClientConfig {
     connect_timeout: Duration,
     timeout: Duration,
     retry: RetryPolicy,
+    failover_backoff: (Duration, Duration),
 }
 
 impl ClientConfig {
     /// A configuration from PEM bytes: CA certificate(s), client certificate chain, private key.
     ///
     /// `addr` is `host:port`, `host`, `[v6]:port` or `https://host[:port]` (see
-    /// [`normalize_endpoint`]).
+    /// [`normalize_endpoint`]), or several of them separated by commas (see
+    /// [`parse_endpoints`]).
     pub fn new(
         addr: impl AsRef<str>,
         ca_pem: impl Into<Vec<u8>>,
@@ -81,7 +96,7 @@ impl ClientConfig {
         check_pem(&cert_pem, "CERTIFICATE", "client certificate")?;
         check_pem(&key_pem, "PRIVATE KEY", "client key")?;
         Ok(Self {
-            endpoint: normalize_endpoint(addr.as_ref())?,
+            endpoints: parse_endpoints(addr.as_ref())?,
             ca_pem,
             cert_pem,
             key_pem,
@@ -89,6 +104,7 @@ impl ClientConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             timeout: DEFAULT_TIMEOUT,
             retry: RetryPolicy::default(),
+            failover_backoff: (DEFAULT_FAILOVER_BACKOFF, DEFAULT_FAILOVER_BACKOFF_MAX),
         })
     }
 
@@ -111,7 +127,8 @@ impl ClientConfig {
         )
     }
 
-    /// A configuration from the environment: `WARD_ADDR` (default [`DEFAULT_ADDR`]), `WARD_CA`,
+    /// A configuration from the environment: `WARD_ADDR` (default [`DEFAULT_ADDR`]; one address
+    /// or a comma-separated list), `WARD_CA`,
     /// `WARD_CERT`, `WARD_KEY` (file paths, required), and optionally `WARD_SERVER_NAME` and
     /// `WARD_TIMEOUT`.
     pub fn from_env() -> Result<Self, Error> {
@@ -146,7 +163,30 @@ impl ClientConfig {
         self
     }
 
-    /// Limits establishing a connection (TCP and TLS handshake); default 5 s.
+    /// Replaces the endpoints with `addrs`, each in a form [`normalize_endpoint`] accepts, in
+    /// order of preference. An empty list, an empty or invalid item and the same endpoint
+    /// twice are configuration errors.
+    pub fn with_endpoints<I, S>(mut self, addrs: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.endpoints = normalize_all(addrs.into_iter().map(|a| a.as_ref().to_owned()))?;
+        Ok(self)
+    }
+
+    /// How long an endpoint that failed (transport error or UNAVAILABLE) stays behind the
+    /// others before it is probed again: from `initial`, doubling with each failure up to
+    /// `max`; default 1 s to 30 s.
+    pub fn with_failover_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.failover_backoff = (initial, max.max(initial));
+        self
+    }
+
+    /// Limits establishing a connection (TCP, then the TLS handshake, each); default 5 s. The
+    /// client uses at most a third of the call timeout, so that a replica it cannot reach
+    /// fails the attempt as a connection error (known not to have been sent, so retried on
+    /// another endpoint) before the call's own deadline.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -164,9 +204,20 @@ impl ClientConfig {
         self
     }
 
-    /// The normalised endpoint URI, e.g. `https://127.0.0.1:8443`.
+    /// The first (most preferred) normalised endpoint URI, e.g. `https://127.0.0.1:8443`.
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
+        // `endpoints` is never empty: every constructor and `with_endpoints` checks it.
+        self.endpoints.first().map_or("", String::as_str)
+    }
+
+    /// Every normalised endpoint URI, in order of preference.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// The failover backoff: (initial, max).
+    pub fn failover_backoff(&self) -> (Duration, Duration) {
+        self.failover_backoff
     }
 
     /// The TLS server name override, if any.
@@ -177,6 +228,12 @@ impl ClientConfig {
     /// The connect timeout.
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
+    }
+
+    /// The connect timeout the client applies: the configured one, capped at a third of the
+    /// call timeout (TCP connect and TLS handshake together stay below the call's deadline).
+    pub(crate) fn effective_connect_timeout(&self) -> Duration {
+        self.connect_timeout.min(self.timeout / 3)
     }
 
     /// The per-attempt call timeout.
@@ -208,11 +265,12 @@ impl ClientConfig {
 impl fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientConfig")
-            .field("endpoint", &self.endpoint)
+            .field("endpoints", &self.endpoints)
             .field("server_name", &self.server_name)
             .field("connect_timeout", &self.connect_timeout)
             .field("timeout", &self.timeout)
             .field("retry", &self.retry)
+            .field("failover_backoff", &self.failover_backoff)
             .field("key_pem", &"<redacted>")
             .finish_non_exhaustive()
     }
@@ -310,6 +368,38 @@ pub fn normalize_endpoint(addr: &str) -> Result<String, Error> {
     Ok(format!("https://{host}:{port}"))
 }
 
+/// Parses a list of server addresses separated by commas (`https://a:8443,https://b:8443`),
+/// normalising each with [`normalize_endpoint`]. A single address is a list of one. Spaces
+/// around items are ignored; an empty item (`a,,b`, a trailing comma), an invalid address and
+/// the same endpoint twice (after normalisation: `a` and `https://a:8443`) are errors.
+pub fn parse_endpoints(list: &str) -> Result<Vec<String>, Error> {
+    normalize_all(list.split(',').map(str::to_owned))
+}
+
+/// Normalises every address, refusing none at all, empty ones and repeats.
+fn normalize_all(addrs: impl Iterator<Item = String>) -> Result<Vec<String>, Error> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, addr) in addrs.enumerate() {
+        if addr.trim().is_empty() {
+            return Err(Error::config(format!(
+                "server address list: item {} is empty",
+                i + 1
+            )));
+        }
+        let uri = normalize_endpoint(&addr)?;
+        if out.contains(&uri) {
+            return Err(Error::config(format!(
+                "server address list: {uri} is listed twice"
+            )));
+        }
+        out.push(uri);
+    }
+    if out.is_empty() {
+        return Err(Error::config("server address list is empty"));
+    }
+    Ok(out)
+}
+
 /// Parses a duration: a number of seconds (`10`, `2.5`) or a number with a unit (`500ms`,
 /// `10s`, `2m`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -377,6 +467,76 @@ mod tests {
             let err = normalize_endpoint(bad).unwrap_err();
             assert!(matches!(err, Error::Config(_)), "{bad:?}: {err:?}");
         }
+    }
+
+    #[test]
+    fn endpoint_lists() {
+        let ok = |l: &str| parse_endpoints(l).unwrap();
+        assert_eq!(ok("127.0.0.1:8443"), ["https://127.0.0.1:8443"]);
+        assert_eq!(
+            ok("https://a:8443,https://b:8443"),
+            ["https://a:8443", "https://b:8443"]
+        );
+        assert_eq!(
+            ok(" a , [::1]:9 ,https://c/"),
+            ["https://a:8443", "https://[::1]:9", "https://c:443"]
+        );
+        let err = |l: &str| parse_endpoints(l).unwrap_err();
+        for (list, says) in [
+            ("", "item 1 is empty"),
+            ("a:1,,b:1", "item 2 is empty"),
+            ("a:1,", "item 2 is empty"),
+            (" , a:1", "item 1 is empty"),
+            ("a:1,http://b:1", "\"http\" is not supported"),
+            ("a:1,b:0", "invalid server address \"b:0\""),
+            (
+                "localhost,https://localhost:8443",
+                "https://localhost:8443 is listed twice",
+            ),
+            ("a:1,b:1,a:1", "https://a:1 is listed twice"),
+        ] {
+            let e = err(list);
+            assert!(matches!(e, Error::Config(_)), "{list:?}: {e:?}");
+            assert!(e.message().contains(says), "{list:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn several_endpoints_in_the_config() {
+        let cfg = ClientConfig::new("b:1, a:1", CA, CA, KEY).unwrap();
+        assert_eq!(cfg.endpoints(), ["https://b:1", "https://a:1"]);
+        assert_eq!(cfg.endpoint(), "https://b:1");
+
+        let cfg = cfg.with_endpoints(["https://c:3", "d"]).unwrap();
+        assert_eq!(cfg.endpoints(), ["https://c:3", "https://d:8443"]);
+        let cfg = cfg.with_endpoints(vec![String::from("e:5")]).unwrap();
+        assert_eq!(cfg.endpoints(), ["https://e:5"]);
+        let e = cfg.clone().with_endpoints(Vec::<&str>::new()).unwrap_err();
+        assert!(e.message().contains("list is empty"), "{e}");
+        let e = cfg.clone().with_endpoints(["x:1", "x:1"]).unwrap_err();
+        assert!(e.message().contains("listed twice"), "{e}");
+        let e = cfg.clone().with_endpoints(["x:1", " "]).unwrap_err();
+        assert!(e.message().contains("item 2 is empty"), "{e}");
+
+        assert_eq!(
+            cfg.failover_backoff(),
+            (DEFAULT_FAILOVER_BACKOFF, DEFAULT_FAILOVER_BACKOFF_MAX)
+        );
+        let cfg = cfg.with_failover_backoff(Duration::from_secs(2), Duration::from_secs(1));
+        assert_eq!(
+            cfg.failover_backoff(),
+            (Duration::from_secs(2), Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn connect_timeout_stays_below_the_call_timeout() {
+        let cfg = ClientConfig::new("a", CA, CA, KEY).unwrap();
+        assert_eq!(cfg.effective_connect_timeout(), DEFAULT_TIMEOUT / 3);
+        let cfg = cfg.with_connect_timeout(Duration::from_secs(1));
+        assert_eq!(cfg.effective_connect_timeout(), Duration::from_secs(1));
+        let cfg = cfg.with_timeout(Duration::from_millis(300));
+        assert_eq!(cfg.effective_connect_timeout(), Duration::from_millis(100));
     }
 
     #[test]
@@ -456,6 +616,17 @@ mod tests {
         assert_eq!(cfg.endpoint(), "https://ward.test:9443");
         assert_eq!(cfg.server_name(), Some("localhost"));
         assert_eq!(cfg.timeout(), Duration::from_millis(250));
+
+        env.insert(ENV_ADDR, "ward-1.test:9443,ward-2.test:9443".into());
+        let cfg = ClientConfig::from_lookup(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(
+            cfg.endpoints(),
+            ["https://ward-1.test:9443", "https://ward-2.test:9443"]
+        );
+        env.insert(ENV_ADDR, "ward-1.test:9443,".into());
+        let err = ClientConfig::from_lookup(|k| env.get(k).cloned()).unwrap_err();
+        assert!(err.message().contains("item 2 is empty"), "{err}");
+        env.insert(ENV_ADDR, "ward.test:9443".into());
 
         env.insert(ENV_TIMEOUT, "soon".into());
         let err = ClientConfig::from_lookup(|k| env.get(k).cloned()).unwrap_err();

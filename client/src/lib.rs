@@ -1,6 +1,6 @@
 //! Ward SDK: a mutual-TLS gRPC client for the Ward secrets vault, with per-call timeouts,
-//! retries of calls that are safe to repeat, one error type, and a [`Cache`] that keeps
-//! fetched secrets current through `WatchSecrets`.
+//! retries of calls that are safe to repeat, failover between the replicas of a cluster, one
+//! error type, and a [`Cache`] that keeps fetched secrets current through `WatchSecrets`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), ward_client::Error> {
@@ -26,6 +26,7 @@
 mod cache;
 mod client;
 mod config;
+mod endpoints;
 mod error;
 mod retry;
 
@@ -37,10 +38,11 @@ pub use cache::{
 };
 pub use client::{Client, FetchedSecret, WatchStream};
 pub use config::{
-    normalize_endpoint, parse_duration, ClientConfig, DEFAULT_ADDR, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_PORT, DEFAULT_TIMEOUT, ENV_ADDR, ENV_CA, ENV_CERT, ENV_KEY, ENV_SERVER_NAME,
-    ENV_TIMEOUT,
+    normalize_endpoint, parse_duration, parse_endpoints, ClientConfig, DEFAULT_ADDR,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAILOVER_BACKOFF, DEFAULT_FAILOVER_BACKOFF_MAX, DEFAULT_PORT,
+    DEFAULT_TIMEOUT, ENV_ADDR, ENV_CA, ENV_CERT, ENV_KEY, ENV_SERVER_NAME, ENV_TIMEOUT,
 };
+pub use endpoints::EndpointStatus;
 pub use error::Error;
 pub use retry::RetryPolicy;
 /// The gRPC status code type used by [`Error::code`].

@@ -58,22 +58,33 @@ impl RetryPolicy {
 
     /// The delay before retry number `retry` (1 for the first retry), jittered.
     pub(crate) fn backoff(&self, retry: u32) -> Duration {
-        let step = self.backoff_ceiling(retry);
-        let hi = u64::try_from(step.as_micros()).unwrap_or(u64::MAX);
-        let lo = hi / 2;
-        if hi == 0 {
-            return Duration::ZERO;
-        }
-        Duration::from_micros(rand::thread_rng().gen_range(lo..=hi))
+        jittered_backoff(self.initial_backoff, self.max_backoff, retry)
     }
 
-    /// The un-jittered delay before retry number `retry`: initial · 2^(retry-1), capped.
+    /// The un-jittered delay before retry number `retry`.
+    #[cfg(test)]
     fn backoff_ceiling(&self, retry: u32) -> Duration {
-        let shift = retry.saturating_sub(1).min(31);
-        self.initial_backoff
-            .saturating_mul(1u32 << shift)
-            .min(self.max_backoff)
+        backoff_ceiling(self.initial_backoff, self.max_backoff, retry)
     }
+}
+
+/// The delay before the `n`th repeat (1 for the first) of something that keeps failing:
+/// drawn uniformly from the upper half of [`backoff_ceiling`]. Used for call retries and for
+/// the failover backoff of an endpoint.
+pub(crate) fn jittered_backoff(initial: Duration, max: Duration, n: u32) -> Duration {
+    let step = backoff_ceiling(initial, max, n);
+    let hi = u64::try_from(step.as_micros()).unwrap_or(u64::MAX);
+    let lo = hi / 2;
+    if hi == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_micros(rand::thread_rng().gen_range(lo..=hi))
+}
+
+/// The un-jittered delay before the `n`th repeat: initial · 2^(n-1), capped at `max`.
+fn backoff_ceiling(initial: Duration, max: Duration, n: u32) -> Duration {
+    let shift = n.saturating_sub(1).min(31);
+    initial.saturating_mul(1u32 << shift).min(max)
 }
 
 /// Whether repeating a call can change what the server stores.

@@ -4,6 +4,7 @@
 
 mod mock;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tonic::Code;
@@ -14,7 +15,7 @@ use ward_client::proto::{
 };
 use ward_client::{Client, Error, RetryPolicy};
 
-use mock::{fast_retry, put_req, start, Pki};
+use mock::{fast_retry, put_req, start, Mock, Pki};
 
 // ---------------------------------------------------------------------------------------------
 // SDK
@@ -246,4 +247,179 @@ async fn sdk_tls_checks() {
     let err = Client::connect(cfg).await.unwrap_err();
     assert!(matches!(err, Error::Transport(_)), "{err:?}");
     assert!(err.to_string().contains(&dead_addr.to_string()), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failover between endpoints
+
+/// A client over both mocks (first `a`), with fast retries and the given failover backoff.
+async fn pair_client(pki: &Pki, a: SocketAddr, b: SocketAddr, backoff: Duration) -> Client {
+    let cfg = pki
+        .config_for(&format!("{a},{b}"), "admin")
+        .with_retry(fast_retry())
+        .with_failover_backoff(backoff, backoff);
+    assert_eq!(cfg.endpoints().len(), 2);
+    Client::connect(cfg).await.unwrap()
+}
+
+/// Two mocks with the same CA, each holding `name` (each mock is its own store).
+async fn two_mocks(pki: &Pki, name: &str) -> ((SocketAddr, Mock), (SocketAddr, Mock)) {
+    let pair = (start(pki).await, start(pki).await);
+    for addr in [pair.0 .0, pair.1 .0] {
+        let single = Client::connect(pki.config(addr, "admin")).await.unwrap();
+        single.put_secret(put_req(name, b"v")).await.unwrap();
+    }
+    pair
+}
+
+fn healthy(c: &Client) -> Vec<bool> {
+    c.endpoints().iter().map(|e| e.healthy).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_fails_over_only_what_is_safe_to_repeat() {
+    let pki = Pki::new();
+    let ((a, ma), (b, mb)) = two_mocks(&pki, "f/db").await;
+    let hour = Duration::from_secs(3600);
+
+    // A read whose endpoint fails is answered by the other, with no error, and the failed
+    // endpoint is tried last from then on.
+    let reader = pair_client(&pki, a, b, hour).await;
+    reader.fetch_secret("f/db", 0).await.unwrap();
+    assert_eq!((ma.calls("FetchSecret"), mb.calls("FetchSecret")), (1, 0));
+    ma.fail_next(1);
+    reader.fetch_secret("f/db", 0).await.unwrap();
+    assert_eq!((ma.calls("FetchSecret"), mb.calls("FetchSecret")), (2, 1));
+    assert_eq!(healthy(&reader), [false, true]);
+    assert_eq!(reader.endpoints()[0].consecutive_failures, 1);
+    reader.fetch_secret("f/db", 0).await.unwrap();
+    assert_eq!((ma.calls("FetchSecret"), mb.calls("FetchSecret")), (2, 2));
+
+    // A write without request_id is sent once: its failure is returned, not resent elsewhere.
+    let writer = pair_client(&pki, a, b, hour).await;
+    ma.fail_next(1);
+    let err = writer
+        .put_secret(put_req("f/once", b"v"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert_eq!((ma.calls("PutSecret"), mb.calls("PutSecret")), (2, 1));
+    // The next one goes to the healthy endpoint.
+    writer.put_secret(put_req("f/once", b"v")).await.unwrap();
+    assert_eq!((ma.calls("PutSecret"), mb.calls("PutSecret")), (2, 2));
+
+    // With a request_id it is retried on the other endpoint, at once.
+    let dedup = pair_client(&pki, a, b, hour).await;
+    ma.fail_next(1);
+    let mut req = put_req("f/dedup", b"v");
+    req.request_id = "failover-1".into();
+    let put = dedup.put_secret(req).await.unwrap();
+    assert_eq!(put.version, 1);
+    assert_eq!((ma.calls("PutSecret"), mb.calls("PutSecret")), (3, 3));
+    let on_b = Client::connect(pki.config(b, "admin")).await.unwrap();
+    assert_eq!(
+        on_b.describe_secret("f/dedup")
+            .await
+            .unwrap()
+            .versions
+            .len(),
+        1
+    );
+
+    // Both failing: the retry budget (3 attempts) is spent across them, then the error shows.
+    let both = pair_client(&pki, a, b, hour).await;
+    let before = (ma.calls("FetchSecret"), mb.calls("FetchSecret"));
+    ma.set_down(true);
+    mb.set_down(true);
+    let err = both.fetch_secret("f/db", 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert_eq!(
+        (ma.calls("FetchSecret"), mb.calls("FetchSecret")),
+        (before.0 + 2, before.1 + 1)
+    );
+    assert_eq!(healthy(&both), [false, false]);
+    // Any answer makes an endpoint healthy again, even one tried last.
+    mb.set_down(false);
+    both.fetch_secret("f/db", 0).await.unwrap();
+    assert_eq!(healthy(&both), [false, true]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_prefers_a_recovered_endpoint_only_after_it_answers_a_probe() {
+    let pki = Pki::new();
+    let ((a, ma), (b, mb)) = two_mocks(&pki, "p/db").await;
+    let client = pair_client(&pki, a, b, Duration::from_millis(20)).await;
+    ma.set_down(true);
+    client.fetch_secret("p/db", 0).await.unwrap();
+    assert_eq!(healthy(&client), [false, true]);
+
+    // While `a` stays down its probes fail, and every call goes to `b`.
+    let a_fetches = ma.calls("FetchSecret");
+    let mut b_fetches = mb.calls("FetchSecret");
+    for _ in 0..500 {
+        if ma.calls("Check") >= 3 {
+            break;
+        }
+        client.fetch_secret("p/db", 0).await.unwrap();
+        b_fetches += 1;
+        assert_eq!(mb.calls("FetchSecret"), b_fetches);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        ma.calls("Check") >= 3,
+        "no probes of the endpoint that is down"
+    );
+    assert_eq!(ma.calls("FetchSecret"), a_fetches);
+    assert!(!client.endpoints()[0].healthy);
+    assert!(client.endpoints()[0].consecutive_failures >= 3);
+
+    // Back up: a probe (started by a call, which itself goes to `b`) finds it SERVING, and
+    // from then on calls go to `a` again.
+    ma.set_down(false);
+    for _ in 0..500 {
+        if client.endpoints()[0].healthy {
+            break;
+        }
+        client.fetch_secret("p/db", 0).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(healthy(&client), [true, true]);
+    let before = (ma.calls("FetchSecret"), mb.calls("FetchSecret"));
+    client.fetch_secret("p/db", 0).await.unwrap();
+    assert_eq!(
+        (ma.calls("FetchSecret"), mb.calls("FetchSecret")),
+        (before.0 + 1, before.1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_connects_to_the_first_endpoint_that_answers() {
+    let pki = Pki::new();
+    let (b, mb) = start(&pki).await;
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = dead.local_addr().unwrap();
+    drop(dead);
+
+    let cfg = pki
+        .config_for(&format!("{a},{b}"), "admin")
+        .with_retry(RetryPolicy::none());
+    let client = Client::connect(cfg.clone()).await.unwrap();
+    assert_eq!(healthy(&client), [false, true]);
+    client.put_secret(put_req("c/x", b"v")).await.unwrap();
+    assert_eq!(mb.calls("PutSecret"), 1);
+
+    // None answers: one error naming every endpoint.
+    let cfg = cfg.with_endpoints([
+        a.to_string(),
+        a.to_string().replace("127.0.0.1", "localhost"),
+    ]);
+    let err = Client::connect(cfg.unwrap()).await.unwrap_err();
+    assert!(matches!(err, Error::Transport(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("cannot connect to any endpoint"), "{text}");
+    assert!(
+        text.contains(&format!("https://127.0.0.1:{}", a.port()))
+            && text.contains(&format!("https://localhost:{}", a.port())),
+        "{text}"
+    );
 }

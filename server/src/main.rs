@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use ward_hsm::{Hsm, HsmError, KeyWrapper, MacSigner};
-use ward_server::config::Config;
+use ward_server::config::{Backend, Config};
 use ward_server::server::{self, StartError};
 
 #[derive(Parser)]
@@ -44,8 +44,9 @@ enum Command {
         config: PathBuf,
     },
     /// Restores a backup (`wardctl admin backup FILE`) into the config's data_dir, which must
-    /// not exist yet or be empty. Its signature is checked in the HSM first; serving it needs
-    /// the same HSM master key(s).
+    /// not exist yet or be empty (with `[store] backend = "etcd"`: the store goes into the
+    /// etcd prefix, which must be empty, and data_dir gets the audit log). Its signature is
+    /// checked in the HSM first; serving it needs the same HSM master key(s).
     Restore {
         /// Config file (TOML) naming the data_dir to create.
         #[arg(long)]
@@ -99,9 +100,17 @@ fn run(cli: Cli) -> Result<(), StartError> {
         }
         // The backup's signature is checked in the HSM before anything is written.
         let hsm = server::open_hsm(&cfg)?;
-        let r =
-            ward_server::vault::backup::restore(from, &cfg.data_dir, cfg.audit.segment_bytes, &hsm)
-                .map_err(StartError::Storage)?;
+        let r = ward_server::vault::backup::restore(
+            from,
+            &cfg.data_dir,
+            cfg.audit.segment_bytes,
+            &hsm,
+            match cfg.store.backend {
+                Backend::Etcd => cfg.store.etcd.as_ref(),
+                Backend::Sled => None,
+            },
+        )
+        .map_err(StartError::Storage)?;
         println!(
             "restored {} entries into {}; serving it needs master key(s) {} on token {:?}",
             r.entries,

@@ -163,7 +163,7 @@ pub async fn serve(
     let etcd = match cfg.store.backend {
         Backend::Etcd => {
             create_private_dir(&cfg.data_dir).map_err(StartError::Storage)?;
-            let id = crate::cluster::replica_id(&cfg.data_dir).map_err(StartError::Storage)?;
+            let id = crate::store::etcd::replica_id(&cfg.data_dir).map_err(StartError::Storage)?;
             let store = crate::cluster::open(&cfg, &id, clock.now_ms())
                 .await
                 .map_err(StartError::Storage)?;

@@ -101,7 +101,7 @@ pub fn summary(events: &[pb::WatchEvent]) -> Vec<(pb::WatchEventType, String, u6
 }
 
 /// Waits (at most 10 s) for a cache event matching `want`.
-async fn cache_event(
+pub async fn cache_event(
     rx: &mut broadcast::Receiver<CacheEvent>,
     what: &str,
     want: impl Fn(&CacheEvent) -> bool,

@@ -23,6 +23,7 @@ mod crls;
 mod disk;
 mod durability;
 mod extauthz;
+mod failover;
 mod grants;
 mod hardening;
 mod hsm_faults;

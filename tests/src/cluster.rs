@@ -12,9 +12,9 @@
 
 use std::net::SocketAddr;
 use std::ops::{Index, IndexMut};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
+use crate::server::copy_dir;
 use crate::{EtcdCluster, TestServer};
 
 /// Key prefix of the replicas' state in etcd.
@@ -47,7 +47,10 @@ impl WardCluster {
                     .prefix("ward-e2e-replica-")
                     .tempdir()
                     .expect("create replica dir");
-                copy_tree(&template, dir.path());
+                // Everything but the token itself (softhsm2.conf names it by its absolute
+                // path) and what a server wrote.
+                let own = ["data", "e2e-scratch", "softhsm/tokens"].map(Path::new);
+                copy_dir(&template, dir.path(), &|rel| own.contains(&rel));
                 dir
             })
             .collect();
@@ -132,26 +135,4 @@ fn configure(dir: &Path, etcd: &EtcdCluster) {
     text.push('\n');
     text.push_str(&tables);
     std::fs::write(&config, text).unwrap();
-}
-
-/// Copies the replica directory `from` into `to` (which exists): everything but the token
-/// itself (`softhsm/tokens`, shared by path) and what a server wrote (`data`, the tests'
-/// `e2e-scratch`). Directories are private (0700); files keep their modes.
-fn copy_tree(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let name = entry.file_name();
-        let (src, dst) = (entry.path(), to.join(&name));
-        if entry.file_type().unwrap().is_dir() {
-            let skip = matches!(name.to_str(), Some("data" | "e2e-scratch"))
-                || (from.file_name().is_some_and(|n| n == "softhsm") && name == "tokens");
-            if !skip {
-                std::fs::DirBuilder::new().mode(0o700).create(&dst).unwrap();
-                copy_tree(&src, &dst);
-            }
-        } else {
-            std::fs::copy(&src, &dst)
-                .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
-        }
-    }
 }

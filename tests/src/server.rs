@@ -37,10 +37,26 @@ impl TestServer {
 
     /// [`start`](Self::start) with extra environment variables for the server process.
     pub fn start_with_env(envs: &[(&str, &str)]) -> TestServer {
+        Self::start_prepared(envs, |_| {})
+    }
+
+    /// A dev server with everything of its own (data dir, SoftHSM token, store, audit log)
+    /// except its `tls/` directory, a copy of `other`'s: the same dev CA, server and client
+    /// certificates, so one client certificate and CA reach both — a client can fail over
+    /// between them. (Each dev server otherwise makes its own CA.)
+    pub fn start_with_tls_of(other: &TestServer) -> TestServer {
+        Self::start_prepared(&[], |dir| {
+            copy_dir(&other.path.join("tls"), &dir.join("tls"), &|_| false)
+        })
+    }
+
+    /// Makes a fresh data dir, lets `prepare` put files in it, then runs dev mode on it.
+    fn start_prepared(envs: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> TestServer {
         let dir = tempfile::Builder::new()
             .prefix("ward-e2e-")
             .tempdir()
             .expect("create temp data dir");
+        prepare(dir.path());
         let mut server = Self::stopped_in(dir);
         server.launch(&server.dev_args(), envs);
         server
@@ -393,6 +409,39 @@ impl TestServer {
     pub fn all_output(&self) -> String {
         self.logs.lock().unwrap().all_output()
     }
+}
+
+/// Copies directory `from` into `to` (created if missing), recursively, leaving out the
+/// entries `skip` names by their path under `from`, keeping the permission bits of every file
+/// and directory (dev mode keeps `tls/` and its keys private to the user).
+pub(crate) fn copy_dir(from: &Path, to: &Path, skip: &dyn Fn(&Path) -> bool) {
+    copy_under(from, to, Path::new(""), skip);
+}
+
+fn copy_under(from: &Path, to: &Path, rel: &Path, skip: &dyn Fn(&Path) -> bool) {
+    if !to.exists() {
+        std::fs::create_dir(to).unwrap();
+    }
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let (src, dst, rel) = (
+            entry.path(),
+            to.join(entry.file_name()),
+            rel.join(entry.file_name()),
+        );
+        if skip(&rel) {
+            continue;
+        }
+        if entry.file_type().unwrap().is_dir() {
+            copy_under(&src, &dst, &rel, skip);
+        } else {
+            // `fs::copy` keeps the file's permission bits.
+            std::fs::copy(&src, &dst)
+                .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
+        }
+    }
+    let perms = std::fs::metadata(from).unwrap().permissions();
+    std::fs::set_permissions(to, perms).unwrap();
 }
 
 impl Drop for TestServer {

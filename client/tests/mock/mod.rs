@@ -66,8 +66,13 @@ impl Pki {
     }
 
     pub fn config(&self, addr: SocketAddr, who: &str) -> ClientConfig {
+        self.config_for(&addr.to_string(), who)
+    }
+
+    /// A configuration for `addrs` (one address or a comma-separated list).
+    pub fn config_for(&self, addrs: &str, who: &str) -> ClientConfig {
         ClientConfig::from_files(
-            addr.to_string(),
+            addrs,
             self.path("ca.pem"),
             self.path(&format!("{who}.pem")),
             self.path(&format!("{who}.key")),
@@ -156,6 +161,8 @@ struct State {
     calls: HashMap<String, u32>,
     /// The next this-many calls fail with UNAVAILABLE before doing anything.
     unavailable: u32,
+    /// Every call fails with UNAVAILABLE (health checks included) until cleared.
+    down: bool,
     /// request_id → first answer, as the real server deduplicates.
     request_ids: HashMap<String, PutSecretResponse>,
     /// Whether every call came with a client certificate.
@@ -181,6 +188,11 @@ impl Mock {
         self.0.lock().unwrap().unavailable = n;
     }
 
+    /// While down, every call (health checks included) answers UNAVAILABLE.
+    pub fn set_down(&self, down: bool) {
+        self.0.lock().unwrap().down = down;
+    }
+
     /// Whether every call so far came with a client certificate.
     pub fn all_had_client_cert(&self) -> bool {
         self.0.lock().unwrap().all_had_client_cert
@@ -193,11 +205,23 @@ impl Mock {
         if req.peer_certs().is_none_or(|c| c.is_empty()) {
             st.all_had_client_cert = false;
         }
+        if st.down {
+            return Err(Status::unavailable("injected: down"));
+        }
         if st.unavailable > 0 {
             st.unavailable -= 1;
             return Err(Status::unavailable("injected failure"));
         }
         Ok(())
+    }
+
+    /// `grpc.health.v1.Health/Check`: SERVING unless failures are injected.
+    fn health(
+        &self,
+        req: tonic::Request<HealthCheckRequest>,
+    ) -> Result<HealthCheckResponse, Status> {
+        self.enter("Check", &req)?;
+        Ok(HealthCheckResponse { status: 1 })
     }
 
     fn put(&self, req: tonic::Request<PutSecretRequest>) -> Result<PutSecretResponse, Status> {
@@ -397,6 +421,20 @@ impl Mock {
     }
 }
 
+/// `grpc.health.v1.HealthCheckRequest`, written out so the mock needs no health crate.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckRequest {
+    #[prost(string, tag = "1")]
+    service: String,
+}
+
+/// `grpc.health.v1.HealthCheckResponse` (status 1: SERVING).
+#[derive(Clone, PartialEq, prost::Message)]
+struct HealthCheckResponse {
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
 fn prost_types_now() -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: 1_700_000_000,
@@ -472,6 +510,9 @@ impl Service<http::Request<tonic::body::Body>> for Mock {
                 "/ward.v1.Secrets/ListSecrets" => {
                     unary(req, move |r| std::future::ready(m.list(r))).await
                 }
+                "/grpc.health.v1.Health/Check" => {
+                    unary(req, move |r| std::future::ready(m.health(r))).await
+                }
                 _ => Status::unimplemented(path).into_http(),
             })
         })
@@ -480,6 +521,28 @@ impl Service<http::Request<tonic::body::Body>> for Mock {
 
 impl NamedService for Mock {
     const NAME: &'static str = "ward.v1.Secrets";
+}
+
+/// The same mock under the health service's name (tonic's router dispatches by service name).
+#[derive(Clone)]
+struct HealthRoute(Mock);
+
+impl Service<http::Request<tonic::body::Body>> for HealthRoute {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        self.0.call(req)
+    }
+}
+
+impl NamedService for HealthRoute {
+    const NAME: &'static str = "grpc.health.v1.Health";
 }
 
 /// Starts the mock on 127.0.0.1, port 0, requiring client certificates from the test CA.
@@ -491,11 +554,13 @@ pub async fn start(pki: &Pki) -> (SocketAddr, Mock) {
         .identity(Identity::from_pem(&pki.server_pem, &pki.server_key))
         .client_ca_root(Certificate::from_pem(&pki.ca_pem));
     let svc = mock.clone();
+    let health = HealthRoute(mock.clone());
     tokio::spawn(async move {
         Server::builder()
             .tls_config(tls)
             .unwrap()
             .add_service(svc)
+            .add_service(health)
             .serve_with_incoming(TcpIncoming::from(listener))
             .await
             .unwrap();

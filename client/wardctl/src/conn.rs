@@ -15,13 +15,15 @@ use ward_client::{
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Connection")]
 pub struct ConnArgs {
-    /// Server address.
+    /// Server address, or the replicas of a cluster as a comma-separated list.
     #[arg(
         long,
         env = ENV_ADDR,
         default_value = DEFAULT_ADDR,
         global = true,
-        help = "Server address: host:port, [v6]:port or https://host[:port]"
+        value_name = "ADDR[,ADDR…]",
+        help = "Server address: host:port, [v6]:port or https://host[:port]; several \
+                (comma-separated, in order of preference) fail over to each other"
     )]
     pub addr: String,
     /// CA certificate (PEM) that signed the server certificate
@@ -102,6 +104,40 @@ mod tests {
         let err = cmd.conn.to_config().unwrap_err();
         assert!(matches!(err, Error::Config(_)));
         assert!(err.message().contains("/nonexistent/ca"), "{err}");
+    }
+
+    #[test]
+    fn addr_takes_a_list_of_replicas() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = |name: &str, label: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(
+                &path,
+                format!("-----BEGIN {label}-----\nMIIB\n-----END {label}-----\n"),
+            )
+            .unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        let (ca, key) = (pem("ca.pem", "CERTIFICATE"), pem("k.pem", "PRIVATE KEY"));
+        let files = ["--ca", &ca, "--cert", &ca, "--key", &key];
+        let parse = |addr: &str| {
+            let args = ["x", "--addr", addr].into_iter().chain(files);
+            Cmd::try_parse_from(args).unwrap().conn.to_config()
+        };
+        let cfg = parse("ward-1:8443,https://ward-2:9443").unwrap();
+        assert_eq!(
+            cfg.endpoints(),
+            ["https://ward-1:8443", "https://ward-2:9443"]
+        );
+        for (bad, says) in [
+            ("ward-1,,ward-2", "item 2 is empty"),
+            ("ward-1,ward-1:8443", "listed twice"),
+            ("ward-1,ftp://x", "not supported"),
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{bad}: {err:?}");
+            assert!(err.message().contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

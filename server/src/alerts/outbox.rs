@@ -38,7 +38,7 @@ const PARALLEL: usize = 8;
 /// Longest sleep of an idle delivery task (it is woken when an entry arrives).
 const IDLE: Duration = Duration::from_secs(60);
 /// Key of the alert writer's cursor (per node when nodes share the store).
-const CURSOR: &[u8] = b"cursor";
+const CURSOR: &[u8] = crate::store::NODE_KEYS[2].1;
 /// How often a replica that does not lead looks whether it leads now.
 const FOLLOWER_POLL: Duration = Duration::from_secs(1);
 
@@ -166,7 +166,7 @@ impl Outbox {
     /// For a node sharing the store with others: its alert writer keeps its own cursor (a
     /// position in its own audit log).
     pub fn for_node(mut self, node: Option<&str>) -> Self {
-        self.cursor_key = crate::audit::mark_key(CURSOR, node);
+        self.cursor_key = crate::store::node_key(CURSOR, node);
         self
     }
 

@@ -121,7 +121,7 @@ mod verify;
 
 pub use crate::config::AuditSettings;
 pub use access::{code_name, AuditAccess, Outcome, StreamItem, StreamQuery, StreamReader};
-pub use log::{mark_key, AuditLog, PruneReport, UsageFact, APPLIED_MARK, CHECKPOINT_MARK};
+pub use log::{AuditLog, PruneReport, UsageFact, APPLIED_MARK, CHECKPOINT_MARK};
 pub use migrate::import;
 pub use verify::{Broken, Problem, Verification};
 

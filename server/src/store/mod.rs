@@ -355,6 +355,61 @@ pub fn free_bytes(path: &std::path::Path) -> Result<u64, String> {
     Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
 }
 
+/// Keys each node keeps for itself (its audit log's marks, its alert writer's cursor): `key` on
+/// a store of its own, `key/<node id>` on a store several nodes share ([`node_key`]).
+pub const NODE_KEYS: [(Tree, &[u8]); 3] = [
+    (Tree::Meta, b"audit_applied"),
+    (Tree::Meta, b"audit_checkpoint"),
+    (Tree::Outbox, b"cursor"),
+];
+
+/// The key of node `node`'s own `key` (one of [`NODE_KEYS`]): `key`, or `key/node`.
+pub fn node_key(key: &[u8], node: Option<&str>) -> Vec<u8> {
+    let mut k = key.to_vec();
+    if let Some(node) = node {
+        k.push(b'/');
+        k.extend_from_slice(node.as_bytes());
+    }
+    k
+}
+
+/// Rewrites a snapshot's node keys from node `from`'s names to node `to`'s, dropping every
+/// other node's (their audit logs are not in the snapshot): what a backup taken on one node
+/// and restored as another must carry.
+pub fn move_node_keys(snapshot: &mut Snapshot, from: Option<&str>, to: Option<&str>) {
+    for (tree, entries) in &mut snapshot.trees {
+        let mine: Vec<(Vec<u8>, Vec<u8>)> = NODE_KEYS
+            .iter()
+            .filter(|(t, _)| t == tree)
+            .map(|(_, k)| (node_key(k, from), node_key(k, to)))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let node_keyed = |k: &[u8]| {
+            NODE_KEYS.iter().any(|(t, base)| {
+                t == tree
+                    && (k == *base || (k.starts_with(base) && k.get(base.len()) == Some(&b'/')))
+            })
+        };
+        // Entries of a MACed tree are bound to their key: renamed, they would fail their
+        // check. The alert writer's cursor is dropped instead (the restored node starts it at
+        // its log's head).
+        let renamable = !sealed::AUTHENTICATED.contains(tree);
+        let mut kept = Vec::with_capacity(entries.len());
+        for (k, v) in std::mem::take(entries) {
+            match mine.iter().find(|(old, _)| *old == k) {
+                Some((old, new)) if renamable || old == new => kept.push((new.clone(), v)),
+                Some(_) => {}
+                None if node_keyed(&k) => {}
+                None => kept.push((k, v)),
+            }
+        }
+        kept.sort_by(|a, b| a.0.cmp(&b.0));
+        *entries = kept;
+    }
+}
+
 /// Key of a version's sealed value: `name 0x00 version(u64 BE)`. Names never contain 0x00.
 pub fn version_key(name: &str, version: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(name.len() + 9);

@@ -37,22 +37,11 @@ const CHECKPOINT_RETRY: Duration = Duration::from_secs(5);
 const REOPEN_EVERY: Duration = Duration::from_millis(200);
 /// Meta key: every change record up to this sequence number (u64 BE) is resolved — its change
 /// was committed, or a void record says it was not. Per node when nodes share a store
-/// ([`mark_key`]).
-pub const APPLIED_MARK: &[u8] = b"audit_applied";
+/// (`store::node_key`).
+pub const APPLIED_MARK: &[u8] = crate::store::NODE_KEYS[0].1;
 /// Meta key: the newest checkpoint record (u64 BE seq, then its 32-byte hash), so that a log
 /// cut before it is refused at start-up. Per node like [`APPLIED_MARK`].
-pub const CHECKPOINT_MARK: &[u8] = b"audit_checkpoint";
-
-/// The meta key of one of a node's marks: `mark`, or `mark/node` when several nodes (each with
-/// its own log) share the store.
-pub fn mark_key(mark: &[u8], node: Option<&str>) -> Vec<u8> {
-    let mut k = mark.to_vec();
-    if let Some(node) = node {
-        k.push(b'/');
-        k.extend_from_slice(node.as_bytes());
-    }
-    k
-}
+pub const CHECKPOINT_MARK: &[u8] = crate::store::NODE_KEYS[1].1;
 
 /// The last use of a secret version, kept from the audit log's own events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,7 +184,7 @@ impl AuditLog {
 
     /// This node's key of `mark` in the store's meta tree.
     pub(super) fn mark(&self, mark: &[u8]) -> Vec<u8> {
-        mark_key(mark, self.settings.node.as_deref())
+        crate::store::node_key(mark, self.settings.node.as_deref())
     }
 
     /// The store the changes go to.

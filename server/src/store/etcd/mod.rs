@@ -61,6 +61,41 @@ fn cluster_key(rest: &[u8]) -> Vec<u8> {
     k
 }
 
+/// File (in `data_dir`) holding the replica's id: its registry entry and its node keys.
+const REPLICA_ID_FILE: &str = "replica-id";
+
+/// This replica's id: read from `data_dir`, or made (random) and kept there on first start.
+pub fn replica_id(data_dir: &std::path::Path) -> Result<String, String> {
+    let path = data_dir.join(REPLICA_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim().to_owned();
+            let valid = |b: u8| b.is_ascii_alphanumeric() || b == b'-';
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(valid) {
+                return Err(format!(
+                    "{} does not hold a replica id (1 to 64 of a-z A-Z 0-9 -)",
+                    path.display()
+                ));
+            }
+            Ok(id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 8];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+            let id = hex::encode(bytes);
+            let tmp = data_dir.join(format!("{REPLICA_ID_FILE}.tmp"));
+            std::fs::write(&tmp, format!("{id}\n"))
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(id)
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Cluster key present while a restore writes the prefix (see [`EtcdStore::restore_into`]).
+const RESTORING: &[u8] = b"restoring";
+
 /// The store on an etcd cluster.
 pub struct EtcdStore {
     client: Client,
@@ -105,6 +140,14 @@ impl EtcdStore {
                     .await
                     .map_err(|_| "timed out loading the prefix".to_string())?
                     .map_err(|e| e.to_string())?;
+                if mirror.cluster.contains_key(RESTORING) {
+                    return Err(format!(
+                        "a restore into prefix {:?} was interrupted: delete the prefix \
+                         (etcdctl del --prefix {:?}) and restore again",
+                        String::from_utf8_lossy(&prefix),
+                        String::from_utf8_lossy(&prefix)
+                    ));
+                }
                 mirror::install(&shared, mirror);
                 tokio::spawn(mirror::follow(
                     client.clone(),
@@ -249,6 +292,80 @@ impl EtcdStore {
             )));
         }
         Ok(Txn::new().when(compares).and_then(ops))
+    }
+}
+
+impl EtcdStore {
+    /// Writes a snapshot into the configured prefix, which must be empty (blocking; no runtime
+    /// needed). The prefix is marked while it is written: a server refuses to start on a
+    /// prefix whose restore was interrupted. Returns the entries written.
+    pub fn restore_into(cfg: &EtcdConfig, snapshot: &Snapshot) -> Result<u64, StoreError> {
+        let unavailable = |e: etcd_client::Error| StoreError::Unavailable(format!("etcd: {e}"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("etcd runtime: {e}")))?;
+        let prefix = cfg.prefix.as_bytes().to_vec();
+        runtime.block_on(async {
+            let mut client = Client::connect(&cfg.endpoints, Some(connect_options(cfg)?))
+                .await
+                .map_err(unavailable)?;
+            let marker = [prefix.as_slice(), &cluster_key(RESTORING)].concat();
+            let present = client
+                .get(
+                    prefix.clone(),
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only(),
+                    ),
+                )
+                .await
+                .map_err(unavailable)?
+                .count();
+            if present > 0 {
+                return Err(StoreError::Unavailable(format!(
+                    "prefix {:?} holds {present} keys: restore only into an empty prefix",
+                    cfg.prefix
+                )));
+            }
+            let claim = Txn::new()
+                .when([Compare::create_revision(
+                    marker.clone(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then([TxnOp::put(marker.clone(), b"1".to_vec(), None)]);
+            if !client.txn(claim).await.map_err(unavailable)?.succeeded() {
+                return Err(StoreError::Unavailable(
+                    "another restore is writing this prefix".into(),
+                ));
+            }
+            let mut written = 0u64;
+            let mut ops = Vec::new();
+            let mut bytes = 0usize;
+            for (tree, entries) in &snapshot.trees {
+                for (k, v) in entries {
+                    let full = full_key(&prefix, *tree, k);
+                    if ops.len() == MAX_TXN_OPS || bytes + full.len() + v.len() > MAX_TXN_BYTES {
+                        let txn = Txn::new().and_then(std::mem::take(&mut ops));
+                        client.txn(txn).await.map_err(unavailable)?;
+                        bytes = 0;
+                    }
+                    bytes += full.len() + v.len();
+                    ops.push(TxnOp::put(full, v.clone(), None));
+                    written += 1;
+                }
+            }
+            if !ops.is_empty() {
+                client
+                    .txn(Txn::new().and_then(ops))
+                    .await
+                    .map_err(unavailable)?;
+            }
+            client.delete(marker, None).await.map_err(unavailable)?;
+            Ok(written)
+        })
     }
 }
 

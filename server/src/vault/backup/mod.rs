@@ -13,9 +13,11 @@ pub mod format;
 
 use super::Vault;
 use crate::audit::AuditRecord;
+use crate::config::EtcdConfig;
 use crate::error::{Error, Result};
 use crate::harden::create_private_dir;
 use crate::identity::Peer;
+use crate::store::etcd::EtcdStore;
 use crate::store::sled_store::SledStore;
 use crate::store::{Snapshot, Store, Tree};
 use format::decode;
@@ -39,6 +41,8 @@ impl Vault {
 impl Vault {
     async fn snapshot_with_audit(&self) -> Result<Snapshot> {
         let mut snapshot = durable_snapshot(self.store.clone()).await?;
+        // The backup carries this node's audit log, so its marks, under their plain names.
+        crate::store::move_node_keys(&mut snapshot, self.audit.settings().node.as_deref(), None);
         let audit = self.audit.clone();
         let records = tokio::task::spawn_blocking(move || audit.export())
             .await
@@ -61,7 +65,7 @@ pub struct Restored {
 }
 
 /// Restores the backup file `from` into `data_dir`, which must not exist or be empty: the
-/// store, and the audit records into segment files of `segment_bytes` under `data_dir/audit`
+/// store (sled in `data_dir`, or the empty prefix of the etcd cluster `etcd`), and the audit records into segment files of `segment_bytes` under `data_dir/audit`
 /// (the restored server continues the chain). Checks the whole file first — its digest, then
 /// its signature in the HSM (`signer`) — so a damaged or edited backup creates nothing.
 /// Blocking; not on an async worker.
@@ -70,6 +74,7 @@ pub fn restore(
     data_dir: &Path,
     segment_bytes: u64,
     signer: &dyn MacSigner,
+    etcd: Option<&EtcdConfig>,
 ) -> std::result::Result<Restored, String> {
     let bytes = std::fs::read(from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
     let file = decode(&bytes).map_err(|e| format!("{}: {e}", from.display()))?;
@@ -94,8 +99,16 @@ pub fn restore(
         .collect();
     let records = crate::audit::import(&data_dir.join("audit"), segment_bytes, &audit)
         .map_err(|e| e.to_string())?;
-    let entries =
-        SledStore::restore_into(data_dir, &snapshot).map_err(|e| e.to_string())? + records;
+    let stored = match etcd {
+        None => SledStore::restore_into(data_dir, &snapshot),
+        // The restored log's marks become this replica's own.
+        Some(cfg) => {
+            let node = crate::store::etcd::replica_id(data_dir)?;
+            crate::store::move_node_keys(&mut snapshot, None, Some(&node));
+            EtcdStore::restore_into(cfg, &snapshot)
+        }
+    };
+    let entries = stored.map_err(|e| e.to_string())? + records;
     let mut master_keys: Vec<String> = snapshot
         .trees
         .iter()
