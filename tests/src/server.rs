@@ -46,7 +46,7 @@ impl TestServer {
     /// between them. (Each dev server otherwise makes its own CA.)
     pub fn start_with_tls_of(other: &TestServer) -> TestServer {
         Self::start_prepared(&[], |dir| {
-            copy_dir(&other.path.join("tls"), &dir.join("tls"))
+            copy_dir(&other.path.join("tls"), &dir.join("tls"), &|_| false)
         })
     }
 
@@ -56,18 +56,30 @@ impl TestServer {
             .prefix("ward-e2e-")
             .tempdir()
             .expect("create temp data dir");
-        let path = dir.path().to_path_buf();
-        prepare(&path);
-        let mut server = TestServer {
+        prepare(dir.path());
+        let mut server = Self::stopped_in(dir);
+        server.launch(&server.dev_args(), envs);
+        server
+    }
+
+    /// `ward-server serve --config DIR/ward.toml` on a directory the caller prepared (the
+    /// config and every file it names), waiting for its ready line.
+    pub(crate) fn serve_in(dir: tempfile::TempDir) -> TestServer {
+        let mut server = Self::stopped_in(dir);
+        server.restart();
+        server
+    }
+
+    /// A server of `dir` that is not running yet.
+    fn stopped_in(dir: tempfile::TempDir) -> TestServer {
+        TestServer {
+            path: dir.path().to_path_buf(),
             dir: Some(dir),
-            path,
             proc: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             logs: SharedLogs::default(),
             clock_offset_ms: Mutex::new(None),
-        };
-        server.launch(&server.dev_args(), envs);
-        server
+        }
     }
 
     /// A server whose time the test moves with [`advance_clock`](Self::advance_clock): dev
@@ -399,14 +411,34 @@ impl TestServer {
     }
 }
 
-/// Copies the files of directory `from` into a new directory `to`, keeping the permissions of
-/// both (dev mode keeps `tls/` and its keys private to the user).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir(to).unwrap();
+/// Copies directory `from` into `to` (created if missing), recursively, leaving out the
+/// entries `skip` names by their path under `from`, keeping the permission bits of every file
+/// and directory (dev mode keeps `tls/` and its keys private to the user).
+pub(crate) fn copy_dir(from: &Path, to: &Path, skip: &dyn Fn(&Path) -> bool) {
+    copy_under(from, to, Path::new(""), skip);
+}
+
+fn copy_under(from: &Path, to: &Path, rel: &Path, skip: &dyn Fn(&Path) -> bool) {
+    if !to.exists() {
+        std::fs::create_dir(to).unwrap();
+    }
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
-        // `fs::copy` keeps the file's permission bits.
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        let (src, dst, rel) = (
+            entry.path(),
+            to.join(entry.file_name()),
+            rel.join(entry.file_name()),
+        );
+        if skip(&rel) {
+            continue;
+        }
+        if entry.file_type().unwrap().is_dir() {
+            copy_under(&src, &dst, &rel, skip);
+        } else {
+            // `fs::copy` keeps the file's permission bits.
+            std::fs::copy(&src, &dst)
+                .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dst.display()));
+        }
     }
     let perms = std::fs::metadata(from).unwrap().permissions();
     std::fs::set_permissions(to, perms).unwrap();
