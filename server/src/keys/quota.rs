@@ -346,6 +346,48 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_taking_blocks_never_over_admit_and_give_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        // Three "replicas" over one store, each taking 10 units at a time.
+        let ledgers: Vec<Arc<QuotaLedger>> = (0..3)
+            .map(|_| Arc::new(QuotaLedger::with_block(10)))
+            .collect();
+        let q = quota(95, 0, None, 1);
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let (store, l) = (store.clone(), ledgers[i % 3].clone());
+            tasks.push(tokio::task::spawn_blocking(move || {
+                (0..20)
+                    .filter(|_| {
+                        matches!(
+                            l.charge(&*store, "k", 0, &q, 1, 5).unwrap(),
+                            Charge::Charged(_)
+                        )
+                    })
+                    .count()
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += t.await.unwrap();
+        }
+        assert!(admitted <= 95, "over-admitted: {admitted}");
+        // Stranded on other replicas: at most a block each, minus what fits.
+        assert!(admitted >= 95 - 2 * 10, "admitted only {admitted}");
+        for l in &ledgers {
+            l.give_back(&*store).unwrap();
+        }
+        assert_eq!(
+            QuotaLedger::default()
+                .balance(&*store, "k", 0, &q, 5)
+                .unwrap(),
+            95 - admitted as u64,
+            "every unspent unit went back"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_charges_admit_exactly_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SledStore::open(dir.path()).unwrap());

@@ -492,3 +492,49 @@ fn scan_whole<T>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_keys_move_with_their_log_and_others_are_dropped() {
+        let mut snap = Snapshot {
+            trees: vec![
+                (
+                    Tree::Meta,
+                    vec![
+                        (b"audit_applied/a".to_vec(), b"7".to_vec()),
+                        (b"audit_applied/b".to_vec(), b"9".to_vec()),
+                        (b"audit_checkpoint/a".to_vec(), b"c".to_vec()),
+                        (b"index_key".to_vec(), b"k".to_vec()),
+                    ],
+                ),
+                (
+                    Tree::Outbox,
+                    vec![
+                        (b"cursor/a".to_vec(), b"3".to_vec()),
+                        (b"e/x".to_vec(), b"entry".to_vec()),
+                    ],
+                ),
+            ],
+        };
+        move_node_keys(&mut snap, Some("a"), None);
+        let meta: Vec<&[u8]> = snap.trees[0].1.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(
+            meta,
+            vec![&b"audit_applied"[..], b"audit_checkpoint", b"index_key"]
+        );
+        assert_eq!(
+            snap.trees[0].1[0].1,
+            b"7".to_vec(),
+            "node a's mark, not b's"
+        );
+        // The cursor is MACed with its key: dropped, not renamed.
+        let outbox: Vec<&[u8]> = snap.trees[1].1.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(outbox, vec![&b"e/x"[..]]);
+        move_node_keys(&mut snap, None, Some("n"));
+        assert_eq!(snap.trees[0].1[0].0, b"audit_applied/n".to_vec());
+        assert_eq!(node_key(b"cursor", None), b"cursor".to_vec());
+    }
+}

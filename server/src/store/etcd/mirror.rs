@@ -404,3 +404,90 @@ pub(super) fn full_key(prefix: &[u8], tree: Tree, key: &[u8]) -> Vec<u8> {
     k.extend_from_slice(key);
     k
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(v: &[u8], rev: i64) -> Option<Stored> {
+        Some(Stored {
+            value: v.to_vec(),
+            mod_revision: rev,
+        })
+    }
+
+    #[test]
+    fn keys_land_in_their_tree_and_foreign_ones_are_ignored() {
+        let p = b"/ward/";
+        let mut m = Mirror::empty();
+        let k = full_key(p, Tree::Versions, b"app/db\0\0\0\0\0\0\0\0\x01");
+        assert_eq!(
+            m.apply(p, &k, stored(b"v1", 5)),
+            Some((Tree::Versions, b"app/db\0\0\0\0\0\0\0\0\x01".to_vec()))
+        );
+        assert_eq!(
+            m.apply(p, b"/ward/_cluster/replicas/r1", stored(b"i", 6)),
+            None
+        );
+        assert_eq!(m.apply(p, b"/ward/nosuchtree/x", stored(b"i", 7)), None);
+        assert_eq!(m.apply(p, b"/other/secrets/x", stored(b"i", 8)), None);
+        assert_eq!(m.tree(Tree::Versions).len(), 1);
+        assert_eq!(m.cluster.len(), 1);
+        assert_eq!(crate::store::etcd::cluster::live(&m), 1);
+        // A delete removes it.
+        m.apply(p, &k, None);
+        assert!(m.tree(Tree::Versions).is_empty());
+    }
+
+    #[test]
+    fn scans_respect_prefix_start_and_limit() {
+        let p = b"/ward/";
+        let mut m = Mirror::empty();
+        for (i, name) in ["a/1", "a/2", "a/3", "b/1"].iter().enumerate() {
+            m.apply(
+                p,
+                &full_key(p, Tree::Secrets, name.as_bytes()),
+                stored(b"r", i as i64 + 1),
+            );
+        }
+        let keys = |v: Vec<Entry>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(
+            keys(m.scan(Tree::Secrets, b"a/", b"", 10)),
+            vec![b"a/1".to_vec(), b"a/2".to_vec(), b"a/3".to_vec()]
+        );
+        assert_eq!(
+            keys(m.scan(Tree::Secrets, b"a/", b"a/2", 1)),
+            vec![b"a/2".to_vec()]
+        );
+        assert_eq!(
+            keys(m.scan(Tree::Secrets, b"", b"a/3\0", 10)),
+            vec![b"b/1".to_vec()]
+        );
+    }
+
+    #[test]
+    fn a_reload_reports_exactly_what_differs() {
+        let p = b"/ward/";
+        let (mut old, mut new) = (Mirror::empty(), Mirror::empty());
+        let key = |n: &str| full_key(p, Tree::Secrets, n.as_bytes());
+        old.apply(p, &key("same"), stored(b"x", 1));
+        new.apply(p, &key("same"), stored(b"x", 1));
+        old.apply(p, &key("changed"), stored(b"x", 2));
+        new.apply(p, &key("changed"), stored(b"y", 9));
+        old.apply(p, &key("gone"), stored(b"x", 3));
+        new.apply(p, &key("added"), stored(b"x", 10));
+        let mut names: Vec<Vec<u8>> = old.diff(&new).into_iter().map(|(_, k)| k).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![b"added".to_vec(), b"changed".to_vec(), b"gone".to_vec()]
+        );
+    }
+
+    #[test]
+    fn prefix_end_covers_exactly_the_prefix() {
+        assert_eq!(prefix_end(b"/ward/"), b"/ward0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+}
