@@ -10,7 +10,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-pub use store::{Backend, EtcdConfig, StoreConfig};
+pub use store::{Backend, EtcdSection, StoreConfig};
 use zeroize::Zeroizing;
 
 /// Environment variable that overrides the PIN file.

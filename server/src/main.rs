@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use ward_hsm::{Hsm, HsmError, KeyWrapper, MacSigner};
-use ward_server::config::{Backend, Config};
+use ward_server::config::Config;
 use ward_server::server::{self, StartError};
 
 #[derive(Parser)]
@@ -105,10 +105,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
             &cfg.data_dir,
             cfg.audit.segment_bytes,
             &hsm,
-            match cfg.store.backend {
-                Backend::Etcd => cfg.store.etcd.as_ref(),
-                Backend::Sled => None,
-            },
+            cfg.store.etcd().map(|e| e.store_config()).as_ref(),
         )
         .map_err(StartError::Storage)?;
         println!(

@@ -12,7 +12,7 @@ use crate::audit::{AuditAccess, AuditLog};
 use crate::changes::sweeper::SweepIndex;
 use crate::changes::watch::WatchHub;
 use crate::clock::{Clock, FileOffsetClock, SystemClock};
-use crate::config::{Backend, Config};
+use crate::config::Config;
 use crate::envelope::RECORD_MAC_LABEL;
 use crate::grpc::admin::AdminService;
 use crate::grpc::alerts::AlertsService;
@@ -36,7 +36,7 @@ use crate::store::Store;
 use crate::tls::{Alpn, Handshake, TlsConn, TlsFiles, TlsReloader};
 use crate::unseal::unseal;
 use crate::vault::{Settings, Vault};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -160,21 +160,13 @@ pub async fn serve(
     };
     // With etcd, the data directory holds only this replica's id and audit log; the store is
     // the cluster's, and may already hold a keyring.
-    let etcd = match cfg.store.backend {
-        Backend::Etcd => {
-            create_private_dir(&cfg.data_dir).map_err(StartError::Storage)?;
-            let id = crate::store::etcd::replica_id(&cfg.data_dir).map_err(StartError::Storage)?;
-            let store = crate::cluster::open(&cfg, &id, clock.now_ms())
-                .await
-                .map_err(StartError::Storage)?;
-            Some((id, store))
-        }
-        Backend::Sled => None,
-    };
+    let replica = crate::cluster::join(&cfg, clock.now_ms())
+        .await
+        .map_err(StartError::Storage)?;
     let mut stalled = None;
     let mut open_store = || -> Result<Arc<dyn Store>, StartError> {
-        if let Some((_, etcd)) = &etcd {
-            return Ok(etcd.clone());
+        if let Some(r) = &replica {
+            return Ok(r.store.clone());
         }
         create_private_dir(&cfg.data_dir).map_err(StartError::Storage)?;
         let store = SledStore::open_with(&cfg.data_dir, options.clone())
@@ -182,7 +174,7 @@ pub async fn serve(
         stalled = Some(store.stalled());
         Ok(Arc::new(store))
     };
-    let (store, needed) = if etcd.is_some() || cfg.data_dir.exists() {
+    let (store, needed) = if replica.is_some() || cfg.data_dir.exists() {
         let store = open_store()?;
         let mut needed = crate::unseal::referenced_labels(&*store)
             .map_err(|e| StartError::Storage(e.to_string()))?;
@@ -257,7 +249,7 @@ pub async fn serve(
     };
     let signer = mac.clone();
     let mut audit_settings = cfg.audit.settings();
-    audit_settings.node = etcd.as_ref().map(|(id, _)| id.clone());
+    audit_settings.node = replica.as_ref().map(|r| r.id.clone());
     let audit = AuditLog::open(
         store.clone(),
         &cfg.data_dir.join("audit"),
@@ -286,7 +278,7 @@ pub async fn serve(
     let outbox = Arc::new(
         Outbox::open(store.clone(), clock.clone(), &cfg.alerts)
             .map_err(StartError::Config)?
-            .for_node(etcd.as_ref().map(|(id, _)| id.as_str())),
+            .for_node(replica.as_ref().map(|r| r.id.as_str())),
     );
     outbox.set_alerts(alerts.clone());
     let signals = cfg
@@ -346,20 +338,13 @@ pub async fn serve(
             directory.clone(),
             KeySettings {
                 unknown_key_limit,
-                // Replicas take quota units from the shared ledger in blocks; one process on
-                // its own store takes exactly what each charge costs.
-                quota_block: cfg
-                    .store
-                    .etcd
-                    .as_ref()
-                    .filter(|_| etcd.is_some())
-                    .map_or(1, |e| e.quota_block),
+                quota_block: cfg.store.quota_block(),
             },
         )
         .with_alerts(alerts.clone(), signals),
     );
     tracing::info!(keys = directory.index_len(), "key index loaded");
-    crate::metrics::global().set_methods(served_methods());
+    crate::metrics::global().set_methods(crate::grpc::served_methods());
     let deadlines = tokio::spawn(crate::alerts::deadlines::run(
         vault.clone(),
         alerts.clone(),
@@ -456,8 +441,8 @@ pub async fn serve(
         None => None,
     };
     let incoming = tls_incoming_with(listener, tls, ConnLimits::from_config(&cfg));
-    if let Some((_, etcd)) = &etcd {
-        etcd.announce(&addr.to_string());
+    if let Some(r) = &replica {
+        r.store.announce(&addr.to_string());
     }
     ready(Listening {
         grpc: addr,
@@ -532,18 +517,8 @@ pub async fn serve(
     if let Some(f) = follower {
         f.abort();
     }
-    if etcd.is_some() {
-        let k = keys.clone();
-        match tokio::task::spawn_blocking(move || k.give_back_quota()).await {
-            Ok(Ok(n)) if n > 0 => tracing::info!(units = n, "quota units given back to the ledger"),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "could not give quota units back; they are lost (under-admission)")
-            }
-            _ => {}
-        }
-    }
-    if let Some((_, etcd)) = &etcd {
-        etcd.leave().await;
+    if let Some(r) = &replica {
+        r.leave(&keys).await;
     }
     served?;
     if stalled.is_some_and(|s| *s.borrow()) {
@@ -555,37 +530,6 @@ pub async fn serve(
     }
     tracing::info!("shut down");
     Ok(())
-}
-
-/// Every gRPC path served here, for the bounded `method` label of the RPC metrics.
-fn served_methods() -> HashSet<String> {
-    let mut out: HashSet<String> = [
-        "/grpc.health.v1.Health/Check",
-        "/grpc.health.v1.Health/Watch",
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        "/envoy.service.auth.v3.Authorization/Check",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect();
-    if let Ok(fds) =
-        <prost_types::FileDescriptorSet as prost::Message>::decode(ward::FILE_DESCRIPTOR_SET)
-    {
-        for f in fds.file {
-            let package = f.package.unwrap_or_default();
-            for svc in f.service {
-                for m in svc.method {
-                    out.insert(format!(
-                        "/{package}.{}/{}",
-                        svc.name.as_deref().unwrap_or_default(),
-                        m.name.as_deref().unwrap_or_default()
-                    ));
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Writes the API keys' usage counters and the audit log's usage facts to the store (no

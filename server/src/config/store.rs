@@ -2,6 +2,7 @@
 //! `data_dir` on this machine; etcd shares it between replicas (docs/cluster.md).
 
 use super::de_duration;
+use crate::store::etcd::EtcdConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,7 +14,7 @@ pub struct StoreConfig {
     /// The backend.
     pub backend: Backend,
     /// The etcd cluster, when `backend = "etcd"`.
-    pub etcd: Option<EtcdConfig>,
+    pub etcd: Option<EtcdSection>,
 }
 
 /// A store backend.
@@ -27,10 +28,10 @@ pub enum Backend {
     Etcd,
 }
 
-/// How a replica reaches the etcd cluster.
+/// How a replica reaches the etcd cluster (`[store.etcd]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EtcdConfig {
+pub struct EtcdSection {
     /// Client URLs of the members (`https://host:2379`; plain `http://` only to loopback).
     pub endpoints: Vec<String>,
     /// CA bundle that signed the members' certificates (mutual TLS).
@@ -80,6 +81,17 @@ fn default_quota_block() -> u64 {
 }
 
 impl StoreConfig {
+    /// The etcd section, when the backend is etcd.
+    pub fn etcd(&self) -> Option<&EtcdSection> {
+        self.etcd.as_ref().filter(|_| self.backend == Backend::Etcd)
+    }
+
+    /// Quota units a process takes from a key's ledger at a time: exactly each charge's cost
+    /// on a store of its own, `quota_block` on a shared one.
+    pub fn quota_block(&self) -> u64 {
+        self.etcd().map_or(1, |e| e.quota_block)
+    }
+
     /// Resolves relative paths against the config file's folder.
     pub(super) fn resolve(&mut self, base: &Path) {
         if let Some(e) = self.etcd.as_mut() {
@@ -103,7 +115,21 @@ impl StoreConfig {
     }
 }
 
-impl EtcdConfig {
+impl EtcdSection {
+    /// What the store needs of it.
+    pub fn store_config(&self) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: self.endpoints.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            prefix: self.prefix.clone(),
+            timeout: self.timeout,
+            lease_ttl: self.lease_ttl,
+            max_staleness: self.max_staleness,
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.endpoints.is_empty() {
             return Err("store.etcd.endpoints must name at least one member".into());
@@ -187,7 +213,7 @@ mod tests {
     fn etcd(endpoints: &[&str], ca: bool) -> StoreConfig {
         StoreConfig {
             backend: Backend::Etcd,
-            etcd: Some(EtcdConfig {
+            etcd: Some(EtcdSection {
                 endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
                 ca: ca.then(|| "ca.pem".into()),
                 cert: ca.then(|| "c.pem".into()),

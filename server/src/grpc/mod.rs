@@ -26,3 +26,34 @@ pub fn peer<T>(req: &Request<T>) -> Result<Peer, Status> {
         .cloned()
         .ok_or_else(|| Status::unauthenticated("no verified client certificate"))
 }
+
+/// Every gRPC path served here, for the bounded `method` label of the RPC metrics.
+pub fn served_methods() -> std::collections::HashSet<String> {
+    let mut out: std::collections::HashSet<String> = [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/envoy.service.auth.v3.Authorization/Check",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    if let Ok(fds) =
+        <prost_types::FileDescriptorSet as prost::Message>::decode(ward::FILE_DESCRIPTOR_SET)
+    {
+        for f in fds.file {
+            let package = f.package.unwrap_or_default();
+            for svc in f.service {
+                for m in svc.method {
+                    out.insert(format!(
+                        "/{package}.{}/{}",
+                        svc.name.as_deref().unwrap_or_default(),
+                        m.name.as_deref().unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    out
+}

@@ -26,7 +26,6 @@ pub use cluster::{Leadership, ReplicaInfo};
 pub use mirror::Changed;
 
 use super::{Batch, Entry, Snapshot, Store, StoreError, Tree};
-use crate::config::EtcdConfig;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, Identity, TlsOptions, Txn, TxnOp,
 };
@@ -59,6 +58,27 @@ fn cluster_key(rest: &[u8]) -> Vec<u8> {
     let mut k = b"_cluster/".to_vec();
     k.extend_from_slice(rest);
     k
+}
+
+/// How to reach the etcd cluster (from `[store.etcd]`).
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Client URLs of the members.
+    pub endpoints: Vec<String>,
+    /// CA bundle of the members' certificates (TLS when set).
+    pub ca: Option<std::path::PathBuf>,
+    /// This replica's client certificate and key.
+    pub cert: Option<std::path::PathBuf>,
+    /// See `cert`.
+    pub key: Option<std::path::PathBuf>,
+    /// Key prefix of the vault.
+    pub prefix: String,
+    /// Bound of every etcd call.
+    pub timeout: Duration,
+    /// TTL of the replica's lease.
+    pub lease_ttl: Duration,
+    /// Longest watch silence before [`Store::fresh`] fails.
+    pub max_staleness: Duration,
 }
 
 /// File (in `data_dir`) holding the replica's id: its registry entry and its node keys.

@@ -13,11 +13,10 @@ pub mod format;
 
 use super::Vault;
 use crate::audit::AuditRecord;
-use crate::config::EtcdConfig;
 use crate::error::{Error, Result};
 use crate::harden::create_private_dir;
 use crate::identity::Peer;
-use crate::store::etcd::EtcdStore;
+use crate::store::etcd::{EtcdConfig, EtcdStore};
 use crate::store::sled_store::SledStore;
 use crate::store::{Snapshot, Store, Tree};
 use format::decode;
