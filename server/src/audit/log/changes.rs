@@ -231,33 +231,43 @@ impl AuditLog {
             b.require_generation(generation);
             b
         };
-        let outcome = if let [q] = &staged[..] {
-            self.store.commit(marked(q))
-        } else {
-            let mut all = Batch::new();
-            for q in &staged {
-                all.merge(marked(q));
-            }
-            all.require_generation(generation);
-            self.store.commit(all)
-        };
-        match outcome {
-            Ok(()) => {
-                for q in staged {
-                    q.answer(Ok(()));
+        // In queue order, as few transactions as the store takes: a group larger than one
+        // transaction may be is halved until its parts fit.
+        let mut chunks = std::collections::VecDeque::from([staged]);
+        while let Some(chunk) = chunks.pop_front() {
+            let outcome = if let [q] = &chunk[..] {
+                self.store.commit(marked(q))
+            } else {
+                let mut all = Batch::new();
+                for q in &chunk {
+                    all.merge(marked(q));
                 }
-            }
-            // One member's guard failed, or the group is more than the store takes at once:
-            // each is committed alone, so only what fails on its own fails.
-            Err(StoreError::Conflict | StoreError::TooLarge(_)) if staged.len() > 1 => {
-                for q in staged {
-                    let result = self.store.commit(marked(&q));
-                    self.settle(q, result).await;
+                all.require_generation(generation);
+                self.store.commit(all)
+            };
+            match outcome {
+                Ok(()) => {
+                    for q in chunk {
+                        q.answer(Ok(()));
+                    }
                 }
-            }
-            Err(e) => {
-                for q in staged {
-                    self.settle(q, Err(e.clone())).await;
+                Err(StoreError::TooLarge(_)) if chunk.len() > 1 => {
+                    let mut first = chunk;
+                    let second = first.split_off(first.len() / 2);
+                    chunks.push_front(second);
+                    chunks.push_front(first);
+                }
+                // One member's guard failed: each is committed alone, so only it fails.
+                Err(StoreError::Conflict) if chunk.len() > 1 => {
+                    for q in chunk {
+                        let result = self.store.commit(marked(&q));
+                        self.settle(q, result).await;
+                    }
+                }
+                Err(e) => {
+                    for q in chunk {
+                        self.settle(q, Err(e.clone())).await;
+                    }
                 }
             }
         }
