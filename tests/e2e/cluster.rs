@@ -277,3 +277,58 @@ async fn a_key_revoked_on_one_replica_is_refused_on_another() {
     .await;
     assert!(!revoked.valid);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_one_replica_streams_changes_made_on_another() {
+    let etcd = EtcdCluster::start(3).await;
+    let ward = WardCluster::start(&etcd, 2);
+    let mut a = ward[0].raw_client("admin").await;
+    let mut b = ward[1].raw_client("admin").await;
+    let mut watch = ok(
+        b.watch_secrets(pb::WatchSecretsRequest {
+            name_prefix: "watched/".into(),
+            ..Default::default()
+        })
+        .await,
+        "watch on B",
+    );
+    ward_tests::until_synced(&mut watch).await;
+
+    let put = crate::put(&mut a, "watched/db", b"written on A").await;
+    let event = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let e = ward_tests::next_event(&mut watch).await;
+            if e.name == "watched/db" && e.version == put.version {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("B's watcher told of A's put within 30 s");
+    assert_eq!(event.state(), pb::VersionState::Primary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyring_term_added_on_one_replica_opens_values_on_another() {
+    let etcd = EtcdCluster::start(3).await;
+    let ward = WardCluster::start(&etcd, 2);
+    let mut a = ward[0].raw_client("admin").await;
+    let b = ward[1].raw_client("admin").await;
+    let admin_a = ward[0].client("admin").await;
+    let admin_b = ward[1].client("admin").await;
+
+    admin_a.rotate_keyring().await.expect("rotate on A");
+    // Sealed under the new term on A; B must load the term (an HSM unwrap) before it can
+    // open it, and never answers with anything but the value or a retryable UNAVAILABLE.
+    let put = crate::put(&mut a, "rotated/db", b"sealed under term 2").await;
+    let got = eventually("A's value under the new term fetched on B", || {
+        primary_at(&b, "rotated/db", put.version)
+    })
+    .await;
+    assert_eq!(got.value, b"sealed under term 2");
+    let ring = admin_b.describe_keyring().await.expect("describe on B");
+    assert_eq!(
+        ring.current_term, 2,
+        "B seals new values under the new term too"
+    );
+}
