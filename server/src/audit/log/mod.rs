@@ -31,6 +31,11 @@ const USAGE_RESOLUTION_MS: u64 = 60_000;
 /// Versions whose last usage write is remembered before the memory is cleared; also the most
 /// facts waiting to be written.
 const USAGE_MEMORY: usize = 100_000;
+/// Usage facts written per store transaction (a guard and a put each; etcd takes 128
+/// operations).
+const USAGE_FLUSH_CHUNK: usize = 60;
+/// Attempts of one chunk when other nodes keep writing the same facts.
+const USAGE_FLUSH_ATTEMPTS: usize = 8;
 /// Pause after a failed checkpoint before the next attempt.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(5);
 /// Least time between two attempts to reopen a failed log.
@@ -492,23 +497,60 @@ impl AuditLog {
     /// own: facts are derived data and ride the next group commit). The server calls it with
     /// the API keys' usage counters, every `keys.usage_flush_seconds` and at shutdown.
     pub fn flush_usage(&self) -> Result<usize> {
-        let waiting = std::mem::take(
+        let waiting: Vec<(Vec<u8>, UsageFact)> = std::mem::take(
             &mut self
                 .usage
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .waiting,
-        );
-        if waiting.is_empty() {
-            return Ok(0);
+        )
+        .into_iter()
+        .collect();
+        let mut written = 0;
+        let mut rest = waiting.as_slice();
+        while !rest.is_empty() {
+            let (chunk, later) = rest.split_at(rest.len().min(USAGE_FLUSH_CHUNK));
+            if let Err(e) = self.write_facts(chunk) {
+                // Kept for the next flush (within the memory bound).
+                let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+                for (k, f) in rest {
+                    if usage.waiting.len() < USAGE_MEMORY {
+                        usage.waiting.entry(k.clone()).or_insert(*f);
+                    }
+                }
+                return Err(e);
+            }
+            written += chunk.len();
+            rest = later;
         }
-        let n = waiting.len();
-        let mut batch = Batch::new();
-        for (key, fact) in waiting {
-            batch.put(Tree::Usage, key, crate::store::encode(&fact));
+        Ok(written)
+    }
+
+    /// Writes `facts` in one transaction, each only if it is newer than the stored one (other
+    /// nodes sharing the store write theirs too: the latest use wins), retrying when another
+    /// node wrote one of them meanwhile.
+    fn write_facts(&self, facts: &[(Vec<u8>, UsageFact)]) -> Result<()> {
+        for _ in 0..USAGE_FLUSH_ATTEMPTS {
+            let mut batch = Batch::new();
+            for (key, fact) in facts {
+                let raw = self.store.get(Tree::Usage, key)?;
+                let stored = raw
+                    .as_deref()
+                    .and_then(|r| crate::store::decode::<UsageFact>("usage fact", r).ok());
+                if stored.is_some_and(|s| s.last_used_ms >= fact.last_used_ms) {
+                    continue;
+                }
+                batch.guard(Tree::Usage, key.clone(), raw);
+                batch.put(Tree::Usage, key.clone(), crate::store::encode(fact));
+            }
+            match self.store.commit(batch) {
+                Err(crate::store::StoreError::Conflict) => continue,
+                other => return other.map_err(Into::into),
+            }
         }
-        self.store.commit(batch)?;
-        Ok(n)
+        Err(Error::Unavailable(
+            "usage facts kept changing under this flush; retried at the next".into(),
+        ))
     }
 
     /// Starts checkpointing (now, if the log ends in unsigned records, then as due) and
