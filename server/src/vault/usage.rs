@@ -1008,16 +1008,25 @@ mod tests {
         commits: Mutex<Vec<usize>>,
     }
 
-    impl Meddling {
-        fn new(dir: &std::path::Path) -> Arc<Self> {
-            Arc::new(Self {
-                inner: SledStore::open(dir).unwrap(),
-                fail: 0.into(),
-                meddle: Mutex::new(None),
-                after: Mutex::new(None),
-                commits: Mutex::new(Vec::new()),
-            })
-        }
+    /// A book loaded from a new meddling store.
+    fn meddled() -> (
+        tempfile::TempDir,
+        Arc<Meddling>,
+        Arc<dyn Store>,
+        Arc<UsageBook>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let meddling = Arc::new(Meddling {
+            inner: SledStore::open(dir.path()).unwrap(),
+            fail: 0.into(),
+            meddle: Mutex::new(None),
+            after: Mutex::new(None),
+            commits: Mutex::new(Vec::new()),
+        });
+        let store: Arc<dyn Store> = meddling.clone();
+        let book = Arc::new(UsageBook::default());
+        book.load(&store).unwrap();
+        (dir, meddling, store, book)
     }
 
     impl Store for Meddling {
@@ -1147,11 +1156,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_race_is_merged_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let meddling = Meddling::new(dir.path());
-        let store: Arc<dyn Store> = meddling.clone();
-        let book = UsageBook::default();
-        book.load(&store).unwrap();
+        let (_dir, meddling, store, book) = meddled();
         for name in ["k1", "k2", "k3"] {
             book.record(name, 1, use_at(1, "/mine", 10, "10.0.0.1", true));
         }
@@ -1173,11 +1178,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_commit_keeps_the_counts_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let meddling = Meddling::new(dir.path());
-        let store: Arc<dyn Store> = meddling.clone();
-        let book = UsageBook::default();
-        book.load(&store).unwrap();
+        let (_dir, meddling, store, book) = meddled();
         book.record("k", 1, use_at(1, "/e", 10, "", true));
         book.record("k", 1, use_at(1, "/e", 11, "", true));
         book.flush(&*store).unwrap();
@@ -1200,10 +1201,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_flush_commits_in_small_transactions() {
-        let dir = tempfile::tempdir().unwrap();
-        let meddling = Meddling::new(dir.path());
-        let store: Arc<dyn Store> = meddling.clone();
-        let book = UsageBook::default();
+        let (_dir, meddling, store, book) = meddled();
         for i in 0..100 {
             book.record(&format!("k{i}"), 1, use_at(1, "", 10, "", true));
         }
@@ -1218,11 +1216,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_during_a_flush_counts_nothing_twice() {
-        let dir = tempfile::tempdir().unwrap();
-        let meddling = Meddling::new(dir.path());
-        let store: Arc<dyn Store> = meddling.clone();
-        let book = Arc::new(UsageBook::default());
-        book.load(&store).unwrap();
+        let (_dir, meddling, store, book) = meddled();
         book.record("k", 1, use_at(1, "", 10, "", true));
         book.record("k", 1, use_at(1, "", 11, "", true));
         book.flush(&*store).unwrap();
