@@ -590,35 +590,42 @@ impl UsageBook {
         let mut outcomes: Vec<Option<Merged>> = Vec::with_capacity(taken.len());
         let mut failure = None;
         for chunk in taken.chunks(FLUSH_KEYS / 2) {
-            if let Ok(Some(merged)) = merge_into_store(store, chunk) {
-                outcomes.extend(merged.into_iter().map(Some));
-                continue;
+            if !store_down(&failure) {
+                match merge_into_store(store, chunk) {
+                    Ok(Some(merged)) => {
+                        outcomes.extend(merged.into_iter().map(Some));
+                        continue;
+                    }
+                    Err(e @ Error::Unavailable(_)) => failure = Some(e),
+                    // A lost race, a chunk too large for one transaction, a record that does
+                    // not read: each version on its own, so that one does not hold back the
+                    // others.
+                    Ok(None) | Err(_) => {}
+                }
             }
-            // A lost race (or a record that fails to read) in the chunk: each version on its
-            // own, so that one busy or broken record does not hold back the others.
             for t in chunk {
-                let mut outcome = None;
-                for _ in 0..MAX_ATTEMPTS {
-                    match merge_into_store(store, std::slice::from_ref(t)) {
-                        Ok(Some(mut merged)) => {
-                            outcome = merged.pop();
-                            break;
+                let outcome = if store_down(&failure) {
+                    Ok(None)
+                } else {
+                    merge_alone(store, t)
+                };
+                match outcome {
+                    Ok(Some(merged)) => outcomes.push(Some(merged)),
+                    Ok(None) => {
+                        failure.get_or_insert_with(|| {
+                            Error::Conflict(
+                                "usage counters kept changing; kept for the next flush".into(),
+                            )
+                        });
+                        outcomes.push(None);
+                    }
+                    Err(e) => {
+                        if matches!(e, Error::Unavailable(_)) || failure.is_none() {
+                            failure = Some(e);
                         }
-                        Ok(None) => continue,
-                        Err(e) => {
-                            failure.get_or_insert(e);
-                            break;
-                        }
+                        outcomes.push(None);
                     }
                 }
-                if outcome.is_none() {
-                    failure.get_or_insert_with(|| {
-                        Error::Conflict(
-                            "usage counters kept changing; kept for the next flush".into(),
-                        )
-                    });
-                }
-                outcomes.push(outcome);
             }
         }
         let mut book = self.lock();
@@ -653,6 +660,23 @@ impl UsageBook {
     fn lock(&self) -> MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Whether the flush met a store that is down, or that could not tell whether it wrote: the
+/// rest waits for the next flush rather than each version waiting out a timeout of its own.
+fn store_down(failure: &Option<Error>) -> bool {
+    matches!(failure, Some(Error::Unavailable(_)))
+}
+
+/// Merges one version's counts into the store, reading again after each lost race: None if
+/// it lost [`MAX_ATTEMPTS`] times.
+fn merge_alone(store: &dyn Store, taken: &Taken) -> Result<Option<Merged>> {
+    for _ in 0..MAX_ATTEMPTS {
+        if let Some(mut merged) = merge_into_store(store, std::slice::from_ref(taken))? {
+            return Ok(merged.pop());
+        }
+    }
+    Ok(None)
 }
 
 /// One transaction merging `taken`'s counts into what the store holds, guarded on the bytes
@@ -1183,13 +1207,17 @@ mod tests {
         book.record("k", 1, use_at(1, "/e", 11, "", true));
         book.flush(&*store).unwrap();
         book.record("k", 1, use_at(1, "/e", 12, "", true));
-        // The chunk and the version on its own both fail.
-        meddling.fail.store(2, std::sync::atomic::Ordering::SeqCst);
+        // The store is down: one failed commit, and every count waits for the next flush.
+        book.record("k2", 1, use_at(1, "/e", 12, "", true));
+        meddling.fail.store(1, std::sync::atomic::Ordering::SeqCst);
+        let before = meddling.commits.lock().unwrap().len();
         assert!(book.flush(&*store).is_err());
+        assert_eq!(meddling.commits.lock().unwrap().len(), before + 1);
         assert_eq!(stored(&*store, "k", 1).total, 2, "nothing written");
         assert_eq!(book.get("k")[&1].total, 3, "the count is still shown");
         book.record("k", 1, use_at(1, "/e", 13, "", true));
-        assert_eq!(book.flush(&*store).unwrap(), 1);
+        assert_eq!(book.flush(&*store).unwrap(), 2);
+        assert_eq!(stored(&*store, "k2", 1).total, 1);
         let v = stored(&*store, "k", 1);
         assert_eq!(
             (v.total, v.endpoints["/e"], v.last_used_ms),
@@ -1230,5 +1258,20 @@ mod tests {
         book.flush(&*store).unwrap();
         assert_eq!(*seen.lock().unwrap(), Some(3));
         assert_eq!(book.get("k")[&1].total, 3);
+    }
+
+    #[tokio::test]
+    async fn a_record_that_does_not_read_holds_back_only_itself() {
+        let (_dir, meddling, store, book) = meddled();
+        let mut garbage = Batch::new();
+        garbage.put(Tree::KeyUsage, version_key("bad", 1), b"?".to_vec());
+        store.commit(garbage).unwrap();
+        book.record("bad", 1, use_at(1, "", 10, "", true));
+        book.record("good", 1, use_at(1, "", 10, "", true));
+        assert!(matches!(book.flush(&*store), Err(Error::DataLoss(_))));
+        assert_eq!(stored(&*store, "good", 1).total, 1);
+        // The garbage, then good's own commit: the chunk never reached the store.
+        assert_eq!(*meddling.commits.lock().unwrap(), [1, 2]);
+        assert_eq!(book.get("bad")[&1].total, 1, "bad's count is kept");
     }
 }
