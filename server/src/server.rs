@@ -327,7 +327,7 @@ pub async fn serve(
     let backup = BackupServer::new(BackupService::new(vault.clone()));
     vault
         .usage()
-        .load(&*store)
+        .load(&store)
         .map_err(|e| StartError::Storage(format!("key usage: {e}")))?;
     let per_minute = cfg.keys.unknown_keys_per_minute;
     let unknown_key_limit = RateLimit::parse(per_minute, 60_000, cfg.keys.unknown_key_burst)
