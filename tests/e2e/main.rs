@@ -18,6 +18,7 @@ mod authz;
 mod backup;
 mod certs;
 mod cluster;
+mod cluster_faults;
 mod crash;
 mod crls;
 mod disk;
