@@ -16,7 +16,7 @@ use etcd_client::GetOptions;
 use tonic::Code;
 use ward_client::{proto, Client, ClientConfig};
 use ward_tests::{
-    ok, pb, ClusterOptions, EtcdCluster, EtcdOptions, RawClient, WardCluster, ETCD_PREFIX,
+    pb, ClusterOptions, EtcdCluster, EtcdOptions, RawClient, WardCluster, ETCD_PREFIX,
 };
 
 use crate::cluster::{eventually, primary_at};
@@ -102,6 +102,21 @@ impl Tally {
         if seen.len() < 10 {
             seen.push(what);
         }
+    }
+
+    /// Every read and check of the load succeeded (with the SDK's retries), VALID for checks.
+    fn assert_reads_succeeded(&self) {
+        let seen = self.seen.lock().unwrap();
+        assert_eq!(
+            self.read_failures.load(Ordering::Relaxed),
+            0,
+            "reads failed: {seen:?}"
+        );
+        assert_eq!(
+            self.verify_failures.load(Ordering::Relaxed),
+            0,
+            "verifications failed: {seen:?}"
+        );
     }
 
     fn acked(&self) -> usize {
@@ -257,59 +272,56 @@ async fn all_acked_readable(ward: &WardCluster, replicas: &[usize], tally: &Tall
     }
 }
 
+/// What a [`Load`] reads: puts `TAG/seed` on replica 0 and issues the key `TAG/key`, both
+/// known to every replica when this returns. Returns the seed's name and the key.
+async fn seed_load(ward: &WardCluster, tag: &str) -> (String, String) {
+    let seed = format!("{tag}/seed");
+    put(&mut ward[0].raw_client("admin").await, &seed, b"seed").await;
+    let key = issue(&sdk(ward, &[0], "admin").await, &format!("{tag}/key")).await;
+    for i in 0..ward.len() {
+        valid_on(ward, i, &key).await;
+        let c = ward[i].raw_client("admin").await;
+        eventually(&format!("{seed} on replica {i}"), || {
+            primary_at(&c, &seed, 1)
+        })
+        .await;
+    }
+    (seed, key)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_leader_killed_under_load_loses_no_acknowledged_write() {
     let mut etcd = EtcdCluster::start(3).await;
     let ward = WardCluster::start(&etcd, 2);
-    let admin = sdk(&ward, &[0, 1], "admin").await;
-    let seed = "load/seed";
-    ok(
-        ward[0]
-            .raw_client("admin")
-            .await
-            .put_secret(put_req(seed, b"seed"))
-            .await,
-        "put seed",
-    );
-    let key = issue(&admin, "load/key").await;
-    valid_on(&ward, 1, &key).await;
+    let (seed, key) = &seed_load(&ward, "load").await;
 
     // Two clients, each preferring another replica, each with both.
     let clients = [
         sdk(&ward, &[0, 1], "admin").await,
         sdk(&ward, &[1, 0], "admin").await,
     ];
-    let load = Load::start(&clients, "etcdkill", seed, &key);
+    let load = Load::start(&clients, "etcdkill", seed, key);
     load.progress("writes before the kill", 10).await;
 
     let leader = etcd.leader().await;
     etcd.kill9(leader);
     let killed_at = Instant::now();
-    load.progress("writes after the etcd leader's kill", 40).await;
+    load.progress("writes after the etcd leader's kill", 40)
+        .await;
     eprintln!(
         "[etcd kill] 40 writes acknowledged {:?} after killing member {leader}",
         killed_at.elapsed()
     );
     let tally = load.stop().await;
     tally.report("etcd leader killed");
-    assert_eq!(
-        tally.read_failures.load(Ordering::Relaxed),
-        0,
-        "reads failed: {:?}",
-        tally.seen.lock().unwrap()
-    );
-    assert_eq!(
-        tally.verify_failures.load(Ordering::Relaxed),
-        0,
-        "verifications failed: {:?}",
-        tally.seen.lock().unwrap()
-    );
+    tally.assert_reads_succeeded();
     // Writes that surfaced an error were resent with their request_id until they succeeded
     // (the load task fails the test otherwise); how many needed it is in the report.
     all_acked_readable(&ward, &[0, 1], &tally).await;
     // A resent write was applied once: its secret has exactly one version.
     let mut raw = ward[1].raw_client("admin").await;
-    for (name, version, _) in tally.acked.lock().unwrap().iter() {
+    let acked = tally.acked.lock().unwrap().clone();
+    for (name, version, _) in &acked {
         assert_eq!(*version, 1, "{name} was written twice");
         let m = crate::describe(&mut raw, name).await.expect("describe");
         assert_eq!(m.versions.len(), 1, "{name} has {:?}", m.versions);
@@ -372,30 +384,21 @@ async fn replica_killed_under_load_fails_over_and_its_jobs_move() {
             .etcd_key("lease_ttl", "\"2s\"")
             .test_clock(),
     );
+    let (seed, key) = &seed_load(&ward, "jobs").await;
     let admin = sdk(&ward, &[0, 1, 2], "admin").await;
-    let seed = "jobs/seed";
-    ok(
-        ward[0]
-            .raw_client("admin")
-            .await
-            .put_secret(put_req(seed, b"seed"))
-            .await,
-        "put seed",
-    );
-    let key = issue(&admin, "jobs/load-key").await;
     // A key whose scheduled rotation (the shortest a policy allows, 60 s) only the leader's
     // sweeper carries out; set through grpcurl as an operator would.
     issue(&admin, "jobs/rotating").await;
     let body = r#"{"name":"jobs/rotating","policy":{"rotation_period":"60s"},"update_mask":{"paths":["rotation_period"]}}"#;
     let o = ward[0].grpcurl(&["-d", body], &["ward.v1.Keys/UpdateKeyPolicy"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for i in 0..3 {
-        valid_on(&ward, i, &key).await;
-    }
-
     let leader = eventually("a replica leads", || {
         let (ward, etcd) = (&ward, &etcd);
-        async move { ward.leader(etcd).await.ok_or_else(|| "no leader".to_owned()) }
+        async move {
+            ward.leader(etcd)
+                .await
+                .ok_or_else(|| "no leader".to_owned())
+        }
     })
     .await;
     // Every client prefers the leader, so the kill hits their calls.
@@ -405,7 +408,7 @@ async fn replica_killed_under_load_fails_over_and_its_jobs_move() {
         sdk(&ward, &order, "admin").await,
         sdk(&ward, &order, "admin").await,
     ];
-    let load = Load::start(&clients, "replicakill", seed, &key);
+    let load = Load::start(&clients, "replicakill", seed, key);
     load.progress("writes before the kill", 10).await;
 
     ward[leader].kill9();
@@ -428,22 +431,14 @@ async fn replica_killed_under_load_fails_over_and_its_jobs_move() {
         "[replica kill] leader moved from replica {leader} to {new_leader} {moved_after:?} after \
          the kill (lease_ttl 2s)"
     );
-    assert_eq!(
-        tally.read_failures.load(Ordering::Relaxed),
-        0,
-        "reads failed: {:?}",
-        tally.seen.lock().unwrap()
-    );
-    assert_eq!(
-        tally.verify_failures.load(Ordering::Relaxed),
-        0,
-        "verifications failed: {:?}",
-        tally.seen.lock().unwrap()
-    );
+    tally.assert_reads_succeeded();
     all_acked_readable(&ward, &others, &tally).await;
     for c in &clients {
         let health = c.endpoints();
-        assert!(!health[0].healthy, "the killed replica is marked: {health:?}");
+        assert!(
+            !health[0].healthy,
+            "the killed replica is marked: {health:?}"
+        );
     }
 
     // A cluster job on the new leader: the rotation falls due (every clock moves past it) and
@@ -498,22 +493,13 @@ async fn spend(c: Client, key: String) -> u64 {
 
 /// Sets a quota of `limit` uses (no refill) on the key `name`.
 async fn set_quota(c: &Client, name: &str, limit: u64) {
-    c.update_key_policy(proto::UpdateKeyPolicyRequest {
-        name: name.into(),
-        policy: Some(proto::KeyPolicy {
-            quota: Some(proto::Quota {
-                limit,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["quota".into()],
-        }),
-        request_id: String::new(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("quota on {name}: {e}"));
+    let quota = proto::Quota {
+        limit,
+        ..Default::default()
+    };
+    c.update_key_policy(crate::quota_update(name, Some(quota)))
+        .await
+        .unwrap_or_else(|e| panic!("quota on {name}: {e}"));
 }
 
 /// Waits until replica `i` knows `key`'s quota (a cost-0 check reports a balance).
@@ -670,6 +656,7 @@ async fn a_watch_resumes_after_etcd_compacted_past_it() {
         refused.contains("etcd") && refused.contains("max_staleness"),
         "B's refusal: {refused}"
     );
+    eprintln!("[compaction] B cut off from etcd answers UNAVAILABLE: {refused}");
 
     // Meanwhile A writes, and etcd compacts past the revision B's watch has seen.
     let mut last = v1;
@@ -710,7 +697,9 @@ async fn a_watch_resumes_after_etcd_compacted_past_it() {
         }
     }
     eprintln!("[compaction] B's watcher got version {last} after {reopened} reopenings");
-    let got = primary_at(&b, name, last).await.expect("B serves the newest");
+    let got = primary_at(&b, name, last)
+        .await
+        .expect("B serves the newest");
     assert_eq!(got.value, value);
     let served = on_b.fetch_secret(name, 0).await.expect("SDK fetch on B");
     assert_eq!(served.version, last);
@@ -754,7 +743,9 @@ async fn nospace_refuses_writes_with_unavailable_and_reads_go_on() {
     let (etcd, ward, key, refusal) = fill_etcd().await;
     assert_eq!(refusal.code(), Code::Unavailable, "{}", refusal.message());
     assert!(
-        etcd.alarms().await.contains(&etcd_client::AlarmType::Nospace),
+        etcd.alarms()
+            .await
+            .contains(&etcd_client::AlarmType::Nospace),
         "no NOSPACE alarm raised"
     );
     // The replica logged why (what the client is told: see the next test).
@@ -766,7 +757,9 @@ async fn nospace_refuses_writes_with_unavailable_and_reads_go_on() {
     let mut a = ward[0].raw_client("admin").await;
     let mut b = ward[1].raw_client("admin").await;
     // Every write refuses, on either replica; the SDK (with request_id, so retried) too.
-    let on_b = put_big(&mut b, "full/on-b", 10).await.expect_err("a write on B");
+    let on_b = put_big(&mut b, "full/on-b", 10)
+        .await
+        .expect_err("a write on B");
     assert_eq!(on_b.code(), Code::Unavailable, "{}", on_b.message());
     let admin = sdk(&ward, &[0, 1], "admin").await;
     let sdk_put = || {

@@ -67,6 +67,21 @@ pub fn put_req(name: &str, value: &[u8]) -> pb::PutSecretRequest {
     }
 }
 
+/// An UpdateKeyPolicy request that sets (or, with `None`, clears) only the quota of `name`.
+pub fn quota_update(name: &str, quota: Option<pb::Quota>) -> pb::UpdateKeyPolicyRequest {
+    pb::UpdateKeyPolicyRequest {
+        name: name.to_owned(),
+        policy: Some(pb::KeyPolicy {
+            quota,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["quota".into()],
+        }),
+        request_id: String::new(),
+    }
+}
+
 /// Puts `value` under `name` and returns the response (panics unless OK).
 pub async fn put(c: &mut RawClient, name: &str, value: &[u8]) -> pb::PutSecretResponse {
     ok(

@@ -148,7 +148,12 @@ impl WardCluster {
             .get(key, Some(options))
             .await
             .expect("etcd get of the leader key");
-        let id = r.kvs().first()?.value_str().expect("utf-8 replica id").to_owned();
+        let id = r
+            .kvs()
+            .first()?
+            .value_str()
+            .expect("utf-8 replica id")
+            .to_owned();
         let i = (0..self.replicas.len()).find(|&i| self.replica_id(i) == id);
         Some(i.unwrap_or_else(|| panic!("leader {id:?} is not a replica of this cluster")))
     }
@@ -211,7 +216,11 @@ fn list_members(dir: &Path, etcd: &EtcdCluster, members: &[usize]) {
     let config = dir.join("ward.toml");
     let all = endpoints_line(etcd, &(0..etcd.len()).collect::<Vec<_>>());
     let text = std::fs::read_to_string(&config).unwrap();
-    assert!(text.contains(&all), "{} lists no etcd endpoints", config.display());
+    assert!(
+        text.contains(&all),
+        "{} lists no etcd endpoints",
+        config.display()
+    );
     std::fs::write(&config, text.replace(&all, &endpoints_line(etcd, members))).unwrap();
 }
 
