@@ -170,7 +170,7 @@ async fn nospace_alarm_blocks_writes_until_compact_defrag_disarm() {
 /// Polls `check` every 20 ms until it gives a value, for up to 30 s: a change made on one
 /// replica reaches another through etcd's watch (how fast is ward-bench's to measure, not a
 /// test's to assert).
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
@@ -186,7 +186,7 @@ where
 }
 
 /// The PRIMARY of `name` on the replica `c` talks to, once it is `version`.
-async fn primary_at(
+pub(crate) async fn primary_at(
     c: &RawClient,
     name: &str,
     version: u64,

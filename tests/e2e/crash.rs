@@ -437,20 +437,13 @@ async fn setup(s: &TestServer, ledger: &Mutex<Ledger>, second: u64) {
         let name = format!("{PREFIX}q{i}");
         let key = issue(&mut c, ledger, &name).await;
         let policy = ok(
-            keys.update_key_policy(pb::UpdateKeyPolicyRequest {
-                name: name.clone(),
-                policy: Some(pb::KeyPolicy {
-                    quota: Some(pb::Quota {
-                        limit,
-                        ..Default::default()
-                    }),
+            keys.update_key_policy(crate::quota_update(
+                &name,
+                Some(pb::Quota {
+                    limit,
                     ..Default::default()
                 }),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["quota".into()],
-                }),
-                request_id: String::new(),
-            })
+            ))
             .await,
             "UpdateKeyPolicy",
         );

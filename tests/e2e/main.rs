@@ -18,6 +18,7 @@ mod authz;
 mod backup;
 mod certs;
 mod cluster;
+mod cluster_faults;
 mod crash;
 mod crls;
 mod disk;
@@ -63,6 +64,21 @@ pub fn put_req(name: &str, value: &[u8]) -> pb::PutSecretRequest {
         name: name.to_owned(),
         value: value.to_vec(),
         ..Default::default()
+    }
+}
+
+/// An UpdateKeyPolicy request that sets (or, with `None`, clears) only the quota of `name`.
+pub fn quota_update(name: &str, quota: Option<pb::Quota>) -> pb::UpdateKeyPolicyRequest {
+    pb::UpdateKeyPolicyRequest {
+        name: name.to_owned(),
+        policy: Some(pb::KeyPolicy {
+            quota,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["quota".into()],
+        }),
+        request_id: String::new(),
     }
 }
 

@@ -877,17 +877,7 @@ async fn quota_cleared_then_set_again_starts_a_fresh_ledger() {
         },
     )
     .await;
-    let set_quota = |q: Option<pb::Quota>| pb::UpdateKeyPolicyRequest {
-        name: "quota/epoch".into(),
-        policy: Some(pb::KeyPolicy {
-            quota: q,
-            ..Default::default()
-        }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["quota".into()],
-        }),
-        request_id: String::new(),
-    };
+    let set_quota = |q: Option<pb::Quota>| crate::quota_update("quota/epoch", q);
     for left in [2, 1] {
         let v = verify(&admin, req(&key)).await;
         assert_eq!(

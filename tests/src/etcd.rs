@@ -250,6 +250,16 @@ impl EtcdCluster {
         self.connect(&self.endpoints()).await
     }
 
+    /// A client of the members whose process runs (a killed member's endpoint would fail the
+    /// calls the crate sends it).
+    pub async fn live_client(&self) -> Client {
+        let live: Vec<String> = (0..self.members.len())
+            .filter(|&i| self.members[i].proc.is_some())
+            .map(|i| self.endpoint(i))
+            .collect();
+        self.connect(&live).await
+    }
+
     /// A client of member `i` alone.
     pub async fn member_client(&self, i: usize) -> Client {
         self.connect(&[self.endpoint(i)]).await
@@ -362,7 +372,7 @@ impl EtcdCluster {
 
     /// The index of the member that leads (asked of a running member).
     pub async fn leader(&self) -> usize {
-        let mut c = self.client().await;
+        let mut c = self.live_client().await;
         let status = c.status().await.expect("etcd status");
         let leader = status.leader();
         let members = c.member_list().await.expect("etcd member list");
@@ -379,10 +389,10 @@ impl EtcdCluster {
     }
 
     /// Compacts the key-value history up to the current revision (physically: the call
-    /// returns once every member has dropped it); returns that revision. A watch from an older
+    /// returns once every running member has dropped it); returns that revision. A watch from an older
     /// revision then fails with "required revision has been compacted".
     pub async fn compact_to_latest(&self) -> i64 {
-        let mut c = self.client().await;
+        let mut c = self.live_client().await;
         let rev = c
             .get(
                 "ward-harness/compact",
@@ -404,7 +414,7 @@ impl EtcdCluster {
 
     /// The alarms raised in the cluster (NOSPACE when a member's backend reached its quota).
     pub async fn alarms(&self) -> Vec<AlarmType> {
-        let mut c = self.client().await;
+        let mut c = self.live_client().await;
         let r = c
             .alarm(AlarmAction::Get, AlarmType::None, None)
             .await
@@ -426,7 +436,7 @@ impl EtcdCluster {
             }
         }
         // An alarm is raised per member and disarmed per member (as `etcdctl alarm disarm`).
-        let mut c = self.client().await;
+        let mut c = self.live_client().await;
         let raised = c
             .alarm(AlarmAction::Get, AlarmType::None, None)
             .await

@@ -40,7 +40,7 @@ mod webhook;
 pub use ward::v1 as pb;
 
 pub use clients::{connect_channel, connect_raw, AuditClient, AuthzClient, KeysClient, RawClient};
-pub use cluster::{WardCluster, ETCD_PREFIX};
+pub use cluster::{ClusterOptions, WardCluster, ETCD_PREFIX};
 pub use disk::Tmpfs;
 pub use etcd::{etcd_bin, EtcdCluster, EtcdOptions};
 pub use faults::FAULT_FILE_ENV;

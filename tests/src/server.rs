@@ -28,6 +28,15 @@ pub const TEST_CLOCK_FILE: &str = "test-clock-offset-ms";
 /// Sweep interval of servers started with a test clock: moves of the clock show up fast.
 pub const TEST_SWEEP_INTERVAL_MS: u64 = 50;
 
+/// The `[lifecycle]` and `[testing]` tables of a server on the test clock: the clock file
+/// [`TEST_CLOCK_FILE`] in the data dir and a fast sweeper.
+pub(crate) fn test_clock_tables() -> String {
+    format!(
+        "\n[lifecycle]\nsweep_interval_ms = {TEST_SWEEP_INTERVAL_MS}\n\n\
+         [testing]\nclock_file = \"{TEST_CLOCK_FILE}\"\n"
+    )
+}
+
 impl TestServer {
     /// Spawns `ward-server dev --data-dir <fresh tempdir> --listen 127.0.0.1:0` and waits for
     /// its ready line (panics with the server's stderr after [`START_TIMEOUT`](crate::START_TIMEOUT)).
@@ -90,10 +99,7 @@ impl TestServer {
         s.stop();
         std::fs::write(s.path.join(TEST_CLOCK_FILE), "0").unwrap();
         let mut cfg = std::fs::read_to_string(s.config_path()).unwrap();
-        cfg.push_str(&format!(
-            "\n[lifecycle]\nsweep_interval_ms = {TEST_SWEEP_INTERVAL_MS}\n\n\
-             [testing]\nclock_file = \"{TEST_CLOCK_FILE}\"\n"
-        ));
+        cfg.push_str(&test_clock_tables());
         std::fs::write(s.config_path(), cfg).unwrap();
         *s.clock_offset_ms.lock().unwrap() = Some(0);
         s.restart();
