@@ -806,13 +806,9 @@ async fn nospace_refuses_writes_with_unavailable_and_reads_go_on() {
         .expect("a write on B after recovery");
 }
 
-/// docs/cluster.md (NOSPACE): writes fail with UNAVAILABLE "and a message saying that etcd is
-/// out of space". The etcd backend makes that message, but the conversion of
-/// `StoreError::Unavailable` into the gRPC error (server/src/store/mod.rs) logs the detail and
-/// answers only "storage unavailable".
+/// docs/cluster.md (NOSPACE): writes fail with UNAVAILABLE and a message saying that etcd is
+/// out of space.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: a NOSPACE refusal reaches the client as a bare \"storage unavailable\" \
-            (StoreError::Unavailable's detail is only logged, server/src/store/mod.rs)"]
 async fn nospace_refusal_tells_the_client_etcd_is_full() {
     let (_etcd, _ward, _key, refusal) = fill_etcd().await;
     assert_eq!(refusal.code(), Code::Unavailable, "{}", refusal.message());

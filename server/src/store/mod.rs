@@ -222,6 +222,10 @@ pub enum StoreError {
     /// The batch exceeds what the storage takes in one atomic write; nothing was written.
     #[error("write too large: {0}")]
     TooLarge(String),
+    /// The storage is out of space and refuses writes until an operator frees some (reads go
+    /// on). The message says what happened and is meant for the caller too.
+    #[error("{0}")]
+    Full(String),
 }
 
 impl From<StoreError> for crate::error::Error {
@@ -247,6 +251,10 @@ impl From<StoreError> for crate::error::Error {
                      with the same request_id"
                         .into(),
                 )
+            }
+            StoreError::Full(what) => {
+                tracing::error!(%what, "storage refused a write: out of space");
+                crate::error::Error::Unavailable(format!("storage unavailable: {what}"))
             }
             StoreError::TooLarge(detail) => {
                 tracing::error!(%detail, "write too large for the store");

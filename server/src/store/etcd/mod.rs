@@ -459,7 +459,7 @@ fn not_sent(e: &etcd_client::Error) -> bool {
 fn refused(e: &etcd_client::Error) -> Option<StoreError> {
     let text = e.to_string();
     if text.contains("database space exceeded") {
-        return Some(StoreError::Unavailable(
+        return Some(StoreError::Full(
             "etcd is out of space (NOSPACE alarm): writes are refused until an operator \
              compacts, defragments and disarms the alarm; reads continue"
                 .into(),
