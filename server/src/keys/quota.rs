@@ -345,20 +345,20 @@ mod tests {
         assert_eq!(l.balance(&store, "k", 0, &q, 31_500).unwrap(), 2);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn replicas_taking_blocks_never_over_admit_and_give_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SledStore::open(dir.path()).unwrap());
-        // Three "replicas" over one store, each taking 10 units at a time.
-        let ledgers: Vec<Arc<QuotaLedger>> = (0..3)
-            .map(|_| Arc::new(QuotaLedger::with_block(10)))
-            .collect();
-        let q = quota(95, 0, None, 1);
-        let mut tasks = Vec::new();
-        for i in 0..12 {
-            let (store, l) = (store.clone(), ledgers[i % 3].clone());
-            tasks.push(tokio::task::spawn_blocking(move || {
-                (0..20)
+    /// `tasks` threads, spread over `ledgers`, each charging 1 unit `each` times to key "k":
+    /// how many were admitted.
+    async fn admit_concurrently(
+        store: &Arc<SledStore>,
+        ledgers: &[Arc<QuotaLedger>],
+        q: Quota,
+        tasks: usize,
+        each: usize,
+    ) -> usize {
+        let mut running = Vec::new();
+        for i in 0..tasks {
+            let (store, l) = (store.clone(), ledgers[i % ledgers.len()].clone());
+            running.push(tokio::task::spawn_blocking(move || {
+                (0..each)
                     .filter(|_| {
                         matches!(
                             l.charge(&*store, "k", 0, &q, 1, 5).unwrap(),
@@ -369,9 +369,22 @@ mod tests {
             }));
         }
         let mut admitted = 0;
-        for t in tasks {
+        for t in running {
             admitted += t.await.unwrap();
         }
+        admitted
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_taking_blocks_never_over_admit_and_give_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        // Three "replicas" over one store, each taking 10 units at a time.
+        let ledgers: Vec<Arc<QuotaLedger>> = (0..3)
+            .map(|_| Arc::new(QuotaLedger::with_block(10)))
+            .collect();
+        let q = quota(95, 0, None, 1);
+        let admitted = admit_concurrently(&store, &ledgers, q, 12, 20).await;
         assert!(admitted <= 95, "over-admitted: {admitted}");
         // Stranded on other replicas: at most a block each, minus what fits.
         assert!(admitted >= 95 - 2 * 10, "admitted only {admitted}");
@@ -391,26 +404,9 @@ mod tests {
     async fn concurrent_charges_admit_exactly_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SledStore::open(dir.path()).unwrap());
-        let l = Arc::new(QuotaLedger::default());
         let q = quota(1000, 0, None, 1);
-        let mut tasks = Vec::new();
-        for _ in 0..16 {
-            let (store, l) = (store.clone(), l.clone());
-            tasks.push(tokio::task::spawn_blocking(move || {
-                (0..100)
-                    .filter(|_| {
-                        matches!(
-                            l.charge(&*store, "k", 0, &q, 1, 5).unwrap(),
-                            Charge::Charged(_)
-                        )
-                    })
-                    .count()
-            }));
-        }
-        let mut admitted = 0;
-        for t in tasks {
-            admitted += t.await.unwrap();
-        }
+        let admitted =
+            admit_concurrently(&store, &[Arc::new(QuotaLedger::default())], q, 16, 100).await;
         assert_eq!(admitted, 1000);
         assert_eq!(
             QuotaLedger::default()
