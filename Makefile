@@ -3,6 +3,7 @@
 #   make run     start a dev server in .ward-dev (SoftHSM token, dev CA and certificates)
 #   make test    everything CI checks: fmt, clippy, build, unit + end-to-end tests
 #   make bench   release build, then the benchmark suite (Ward, echo floor, etcd) in one run
+#   make bench-cluster   the same for two replicas on a 3-member etcd, beside sled and etcd
 #   make fuzz    the cargo-fuzz targets, FUZZ_TIME seconds each (release build, AddressSanitizer)
 #   make soak    a mixed load for SOAK_TIME against a fresh release server: errors, RSS, fds
 #
@@ -21,7 +22,7 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 # pip's user scripts directory, for when grpcurl lands there.
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: deps test run bench bench-scale fmt clippy build fuzz fuzz-smoke soak
+.PHONY: deps test run bench-deps bench bench-cluster bench-scale fmt clippy build fuzz fuzz-smoke soak
 
 deps:
 	@sudo=""
@@ -104,20 +105,33 @@ fuzz-smoke:
 run: deps
 	$(CARGO) run -p ward-server -- dev --data-dir $(DEV_DIR)
 
+# etcd (Debian's etcd-server), installed when missing: the peer `bench` compares against and
+# the store `bench-cluster`'s replicas share.
+bench-deps: deps
+	@if ! command -v etcd >/dev/null 2>&1; then
+	  echo "bench: installing etcd-server"
+	  sudo=""; if [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
+	  $$sudo apt-get update
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y etcd-server
+	fi
+
 # The whole benchmark suite in one run (release builds): a Ward dev server, the echo floor on
 # the same mTLS stack, and a single-node etcd (Debian's etcd-server, installed when missing) —
 # every workload at concurrency 1/16/64, one table, the ratios to the targets, JSON in
 # target/bench.json. BENCH_ARGS=--quick finishes in under a minute.
 BENCH_ARGS ?=
-bench: deps
-	@if ! command -v etcd >/dev/null 2>&1; then
-	  echo "bench: installing etcd-server (the peer the targets compare against)"
-	  sudo=""; if [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
-	  $$sudo apt-get update
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y etcd-server
-	fi
+bench: bench-deps
 	$(CARGO) build --release -p ward-server -p ward-bench
 	"$(TARGET_DIR)/release/ward-bench" suite --json "$(TARGET_DIR)/bench.json" $(BENCH_ARGS)
+
+# The same for replicas (issue 14): a 3-member etcd on loopback and two Ward replicas on it;
+# fetch, verify and put on a replica beside a sled-backed Ward and raw etcd Put/Range on the
+# same cluster, and revocation propagation between the replicas (p50/p99/max). JSON in
+# target/bench-cluster.json; BENCH_ARGS=--quick finishes in under two minutes.
+bench-cluster: bench-deps
+	$(CARGO) build --release -p ward-server -p ward-bench
+	"$(TARGET_DIR)/release/ward-bench" suite --backend etcd \
+	  --json "$(TARGET_DIR)/bench-cluster.json" $(BENCH_ARGS)
 
 # One million secrets through the public API: load rate, fetch at 1M vs 1k, RSS, disk per
 # secret, cold start-up. Takes minutes; SCALE_SECRETS overrides the count.

@@ -97,9 +97,20 @@ impl DevServer {
 
     /// Starts `ward-server serve` on the configuration a dev server left in `dir`.
     pub fn serve_existing(bin: &Path, dir: &Path) -> Result<Self, String> {
+        Self::serve_config(bin, dir, &dir.join("ward.toml"), None)
+    }
+
+    /// Starts `ward-server serve --config config`, a configuration beside the dev files in
+    /// `dir` (its TLS directory is `dir`'s); standard error goes to `log` (or nowhere).
+    pub fn serve_config(
+        bin: &Path,
+        dir: &Path,
+        config: &Path,
+        log: Option<&Path>,
+    ) -> Result<Self, String> {
         let mut cmd = Command::new(bin);
-        cmd.args(["serve", "--config"]).arg(dir.join("ward.toml"));
-        let (proc, addr, ready) = spawn_ready(cmd, "ward-server ready addr=", None)?;
+        cmd.args(["serve", "--config"]).arg(config);
+        let (proc, addr, ready) = spawn_ready(cmd, "ward-server ready addr=", log)?;
         Ok(Self {
             proc,
             addr,
