@@ -106,9 +106,21 @@ impl EtcdCluster {
 /// Waits (at most 30 s) until the member at `url` takes a Put: the cluster has a leader.
 async fn wait_ready(url: &str, dir: &Path) -> Result<(), String> {
     let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string())?;
+    match etcd_ready(&endpoint).await {
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "etcd member {url} did not become ready (see {}/etcd-m*.log)",
+            dir.display()
+        )),
+    }
+}
+
+/// Connects to `endpoint` until a Put goes through (at most 30 s); the client, or None.
+pub async fn etcd_ready(endpoint: &Endpoint) -> Option<EtcdKv> {
     for _ in 0..150 {
         if let Ok(channel) = endpoint.connect().await {
-            let put = EtcdKv::new(channel)
+            let mut kv = EtcdKv::new(channel);
+            let put = kv
                 .put(crate::workload::etcd::PutRequest {
                     key: b"bench/ready".to_vec(),
                     value: b"1".to_vec(),
@@ -116,15 +128,12 @@ async fn wait_ready(url: &str, dir: &Path) -> Result<(), String> {
                 })
                 .await;
             if put.is_ok() {
-                return Ok(());
+                return Some(kv);
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Err(format!(
-        "etcd member {url} did not become ready (see {}/etcd-m*.log)",
-        dir.display()
-    ))
+    None
 }
 
 /// Writes `ward-<name>.toml` beside the dev server's `ward.toml` in `dir`: the same settings

@@ -329,21 +329,8 @@ async fn start_etcd(
     let endpoint = tonic::transport::Endpoint::from_shared(client_url.clone())
         .and_then(|e| e.tls_config(tls_config))
         .map_err(|e| format!("etcd endpoint: {e}"))?;
-    for _ in 0..100 {
-        if let Ok(channel) = endpoint.connect().await {
-            let mut kv = EtcdKv::new(channel);
-            let ready = kv
-                .put(crate::workload::etcd::PutRequest {
-                    key: b"bench/ready".to_vec(),
-                    value: b"1".to_vec(),
-                    ..Default::default()
-                })
-                .await;
-            if ready.is_ok() {
-                return Ok((proc, vec![kv]));
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(kv) = crate::cluster::etcd_ready(&endpoint).await {
+        return Ok((proc, vec![kv]));
     }
     Err(format!(
         "etcd did not become ready (see {})",
