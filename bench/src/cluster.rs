@@ -8,10 +8,12 @@
 //! concurrency, interleaved; then measures how long a revocation (and a new secret) made on A
 //! takes to be seen on B.
 
-use crate::server::{DevServer, Proc};
+use crate::server::{cpu_us, DevServer, Proc};
 use crate::stats::{Summary, WorkerStats};
 use crate::suite::{self, measure, Row, SuiteArgs, Target};
+use crate::workload::Workload;
 use crate::workload::{run_prefix, EtcdKv, EtcdPut, EtcdRange, Fetch, Put, Verify};
+use crate::Spec;
 use serde_json::{json, Value};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -34,7 +36,7 @@ const SEEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A three-member etcd cluster on loopback; its members are killed when it is dropped.
 pub struct EtcdCluster {
-    _members: Vec<Proc>,
+    members: Vec<Proc>,
     /// The members' client URLs.
     pub endpoints: Vec<String>,
 }
@@ -82,13 +84,18 @@ impl EtcdCluster {
             members.push(Proc(child));
         }
         let cluster = Self {
-            _members: members,
+            members,
             endpoints: clients.to_vec(),
         };
         for url in &cluster.endpoints {
             wait_ready(url, dir).await?;
         }
         Ok(cluster)
+    }
+
+    /// The members' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(Proc::pid).collect()
     }
 
     /// A KV client spread over every member, as a replica's etcd client is.
@@ -171,6 +178,39 @@ fn replica_config(dir: &Path, name: &str, endpoints: &[String]) -> Result<PathBu
     let path = dir.join(format!("ward-{name}.toml"));
     std::fs::write(&path, out).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(path)
+}
+
+/// CPU per call of one Ward row: the server's, and that of the processes behind it (the etcd
+/// members and the other replica; none for the sled server).
+type Cpu = (Option<f64>, Option<f64>);
+
+/// A Ward row with the CPU time (user + system) the server process `pid`, and the processes
+/// `behind` it together, spent on it, per call: less moved by a busy machine than the
+/// throughput. The window includes the workload's setup (at most 100 calls) and the warm-up,
+/// whose calls are taken to have run at the measured rate.
+async fn measure_cpu<W: Workload>(
+    (name, c): (&'static str, u32),
+    workload: W,
+    clients: &[W::Client],
+    spec: &impl Fn(&'static str, u32) -> Spec,
+    (pid, behind): (u32, &[u32]),
+) -> Result<(Row, Cpu), String> {
+    let total = |pids: &[u32]| pids.iter().map(|&p| cpu_us(p)).sum::<Option<u64>>();
+    let before = (cpu_us(pid), total(behind));
+    let row = measure(name, c, workload, clients, spec).await?;
+    let after = (cpu_us(pid), total(behind));
+    let s = &row.summary;
+    let calls = s.ops as f64 + s.ops_per_sec * spec(name, c).warmup.as_secs_f64();
+    let per_call = |b: Option<u64>, a: Option<u64>| match (b, a) {
+        (Some(b), Some(a)) if calls >= 1.0 => Some(a.saturating_sub(b) as f64 / calls),
+        _ => None,
+    };
+    let others = if behind.is_empty() {
+        None
+    } else {
+        per_call(before.1, after.1)
+    };
+    Ok((row, (per_call(before.0, after.0), others)))
 }
 
 /// How long changes made on A took to show on B.
@@ -331,6 +371,52 @@ async fn propagation(
     ))
 }
 
+/// The Ward rows with their CPU per call (`cpu[i]` belongs to the i-th Ward row).
+fn ward_cpu<'a>(rows: &'a [Row], cpu: &'a [Cpu]) -> impl Iterator<Item = (&'a Row, Cpu)> {
+    rows.iter()
+        .filter(|r| !r.workload.starts_with("etcd-"))
+        .zip(cpu.iter().copied())
+}
+
+/// Prints the CPU per call of the Ward rows, sled beside etcd.
+fn print_cpu(rows: &[Row], cpu: &[Cpu]) {
+    println!(
+        "CPU per call, µs (utime + stime over the row): the server; for replica A also the \
+         etcd members and replica B together"
+    );
+    let us = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
+    let mut line = String::new();
+    for (r, (server, behind)) in ward_cpu(rows, cpu) {
+        line.push_str(&format!(
+            "  {} c={}: {}",
+            r.workload,
+            r.concurrency,
+            us(server)
+        ));
+        if r.workload.ends_with("-etcd") {
+            println!("{line} + {}", us(behind));
+            line.clear();
+        }
+    }
+}
+
+/// The rows as JSON, the Ward rows with their CPU per call.
+fn rows_json(rows: &[Row], cpu: &[Cpu]) -> Vec<Value> {
+    let mut out = suite::rows_json(rows);
+    for (r, (server, behind)) in ward_cpu(rows, cpu) {
+        if let Some(Value::Object(m)) = out
+            .iter_mut()
+            .find(|d| d["workload"] == r.workload && d["concurrency"] == r.concurrency)
+        {
+            m.insert("server_cpu_us_per_call".into(), server.into());
+            if behind.is_some() {
+                m.insert("etcd_and_replica_b_cpu_us_per_call".into(), behind.into());
+            }
+        }
+    }
+    out
+}
+
 /// Runs the etcd suite. `sled` is the dev server the suite started (its files are shared by
 /// the replicas; it stays up as the sled peer).
 pub async fn run(
@@ -364,13 +450,40 @@ pub async fn run(
     let v = args.value_size;
     let spec = suite::row_spec(warmup, duration);
     let mut rows: Vec<Row> = Vec::new();
+    let mut cpu: Vec<Cpu> = Vec::new();
+    let mut behind = cluster.pids();
+    behind.push(replicas[1].proc.pid());
+    let (sled_pid, a_pid) = (
+        (sled.proc.pid(), &[][..]),
+        (replicas[0].proc.pid(), &behind[..]),
+    );
     for &c in &args.concurrency {
-        rows.push(measure("fetch-sled", c, Fetch::new(v), &sled_clients, &spec).await?);
-        rows.push(measure("fetch-etcd", c, Fetch::new(v), &a, &spec).await?);
-        rows.push(measure("verify-sled", c, Verify::default(), &sled_clients, &spec).await?);
-        rows.push(measure("verify-etcd", c, Verify::default(), &a, &spec).await?);
-        rows.push(measure("put-sled", c, Put::new(v), &sled_clients, &spec).await?);
-        rows.push(measure("put-etcd", c, Put::new(v), &a, &spec).await?);
+        let ward_rows = [
+            measure_cpu(
+                ("fetch-sled", c),
+                Fetch::new(v),
+                &sled_clients,
+                &spec,
+                sled_pid,
+            )
+            .await?,
+            measure_cpu(("fetch-etcd", c), Fetch::new(v), &a, &spec, a_pid).await?,
+            measure_cpu(
+                ("verify-sled", c),
+                Verify::default(),
+                &sled_clients,
+                &spec,
+                sled_pid,
+            )
+            .await?,
+            measure_cpu(("verify-etcd", c), Verify::default(), &a, &spec, a_pid).await?,
+            measure_cpu(("put-sled", c), Put::new(v), &sled_clients, &spec, sled_pid).await?,
+            measure_cpu(("put-etcd", c), Put::new(v), &a, &spec, a_pid).await?,
+        ];
+        for (row, per_call) in ward_rows {
+            rows.push(row);
+            cpu.push(per_call);
+        }
         rows.push(measure("etcd-range", c, EtcdRange::new(v), &etcd, &spec).await?);
         rows.push(measure("etcd-put", c, EtcdPut::new(v), &etcd, &spec).await?);
     }
@@ -387,6 +500,7 @@ pub async fn run(
     );
     println!("  fetch/verify/put-etcd: replica A; etcd-range/put: raw etcd on the same cluster");
     suite::print_rows(&rows);
+    print_cpu(&rows, &cpu);
     println!(
         "propagation A -> B (from A's answer to B's first answer showing the change; B polled \
          back to back by one client):"
@@ -419,13 +533,13 @@ pub async fn run(
     if let Some(path) = &args.json {
         let doc = json!({
             "backend": "etcd",
-            "etcd_members": MEMBERS,
+            "etcdmembers": MEMBERS,
             "replicas": replicas.len(),
             "value_size": v,
             "connections": args.connections,
             "warmup_secs": warmup,
             "duration_secs": duration,
-            "rows": suite::rows_json(&rows),
+            "rows": rows_json(&rows, &cpu),
             "propagation": {"revoke": revoke.to_json(), "put": put.to_json()},
             "ratios": Value::Object(json_ratios),
         });
