@@ -11,8 +11,7 @@
 use crate::server::{cpu_us, DevServer, Proc};
 use crate::stats::{Summary, WorkerStats};
 use crate::suite::{self, measure, Row, SuiteArgs, Target};
-use crate::workload::Workload;
-use crate::workload::{run_prefix, EtcdKv, EtcdPut, EtcdRange, Fetch, Put, Verify};
+use crate::workload::{run_prefix, EtcdKv, EtcdPut, EtcdRange, Fetch, Put, Verify, Workload};
 use crate::Spec;
 use serde_json::{json, Value};
 use std::future::Future;
