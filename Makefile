@@ -5,6 +5,7 @@
 #                one SoftHSM token and dev CA, in .ward-cluster; prints how to call each replica
 #   make test    everything CI checks: fmt, clippy, build, unit + end-to-end tests
 #   make bench   release build, then the benchmark suite (Ward, echo floor, etcd) in one run
+#   make bench-cluster   the same for two replicas on a 3-member etcd, beside sled and etcd
 #   make fuzz    the cargo-fuzz targets, FUZZ_TIME seconds each (release build, AddressSanitizer)
 #   make soak    a mixed load for SOAK_TIME against a fresh release server: errors, RSS, fds
 #
@@ -25,7 +26,7 @@ TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 # pip's user scripts directory, for when grpcurl lands there.
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: deps test run run-cluster bench bench-scale fmt clippy build fuzz fuzz-smoke soak
+.PHONY: deps test run run-cluster bench bench-cluster bench-scale fmt clippy build fuzz fuzz-smoke soak
 
 deps:
 	@sudo=""
@@ -141,6 +142,15 @@ BENCH_ARGS ?=
 bench: deps
 	$(CARGO) build --release -p ward-server -p ward-bench
 	"$(TARGET_DIR)/release/ward-bench" suite --json "$(TARGET_DIR)/bench.json" $(BENCH_ARGS)
+
+# The same for replicas (issue 14): a 3-member etcd on loopback and two Ward replicas on it;
+# fetch, verify and put on a replica beside a sled-backed Ward and raw etcd Put/Range on the
+# same cluster, and revocation propagation between the replicas (p50/p99/max). JSON in
+# target/bench-cluster.json; BENCH_ARGS=--quick finishes in under two minutes.
+bench-cluster: deps
+	$(CARGO) build --release -p ward-server -p ward-bench
+	"$(TARGET_DIR)/release/ward-bench" suite --backend etcd \
+	  --json "$(TARGET_DIR)/bench-cluster.json" $(BENCH_ARGS)
 
 # One million secrets through the public API: load rate, fetch at 1M vs 1k, RSS, disk per
 # secret, cold start-up. Takes minutes; SCALE_SECRETS overrides the count.

@@ -1,6 +1,7 @@
 //! `ward-bench`: throughput and latency of a running Ward server over mutual TLS, measured
 //! through the SDK with a fixed number of concurrent workers for a fixed time.
 
+mod cluster;
 mod echo;
 mod open_loop;
 mod scale;
@@ -416,5 +417,24 @@ mod tests {
         assert_eq!(o.workload, WorkloadKind::Verify);
         let o = parse(&["--workload", "health"]).unwrap();
         assert_eq!(o.workload.name(), "health");
+
+        let suite = |args: &[&str]| {
+            let mut all = vec!["ward-bench", "suite"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).map(|c| c.command) {
+                Ok(Command::Suite(s)) => Ok(s),
+                Ok(_) => panic!("not suite"),
+                Err(e) => Err(e),
+            }
+        };
+        let s = suite(&[]).unwrap();
+        assert_eq!((s.backend, s.samples), (suite::Backend::Sled, 200));
+        let s = suite(&["--backend", "etcd", "--samples", "50", "--quick"]).unwrap();
+        assert_eq!(
+            (s.backend, s.samples, s.quick),
+            (suite::Backend::Etcd, 50, true)
+        );
+        assert!(suite(&["--backend", "etcd", "--samples", "0"]).is_err());
+        assert!(suite(&["--backend", "consul"]).is_err());
     }
 }

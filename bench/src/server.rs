@@ -97,9 +97,20 @@ impl DevServer {
 
     /// Starts `ward-server serve` on the configuration a dev server left in `dir`.
     pub fn serve_existing(bin: &Path, dir: &Path) -> Result<Self, String> {
+        Self::serve_config(bin, dir, &dir.join("ward.toml"), None)
+    }
+
+    /// Starts `ward-server serve --config config`, a configuration beside the dev files in
+    /// `dir` (its TLS directory is `dir`'s); standard error goes to `log` (or nowhere).
+    pub fn serve_config(
+        bin: &Path,
+        dir: &Path,
+        config: &Path,
+        log: Option<&Path>,
+    ) -> Result<Self, String> {
         let mut cmd = Command::new(bin);
-        cmd.args(["serve", "--config"]).arg(dir.join("ward.toml"));
-        let (proc, addr, ready) = spawn_ready(cmd, "ward-server ready addr=", None)?;
+        cmd.args(["serve", "--config"]).arg(config);
+        let (proc, addr, ready) = spawn_ready(cmd, "ward-server ready addr=", log)?;
         Ok(Self {
             proc,
             addr,
@@ -159,6 +170,19 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU time process `pid` has used (utime + stime of /proc/PID/stat), in microseconds.
+pub fn cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3, the state;
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // /proc counts in USER_HZ ticks, 100 per second on Linux whatever the kernel's HZ.
+    Some((utime + stime) * 10_000)
+}
+
 /// Open file descriptors of process `pid` (entries of /proc/PID/fd).
 pub fn fd_count(pid: u32) -> Option<u64> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -187,4 +211,33 @@ pub fn free_port() -> Result<u16, String> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_from_proc_and_grows_with_work() {
+        let pid = std::process::id();
+        let before = cpu_us(pid).expect("this process's /proc/PID/stat");
+        // Work until the count moves (it moves in 10 ms ticks); bounded, never a hang.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut x = 1u64;
+        let grew = loop {
+            for i in 0..1_000_000u64 {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(i);
+            }
+            std::hint::black_box(x);
+            if cpu_us(pid).unwrap() > before {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+        };
+        assert!(grew, "CPU time did not move after 10 s of work");
+        assert_eq!(cpu_us(u32::MAX), None);
+    }
 }

@@ -2,7 +2,8 @@
 //! something. Starts a Ward dev server (real SoftHSM, durable store, audit on), the echo floor
 //! (same tonic + rustls mTLS stack, constant answer) and, when installed, a single-node etcd
 //! with client-certificate auth from Ward's dev CA; drives each workload at each concurrency
-//! through the same client stack; prints one table and the ratios against the targets.
+//! through the same client stack; prints one table and the ratios against the targets. With
+//! `--backend etcd` it measures replicas on a three-member etcd instead (`cluster`).
 
 use crate::open_loop::{self, Paced};
 use crate::server::{free_port, server_bin, spawn_ready, DevServer, Proc};
@@ -20,44 +21,65 @@ use ward_client::{Client, ClientConfig, RetryPolicy};
 /// Options of `ward-bench suite`.
 #[derive(Debug, clap::Args)]
 pub struct SuiteArgs {
-    /// Short run for a smoke check (under a minute): 0.5 s warm-up, 1.5 s per row
+    /// Short run for a smoke check (under a minute; with `--backend etcd` under two): 0.5 s
+    /// warm-up, 1.5 s per row
     #[arg(long)]
-    quick: bool,
+    pub(crate) quick: bool,
     /// Measured seconds per row (default 5; --quick: 1.5)
     #[arg(long)]
-    duration: Option<f64>,
+    pub(crate) duration: Option<f64>,
     /// Warm-up seconds per row (default 1; --quick: 0.5)
     #[arg(long)]
-    warmup: Option<f64>,
+    pub(crate) warmup: Option<f64>,
     /// Concurrencies to measure
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
-    concurrency: Vec<u32>,
+    pub(crate) concurrency: Vec<u32>,
     /// HTTP/2 connections per target
     #[arg(long, default_value_t = 1)]
-    connections: u32,
+    pub(crate) connections: u32,
     /// Value size in bytes (fetched secrets, echo answers, etcd values)
     #[arg(long, default_value_t = 64)]
-    value_size: usize,
+    pub(crate) value_size: usize,
     /// The ward-server binary (default: next to ward-bench)
     #[arg(long)]
-    server_bin: Option<PathBuf>,
-    /// The etcd binary (Debian's etcd-server); skipped with a note if missing
+    pub(crate) server_bin: Option<PathBuf>,
+    /// The etcd binary (Debian's etcd-server); skipped with a note if missing (required with
+    /// `--backend etcd`)
     #[arg(long, default_value = "etcd")]
-    etcd_bin: PathBuf,
+    pub(crate) etcd_bin: PathBuf,
     /// Also write the results as JSON to FILE
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub(crate) json: Option<PathBuf>,
     /// After the closed-loop rows, run echo, fetch and verify open loop (a fixed request
     /// rate, latency counted from when each call was due) at 50 % and 80 % of the highest
     /// echo rate just measured, and report p50/p99/p999
     #[arg(long)]
-    open_loop: bool,
+    pub(crate) open_loop: bool,
     /// Instead of the suite: the cost of the abuse signals. Starts a second Ward with
     /// `[alerts] signals = false` and measures echo, fetch and verify (with client IPs, so the
     /// network signal runs) at each concurrency against both, interleaved; prints
     /// verify/echo and fetch/echo with signals on and off, and the difference
     #[arg(long)]
-    signals: bool,
+    pub(crate) signals: bool,
+    /// Where the measured Ward keeps its state. `etcd`: instead of the suite above, a
+    /// three-member etcd on loopback and two Ward replicas on it; fetch, verify and put on
+    /// replica A beside a sled-backed Ward and raw etcd Put/Range on the same cluster, then
+    /// revocation (and put) propagation from replica A to replica B
+    #[arg(long, value_enum, default_value_t = Backend::Sled)]
+    pub(crate) backend: Backend,
+    /// With `--backend etcd`: propagation samples (each a key issued, seen VALID, revoked and
+    /// seen REVOKED; and a secret put and fetched)
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) samples: u32,
+}
+
+/// The store backend `suite` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// One dev server on its embedded sled store (the suite as it always ran).
+    Sled,
+    /// Two replicas on a three-member etcd cluster, beside a sled dev server.
+    Etcd,
 }
 
 /// Fractions of the echo floor's highest rate the open-loop rows offer.
@@ -71,10 +93,10 @@ struct OpenRow {
     summary: Summary,
 }
 
-struct Row {
-    workload: &'static str,
-    concurrency: u32,
-    summary: Summary,
+pub(crate) struct Row {
+    pub(crate) workload: &'static str,
+    pub(crate) concurrency: u32,
+    pub(crate) summary: Summary,
 }
 
 /// Runs the suite.
@@ -93,6 +115,10 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
     let ward_server =
         DevServer::start(&server_bin, &dir.join("ward"), Some(&dir.join("ward.log")))?;
     let ward_addr = ward_server.addr.clone();
+    if args.backend == Backend::Etcd {
+        let times = (warmup, duration);
+        return crate::cluster::run(&args, &server_bin, dir, &ward_server, times).await;
+    }
     let tls = ward_server.tls();
     let (ca, cert, key) = (
         tls.join("ca.pem"),
@@ -146,13 +172,7 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
         .collect();
 
     let v = args.value_size;
-    let spec = |name, c| Spec {
-        name,
-        concurrency: c,
-        warmup: Duration::from_secs_f64(warmup),
-        duration: Duration::from_secs_f64(duration),
-        call_timeout: Duration::from_secs(10),
-    };
+    let spec = row_spec(warmup, duration);
     if args.signals {
         let (servers, clients) = (&server_bin, (&ward[..], &echo[..]));
         return signals(&args, servers, dir, clients, &spec, (warmup, duration)).await;
@@ -214,7 +234,18 @@ pub async fn run(args: SuiteArgs) -> Result<(), String> {
     report(&rows, &open_rows, &args, warmup, duration)
 }
 
-async fn measure<W: Workload>(
+/// How each closed-loop row is run: `warmup` then `duration` seconds.
+pub(crate) fn row_spec(warmup: f64, duration: f64) -> impl Fn(&'static str, u32) -> Spec {
+    move |name, c| Spec {
+        name,
+        concurrency: c,
+        warmup: Duration::from_secs_f64(warmup),
+        duration: Duration::from_secs_f64(duration),
+        call_timeout: Duration::from_secs(10),
+    }
+}
+
+pub(crate) async fn measure<W: Workload>(
     name: &'static str,
     concurrency: u32,
     workload: W,
@@ -298,21 +329,8 @@ async fn start_etcd(
     let endpoint = tonic::transport::Endpoint::from_shared(client_url.clone())
         .and_then(|e| e.tls_config(tls_config))
         .map_err(|e| format!("etcd endpoint: {e}"))?;
-    for _ in 0..100 {
-        if let Ok(channel) = endpoint.connect().await {
-            let mut kv = EtcdKv::new(channel);
-            let ready = kv
-                .put(crate::workload::etcd::PutRequest {
-                    key: b"bench/ready".to_vec(),
-                    value: b"1".to_vec(),
-                    ..Default::default()
-                })
-                .await;
-            if ready.is_ok() {
-                return Ok((proc, vec![kv]));
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(kv) = crate::cluster::etcd_ready(&endpoint).await {
+        return Ok((proc, vec![kv]));
     }
     Err(format!(
         "etcd did not become ready (see {})",
@@ -384,23 +402,25 @@ async fn signals(
     Ok(())
 }
 
-fn find<'a>(rows: &'a [Row], workload: &str, c: u32) -> Option<&'a Summary> {
+pub(crate) fn find<'a>(rows: &'a [Row], workload: &str, c: u32) -> Option<&'a Summary> {
     rows.iter()
         .find(|r| r.workload == workload && r.concurrency == c)
         .map(|r| &r.summary)
 }
 
-fn report(
-    rows: &[Row],
-    open_rows: &[OpenRow],
-    args: &SuiteArgs,
-    warmup: f64,
-    duration: f64,
-) -> Result<(), String> {
-    println!(
-        "ward-bench suite: value {} B, {} connection(s), warm-up {warmup} s, {duration} s per row",
-        args.value_size, args.connections
-    );
+/// The ratio of `a`'s to `b`'s throughput (or p99 latency) at concurrency `c`, if both were
+/// measured.
+pub(crate) fn ratio(rows: &[Row], a: &str, b: &str, c: u32, p99: bool) -> Option<f64> {
+    let (a, b) = (find(rows, a, c)?, find(rows, b, c)?);
+    if p99 {
+        Some(a.p99_us as f64 / b.p99_us.max(1) as f64)
+    } else {
+        Some(a.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE))
+    }
+}
+
+/// Prints the closed-loop rows as one table.
+pub(crate) fn print_rows(rows: &[Row]) {
     println!(
         "{:<11} {:>4} {:>11} {:>10} {:>10} {:>7}",
         "workload", "c", "ops/s", "p50 µs", "p99 µs", "errors"
@@ -416,6 +436,69 @@ fn report(
             r.summary.error_count()
         );
     }
+}
+
+/// The rows as JSON objects (the summary plus workload and concurrency).
+pub(crate) fn rows_json(rows: &[Row]) -> Vec<Value> {
+    rows.iter()
+        .map(|r| {
+            let mut v = r.summary.to_json();
+            if let Value::Object(m) = &mut v {
+                m.insert("workload".into(), r.workload.into());
+                m.insert("concurrency".into(), r.concurrency.into());
+            }
+            v
+        })
+        .collect()
+}
+
+/// A measured value against its target: name, value (None when not measured in this run),
+/// and the target as `">= 0.75"` or `"<= 2.0"`.
+pub(crate) type Target = (&'static str, Option<f64>, &'static str);
+
+/// Prints each target's value and whether it is met; returns them as JSON.
+pub(crate) fn print_targets(targets: &[Target]) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    for &(name, value, target) in targets {
+        let Some(v) = value else {
+            println!("  {name:<24}    n/a  (not measured in this run)");
+            continue;
+        };
+        let (at_least, bound) = match target.split_once(' ') {
+            Some((op, b)) => (op == ">=", b.parse::<f64>().unwrap_or(0.0)),
+            None => (true, 0.0),
+        };
+        let met = if at_least { v >= bound } else { v <= bound };
+        println!(
+            "  {name:<24} {v:>6.2}  target {target}  {}",
+            if met { "met" } else { "NOT met" }
+        );
+        out.insert(
+            name.into(),
+            json!({"value": v, "target": target, "met": met}),
+        );
+    }
+    out
+}
+
+/// Writes `doc` to `path` as pretty JSON.
+pub(crate) fn write_json(path: &Path, doc: &Value) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(doc).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn report(
+    rows: &[Row],
+    open_rows: &[OpenRow],
+    args: &SuiteArgs,
+    warmup: f64,
+    duration: f64,
+) -> Result<(), String> {
+    println!(
+        "ward-bench suite: value {} B, {} connection(s), warm-up {warmup} s, {duration} s per row",
+        args.value_size, args.connections
+    );
+    print_rows(rows);
     if !open_rows.is_empty() {
         println!("open loop (latency from when each call was due):");
         println!(
@@ -437,79 +520,35 @@ fn report(
         }
     }
     let c = args.concurrency.iter().copied().max().unwrap_or(64);
-    let ratio = |a: &str, b: &str, p99: bool| -> Option<f64> {
-        let (a, b) = (find(rows, a, c)?, find(rows, b, c)?);
-        if p99 {
-            Some(a.p99_us as f64 / b.p99_us.max(1) as f64)
-        } else {
-            Some(a.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE))
-        }
-    };
-    let targets: [(&str, Option<f64>, &str, bool); 5] = [
-        (
-            "fetch/echo ops/s",
-            ratio("fetch", "echo", false),
-            ">= 0.75",
-            true,
-        ),
-        (
-            "fetch/echo p99",
-            ratio("fetch", "echo", true),
-            "<= 2.0",
-            false,
-        ),
+    let ratio = |a, b, p99| ratio(rows, a, b, c, p99);
+    let targets: [Target; 5] = [
+        ("fetch/echo ops/s", ratio("fetch", "echo", false), ">= 0.75"),
+        ("fetch/echo p99", ratio("fetch", "echo", true), "<= 2.0"),
         (
             "fetch/etcd-range ops/s",
             ratio("fetch", "etcd-range", false),
             ">= 1.0",
-            true,
         ),
         (
             "put/etcd-put ops/s",
             ratio("put", "etcd-put", false),
             ">= 1.0",
-            true,
         ),
         (
             "verify/echo ops/s",
             ratio("verify", "echo", false),
             ">= 0.85",
-            true,
         ),
     ];
     println!("ratios at c={c}:");
-    let mut json_ratios = serde_json::Map::new();
-    for (name, value, target, at_least) in targets {
-        match value {
-            Some(v) => {
-                let bound: f64 = target[3..].parse().unwrap_or(0.0);
-                let met = if at_least { v >= bound } else { v <= bound };
-                println!(
-                    "  {name:<24} {v:>6.2}  target {target}  {}",
-                    if met { "met" } else { "NOT met" }
-                );
-                json_ratios.insert(
-                    name.into(),
-                    json!({"value": v, "target": target, "met": met}),
-                );
-            }
-            None => println!("  {name:<24}    n/a  (not measured in this run)"),
-        }
-    }
+    let json_ratios = print_targets(&targets);
     if let Some(path) = &args.json {
         let doc = json!({
             "value_size": args.value_size,
             "connections": args.connections,
             "warmup_secs": warmup,
             "duration_secs": duration,
-            "rows": rows.iter().map(|r| {
-                let mut v = r.summary.to_json();
-                if let Value::Object(m) = &mut v {
-                    m.insert("workload".into(), r.workload.into());
-                    m.insert("concurrency".into(), r.concurrency.into());
-                }
-                v
-            }).collect::<Vec<_>>(),
+            "rows": rows_json(rows),
             "open_loop": open_rows.iter().map(|r| {
                 let mut v = r.summary.to_json();
                 if let Value::Object(m) = &mut v {
@@ -521,8 +560,7 @@ fn report(
             }).collect::<Vec<_>>(),
             "ratios": Value::Object(json_ratios),
         });
-        let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
-        std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+        write_json(path, &doc)?;
     }
     Ok(())
 }

@@ -145,7 +145,7 @@ impl Workload for Fetch {
 
 /// A prefix unique to this workload instance, so runs at several concurrencies (and repeated
 /// runs against one server) never write the same name twice.
-fn run_prefix() -> String {
+pub fn run_prefix() -> String {
     static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
