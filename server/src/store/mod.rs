@@ -143,7 +143,7 @@ impl Batch {
 
     /// Appends `other` as a later part: its guards are checked after this batch's writes.
     pub fn merge(&mut self, other: Batch) {
-        self.absorb_conditions(&other);
+        self.leader_only |= other.leader_only;
         self.parts.extend(other.parts);
     }
 
@@ -187,11 +187,6 @@ impl Batch {
 
     fn writes(&self) -> impl Iterator<Item = &Op> + '_ {
         self.parts.iter().flat_map(|p| &p.writes)
-    }
-
-    /// Appends `other` as a later part (see [`Batch::merge`]), keeping its conditions.
-    fn absorb_conditions(&mut self, other: &Batch) {
-        self.leader_only |= other.leader_only;
     }
 
     fn guards(&self) -> impl Iterator<Item = &Op> + '_ {

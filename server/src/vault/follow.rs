@@ -4,11 +4,13 @@
 
 use super::Vault;
 use crate::envelope::keyring_aad;
+use crate::envelope::SealedValue;
 use crate::error::{Error, Result};
 use crate::store::Tree;
 use crate::unseal::{self, keyring_entries};
 use std::sync::Arc;
 use ward_hsm::KeyWrapper;
+use zeroize::Zeroizing;
 
 impl Vault {
     /// Brings memory in line with the changed entries (from any replica, this one included).
@@ -40,13 +42,12 @@ impl Vault {
     /// Everything may have changed (the follower fell behind): forget every decoded record
     /// and tell the watchers and the sweeper about every secret.
     pub async fn apply_everything(&self, hsm: &Arc<dyn KeyWrapper>) -> Result<()> {
-        let mut all = Vec::new();
-        for (name, _) in crate::store::scan_all(&*self.store, Tree::Secrets)? {
-            all.push((Tree::Secrets, name));
-        }
-        all.push((Tree::Keyring, Vec::new()));
+        let all: Vec<(Tree, Vec<u8>)> = crate::store::scan_all(&*self.store, Tree::Secrets)?
+            .into_iter()
+            .map(|(name, _)| (Tree::Secrets, name))
+            .collect();
         self.apply_changes(&all, hsm).await;
-        Ok(())
+        self.load_new_terms(hsm).await
     }
 
     /// Unwraps the stored keyring terms this process does not hold yet.
@@ -68,20 +69,26 @@ impl Vault {
         Ok(())
     }
 
-    /// A value sealed under a term this process has not loaded yet: UNAVAILABLE (retry) while
-    /// the term is on its way, DATA_LOSS if the store does not know it either.
-    pub(crate) fn term_missing(&self, term: u32) -> Result<()> {
-        if self.keyring().has_term(term) {
-            return Ok(());
-        }
-        let stored = keyring_entries(&*self.store)?
-            .iter()
-            .any(|e| e.term == term);
-        if stored {
+    /// Opens a sealed value with the keyring. A value sealed under a term this process has not
+    /// loaded yet is UNAVAILABLE (retry) while the term is on its way from another replica,
+    /// DATA_LOSS (from the keyring) if the store does not know the term either.
+    pub(crate) fn open_sealed(
+        &self,
+        name: &str,
+        version: u64,
+        sealed: &SealedValue,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let ring = self.keyring();
+        if !ring.has_term(sealed.term)
+            && keyring_entries(&*self.store)?
+                .iter()
+                .any(|e| e.term == sealed.term)
+        {
             return Err(Error::Unavailable(format!(
-                "keyring term {term} is still being loaded on this replica; retry"
+                "keyring term {} is still being loaded on this replica; retry",
+                sealed.term
             )));
         }
-        Ok(())
+        ring.open(name, version, sealed)
     }
 }

@@ -194,10 +194,9 @@ impl Vault {
                 ))
             })?;
         let sealed: SealedValue = decode("sealed value", &blob)?;
-        self.term_missing(sealed.term)?;
         // AES-GCM with the name and version in its associated data has checked the value;
         // the CRC32C is computed here (it is stored nowhere) for the client to check in turn.
-        let value = self.keyring().open(name.as_str(), meta.version, &sealed)?;
+        let value = self.open_sealed(name.as_str(), meta.version, &sealed)?;
         let checksum = crc32c::crc32c(&value);
         Ok(Fetched {
             name: name.to_string(),
@@ -226,8 +225,7 @@ impl Vault {
             return Ok(0);
         };
         let sealed: SealedValue = decode("sealed value", &blob)?;
-        self.term_missing(sealed.term)?;
-        let value = self.keyring().open(name, version, &sealed)?;
+        let value = self.open_sealed(name, version, &sealed)?;
         Ok(crc32c::crc32c(&value))
     }
 }

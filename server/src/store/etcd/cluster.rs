@@ -13,7 +13,7 @@
 //!   leadership at once, then the replica takes a new lease, registers again and campaigns.
 
 use super::mirror::Mirror;
-use super::{cluster_key, until_sent};
+use super::{cluster_key, until_sent, Backoff};
 use crate::store::StoreError;
 use etcd_client::{Client, Compare, CompareOp, PutOptions};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -52,25 +52,6 @@ impl ReplicaInfo {
 struct Leader {
     key: Vec<u8>,
     revision: i64,
-}
-
-/// Whether this replica leads the cluster's jobs; cheap to clone and to ask.
-#[derive(Debug, Clone)]
-pub struct Leadership(watch::Receiver<Option<Leader>>);
-
-impl Leadership {
-    /// Leads now.
-    pub fn leads(&self) -> bool {
-        self.0.borrow().is_some()
-    }
-
-    /// Resolves at the next gain or loss of leadership.
-    pub async fn changed(&mut self) {
-        if self.0.changed().await.is_err() {
-            // The membership task ended (shutdown): nothing will change any more.
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 /// Live registry entries: at least this replica.
@@ -123,8 +104,9 @@ impl Membership {
         })
     }
 
-    pub fn leadership(&self) -> Leadership {
-        Leadership(self.leader.clone())
+    /// Whether this replica leads the cluster's jobs now.
+    pub fn leads(&self) -> bool {
+        self.leader.borrow().is_some()
     }
 
     /// The compare that lets a transaction apply only while this replica leads.
@@ -279,7 +261,7 @@ async fn run(
         } else {
             tracing::warn!("this replica lost its etcd lease; registering again");
         }
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new();
         loop {
             match register(&mut client, &prefix, &info, ttl).await {
                 Ok(id) => {
@@ -288,11 +270,9 @@ async fn run(
                 }
                 Err(e) => tracing::warn!(error = %e, "could not take a new etcd lease; retrying"),
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = stop.changed() => return,
+            if !backoff.wait(&mut stop).await {
+                return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 }

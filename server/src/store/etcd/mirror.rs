@@ -13,7 +13,7 @@
 //! silent: the store refuses to serve from a copy silent for longer than its staleness bound
 //! (a replica cut off from the cluster must not keep accepting a key revoked elsewhere).
 
-use super::{cluster_key, tree_key, ETCD_PAGE};
+use super::{cluster_key, tree_key, Backoff, ETCD_PAGE};
 use crate::store::{Entry, Tree};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use std::collections::BTreeMap;
@@ -146,8 +146,6 @@ pub(super) struct Shared {
     /// The revision the mirror reflects, for writers waiting to read their own writes.
     pub applied: watch::Sender<i64>,
     pub changes: broadcast::Sender<Changed>,
-    /// Whether the watch is connected and current (false while it reconnects or reloads).
-    pub live: watch::Sender<bool>,
     /// When the watch last answered (ms since `started`).
     heard_ms: AtomicU64,
     started: Instant,
@@ -163,7 +161,6 @@ impl Shared {
             mirror: std::sync::RwLock::new(Mirror::empty()),
             applied: watch::channel(0).0,
             changes: broadcast::channel(CHANGES_CAPACITY).0,
-            live: watch::channel(false).0,
             heard_ms: AtomicU64::new(0),
             started: Instant::now(),
         }
@@ -269,7 +266,7 @@ pub(super) fn install(shared: &Shared, fresh: Mirror) {
 /// The watch task: applies every change under the prefix, reconnecting and reloading as
 /// needed, until `stop` is set.
 pub(super) async fn follow(client: Client, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new();
     loop {
         if *stop.borrow() {
             return;
@@ -279,7 +276,6 @@ pub(super) async fn follow(client: Client, shared: Arc<Shared>, mut stop: watch:
             r = watch_from(client.clone(), &shared, from) => r,
             _ = stop.changed() => return,
         };
-        shared.live.send_replace(false);
         match outcome {
             Ok(Ended::Compacted(at)) => {
                 tracing::warn!(
@@ -288,18 +284,16 @@ pub(super) async fn follow(client: Client, shared: Arc<Shared>, mut stop: watch:
                     "etcd compacted past the watch's revision; reloading the store's copy"
                 );
                 reload(&client, &shared, &mut stop).await;
-                backoff = Duration::from_millis(50);
+                backoff = Backoff::new();
             }
             Ok(Ended::Closed) => {
                 tracing::warn!("etcd watch closed; resuming");
             }
             Err(e) => {
                 tracing::warn!(error = %e, "etcd watch failed; resuming");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => return,
+                if !backoff.wait(&mut stop).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }
@@ -307,7 +301,7 @@ pub(super) async fn follow(client: Client, shared: Arc<Shared>, mut stop: watch:
 
 /// Loads the prefix again until it works (or `stop`).
 async fn reload(client: &Client, shared: &Shared, stop: &mut watch::Receiver<bool>) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new();
     loop {
         match load(&mut client.clone(), &shared.prefix).await {
             Ok(fresh) => {
@@ -316,11 +310,9 @@ async fn reload(client: &Client, shared: &Shared, stop: &mut watch::Receiver<boo
             }
             Err(e) => tracing::warn!(error = %e, "reloading from etcd failed; retrying"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return,
+        if !backoff.wait(stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -364,9 +356,6 @@ async fn watch_from(
         if resp.canceled() {
             tracing::warn!(reason = resp.cancel_reason(), "etcd canceled the watch");
             return Ok(Ended::Closed);
-        }
-        if resp.created() {
-            shared.live.send_replace(true);
         }
         let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
         let mut changed = Vec::new();

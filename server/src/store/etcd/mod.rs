@@ -22,7 +22,7 @@
 mod cluster;
 pub mod mirror;
 
-pub use cluster::{Leadership, ReplicaInfo};
+pub use cluster::ReplicaInfo;
 pub use mirror::Changed;
 
 use super::{Batch, Entry, Snapshot, Store, StoreError, Tree};
@@ -236,11 +236,6 @@ impl EtcdStore {
         }
     }
 
-    /// How this replica takes part in the cluster's jobs (see [`Leadership`]).
-    pub fn leadership(&self) -> Leadership {
-        self.cluster.leadership()
-    }
-
     /// Publishes this replica's address in the registry (once its listener is bound).
     pub fn announce(&self, address: &str) {
         if let Ok(rt) = self.runtime.get() {
@@ -414,6 +409,26 @@ fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions, StoreError> {
     Ok(options)
 }
 
+/// Growing pauses between attempts that keep failing (reconnecting a watch, reloading,
+/// re-registering): 50 ms doubling to 2 s.
+pub(super) struct Backoff(Duration);
+
+impl Backoff {
+    pub fn new() -> Self {
+        Self(Duration::from_millis(50))
+    }
+
+    /// Waits the current pause (then doubles it); false if `stop` came first.
+    pub async fn wait(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        let pause = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => true,
+            _ = stop.changed() => false,
+        }
+    }
+}
+
 /// Pause before a call that never reached a member is sent again.
 const RESEND_PAUSE: Duration = Duration::from_millis(20);
 
@@ -509,7 +524,7 @@ impl Store for EtcdStore {
                 ));
             }
         }
-        if batch.is_empty() && !batch.guards().any(|_| true) {
+        if batch.is_empty() && batch.guards().next().is_none() {
             return Ok(());
         }
         let txn = self.transaction(&batch)?;
@@ -632,7 +647,7 @@ impl Store for EtcdStore {
     }
 
     fn leads(&self) -> bool {
-        self.cluster.leadership().leads()
+        self.cluster.leads()
     }
 
     fn live_replicas(&self) -> usize {
